@@ -1,0 +1,104 @@
+"""Peers that are framework components: LlamaIndex SentenceEmbeddingOptimizer and LangChain
+EmbeddingsRedundantFilter -> EmbeddingsFilter. Both use the same local MiniLM folder."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from .. import encoder
+from ..metrics import TokenCounter
+from ..text import split_sentences
+from .base import Method, Output
+
+
+class LlamaIndexOptimizer(Method):
+    name, label = "llamaindex_sent_opt", "LlamaIndex SentenceEmbeddingOptimizer"
+    description = ("llama_index.core.postprocessor.SentenceEmbeddingOptimizer over one node per passage, local "
+                   "HuggingFaceEmbedding (MiniLM folder), tokenizer_fn = our regex sentence splitter (no nltk "
+                   "punkt offline; the title line counts as a sentence), percentile_cutoff = budget rate, "
+                   "context_before = context_after = 0 (the default 1 adds overlapping neighbours: ratio 1.3 at "
+                   "rate 0.5). It keeps int(n_sentences*percentile) sentences per passage in similarity order, "
+                   "every sentence when that is 0; not budget-aware, so it can be over budget.")
+
+    cheap = False
+
+    def __init__(self, counter: TokenCounter, percentile: dict[float, float] | None = None, context: int = 0):
+        self.counter = counter
+        self.percentile = percentile or {}
+        self.context = context
+
+    def setup(self):
+        from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+
+        self.embed_model = HuggingFaceEmbedding(model_name=encoder.minilm_path(), device="cpu")
+
+    def _cutoff(self, rate: float) -> float:
+        return self.percentile.get(rate, rate)
+
+    def compress(self, chunks, query, rate, budget):
+        from llama_index.core.postprocessor import SentenceEmbeddingOptimizer
+        from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+
+        opt = SentenceEmbeddingOptimizer(embed_model=self.embed_model, percentile_cutoff=self._cutoff(rate),
+                                         tokenizer_fn=split_sentences, context_before=self.context,
+                                         context_after=self.context)
+        nodes = [NodeWithScore(node=TextNode(text=c), score=1.0) for c in chunks]
+        out = opt.postprocess_nodes(nodes, query_bundle=QueryBundle(query_str=query))
+        texts = [n.node.get_content() for n in out]
+        sents = [s for c in chunks for s in split_sentences(c)]
+        return Output(texts, encoder_tokens=encoder.encoder_tokens([query, *sents]))
+
+    def config(self):
+        return {**super().config(), "percentile_cutoff": "= rate" if not self.percentile else self.percentile,
+                "context_before": self.context, "context_after": self.context}
+
+
+class _STEmbeddings:
+    """A tiny LangChain ``Embeddings`` over the shared sentence-transformers MiniLM."""
+
+    def __new__(cls):
+        from langchain_core.embeddings import Embeddings
+
+        class STEmbeddings(Embeddings):
+            def embed_documents(self, texts):
+                return encoder.embed(list(texts)).tolist()
+
+            def embed_query(self, text):
+                return encoder.embed([text])[0].tolist()
+
+        return STEmbeddings()
+
+
+class LangChainFilter(Method):
+    name, label = "langchain_filter", "LangChain RedundantFilter+EmbeddingsFilter"
+    description = ("langchain DocumentCompressorPipeline: EmbeddingsRedundantFilter (default threshold 0.95) then "
+                   "EmbeddingsFilter(k = max(1, floor(rate * n_passages))), one Document per passage, a small "
+                   "Embeddings subclass over sentence-transformers MiniLM. Passage-level; not budget-aware.")
+
+    def setup(self):
+        from langchain_classic.retrievers.document_compressors import DocumentCompressorPipeline, EmbeddingsFilter
+        from langchain_community.document_transformers import EmbeddingsRedundantFilter
+
+        encoder.minilm()
+        self.emb = _STEmbeddings()
+        self._cls = (DocumentCompressorPipeline, EmbeddingsFilter, EmbeddingsRedundantFilter)
+
+    @staticmethod
+    def k_for(rate: float, n: int) -> int:
+        return max(1, int(math.floor(rate * n + 1e-9)))
+
+    def compress(self, chunks: Sequence[str], query: str, rate: float, budget: int) -> Output:
+        from langchain_core.documents import Document
+
+        Pipeline, EmbFilter, Redundant = self._cls
+        pipe = Pipeline(transformers=[Redundant(embeddings=self.emb),
+                                      EmbFilter(embeddings=self.emb, k=self.k_for(rate, len(chunks)))])
+        docs = [Document(page_content=c, metadata={"i": i}) for i, c in enumerate(chunks)]
+        kept = pipe.compress_documents(docs, query)
+        idx = {d.metadata["i"] for d in kept}
+        return Output([c if i in idx else "" for i, c in enumerate(chunks)],
+                      encoder_tokens=encoder.encoder_tokens([query, *chunks]))
+
+    def config(self):
+        return {**super().config(), "k": "max(1, floor(rate * 20))", "redundant_threshold": 0.95}

