@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,13 +59,21 @@ class BudgetTokenizer:
 
     def count_many(self, texts: Sequence[str]) -> np.ndarray:
         """Tokens of each text, as an int64 array."""
-        texts = list(texts)
+        texts = [without_surrogates(t) for t in texts]
         if not texts:
             return np.zeros(0, dtype=np.int64)
         counts = self._many(texts)
         if (counts < 0).any():
             raise ValueError(f"tokenizer {self.name!r} returned a negative count")
         return counts
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def without_surrogates(text: str) -> str:
+    """Lone surrogates (not encodable as UTF-8) replaced by U+FFFD; same length, so offsets hold."""
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
 
 
 def _model_encoding(name: str):
@@ -79,14 +89,20 @@ def _model_encoding(name: str):
 
 
 def select_under_budget(scores: np.ndarray, costs: np.ndarray, groups: np.ndarray, budget: int,
-                        gap_cost: int = 0, allowed: np.ndarray | None = None) -> np.ndarray:
-    """Greedy budgeted selection of spans in score order; returns a boolean keep mask.
+                        gap_cost: int = 0, allowed: np.ndarray | None = None,
+                        vectors: np.ndarray | None = None, redundancy_weight: float = 0.0,
+                        redundancy_threshold: float = 0.5) -> np.ndarray:
+    """Greedy budgeted selection of segments, best first; returns a boolean keep mask.
 
-    Spans are given in document order; ``groups[i]`` is the chunk of span ``i``. Kept spans of a chunk
-    that are not adjacent form separate slices, joined by a gap marker that costs ``gap_cost``:
-    adding a span that opens a new slice pays it, one that bridges two slices gets it back. Spans are
-    taken best score first (ties: document order) and skipped when they do not fit, so the total
-    cost, gaps included, never exceeds ``budget``.
+    Segments are given in document order; ``groups[i]`` is the chunk of segment ``i``. Kept segments of
+    a chunk that are not adjacent form separate slices, joined by a gap marker that costs ``gap_cost``:
+    adding a segment that opens a new slice pays it, one that bridges two slices gets it back. A
+    segment that does not fit when its turn comes is skipped, so the total cost, gaps included, never
+    exceeds ``budget``.
+
+    With ``vectors`` (L2-normalised, one per segment) and ``redundancy_weight`` > 0 the selection is
+    redundancy-aware: a segment's score drops by ``redundancy_weight * max(0, s - redundancy_threshold)``
+    where ``s`` is its best cosine with a kept segment (lazy greedy: scores only ever drop).
 
     >>> select_under_budget(np.array([0.9, 0.1, 0.8]), np.array([5, 5, 5]), np.zeros(3, int), 10).tolist()
     [True, False, True]
@@ -96,13 +112,22 @@ def select_under_budget(scores: np.ndarray, costs: np.ndarray, groups: np.ndarra
     if n == 0 or budget < 0:
         return keep
     allowed = np.ones(n, dtype=bool) if allowed is None else allowed
-    order = np.lexsort((np.arange(n), -np.asarray(scores, dtype=np.float64)))
-    slices = {}
+    scores = np.asarray(scores, dtype=np.float64)
+    aware = vectors is not None and redundancy_weight > 0
+    kept_vectors: list[np.ndarray] = []
+    heap = [(-scores[i], i) for i in range(n) if allowed[i]]
+    heapq.heapify(heap)
+    slices: dict[int, int] = {}
     used = 0
     g = groups
-    for i in order:
-        if not allowed[i]:
-            continue
+    while heap:
+        _, i = heapq.heappop(heap)
+        if aware and kept_vectors:
+            overlap = float(np.max(np.stack(kept_vectors) @ vectors[i]))
+            current = scores[i] - redundancy_weight * max(0.0, overlap - redundancy_threshold)
+            if heap and current < -heap[0][0]:
+                heapq.heappush(heap, (-current, i))  # stale: re-rank it
+                continue
         left = i > 0 and g[i - 1] == g[i] and keep[i - 1]
         right = i + 1 < n and g[i + 1] == g[i] and keep[i + 1]
         have = slices.get(g[i], 0)
@@ -114,4 +139,6 @@ def select_under_budget(scores: np.ndarray, costs: np.ndarray, groups: np.ndarra
             keep[i] = True
             used += cost
             slices[g[i]] = have + delta_slices
+            if aware:
+                kept_vectors.append(vectors[i])
     return keep

@@ -70,37 +70,47 @@ class SemTokenConfig(BaseModel):
     # -- the method ---------------------------------------------------------------------------------
     tau: float = Field(
         0.9, ge=-1.0, le=1.0,
-        description="Local clustering threshold (Algorithm 1): an adjacent unit joins a span while its "
+        description="Local clustering threshold (Algorithm 1): an adjacent word joins a span while its "
                     "cosine similarity to the span's anchor exceeds tau.")
     max_span_units: int = Field(
-        16, ge=1, description="Upper bound on the words in one span (keeps spans selectable).")
-    delta: float | None = Field(
-        None, ge=0.0,
-        description="Entropy threshold: a span whose semantic entropy H(W_i) is at most delta is "
-                    "coarse (collapsed to its first words). None: the 10th percentile of the call.")
+        16, ge=1, description="Upper bound on the words in one span.")
+    max_segment_units: int = Field(
+        48, ge=1, description="Selection works on segments: sentences, cut into pieces of at most this "
+                              "many words (a long sentence or an unpunctuated chunk becomes several).")
+    delta: float = Field(
+        1.0, ge=0.0,
+        description="Entropy threshold: a span of several words whose semantic entropy H(W_i) is at most "
+                    "delta is coarse and collapses to its first word. In MiniLM's units, windows of "
+                    "ordinary prose score 2-35; a word repeated over and over scores under 1.")
     window_units: int = Field(
         5, ge=1, description="Local window W_i (in words) that judges the entropy of short spans.")
-    sentence_weight: float = Field(
-        0.35, ge=0.0, description="Weight of the sentence's query relevance in a span's score.")
-    span_weight: float = Field(
-        0.25, ge=0.0, description="Weight of the span's own query relevance cos(q, mean h).")
-    chunk_weight: float = Field(
-        0.4, ge=0.0, description="Weight of the chunk's query relevance (spends the budget unevenly "
-                                 "across chunks, by relevance).")
     maxsim_weight: float = Field(
-        0.0, ge=0.0, description="Weight of late interaction: mean over query tokens of their best cosine "
-                                 "with a unit of the sentence (contextual fingerprints of both).")
+        1.0, ge=0.0, description="Weight of the segment's query importance: the mean over query tokens of "
+                                 "their best cosine with a word of the segment (contextual fingerprints).")
+    sentence_weight: float = Field(
+        0.0, ge=0.0, description="Weight of cos(q, mean h) of the segment (the paper's s_i).")
+    chunk_weight: float = Field(
+        0.4, ge=0.0, description="Weight of the chunk's query relevance cos(q, mean h of the chunk): "
+                                 "spends the budget unevenly across chunks, by relevance.")
     entropy_weight: float = Field(
-        0.05, ge=0.0, description="Weight of normalised semantic entropy (density) in a span's score.")
+        0.05, ge=0.0, description="Weight of the segment's normalised semantic entropy (density). With no "
+                                  "query, density alone ranks segments.")
+    redundancy_weight: float = Field(
+        0.2, ge=0.0, description="Redundancy-aware selection: a segment's score drops by this weight times "
+                                 "the excess of its best cosine with an already kept segment over "
+                                 "redundancy_threshold, so the budget is not spent twice on one content.")
+    redundancy_threshold: float = Field(
+        0.5, ge=-1.0, le=1.0, description="Cosine similarity under which kept segments do not penalise.")
     use_clustering: bool = Field(True, description="Ablation switch: local semantic clustering.")
     use_entropy: bool = Field(True, description="Ablation switch: entropy scoring and collapsing.")
     use_query: bool = Field(True, description="Ablation switch: query conditioning.")
     dedup: bool = Field(
-        True, description="Drop spans that repeat a higher-ranked span of another chunk (FAISS).")
+        True, description="Drop segments that repeat a better-ranked segment, in another chunk or the same "
+                          "one (FAISS), and report them as repeats; also switches redundancy-aware selection.")
     repeat_threshold: float = Field(
-        0.95, gt=0.0, le=1.0, description="Cosine similarity at or above which a span is a repeat.")
+        0.95, gt=0.0, le=1.0, description="Cosine similarity at or above which a segment is a repeat.")
     min_repeat_units: int = Field(
-        4, ge=1, description="Spans shorter than this many words are never judged repeats.")
+        4, ge=1, description="Segments shorter than this many words are never judged repeats.")
 
     # -- cache ------------------------------------------------------------------------------------
     cache_max_bytes: int = Field(

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .budget import without_surrogates
+
 logger = logging.getLogger(__name__)
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
@@ -98,7 +100,13 @@ class Encoder:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
             logger.info("semtoken-rag encoder device: %s", device)
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"device={device!r} is not a torch device such as 'cpu' or 'cuda:0'") from e
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} asked for CUDA, but torch sees no CUDA device here; "
+                             "use device=None (auto) or 'cpu'")
         if dtype == "auto":
             dtype = "float16" if self.device.type == "cuda" else "float32"
         self.dtype = getattr(torch, dtype)
@@ -179,7 +187,8 @@ class Encoder:
     def fingerprint(self, texts: list[str]) -> list[Fingerprints]:
         """Unit fingerprints of ``texts`` in one batched encoder pass (texts may be empty)."""
         units = [split_units(t) for t in texts]
-        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+        enc = self.tokenizer([without_surrogates(t) for t in texts], add_special_tokens=False,
+                             return_offsets_mapping=True,
                              return_attention_mask=False, return_token_type_ids=False, verbose=False)
         sequences: list[list[int]] = []
         plan: list[list[tuple[int, int, int, int, int]]] = []
@@ -227,7 +236,7 @@ class Encoder:
     def embed_queries(self, queries: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per query: its L2-normalised mean-pooled embedding (the sentence-transformers way) and its
         L2-normalised token fingerprints, float32 on CPU."""
-        enc = self.tokenizer(queries, add_special_tokens=False, truncation=True,
+        enc = self.tokenizer([without_surrogates(q) for q in queries], add_special_tokens=False, truncation=True,
                              max_length=self.max_length - 2, verbose=False)
         out = []
         for h in self._forward([list(ids) for ids in enc["input_ids"]]):

@@ -172,56 +172,62 @@ class SemToken:
         n = len(call.chunk_of)
         if n == 0:
             return self._identity(chunks, counts, query, budget, started, empty=True)
-        # sentence breaks (chunk ends included) and spans (Algorithm 1)
+        # segments: sentences (chunk ends included), long ones cut to max_segment_units words
         breaks = np.concatenate([sp.sentence_break_after(t, fp.units) for t, fp in zip(chunks, fps)])
+        breaks = sp.cap_segments(breaks, cfg.max_segment_units)
+        segs = sp.segment_bounds(breaks)
+        seg_of_unit = np.repeat(np.arange(len(segs) - 1), np.diff(segs))
+        seg_chunk = call.chunk_of[segs[:-1]]
+        # spans by local clustering (Algorithm 1) inside segments; coarse ones collapse to their anchor
         if cfg.use_clustering:
             bounds = sp.local_clusters(call.vectors, breaks, cfg.tau, cfg.max_span_units)
         else:
             bounds = np.arange(n + 1, dtype=np.int64)
         starts, ends = bounds[:-1], bounds[1:]
-        span_chunk = call.chunk_of[starts]
-        sentences = sp.segment_bounds(breaks)
-        sent_of_unit = np.repeat(np.arange(len(sentences) - 1), np.diff(sentences))
-        span_sent = sent_of_unit[starts]
+        span_seg = seg_of_unit[starts]
         stats = sp.PrefixStats(call.vectors)
-        # semantic entropy of each span's local window W_i (a short span is judged by its window)
-        lo, hi = call.offsets[span_chunk], call.offsets[span_chunk + 1]
+        lo, hi = call.offsets[call.chunk_of[starts]], call.offsets[call.chunk_of[starts] + 1]
         ws, we = sp.window_ranges(starts, ends, lo, hi, cfg.window_units)
-        entropy = stats.entropy(ws, we).float()
-        # scores
+        span_entropy = stats.entropy(ws, we).float().cpu().numpy()
+        collapsed = (ends - starts > 1) & (span_entropy <= cfg.delta) if cfg.use_entropy \
+            else np.zeros(len(starts), dtype=bool)
+        # segment scores: query importance, chunk relevance, semantic density
+        seg_entropy = stats.entropy(segs[:-1], segs[1:]).float()
         q, q_tokens = self._query_vector(query) if (query is not None and cfg.use_query) else (None, None)
-        score = torch.zeros(len(starts), dtype=torch.float32, device=entropy.device)
-        span_rel = chunk_rel = None
+        score = torch.zeros(len(segs) - 1, dtype=torch.float32, device=seg_entropy.device)
+        seg_rel = chunk_rel = None
         if q is not None:
-            span_rel = stats.cosine(q, starts, ends).float()
-            sent_rel = stats.cosine(q, sentences[:-1], sentences[1:]).float()[torch.as_tensor(span_sent)]
+            seg_rel = stats.cosine(q, segs[:-1], segs[1:]).float()
             chunk_rel = stats.cosine(q, call.offsets[:-1], call.offsets[1:]).float()
-            if cfg.maxsim_weight:
-                score += cfg.maxsim_weight * sp.maxsim(q_tokens, call.vectors, sent_of_unit, len(sentences) - 1
-                                                       )[torch.as_tensor(span_sent)]
-            score += cfg.span_weight * span_rel + cfg.sentence_weight * sent_rel \
-                + cfg.chunk_weight * chunk_rel[torch.as_tensor(span_chunk)]
+            score += cfg.maxsim_weight * sp.maxsim(q_tokens, call.vectors, seg_of_unit, len(segs) - 1) \
+                + cfg.sentence_weight * seg_rel + cfg.chunk_weight * chunk_rel[torch.as_tensor(seg_chunk)]
         if cfg.use_entropy or q is None:
-            score += (cfg.entropy_weight if q is not None else 1.0) * sp.normalise(entropy)
+            score += (cfg.entropy_weight if q is not None else 1.0) * sp.normalise(seg_entropy)
         score_np = score.cpu().numpy().astype(np.float64)
-        # coarse spans (low density, several units) collapse to their first unit
-        entropy_np = entropy.cpu().numpy()
-        delta = cfg.delta if cfg.delta is not None else float(np.percentile(entropy_np, 10))
-        collapsed = (ends - starts > 1) & (entropy_np <= delta) if cfg.use_entropy else np.zeros(len(starts), bool)
-        # costs in downstream-LLM tokens: each unit with the whitespace before it
+        # costs in downstream-LLM tokens: each unit with the whitespace before it; collapsed spans
+        # cost their anchor only
         unit_cost = self._unit_costs(chunks, call)
-        cum = np.concatenate([[0], np.cumsum(unit_cost)])
-        cost = np.where(collapsed, unit_cost[starts], cum[ends] - cum[starts])
-        # repeats: sentences that repeat a better one of another chunk (or of the conversation)
-        repeat = self._repeats(stats, sentences, sent_of_unit, call, score_np, span_sent, conversation_id)
-        allowed = ~repeat[span_sent]
-        keep = select_under_budget(score_np, cost, span_chunk, budget, self._gap_cost, allowed)
-        texts, slices, out_counts, keep_units = self._render(chunks, call, starts, ends, keep, collapsed,
-                                                             score_np, budget)
+        kept_cost = unit_cost.copy()
+        for s, e in zip(starts[collapsed], ends[collapsed]):
+            kept_cost[s + 1:e] = 0
+        cum = np.concatenate([[0], np.cumsum(kept_cost)])
+        seg_cost = cum[segs[1:]] - cum[segs[:-1]]
+        # repeats and redundancy-aware selection under the budget
+        centroids = torch.nn.functional.normalize(stats.mean(segs[:-1], segs[1:]).float(), dim=-1)
+        centroids = centroids.cpu().numpy().astype(np.float32)
+        repeat = self._repeats(centroids, segs, score_np, conversation_id)
+        keep = select_under_budget(
+            score_np, seg_cost, seg_chunk, budget, self._gap_cost, ~repeat, centroids,
+            cfg.redundancy_weight if cfg.dedup else 0.0, cfg.redundancy_threshold)
+        texts, slices, out_counts, keep_units = self._render(chunks, call, segs, keep, starts, ends,
+                                                             collapsed, score_np, budget)
         if conversation_id is not None:
-            self._remember(conversation_id, stats, sentences, keep_units)
-        return self._result(chunks, counts, query, budget, started, call, starts, ends, keep, collapsed,
-                            repeat[span_sent], entropy_np, span_rel, chunk_rel, score_np, texts, slices,
+            self._remember(conversation_id, centroids, segs, keep)
+        span_status = np.where(collapsed & keep_units[starts], "collapsed", np.where(
+            keep_units[starts], "kept", np.where(repeat[span_seg], "repeat", "dropped")))
+        span_rel = None if seg_rel is None else seg_rel.cpu().numpy()[span_seg]
+        return self._result(chunks, counts, query, budget, started, call, starts, ends, span_status,
+                            span_entropy, span_rel, chunk_rel, score_np[span_seg], texts, slices,
                             out_counts, hits, self.encoder.forward_calls - calls_before)
 
     def _unit_costs(self, chunks: list[str], call: _Call) -> np.ndarray:
@@ -232,40 +238,33 @@ class SemToken:
                 pieces.extend(text[a:e] for a, e in zip(prev.tolist(), units[:, 1].tolist()))
         return self.tokenizer.count_many(pieces)
 
-    def _repeats(self, stats, sentences, sent_of_unit, call, score, span_sent, conversation_id) -> np.ndarray:
+    def _repeats(self, centroids: np.ndarray, segs: np.ndarray, score: np.ndarray,
+                 conversation_id: str | None) -> np.ndarray:
+        """Segments that repeat a better-ranked one (in any chunk) or what the conversation received."""
         cfg = self.config
-        n_sent = len(sentences) - 1
-        repeat = np.zeros(n_sent, dtype=bool)
-        if not cfg.dedup or n_sent == 0:
-            return repeat
-        centroids = torch.nn.functional.normalize(stats.mean(sentences[:-1], sentences[1:]).float(), dim=-1)
-        centroids = centroids.cpu().numpy().astype(np.float32)
-        eligible = np.diff(sentences) >= cfg.min_repeat_units
-        priority = np.full(n_sent, -np.inf)
-        np.maximum.at(priority, span_sent, score)
-        order = np.lexsort((np.arange(n_sent), -priority))
-        groups = call.chunk_of[sentences[:-1]]
-        repeat = find_repeats(centroids, groups, order, cfg.repeat_threshold, eligible) >= 0
+        n_seg = len(segs) - 1
+        if not cfg.dedup or n_seg == 0:
+            return np.zeros(n_seg, dtype=bool)
+        eligible = np.diff(segs) >= cfg.min_repeat_units
+        order = np.lexsort((np.arange(n_seg), -score))
+        repeat = find_repeats(centroids, np.arange(n_seg), order, cfg.repeat_threshold, eligible) >= 0
         if conversation_id is not None:
-            seen = self.memory.query(conversation_id, centroids, cfg.repeat_threshold)
-            repeat |= seen & eligible
+            repeat |= self.memory.query(conversation_id, centroids, cfg.repeat_threshold) & eligible
         return repeat
 
-    def _remember(self, conversation_id, stats, sentences, keep_units) -> None:
-        eligible = np.diff(sentences) >= self.config.min_repeat_units
-        kept_sent = np.add.reduceat(keep_units.astype(np.int64), sentences[:-1]) == np.diff(sentences)
-        chosen = np.flatnonzero(eligible & kept_sent)
-        if len(chosen):
-            cent = torch.nn.functional.normalize(
-                stats.mean(sentences[:-1][chosen], sentences[1:][chosen]).float(), dim=-1)
-            self.memory.add(conversation_id, cent.cpu().numpy().astype(np.float32))
+    def _remember(self, conversation_id: str, centroids: np.ndarray, segs: np.ndarray, keep: np.ndarray) -> None:
+        chosen = keep & (np.diff(segs) >= self.config.min_repeat_units)
+        if chosen.any():
+            self.memory.add(conversation_id, centroids[chosen])
 
-    def _render(self, chunks, call, starts, ends, keep, collapsed, score, budget):
+    def _render(self, chunks, call, segs, keep, starts, ends, collapsed, score, budget):
         keep = keep.copy()
+        dropped_tail = np.zeros(len(call.chunk_of), dtype=bool)
+        for s, e in zip(starts[collapsed], ends[collapsed]):
+            dropped_tail[s + 1:e] = True
+        seg_of_unit = np.repeat(np.arange(len(segs) - 1), np.diff(segs))
         while True:
-            keep_units = np.zeros(len(call.chunk_of), dtype=bool)
-            for s, e, c in zip(starts[keep], ends[keep], collapsed[keep]):
-                keep_units[s:s + 1 if c else e] = True
+            keep_units = keep[seg_of_unit] & ~dropped_tail
             slices = [kept_slices(u, keep_units[a:b])
                       for u, a, b in zip(call.units, call.offsets[:-1], call.offsets[1:])]
             texts = [join_slices(t, s, self.config.gap_marker) for t, s in zip(chunks, slices)]
@@ -274,35 +273,29 @@ class SemToken:
             if excess <= 0:
                 return texts, slices, out_counts, keep_units
             # BPE merges across slice edges can cost a token or two more than estimated: drop the
-            # weakest kept spans until the exact count fits
-            kept_idx = np.flatnonzero(keep)
+            # weakest kept segment until the exact count fits
             logger.debug("exact count over budget by %d tokens; trimming", excess)
-            weakest = kept_idx[np.argsort(score[kept_idx], kind="stable")]
-            keep[weakest[: max(1, min(len(weakest), excess // 4 + 1))]] = False
+            kept_idx = np.flatnonzero(keep)
+            keep[kept_idx[np.argmin(score[kept_idx])]] = False
 
-    def _result(self, chunks, counts, query, budget, started, call, starts, ends, keep, collapsed, repeat,
-                entropy, span_rel, chunk_rel, score, texts, slices, out_counts, hits, encoder_calls):
-        status = np.where(keep & collapsed, "collapsed", np.where(keep, "kept",
-                                                                   np.where(repeat, "repeat", "dropped")))
-        span_rel_np = span_rel.cpu().numpy() if span_rel is not None else None
+    def _result(self, chunks, counts, query, budget, started, call, starts, ends, status, entropy,
+                span_rel, chunk_rel, score, texts, slices, out_counts, hits, encoder_calls):
         chunk_rel_np = chunk_rel.cpu().numpy() if chunk_rel is not None else None
         span_chunk = call.chunk_of[starts]
         per_chunk = np.searchsorted(span_chunk, np.arange(len(chunks) + 1))
+        char_start = np.concatenate([u[:, 0] for u in call.units])[starts]
+        char_end = np.concatenate([u[:, 1] for u in call.units])[ends - 1]
         out = []
         for i, text in enumerate(chunks):
-            units = call.units[i]
-            base = call.offsets[i]
-            infos = []
-            for k in range(per_chunk[i], per_chunk[i + 1]):
-                infos.append(SpanInfo(
-                    int(units[starts[k] - base, 0]), int(units[ends[k] - 1 - base, 1]), str(status[k]),
-                    float(entropy[k]), None if span_rel_np is None else float(span_rel_np[k]), float(score[k])))
+            infos = tuple(SpanInfo(int(char_start[k]), int(char_end[k]), str(status[k]), float(entropy[k]),
+                                   None if span_rel is None else float(span_rel[k]), float(score[k]))
+                          for k in range(per_chunk[i], per_chunk[i + 1]))
             rep = tuple((s.start, s.end) for s in infos if s.status == "repeat")
             out.append(CompressedChunk(
                 index=i, text=texts[i], kept_spans=tuple(slices[i]), original_tokens=int(counts[i]),
                 compressed_tokens=int(out_counts[i]),
                 relevance=None if chunk_rel_np is None else float(chunk_rel_np[i]),
-                repeat_spans=rep, spans=tuple(infos)))
+                repeat_spans=rep, spans=infos))
         return CompressionResult(tuple(out), query, budget, int(counts.sum()), int(out_counts.sum()),
                                  encoder_calls, hits, time.perf_counter() - started)
 

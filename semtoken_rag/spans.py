@@ -73,6 +73,20 @@ def local_clusters(vectors: torch.Tensor, break_after: np.ndarray, tau: float, m
     return np.asarray(bounds, dtype=np.int64)
 
 
+def cap_segments(break_after: np.ndarray, max_units: int) -> np.ndarray:
+    """Add breaks so that no segment is longer than ``max_units`` units.
+
+    >>> cap_segments(np.array([False] * 5 + [True]), 2).tolist()
+    [False, True, False, True, False, True]
+    """
+    out = break_after.copy()
+    bounds = segment_bounds(break_after)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e - s > max_units:
+            out[np.arange(s + max_units - 1, e - 1, max_units)] = True
+    return out
+
+
 def segment_bounds(break_after: np.ndarray) -> np.ndarray:
     """Boundaries of the segments that ``break_after`` delimits (``[0, ..., n]``)."""
     return np.concatenate([[0], np.flatnonzero(break_after) + 1]).astype(np.int64)

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set-up on a fresh machine: a virtual environment in .venv with semtoken-rag (editable), both framework
+# extras and the test tools. Idempotent: a second run only checks what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! python -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    pip install -q "${SEMTOKEN_TORCH:-torch>=2.2}"          # CUDA build
+  else
+    # CPU build: on these machines torch==2.13.0 installs a local CPU wheel; elsewhere point pip at a
+    # CPU wheel index (PIP_INDEX_URL / PIP_EXTRA_INDEX_URL) or set SEMTOKEN_TORCH
+    pip install -q "${SEMTOKEN_TORCH:-torch==2.13.0}"
+  fi
+fi
+pip install -q -e ".[langchain,llamaindex,dev]"

@@ -1,0 +1,296 @@
+"""The ``semtoken-rag`` command: compress chunks, run the demo, forward to the benchmarks.
+
+    semtoken-rag compress --query "who got the first nobel prize in physics" --rate 0.33 a.txt b.txt
+    cat chunks.txt | semtoken-rag compress --query "..." --json      # one chunk per blank-line block
+    semtoken-rag compress --query "..." --html view.html a.txt b.txt  # what was kept, dropped, collapsed
+    semtoken-rag demo                                                 # real retrieved passages, NQ
+    semtoken-rag bench --quick                                        # python -m benchmarks (a clone)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import re
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .config import SemTokenConfig
+from .engine import SemToken
+from .results import CompressionResult
+
+logger = logging.getLogger(__name__)
+
+PROG = "semtoken-rag"
+_REPO_ROOT = Path(__file__).resolve().parents[1]  # a clone's root, where benchmarks/ lives
+_ENGINES: dict[str, SemToken] = {}  # one engine per configuration and process (main() may run often)
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as ``semtoken-rag: error: ...``, exit status 2."""
+
+
+# -- argument types ------------------------------------------------------------------------------------
+def _rate(value: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rate must be a number in (0, 1], got {value!r}") from None
+    if not 0.0 < rate <= 1.0:
+        raise argparse.ArgumentTypeError(f"rate must be in (0, 1], got {value}")
+    return rate
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``semtoken-rag`` (sub-commands compress, demo, bench)."""
+    default_rate = SemTokenConfig.model_fields["rate"].default
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Query-aware compression of retrieved chunks for RAG (SemToken), budgeted "
+                               "in the downstream LLM's tokens.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log INFO (-v) or DEBUG (-vv)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    engine_opts = argparse.ArgumentParser(add_help=False)
+    engine_opts.add_argument("--device", default=None,
+                             help="torch device: cpu, cuda, cuda:1... (default: CUDA if present, else CPU)")
+    engine_opts.add_argument("--cache-dir", default=None, type=Path,
+                             help="directory persisting fingerprints across runs (default: memory only)")
+
+    p = sub.add_parser(
+        "compress", parents=[engine_opts], help="compress chunks from files or stdin",
+        description="Compress retrieved chunks. Each FILE is one chunk; '-' or no FILE reads stdin, one "
+                    "chunk per blank-line-separated block. Prints the non-empty compressed chunks, "
+                    "separated by blank lines, and a one-line summary on stderr.")
+    p.add_argument("files", nargs="*", metavar="FILE", help="one chunk per file; '-' reads stdin")
+    p.add_argument("-q", "--query", default=None, help="the user's question (default: density alone)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("-r", "--rate", type=_rate, default=None,
+                        help=f"fraction of tokens kept, in (0, 1] (default {default_rate})")
+    budget.add_argument("-t", "--target-tokens", type=_positive_int, default=None,
+                        help="absolute budget in downstream-LLM tokens")
+    p.add_argument("--tokenizer", default=None,
+                   help="budget tokenizer: llama3 (default), cl100k_base, o200k_base, qwen3, or a model "
+                        "name such as gpt-4o")
+    p.add_argument("--gap-marker", default=None, help="text between kept slices of a chunk (default ' … ')")
+    p.add_argument("--json", action="store_true", help="print the whole result as JSON instead of text")
+    p.add_argument("--spans", action="store_true", help="with --json: include every span's judgement")
+    p.add_argument("--html", metavar="OUT", type=Path, default=None,
+                   help="write a self-contained HTML page of what was kept")
+    p.add_argument("--quiet", action="store_true", help="no summary line on stderr")
+
+    d = sub.add_parser(
+        "demo", parents=[engine_opts], help="compress real retrieved passages (NQ) and show what was kept",
+        description="Compress the 20 retrieved passages of a few NaturalQuestions questions and show, per "
+                    "question, the tokens saved and whether the gold answer survived. Uses "
+                    "../shared/data next to a clone when present, else the bundled sample.")
+    d.add_argument("--n", type=_positive_int, default=5, help="questions (default 5)")
+    d.add_argument("-r", "--rate", type=_rate, default=None,
+                   help=f"fraction of tokens kept (default {default_rate})")
+    d.add_argument("--data", default="auto",
+                   help="'auto' (shared NQ file if present, else bundled), 'bundled', or a path to an NQ "
+                        ".jsonl(.gz) file")
+    d.add_argument("--html", metavar="OUT", type=Path, default=None,
+                   help="write the first question's HTML page")
+
+    sub.add_parser("bench", add_help=False, help="run the benchmarks (python -m benchmarks; needs a clone)",
+                   description="Forwards all arguments to python -m benchmarks.")
+    return parser
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+def _engine_key(config: SemTokenConfig) -> str:
+    return json.dumps(config.model_dump(mode="json"), sort_keys=True, default=repr)
+
+
+def _engine(config: SemTokenConfig) -> SemToken:
+    key = _engine_key(config)
+    if key not in _ENGINES:
+        try:
+            _ENGINES[key] = SemToken(config)
+        except (RuntimeError, AssertionError, OSError) as e:  # e.g. a device torch cannot use
+            where = f" on device {config.device!r}" if config.device else ""
+            raise CLIError(f"cannot start the engine{where}: {e}") from None
+    return _ENGINES[key]
+
+
+def _config(args: argparse.Namespace, **extra) -> SemTokenConfig:
+    fields = {"device": args.device, "cache_dir": args.cache_dir, **extra}
+    return SemTokenConfig(**{k: v for k, v in fields.items() if v is not None})
+
+
+def _split_blocks(text: str) -> list[str]:
+    """One chunk per blank-line-separated block (blocks stripped, empty ones skipped)."""
+    return [b.strip() for b in re.split(r"\n[ \t\r\f\v]*\n", text) if b.strip()]
+
+
+def _read_chunks(files: Sequence[str]) -> list[str]:
+    if files.count("-") > 1:
+        raise CLIError("'-' (stdin) may be given only once")
+    chunks: list[str] = []
+    for name in files or ["-"]:
+        if name == "-":
+            if sys.stdin is None:
+                raise CLIError("no stdin to read chunks from")
+            if sys.stdin.isatty():
+                print(f"{PROG}: reading chunks from the terminal, one per blank-line-separated block; "
+                      "end with Ctrl-D", file=sys.stderr)
+            chunks.extend(_split_blocks(sys.stdin.read()))
+            continue
+        try:
+            chunks.append(Path(name).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CLIError(f"cannot read {name}: no such file") from None
+        except IsADirectoryError:
+            raise CLIError(f"cannot read {name}: is a directory") from None
+        except UnicodeDecodeError as e:
+            raise CLIError(f"cannot read {name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise CLIError(f"cannot read {name}: {e.strerror or e}") from None
+    return chunks
+
+
+def _summary(res: CompressionResult) -> str:
+    kept = sum(not c.is_empty for c in res.chunks)
+    fewer = res.original_tokens / res.compressed_tokens if res.compressed_tokens else float("inf")
+    return (f"{res.original_tokens} -> {res.compressed_tokens} tokens ({res.ratio:.1%}, {fewer:.1f}x fewer) "
+            f"in {res.seconds:.2f} s; {kept}/{len(res.chunks)} chunks kept")
+
+
+def _write_html(path: Path, result: CompressionResult, chunks: Sequence[str], title: str) -> None:
+    from .render import to_html
+
+    try:
+        path.write_text(to_html(result, chunks, title), encoding="utf-8")
+    except OSError as e:
+        raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _one_line(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _preview(text: str, answers: Sequence[str], width: int = 110) -> str:
+    """A window of ``text`` around the first answer found in it (else its start), on one line."""
+    flat = " ".join(text.split())
+    low = flat.lower()
+    hits = [low.find(a.lower()) for a in answers if a and low.find(a.lower()) >= 0]
+    if not hits or len(flat) <= width:
+        return _one_line(flat, width)
+    start = max(0, min(hits) - width // 3)
+    piece = flat[start:start + width]
+    return ("…" if start else "") + piece + ("…" if start + width < len(flat) else "")
+
+
+# -- commands ------------------------------------------------------------------------------------------
+def _cmd_compress(args: argparse.Namespace) -> int:
+    chunks = _read_chunks(args.files)
+    engine = _engine(_config(args, tokenizer=args.tokenizer, gap_marker=args.gap_marker))
+    res = engine.compress(chunks, args.query, rate=args.rate, target_tokens=args.target_tokens)
+    if args.html is not None:
+        _write_html(args.html, res, chunks, PROG)
+    if args.json:
+        print(json.dumps(res.to_dict(spans=args.spans), ensure_ascii=False, indent=1))
+    else:
+        print("\n\n".join(c.text.strip() for c in res.chunks if not c.is_empty))
+    if not args.quiet:
+        print(f"{PROG}: {_summary(res)}", file=sys.stderr)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo_data import answer_in, default_source, load_questions
+
+    source = {"auto": default_source(), "bundled": None}.get(args.data, args.data)
+    try:
+        questions, label = load_questions(args.n, source)
+    except OSError as e:
+        raise CLIError(f"cannot read demo data {source}: {e.strerror or e}") from None
+    except (ValueError, KeyError) as e:
+        raise CLIError(f"demo data {source} is not NQ JSON Lines: {e}") from None
+    if not questions:
+        raise CLIError(f"no questions in {label}")
+    engine = _engine(_config(args))
+    rate = args.rate if args.rate is not None else engine.config.rate
+    print(f"{PROG} demo: {len(questions)} question(s) x {len(questions[0].chunks)} retrieved passages from "
+          f"{label}; keeping {rate:.0%} of {engine.tokenizer.name} tokens on {engine.encoder.device}\n")
+    seconds, before, after, found = [], 0, 0, 0
+    for i, q in enumerate(questions, 1):
+        res = engine.compress(q.chunks, q.question, rate=rate)
+        if i == 1 and args.html is not None:
+            _write_html(args.html, res, q.chunks, f"{PROG} demo · gold answer: {' | '.join(q.answers)} "
+                        f"(gold passage #{q.gold_index})")
+        ok = answer_in(q.answers, "\n\n".join(res.texts))
+        seconds.append(res.seconds)
+        before, after, found = before + res.original_tokens, after + res.compressed_tokens, found + ok
+        # the passage that still holds the answer, else what is left of the gold passage
+        holder = next((c for c in res.chunks if answer_in(q.answers, c.text)), res.chunks[q.gold_index])
+        print(f"[{i}] {q.question.rstrip('?')}?\n"
+              f"    gold answer: {' | '.join(q.answers)} (gold passage #{q.gold_index} of {len(q.chunks)})\n"
+              f"    {_summary(res)}\n"
+              f"    answer kept: {'yes' if ok else 'NO'}; passage #{holder.index} "
+              f"({holder.original_tokens} -> {holder.compressed_tokens} tokens) kept: "
+              + (f"\"{_preview(holder.text, q.answers)}\"" if holder.text else "nothing") + "\n")
+    fewer = before / after if after else float("inf")
+    print(f"total: {before} -> {after} tokens ({after / max(before, 1):.1%}, {fewer:.1f}x fewer); answer kept "
+          f"in {found}/{len(questions)}; median latency {statistics.median(seconds):.2f} s per question")
+    if args.html is not None:
+        print(f"wrote {args.html} (question 1)")
+    return 0
+
+
+def _cmd_bench(argv: Sequence[str]) -> int:
+    """Run ``python -m benchmarks ARGS`` with the clone's root on the path; its exit status."""
+    env = dict(os.environ)
+    if (_REPO_ROOT / "benchmarks" / "__main__.py").is_file():
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH")) if p)
+    elif importlib.util.find_spec("benchmarks") is None:
+        print(f"{PROG}: error: the benchmarks are not installed with the package; run them from a clone of "
+              "the repository, with the evaluation data in ../shared/data next to it:\n"
+              "    cd semtoken-rag && python -m benchmarks --quick", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, "-m", "benchmarks", *argv], env=env)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``semtoken-rag`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # everything after it belongs to the benchmarks' own parser
+        return _cmd_bench(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format=f"{PROG}: %(levelname)s %(name)s: %(message)s")
+    if level > logging.DEBUG:  # no "Loading weights" bar from transformers in the command's output
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        return _cmd_compress(args) if args.command == "compress" else _cmd_demo(args)
+    except CLIError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError) as e:  # bad option values the engine rejects (pydantic errors included)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

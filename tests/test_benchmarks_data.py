@@ -1,0 +1,138 @@
+"""Fast tests of the benchmark's data loader and answer metric (no models loaded)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from benchmarks.data import NQ_FILE, gold_position_for, load_nq, resolve_data_dir
+from benchmarks.metrics import TokenCounter, answer_recall_hit, best_subspan_em, budget_for, normalize_answer, percentile
+
+
+def _data_dir() -> Path:
+    try:
+        return resolve_data_dir()
+    except FileNotFoundError:
+        pytest.skip("NQ data not found (../shared/data or /work/shared/data, or $SEMTOKEN_DATA_DIR)")
+
+
+# --- metric ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, norm", [
+    ("The Beatles", "beatles"),
+    ("  Wilhelm   Conrad\tRöntgen. ", "wilhelm conrad röntgen"),
+    ("A Tale of Two Cities!", "tale of two cities"),
+    ("an apple, the pear", "apple pear"),
+    ("theatre", "theatre"),               # articles only as whole words
+    ("May 18, 2018", "may 18 2018"),
+    ("U.S.", "us"),
+    ("", ""),
+])
+def test_normalize_answer(raw, norm):
+    assert normalize_answer(raw) == norm
+
+
+def test_answer_recall_hit():
+    ctx = "The first Nobel Prize in Physics was awarded in 1901 to Wilhelm Conrad Röntgen, of Germany."
+    assert answer_recall_hit(["Wilhelm Conrad Röntgen"], ctx)
+    assert answer_recall_hit(["Marie Curie", "wilhelm conrad röntgen."], ctx)   # any answer
+    assert not answer_recall_hit(["Marie Curie"], ctx)
+    assert not answer_recall_hit([""], ctx)                                   # empty answers never match
+    assert answer_recall_hit(["the 1901"], "in 1901 to")                       # articles dropped both sides
+    assert not answer_recall_hit(["Röntgen"], "")
+    assert best_subspan_em("It was Röntgen.", ["röntgen"])
+
+
+def test_budget_and_percentile():
+    assert budget_for(1000, 0.33) == 330
+    assert budget_for(1000, 0.5) == 500
+    assert budget_for(3, 0.2) == 1
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([5], 95) == 5
+
+
+def test_token_counter_llama3():
+    c = TokenCounter("llama3")
+    assert c("hello world") == 2
+    assert c("") == 0
+    assert c.context_tokens(["hello world", "", "hello world"]) == 4
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+def test_gold_position_rule():
+    for i in range(50):
+        assert gold_position_for(i, "random") == random.Random(1234 + i).randrange(20)
+    assert [gold_position_for(0, p) for p in ("first", "middle", "last")] == [0, 9, 19]
+    assert gold_position_for(3, 7) == 7
+    with pytest.raises(ValueError):
+        gold_position_for(0, 20)
+
+
+def test_load_nq_random_positions():
+    data_dir = _data_dir()
+    recs = load_nq(12, data_dir=data_dir)
+    assert len(recs) == 12
+    with gzip.open(data_dir / NQ_FILE, "rt", encoding="utf-8") as fh:
+        raw = [json.loads(next(fh)) for _ in range(12)]
+    for i, (rec, r) in enumerate(zip(recs, raw)):
+        assert rec.index == i
+        assert rec.question == r["question"] and list(rec.answers) == r["answers"]
+        assert len(rec.chunks) == 20
+        assert rec.gold_index == random.Random(1234 + i).randrange(20)
+        gold = r["ctxs"][0]
+        assert rec.chunks[rec.gold_index] == f"{gold['title']}\n{gold['text']}"
+        distractors = [f"{c['title']}\n{c['text']}" for c in r["ctxs"][1:]]
+        assert [c for k, c in enumerate(rec.chunks) if k != rec.gold_index] == distractors   # order kept
+        assert rec["question"] == rec.question          # dict-style access
+
+
+@pytest.mark.parametrize("pos, idx", [("first", 0), ("middle", 9), ("last", 19), (4, 4)])
+def test_load_nq_fixed_positions(pos, idx):
+    recs = load_nq(3, gold_position=pos, data_dir=_data_dir())
+    assert all(r.gold_index == idx for r in recs)
+    first = load_nq(3, gold_position=0, data_dir=_data_dir())
+    for r, f in zip(recs, first):
+        assert r.chunks[idx] == f.chunks[0]
+
+
+def test_load_nq_data_dir_override(tmp_path, monkeypatch):
+    _data_dir()
+    monkeypatch.setenv("SEMTOKEN_DATA_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        load_nq(1)
+
+
+def test_chunks_carry_no_labels():
+    rec = load_nq(1, data_dir=_data_dir())[0]
+    assert all(isinstance(c, str) for c in rec.chunks)
+    assert not any("isgold" in c or "hasanswer" in c for c in rec.chunks)
+
+
+# --- model-free peers stay within budget ------------------------------------------------------------
+
+def test_truncate_and_cheap_peers_within_budget():
+    from benchmarks.peers.simple import LengthOnly, Truncation
+    from benchmarks.text import split_sentences, truncate_tokens
+
+    c = TokenCounter("llama3")
+    text = "Dr. Smith went to Washington. He arrived on May 18, 2018! Then he left.\nNext line"
+    assert split_sentences(text) == ["Dr. Smith went to Washington.", "He arrived on May 18, 2018!",
+                                     "Then he left.", "Next line"]
+    for n in range(0, 25):
+        cut = truncate_tokens(text, n, c, word_boundary=True)
+        assert c(cut) <= n and text.startswith(cut)
+    chunks = ["alpha beta gamma " * 20, "short one", "delta epsilon " * 30, "tiny"]
+    total = c.context_tokens(chunks)
+    for rate in (0.5, 0.33, 0.2):
+        b = budget_for(total, rate)
+        for m in (Truncation(c), LengthOnly(c)):
+            out = m.compress(chunks, "q", rate, b)
+            assert len(out.texts) == len(chunks)
+            assert c.context_tokens(out.texts) <= b
+    kept = LengthOnly(c).compress(chunks, "q", 0.2, budget_for(total, 0.2)).texts
+    assert kept[1] == "short one" and kept[3] == "tiny"

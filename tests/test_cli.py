@@ -1,0 +1,199 @@
+"""The ``semtoken-rag`` command: in-process through ``main()`` with the session engine, plus one real run
+of the installed console script."""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from semtoken_rag import __version__, cli
+
+QUERY = "who got the first nobel prize in physics"
+SUMMARY = re.compile(r"^semtoken-rag: (\d+) -> (\d+) tokens \(\d+\.\d%, [\d.]+x fewer\) in \d+\.\d\d s; "
+                     r"(\d+)/(\d+) chunks kept$")
+
+
+@pytest.fixture()
+def run(engine, monkeypatch, capsys):
+    """``run(*argv, stdin=None) -> (exit status, stdout, stderr)``; the CLI reuses the session engine."""
+    cache = {cli._engine_key(engine.config): engine}
+    monkeypatch.setattr(cli, "_ENGINES", cache)
+
+    def _run(*argv: str, stdin: str | None = None) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin or ""))
+        try:
+            code = cli.main(["compress", "--device", "cpu", *argv] if argv[0] not in ("demo", "bench")
+                            else list(argv))
+        except SystemExit as e:  # argparse
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run
+
+
+@pytest.fixture()
+def files(nobel, tmp_path) -> list[str]:
+    paths = []
+    for i, text in enumerate(nobel):
+        p = tmp_path / f"chunk{i}.txt"
+        p.write_text(text, encoding="utf-8")
+        paths.append(str(p))
+    return paths
+
+
+def _slices_of(text: str, source: str, marker: str = " … ") -> bool:
+    """``text`` is pieces of ``source``, in order, joined by the gap marker."""
+    pos = 0
+    for piece in text.split(marker):
+        found = source.find(piece, pos)
+        if found < 0:
+            return False
+        pos = found + len(piece)
+    return True
+
+
+def test_files_print_compressed_chunks_and_summary(run, files, nobel):
+    code, out, err = run("--query", QUERY, "--rate", "0.4", *files)
+    assert code == 0
+    assert "Röntgen" in out
+    m = SUMMARY.match(err.strip().splitlines()[-1])
+    assert m, err
+    before, after, kept, total = map(int, m.groups())
+    assert total == 4 and 0 < kept <= 4 and after <= math.floor(0.4 * before)
+    blocks = out.rstrip("\n").split("\n\n")
+    assert len(blocks) == kept
+    # every printed block is made of slices of one chunk, in the chunks' order
+    owners = [next(i for i, c in enumerate(nobel) if _slices_of(b, c.strip())) for b in blocks]
+    assert owners == sorted(owners)
+
+
+def test_stdin_blocks_and_json_budget(run, nobel):
+    stdin = "\n\n" + "\n\n  \n".join(nobel) + "\n\n\n"
+    code, out, err = run("--query", QUERY, "--rate", "0.3", "--json", stdin=stdin)
+    assert code == 0
+    res = json.loads(out)
+    assert [c["index"] for c in res["chunks"]] == [0, 1, 2, 3]
+    assert res["budget"] == math.floor(0.3 * res["original_tokens"])
+    assert res["compressed_tokens"] <= res["budget"]
+    assert sum(c["compressed_tokens"] for c in res["chunks"]) == res["compressed_tokens"]
+    for c, source in zip(res["chunks"], nobel):
+        assert c["text"] == " … ".join(source[s:e] for s, e in c["kept_spans"])
+    assert SUMMARY.match(err.strip().splitlines()[-1])
+
+    code, out, _ = run("--target-tokens", "40", "--json", "--quiet", stdin=stdin)
+    res = json.loads(out)
+    assert code == 0 and res["budget"] == 40 and res["compressed_tokens"] <= 40 and res["query"] is None
+
+
+def test_stdin_dash_between_files(run, files, nobel):
+    code, out, _ = run("--json", "--quiet", "--rate", "1", files[0], "-", files[3],
+                       stdin=nobel[1] + "\n\n" + nobel[2])
+    assert code == 0
+    texts = [c["text"] for c in json.loads(out)["chunks"]]
+    assert texts == [nobel[0], nobel[1], nobel[2], nobel[3]]
+
+
+def test_html_page_shows_every_span_and_the_legend(run, files, nobel, tmp_path):
+    page_path = tmp_path / "view.html"
+    code, out, _ = run("--query", QUERY, "--rate", "0.3", "--json", "--spans", "--html", str(page_path), *files)
+    assert code == 0
+    page = page_path.read_text(encoding="utf-8")
+    assert page.startswith("<!doctype html>") and "<script" not in page and "http" not in page
+    for word in ("kept", "dropped", "collapsed", "repeat", "semantic density", "chunk relevance"):
+        assert word in page
+    assert html.escape(QUERY) in page
+    res = json.loads(out)
+    for chunk, source in zip(res["chunks"], nobel):
+        assert chunk["spans"], "spans detail expected when compressing"
+        for span in chunk["spans"]:
+            if span["status"] != "collapsed":  # a collapsed span is shown as its kept head + the rest
+                assert html.escape(source[span["start"]:span["end"]]) in page
+        for s, e in chunk["kept_spans"]:
+            assert html.escape(source[s:e].split()[0]) in page
+        assert f"relevance {chunk['relevance']:.3f}" in page
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rate", "1.5"], r"rate must be in \(0, 1\], got 1.5"),
+    (["--rate", "0"], r"rate must be in \(0, 1\]"),
+    (["--rate", "lots"], r"rate must be a number"),
+    (["--target-tokens", "0"], r"expected a positive integer"),
+    (["--rate", "0.3", "--target-tokens", "9"], r"not allowed with argument"),
+])
+def test_bad_budget_arguments_exit_2(run, files, argv, message):
+    code, out, err = run(*argv, files[0])
+    assert code == 2 and out == ""
+    assert re.search(message, err), err
+
+
+def test_unreadable_inputs_exit_2(run, files, tmp_path):
+    code, _, err = run(str(tmp_path / "nope.txt"))
+    assert code == 2 and "cannot read" in err and "nope.txt: no such file" in err
+    code, _, err = run(str(tmp_path))
+    assert code == 2 and "is a directory" in err
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    code, _, err = run(str(binary))
+    assert code == 2 and "not UTF-8" in err
+    code, _, err = run("-", files[0], "-")
+    assert code == 2 and "only once" in err
+
+
+def test_engine_errors_exit_2(run, files):
+    code, _, err = run("--device", "no-such-device", files[0])
+    assert code == 2 and "cannot start the engine on device 'no-such-device'" in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"semtoken-rag {__version__}"
+
+
+def test_bench_forwards_to_the_benchmarks(capfd):
+    assert cli.main(["bench", "--help"]) == 0
+    assert "usage: python -m benchmarks" in capfd.readouterr().out
+
+
+def test_demo_on_bundled_sample(run, tmp_path):
+    page_path = tmp_path / "demo.html"
+    code, out, err = run("demo", "--data", "bundled", "--n", "2", "--device", "cpu", "--html", str(page_path))
+    assert code == 0, err
+    assert "bundled sample" in out
+    assert "[1] who got the first nobel prize in physics?" in out and "[2] " in out and "[3] " not in out
+    assert "gold answer: Wilhelm Conrad Röntgen" in out
+    assert re.search(r"answer kept: (yes|NO); passage #\d+", out)
+    assert re.search(r"total: \d+ -> \d+ tokens .* answer kept in \d/2; median latency \d+\.\d\d s", out)
+    assert "Röntgen" in page_path.read_text(encoding="utf-8")
+
+
+def test_bench_without_a_clone_says_what_to_do(run, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "_REPO_ROOT", tmp_path)
+    monkeypatch.delitem(sys.modules, "benchmarks", raising=False)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not (Path(p or ".") / "benchmarks").is_dir()])
+    code, _, err = run("bench", "--quick")
+    assert code == 2 and "from a clone of the repository" in err and "../shared/data" in err
+
+
+def test_console_script_end_to_end(nobel, tmp_path):
+    """The installed entry point in a fresh process: stdin blocks in, JSON out."""
+    script = Path(sys.executable).with_name("semtoken-rag")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "semtoken_rag.cli"]
+    done = subprocess.run([*cmd, "compress", "--device", "cpu", "--query", QUERY, "--rate", "0.33", "--json"],
+                          input="\n\n".join(nobel), capture_output=True, text=True, timeout=300, check=False,
+                          cwd=tmp_path, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert done.returncode == 0, done.stderr
+    res = json.loads(done.stdout)
+    assert len(res["chunks"]) == 4 and res["compressed_tokens"] <= res["budget"]
+    assert SUMMARY.match(done.stderr.strip().splitlines()[-1]), done.stderr
+    assert "Loading weights" not in done.stderr

