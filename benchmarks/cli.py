@@ -151,6 +151,12 @@ def main(argv=None) -> int:
         "skipped": skipped,
     }
 
+    # cost relative to one MiniLM pass over query + passages (the rerank peer's scoring step)
+    if "rerank" in runs:
+        ref = summaries["rerank"]["latency"]["prepare_median_s"]
+        results["reference"] = {"minilm_pass_median_s": ref, "relative_cold_median": {
+            nm: s["latency"]["cold_median_s"] / ref for nm, s in summaries.items() if ref}}
+
     # recall of every method on the slow methods' subset, for a like-for-like comparison
     slow_ran = [nm for nm in runs if nm in SLOW]
     if slow_ran and args.slow_n < n:
@@ -204,6 +210,10 @@ def main(argv=None) -> int:
 
     results["per_question"] = {nm: per_question(run) for nm, run in runs.items()}
     results["wall_s"] = round(time.time() - started, 1)
+    try:
+        machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
 
     json_path = out_dir / f"{args.name}.json"
     json_path.write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str) + "\n")

@@ -12,7 +12,7 @@ def _pct(x) -> str:
 def _ms(x) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
-    return f"{x * 1000:.0f}" if x < 10 else f"{x:.1f} s"
+    return f"{x * 1000:.0f}" if x >= 0.0095 else f"{x * 1000:.2g}"
 
 
 def _num(x, fmt="{:.0f}") -> str:
@@ -83,7 +83,8 @@ def markdown(results: dict) -> str:
     out = [f"# semtoken-rag benchmark: {results['name']}", "",
            f"- date: {results['date']}",
            f"- machine: {mach['platform']}, {mach['cpu_count']} CPUs ({mach.get('processor') or 'unknown CPU'}), "
-           f"torch threads {mach.get('torch_threads')}, load average at start {mach.get('loadavg_start')}",
+           f"torch threads {mach.get('torch_threads')}, load average at start {mach.get('loadavg_start')}, "
+           f"at end {mach.get('loadavg_end')} (shared machine: timings are noisy)",
            f"- command: `{results['command']}`",
            f"- data: {cfg['data_file']}, first {cfg['n']} questions, gold passage at "
            f"`random.Random(1234 + i).randrange(20)`; chunk = title + newline + text",
@@ -105,6 +106,13 @@ def markdown(results: dict) -> str:
             "independently of the budget are timed as scoring + selection for each budget. Encoder tok/s = "
             "encoder (word-piece) tokens processed / cold latency. "
             f"Memory: {results.get('memory_note', '')}", ""]
+    ref = results.get("reference")
+    if ref and ref.get("minilm_pass_median_s"):
+        rel = ref["relative_cold_median"]
+        out += [f"One MiniLM pass over query + 20 passages (rerank's scoring): median "
+                f"{ref['minilm_pass_median_s'] * 1000:.0f} ms. Cold median in MiniLM passes: "
+                + ", ".join(f"{results['methods'][k]['label']} {v:.2f}" for k, v in rel.items()
+                            if k not in ("none", "truncation", "length_only")) + ".", ""]
     if results.get("positions"):
         pb = results["positions"]["budget"]
         out += [f"## Lost in the middle: recall at {float(pb):.0%} by gold position "

@@ -168,6 +168,7 @@ class SemToken:
         cfg = self.config
         calls_before = self.encoder.forward_calls
         fps, hits = self._fingerprints(chunks)
+        encoder_calls = self.encoder.forward_calls - calls_before  # batches over chunks (query excluded)
         call = _concat(fps, self.encoder.device)
         n = len(call.chunk_of)
         if n == 0:
@@ -228,7 +229,7 @@ class SemToken:
         span_rel = None if seg_rel is None else seg_rel.cpu().numpy()[span_seg]
         return self._result(chunks, counts, query, budget, started, call, starts, ends, span_status,
                             span_entropy, span_rel, chunk_rel, score_np[span_seg], texts, slices,
-                            out_counts, hits, self.encoder.forward_calls - calls_before)
+                            out_counts, hits, encoder_calls)
 
     def _unit_costs(self, chunks: list[str], call: _Call) -> np.ndarray:
         pieces = []

@@ -59,7 +59,11 @@ class CompressedChunk:
 
 @dataclass(frozen=True)
 class CompressionResult:
-    """What :meth:`SemToken.compress` returns: one :class:`CompressedChunk` per input chunk, in order."""
+    """What :meth:`SemToken.compress` returns: one :class:`CompressedChunk` per input chunk, in order.
+
+    ``encoder_calls`` counts the encoder's forward batches spent on chunks (0 when every chunk came
+    from the cache); ``cache_hits`` the chunks whose fingerprints came from the cache.
+    """
 
     chunks: tuple[CompressedChunk, ...]
     query: str | None

@@ -87,6 +87,15 @@ class SemTokenMethod(Method):
     def config(self):
         cfg = self.engine.config.model_dump(mode="json") if hasattr(self, "engine") else {}
         cfg = {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool, type(None)))}
-        return {**super().config(), "overrides": self.overrides, "engine_config": cfg,
+        stats = {}
+        if hasattr(self, "engine"):
+            import dataclasses
+
+            try:
+                st = self.engine.cache_stats()
+                stats = dataclasses.asdict(st) if dataclasses.is_dataclass(st) else dict(st)
+            except Exception as exc:   # informative only
+                stats = {"error": str(exc)}
+        return {**super().config(), "overrides": self.overrides, "engine_config": cfg, "cache_stats": stats,
                 "token_count_mismatches": self.token_mismatches,
                 "engine_budget_mismatches": self.engine_budget_mismatches}
