@@ -62,7 +62,7 @@ class SemToken:
                                window_overlap=cfg.window_overlap, batch_size=cfg.batch_size,
                                show_progress_bar=cfg.show_progress_bar)
         self.tokenizer = BudgetTokenizer(cfg.tokenizer)
-        self.cache = FingerprintCache(max_bytes=cfg.cache_max_bytes, cache_dir=cfg.cache_dir)
+        self.cache = FingerprintCache(max_bytes=cfg.cache_max_bytes, cache_dir=cfg.cache_dir, fsync=False)
         self.memory = ConversationMemory(max_spans=cfg.conversation_max_spans)
         self._namespace = self.encoder.identity
         self._queries: OrderedDict[str, torch.Tensor] = OrderedDict()
