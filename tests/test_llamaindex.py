@@ -136,7 +136,8 @@ def test_no_query_bundle_empty_one_and_duplicates(post, engine, records):
                  records[1]["question"])
 
 
-def test_rich_metadata_document_nodes_and_empty_text(post, engine, records):
+def test_rich_metadata_document_nodes_and_empty_text(engine, records):
+    post = SemTokenNodePostprocessor(engine=engine, rate=0.8)  # room for both passages
     meta = {"title": "T", "nested": {"a": [1, {"b": None}]}, "score": 0.5, "semtoken_x": "keep"}
     gold = records[2]["passages"][records[2]["gold_index"]]["text"]
     doc = Document(id_="d", text=gold, metadata=meta,
