@@ -79,7 +79,7 @@ def machine_info() -> dict:
         import torch
 
         threads = torch.get_num_threads()
-    except Exception:
+    except Exception:  # noqa: BLE001
         threads = None
     try:
         load = [round(x, 2) for x in os.getloadavg()]
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         recs = records[:args.slow_n] if m.name in SLOW else records
         try:
             run = run_method(m, recs, args.budgets, counter, keep_texts=keep, desc=m.label)
-        except Exception as exc:   # one broken peer must not sink the benchmark
+        except Exception as exc:  # noqa: BLE001  # one broken peer must not sink the benchmark
             msg = f"{m.name}: {type(exc).__name__}: {exc}"
             print(f"[bench] FAILED {msg}")
             traceback.print_exc()
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         s["description"] = instances[name].description
         try:
             s["config"] = instances[name].config()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             s["config"] = {"error": str(exc)}
         summaries[name] = s
 
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
                               "contexts": {k: {kk: vv for kk, vv in v.items() if kk != "per_question"}
                                            for k, v in e2e.items()},
                               "per_question": {k: v["per_question"] for k, v in e2e.items()}}
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
             skipped.append(f"e2e: {type(exc).__name__}: {exc}")
 

@@ -12,13 +12,12 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 NQ_FILE = "nq-open-20_total_documents_gold_at_0.first441.jsonl.gz"
 N_PASSAGES = 20
 POSITION_SEED = 1234
 
-GoldPosition = Union[str, int]
+GoldPosition = str | int
 
 
 @dataclass(frozen=True)

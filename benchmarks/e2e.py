@@ -8,7 +8,7 @@ summed over the key/value tensors of the ``past_key_values`` that prefill return
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 

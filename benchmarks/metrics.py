@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import re
 import string
-from functools import lru_cache
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from functools import cache
 
 _PUNCT = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -37,7 +37,7 @@ def best_subspan_em(prediction: str, answers: Iterable[str]) -> bool:
 
 # --- downstream-LLM token counting -------------------------------------------------------------
 
-@lru_cache(maxsize=None)
+@cache
 def _encoding(name: str):
     import quicktok
 
@@ -67,7 +67,7 @@ class TokenCounter:
 
 def budget_for(original_tokens: int, rate: float) -> int:
     """The token budget every method is held to: floor(rate * original), at least 1."""
-    return max(1, int(math.floor(rate * original_tokens + 1e-9)))
+    return max(1, math.floor(rate * original_tokens + 1e-9))
 
 
 # --- statistics ---------------------------------------------------------------------------------

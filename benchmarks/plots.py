@@ -7,15 +7,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def _style(name: str):
     if name == "semtoken":
-        return dict(color="crimson", lw=2.5, marker="o", zorder=5)
+        return {"color": "crimson", "lw": 2.5, "marker": "o", "zorder": 5}
     if name.startswith("semtoken_"):
-        return dict(lw=1.2, marker=".", ls="--")
-    return dict(lw=1.5, marker="s")
+        return {"lw": 1.2, "marker": ".", "ls": "--"}
+    return {"lw": 1.5, "marker": "s"}
 
 
 def recall_vs_tokens(results: dict, path: Path) -> Path:

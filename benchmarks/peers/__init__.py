@@ -1,7 +1,7 @@
 """Peer methods, each behind :class:`benchmarks.peers.base.Method`. Heavy imports happen in setup()."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..metrics import TokenCounter
 

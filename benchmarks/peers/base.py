@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 
 @dataclass
@@ -24,7 +24,6 @@ class Method:
     name: str = "method"
     label: str = "method"
     description: str = ""
-    cheap: bool = True            # runs in --quick
     measures_warm: bool = False   # the runner also times a repeat call with a warm cache
 
     def setup(self) -> None:

@@ -4,7 +4,7 @@ EmbeddingsRedundantFilter -> EmbeddingsFilter. Both use the same local MiniLM fo
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from .. import encoder
 from ..metrics import TokenCounter
@@ -20,8 +20,6 @@ class LlamaIndexOptimizer(Method):
                    "context_before = context_after = 0 (the default 1 adds overlapping neighbours: ratio 1.3 at "
                    "rate 0.5). It keeps int(n_sentences*percentile) sentences per passage in similarity order, "
                    "every sentence when that is 0; not budget-aware, so it can be over budget.")
-
-    cheap = False
 
     def __init__(self, counter: TokenCounter, percentile: dict[float, float] | None = None, context: int = 0):
         self.counter = counter
@@ -54,20 +52,18 @@ class LlamaIndexOptimizer(Method):
                 "context_before": self.context, "context_after": self.context}
 
 
-class _STEmbeddings:
+def st_embeddings():
     """A tiny LangChain ``Embeddings`` over the shared sentence-transformers MiniLM."""
+    from langchain_core.embeddings import Embeddings
 
-    def __new__(cls):
-        from langchain_core.embeddings import Embeddings
+    class STEmbeddings(Embeddings):
+        def embed_documents(self, texts):
+            return encoder.embed(list(texts)).tolist()
 
-        class STEmbeddings(Embeddings):
-            def embed_documents(self, texts):
-                return encoder.embed(list(texts)).tolist()
+        def embed_query(self, text):
+            return encoder.embed([text])[0].tolist()
 
-            def embed_query(self, text):
-                return encoder.embed([text])[0].tolist()
-
-        return STEmbeddings()
+    return STEmbeddings()
 
 
 class LangChainFilter(Method):
@@ -77,16 +73,19 @@ class LangChainFilter(Method):
                    "Embeddings subclass over sentence-transformers MiniLM. Passage-level; not budget-aware.")
 
     def setup(self):
-        from langchain_classic.retrievers.document_compressors import DocumentCompressorPipeline, EmbeddingsFilter
+        from langchain_classic.retrievers.document_compressors import (
+            DocumentCompressorPipeline,
+            EmbeddingsFilter,
+        )
         from langchain_community.document_transformers import EmbeddingsRedundantFilter
 
         encoder.minilm()
-        self.emb = _STEmbeddings()
+        self.emb = st_embeddings()
         self._cls = (DocumentCompressorPipeline, EmbeddingsFilter, EmbeddingsRedundantFilter)
 
     @staticmethod
     def k_for(rate: float, n: int) -> int:
-        return max(1, int(math.floor(rate * n + 1e-9)))
+        return max(1, math.floor(rate * n + 1e-9))
 
     def compress(self, chunks: Sequence[str], query: str, rate: float, budget: int) -> Output:
         from langchain_core.documents import Document

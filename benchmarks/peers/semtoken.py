@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..metrics import TokenCounter
 from .base import Method, Output
@@ -20,12 +20,12 @@ ABLATIONS: list[tuple[str, str, dict]] = [
 def semtoken_available() -> tuple[bool, str]:
     try:
         from semtoken_rag import SemToken  # noqa: F401
-    except Exception as exc:  # the engine may not exist yet, or fail to import
+    except Exception as exc:  # noqa: BLE001  # the engine may not exist yet, or fail to import
         return False, f"{type(exc).__name__}: {exc}"
     return True, ""
 
 
-def ablation_methods(counter: TokenCounter, log=print) -> list["SemTokenMethod"]:
+def ablation_methods(counter: TokenCounter, log=print) -> list[SemTokenMethod]:
     from semtoken_rag import SemTokenConfig
 
     fields = set(SemTokenConfig.model_fields)
@@ -94,7 +94,7 @@ class SemTokenMethod(Method):
             try:
                 st = self.engine.cache_stats()
                 stats = dataclasses.asdict(st) if dataclasses.is_dataclass(st) else dict(st)
-            except Exception as exc:   # informative only
+            except Exception as exc:  # noqa: BLE001  # informative only
                 stats = {"error": str(exc)}
         return {**super().config(), "overrides": self.overrides, "engine_config": cfg, "cache_stats": stats,
                 "token_count_mismatches": self.token_mismatches,

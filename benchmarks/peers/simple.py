@@ -3,7 +3,7 @@ plain global MiniLM sentence selector (the bar the engine must beat)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
