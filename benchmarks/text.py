@@ -11,11 +11,17 @@ _SENT_END = re.compile(r"(?<=[.!?])([\"')\]]*)\s+(?=[\"'(\[]?[A-Z0-9])|\n+")
 _ABBREV = re.compile(r"(?:\b(?:Mr|Mrs|Ms|Dr|St|Jr|Sr|Prof|Gen|Col|Lt|Mt|No|vs|etc|Inc|Ltd|Co|U\.S|e\.g|i\.e)\.|\b[A-Z]\.)$")
 
 
-def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans of sentences (stripped, non-empty), in order. Titles become their own span."""
+def sentence_spans(text: str, split_lines: bool = True) -> list[tuple[int, int]]:
+    """Character spans of sentences (stripped, non-empty), in order.
+
+    ``split_lines=True``: a newline ends a segment, so a chunk's title line is its own span.
+    ``split_lines=False``: like nltk punkt, the title runs into the first sentence.
+    """
     spans: list[tuple[int, int]] = []
     start = 0
     for m in _SENT_END.finditer(text):
+        if not split_lines and m.group(1) is None:
+            continue
         end = m.end(1) if m.group(1) is not None else m.start()
         # don't split after common abbreviations or single initials ("J. R. R. Tolkien")
         if "\n" not in m.group(0) and _ABBREV.search(text[max(start, end - 6):end]):
@@ -34,8 +40,13 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def split_sentences(text: str) -> list[str]:
-    return [text[s:e] for s, e in sentence_spans(text)]
+def split_sentences(text: str, split_lines: bool = True) -> list[str]:
+    return [text[s:e] for s, e in sentence_spans(text, split_lines)]
+
+
+def split_sentences_punkt_like(text: str) -> list[str]:
+    """Sentences with the title line glued to the first one (what nltk punkt would return)."""
+    return split_sentences(text, split_lines=False)
 
 
 def join_spans(text: str, spans: list[tuple[int, int]]) -> str:
