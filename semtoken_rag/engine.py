@@ -65,7 +65,7 @@ class SemToken:
         self.cache = FingerprintCache(max_bytes=cfg.cache_max_bytes, cache_dir=cfg.cache_dir, fsync=False)
         self.memory = ConversationMemory(max_spans=cfg.conversation_max_spans)
         self._namespace = self.encoder.identity
-        self._queries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._queries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
         self._gap_cost = self.tokenizer.count("a" + cfg.gap_marker + "b") - self.tokenizer.count("a b")
 
@@ -172,7 +172,7 @@ class SemToken:
         call = _concat(fps, self.encoder.device)
         n = len(call.chunk_of)
         if n == 0:
-            return self._identity(chunks, counts, query, budget, started, empty=True)
+            return self._empty(chunks, counts, query, budget, started)
         # segments: sentences (chunk ends included), long ones cut to max_segment_units words
         breaks = np.concatenate([sp.sentence_break_after(t, fp.units) for t, fp in zip(chunks, fps)])
         breaks = sp.cap_segments(breaks, cfg.max_segment_units)
@@ -300,7 +300,12 @@ class SemToken:
         return CompressionResult(tuple(out), query, budget, int(counts.sum()), int(out_counts.sum()),
                                  encoder_calls, hits, time.perf_counter() - started)
 
-    def _identity(self, chunks, counts, query, budget, started, empty=False) -> CompressionResult:
+    def _empty(self, chunks, counts, query, budget, started) -> CompressionResult:
+        """No chunk has a word (whitespace only) and the budget is short: every chunk comes back ""."""
+        out = tuple(CompressedChunk(i, "", (), int(c), 0, None) for i, c in enumerate(counts))
+        return CompressionResult(out, query, budget, int(counts.sum()), 0, 0, 0, time.perf_counter() - started)
+
+    def _identity(self, chunks, counts, query, budget, started) -> CompressionResult:
         """Everything fits (or nothing can be encoded): chunks come back unchanged."""
         out = tuple(CompressedChunk(i, t, ((0, len(t)),) if t else (), int(c), int(c), None)
                     for i, (t, c) in enumerate(zip(chunks, counts)))
