@@ -9,6 +9,7 @@ never split a word.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -28,6 +29,21 @@ logger = logging.getLogger(__name__)
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
 UNIT_RE = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
 _BUNDLED_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No "Loading weights" progress bar on stderr for a small model a library loads (unless DEBUG)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if was_on and not logger.isEnabledFor(logging.DEBUG):
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def split_units(text: str) -> np.ndarray:
@@ -113,7 +129,8 @@ class Encoder:
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         if not getattr(self.tokenizer, "is_fast", False):
             raise ValueError(f"encoder {name!r} has no fast tokenizer; character offsets need one")
-        self.model = AutoModel.from_pretrained(self.path, local_files_only=True, dtype=self.dtype)
+        with _quiet_loading():
+            self.model = AutoModel.from_pretrained(self.path, local_files_only=True, dtype=self.dtype)
         self.model.to(self.device).eval()
         model_max = int(getattr(self.model.config, "max_position_embeddings", max_length))
         self.max_length = min(max_length, model_max)

@@ -222,3 +222,15 @@ def test_config_validation():
         SemToken(device="toaster")
     with pytest.raises(ValueError, match="neither"):
         SemToken(encoder="/no/such/model/folder")
+
+
+def test_building_an_engine_prints_no_progress_bar(capfd):
+    """A library that loads a small model should not draw transformers' "Loading weights" bar on stderr,
+    and must leave transformers' own progress-bar setting as it found it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    SemToken(SemTokenConfig(device="cpu"))
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err
+    assert hf_logging.is_progress_bar_enabled()
