@@ -5,9 +5,23 @@
 0.33
 """
 
+from typing import TYPE_CHECKING
+
 from .config import SemTokenConfig
-from .engine import SemToken
 from .results import CompressedChunk, CompressionResult, SpanInfo
+
+if TYPE_CHECKING:
+    from .engine import SemToken
 
 __all__ = ["SemToken", "SemTokenConfig", "CompressionResult", "CompressedChunk", "SpanInfo"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # the engine imports torch and transformers (seconds); load it on first use, not on import, so
+    # `semtoken-rag --version`, config validation and result types stay fast
+    if name == "SemToken":
+        from .engine import SemToken
+
+        return SemToken
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

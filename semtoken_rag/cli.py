@@ -22,9 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from typing import TYPE_CHECKING
+
 from .config import SemTokenConfig
-from .engine import SemToken
 from .results import CompressionResult
+
+if TYPE_CHECKING:
+    from .engine import SemToken
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +128,8 @@ def _engine(config: SemTokenConfig) -> SemToken:
     key = _engine_key(config)
     if key not in _ENGINES:
         try:
+            from .engine import SemToken  # torch loads here, not for --help or --version
+
             _ENGINES[key] = SemToken(config)
         except (RuntimeError, AssertionError, OSError) as e:  # e.g. a device torch cannot use
             where = f" on device {config.device!r}" if config.device else ""

@@ -197,3 +197,19 @@ def test_console_script_end_to_end(nobel, tmp_path):
     assert len(res["chunks"]) == 4 and res["compressed_tokens"] <= res["budget"]
     assert SUMMARY.match(done.stderr.strip().splitlines()[-1]), done.stderr
     assert "Loading weights" not in done.stderr
+
+
+def test_version_and_help_do_not_load_torch():
+    """`import semtoken_rag`, `--version` and `--help` stay fast: the engine (torch) loads on first use."""
+    code = ("import sys, contextlib, io\n"
+            "import semtoken_rag\n"
+            "from semtoken_rag.cli import main\n"
+            "for argv in (['--version'], ['--help'], ['compress', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try:\n"
+            "            main(argv)\n"
+            "        except SystemExit:\n"
+            "            pass\n"
+            "print('torch' in sys.modules, semtoken_rag.SemToken.__name__, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "SemToken", "True"]
