@@ -120,6 +120,7 @@ def main(argv=None) -> int:
             continue
         runs[m.name], instances[m.name] = run, m
         s = summarize(run)
+        _write_partial(out_dir / f"{args.name}.partial.json", args.name, command, runs, instances)
         print(f"[bench] {m.label:45s} n={s['n_questions']:3d} " + "  ".join(
             f"{float(b):.0%}: R={v['recall']:.3f} kept={v['achieved_ratio_mean']:.3f} over={v['over_budget']}"
             for b, v in s["budgets"].items()) + f"  cold={s['latency']['cold_median_s'] * 1000:.0f} ms")
@@ -217,6 +218,7 @@ def main(argv=None) -> int:
 
     json_path = out_dir / f"{args.name}.json"
     json_path.write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str) + "\n")
+    (out_dir / f"{args.name}.partial.json").unlink(missing_ok=True)
     md = report.markdown(results)
     (out_dir / f"{args.name}.md").write_text(md)
     pngs = [] if args.no_plots else plots.all_plots(results, out_dir, args.name)
@@ -233,3 +235,14 @@ def main(argv=None) -> int:
     print(f"\n[bench] wrote {json_path}, {out_dir / (args.name + '.md')}" +
           "".join(f", {p}" for p in pngs) + f" in {results['wall_s']:.0f} s")
     return 0
+
+
+def _write_partial(path: Path, name: str, command: str, runs: dict, instances: dict) -> None:
+    """After each method: what is done so far, so a long run that is stopped loses only the method in
+    flight (``<name>.partial.json``; removed when the run completes and writes ``<name>.json``)."""
+    done = {nm: {**summarize(run), "label": instances[nm].label} for nm, run in runs.items()}
+    data = {"name": name, "command": command, "partial": True, "methods": done,
+            "per_question": {nm: per_question(run) for nm, run in runs.items()}}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)

@@ -143,3 +143,36 @@ def test_truncate_and_cheap_peers_within_budget():
             assert c.context_tokens(out.texts) <= b
     kept = LengthOnly(c).compress(chunks, "q", 0.2, budget_for(total, 0.2)).texts
     assert kept[1] == "short one" and kept[3] == "tiny"
+
+
+def test_bench_run_writes_results_and_keeps_finished_methods_if_stopped(tmp_path, monkeypatch):
+    """A real (tiny) benchmark run writes <name>.json and removes its partial file; a run stopped after
+    its first method leaves that method's results in <name>.partial.json."""
+    import json
+
+    from benchmarks import cli
+
+    data_dir = str(_data_dir())
+    argv = ["--n", "3", "--methods", "truncation", "length_only", "--positions-n", "0", "--no-e2e",
+            "--no-plots", "--data-dir", data_dir, "--out-dir", str(tmp_path), "--name", "tiny"]
+    assert cli.main(argv) == 0
+    done = json.loads((tmp_path / "tiny.json").read_text())
+    assert set(done["per_question"]) == {"truncation", "length_only"}
+    assert not (tmp_path / "tiny.partial.json").exists()
+
+    real_run = cli.run_method
+    calls = []
+
+    def stop_at_second(method, *a, **k):
+        calls.append(method.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C or a kill during the second method looks like
+        return real_run(method, *a, **k)
+
+    monkeypatch.setattr(cli, "run_method", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*argv[:-1], "stopped"])
+    part = json.loads((tmp_path / "stopped.partial.json").read_text())
+    assert part["partial"] is True and set(part["methods"]) == {"truncation"}
+    assert part["per_question"]["truncation"]["0.33"]["hit"] == done["per_question"]["truncation"]["0.33"]["hit"]
+    assert not (tmp_path / "stopped.json").exists()
