@@ -20,10 +20,9 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-from . import __version__
 from typing import TYPE_CHECKING
 
+from . import __version__
 from .config import SemTokenConfig
 from .results import CompressionResult
 

@@ -306,7 +306,7 @@ class SemToken:
         return CompressionResult(out, query, budget, int(counts.sum()), 0, 0, 0, time.perf_counter() - started)
 
     def _identity(self, chunks, counts, query, budget, started) -> CompressionResult:
-        """Everything fits (or nothing can be encoded): chunks come back unchanged."""
+        """Everything fits (or there is no token at all): chunks come back unchanged."""
         out = tuple(CompressedChunk(i, t, ((0, len(t)),) if t else (), int(c), int(c), None)
                     for i, (t, c) in enumerate(zip(chunks, counts)))
         return CompressionResult(out, query, budget, int(counts.sum()), int(counts.sum()),
