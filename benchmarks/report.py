@@ -63,6 +63,42 @@ def positions_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def paired_table(results: dict, ref: str = "semtoken") -> str:
+    """Per budget, against each other method: questions only ``ref`` keeps the answer of (+), questions only
+    the other method keeps (−), and the two-sided exact sign-test p-value on those discordant questions
+    (scipy's binomial test, p = 0.5). Only questions both methods ran on are paired."""
+    from scipy.stats import binomtest
+
+    per_q = results.get("per_question") or {}
+    if ref not in per_q:
+        return ""
+    budgets = [str(b) for b in results["config"]["budgets"]]
+    head = ["method"] + [f"+/− @{float(b):.0%} (p)" for b in budgets]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    r = per_q[ref]
+    for name, other in per_q.items():
+        if name in (ref, "none"):
+            continue
+        both = sorted(set(r["question_index"]) & set(other["question_index"]))
+        if not both:
+            continue
+        ri = {q: i for i, q in enumerate(r["question_index"])}
+        oi = {q: i for i, q in enumerate(other["question_index"])}
+        cells = [f"{results['methods'][name]['label']} (n={len(both)})"]
+        for b in budgets:
+            if b not in r or b not in other:
+                cells.append("–")
+                continue
+            a = [bool(r[b]["hit"][ri[q]]) for q in both]
+            o = [bool(other[b]["hit"][oi[q]]) for q in both]
+            wins = sum(x and not y for x, y in zip(a, o))
+            losses = sum(y and not x for x, y in zip(a, o))
+            p = binomtest(wins, wins + losses).pvalue if wins + losses else 1.0
+            cells.append(f"+{wins}/−{losses} ({p:.2g})")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def e2e_table(results: dict) -> str:
     e2e = results.get("e2e")
     if not e2e:
@@ -100,6 +136,12 @@ def markdown(results: dict) -> str:
                                              subset["recall"].items()) + " (recall at "
                    + "/".join(f"{float(b):.0%}" for b in results["config"]["budgets"]) + ").")
         out.append("")
+    paired = paired_table(results)
+    if paired:
+        out += ["## Paired against semtoken-rag", "",
+                ("Questions whose answer only semtoken-rag keeps (+) and only the other method keeps (−), per "
+                 "budget; p = two-sided exact sign test on those questions. Over-budget outputs count as they "
+                 "are (see the budget columns above)."), "", paired, ""]
     out += ["## Cost per question", "", cost_table(results), "",
             ("Latency is per question and budget (one call); methods with a cache (semtoken): cold = first call "
             "for a question after clearing the cache, warm = calls on the same chunks again. Peers that score "

@@ -13,7 +13,7 @@ from .results import CompressedChunk, CompressionResult, SpanInfo
 if TYPE_CHECKING:
     from .engine import SemToken
 
-__all__ = ["SemToken", "SemTokenConfig", "CompressionResult", "CompressedChunk", "SpanInfo"]
+__all__ = ["CompressedChunk", "CompressionResult", "SemToken", "SemTokenConfig", "SpanInfo"]
 __version__ = "0.1.0"
 
 

@@ -43,7 +43,7 @@ class BudgetTokenizer:
             self.name = getattr(spec, "name", "tiktoken")
             self._many = lambda texts: np.asarray(
                 [len(ids) for ids in spec.encode_ordinary_batch(texts)], dtype=np.int64)
-        elif hasattr(spec, "encode") and hasattr(spec, "__call__") and hasattr(spec, "vocab_size"):
+        elif hasattr(spec, "encode") and callable(spec) and hasattr(spec, "vocab_size"):
             self.name = getattr(spec, "name_or_path", "huggingface")
             self._many = lambda texts: np.asarray(
                 [len(ids) for ids in spec(texts, add_special_tokens=False)["input_ids"]], dtype=np.int64)

@@ -110,7 +110,7 @@ class SemToken:
         budget_rate, target = self._budget_args(rate, target_tokens)
         counts = self.tokenizer.count_many(chunks)
         total = int(counts.sum())
-        budget = target if target is not None else int(math.floor(budget_rate * total + 1e-9))
+        budget = target if target is not None else math.floor(budget_rate * total + 1e-9)
         if budget >= total or total == 0:
             return self._identity(chunks, counts, query, budget, started)
         with torch.inference_mode():

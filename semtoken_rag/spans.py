@@ -7,6 +7,7 @@ never continue (chunk and sentence ends).
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import numpy as np
@@ -81,7 +82,7 @@ def cap_segments(break_after: np.ndarray, max_units: int) -> np.ndarray:
     """
     out = break_after.copy()
     bounds = segment_bounds(break_after)
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in itertools.pairwise(bounds):
         if e - s > max_units:
             out[np.arange(s + max_units - 1, e - 1, max_units)] = True
     return out

@@ -176,3 +176,25 @@ def test_bench_run_writes_results_and_keeps_finished_methods_if_stopped(tmp_path
     assert part["partial"] is True and set(part["methods"]) == {"truncation"}
     assert part["per_question"]["truncation"]["0.33"]["hit"] == done["per_question"]["truncation"]["0.33"]["hit"]
     assert not (tmp_path / "stopped.json").exists()
+
+
+def test_paired_table_counts_discordant_questions_on_shared_indices():
+    from scipy.stats import binomtest
+
+    from benchmarks.report import paired_table
+
+    def method(label, idx, hits):
+        return {"label": label}, {"question_index": idx, "0.33": {"hit": hits}}
+
+    sem, sem_q = method("semtoken-rag", [0, 1, 2, 3, 4, 5], [1, 1, 1, 1, 0, 0])
+    rr, rr_q = method("rerank", [0, 1, 2, 3, 4, 5], [0, 0, 0, 1, 1, 0])
+    # a subset method, given in another order: only questions 5, 1 and 4 are paired
+    sub, sub_q = method("slow", [5, 1, 4], [1, 0, 1])
+    results = {"config": {"budgets": [0.33]},
+               "methods": {"semtoken": sem, "rerank": rr, "slow": sub, "none": {"label": "none"}},
+               "per_question": {"none": rr_q, "semtoken": sem_q, "rerank": rr_q, "slow": sub_q}}
+    lines = paired_table(results).splitlines()
+    assert len(lines) == 4  # header, rule, rerank, slow ("none" and the reference are not rows)
+    assert lines[2] == f"| rerank (n=6) | +3/−1 ({binomtest(3, 4).pvalue:.2g}) |"
+    assert lines[3] == f"| slow (n=3) | +1/−2 ({binomtest(1, 3).pvalue:.2g}) |"
+    assert paired_table({"config": {"budgets": [0.33]}, "methods": {}, "per_question": {}}) == ""

@@ -107,7 +107,7 @@ def test_two_processes_share_a_directory(tmp_path, nobel):
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     for p in procs:
-        out, err = p.communicate(timeout=300)
+        _out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
     assert not list(Path(tmp_path).rglob("*.tmp*")) and not list(Path(tmp_path).rglob("*.part"))
     third = SemToken(SemTokenConfig(cache_dir=tmp_path, device="cpu")).compress(nobel, "nobel prize", rate=0.3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from hypothesis import given, settings
@@ -99,7 +101,7 @@ def test_clusters_partition_and_respect_breaks(n, max_units, tau, seed):
     breaks[-1] = True
     b = sp.local_clusters(v, breaks, tau, max_units)
     assert b[0] == 0 and b[-1] == n and (np.diff(b) >= 1).all() and (np.diff(b) <= max_units).all()
-    for s, e in zip(b[:-1], b[1:]):
+    for s, e in itertools.pairwise(b):
         assert not breaks[s:e - 1].any()  # no break inside a span
 
 
