@@ -120,7 +120,8 @@ def markdown(results: dict) -> str:
            f"- date: {results['date']}",
            (f"- machine: {mach['platform']}, {mach['cpu_count']} CPUs ({mach.get('processor') or 'unknown CPU'}), "
            f"torch threads {mach.get('torch_threads')}, load average at start {mach.get('loadavg_start')}, "
-           f"at end {mach.get('loadavg_end')} (shared machine: timings are noisy)"),
+           f"at end {mach.get('loadavg_end')} (the load average counts this run's own threads; more than "
+           "that means other work shared the CPUs and timings are noisier)"),
            f"- command: `{results['command']}`",
            (f"- data: {cfg['data_file']}, first {cfg['n']} questions, gold passage at "
            f"`random.Random(1234 + i).randrange(20)`; chunk = title + newline + text"),
