@@ -217,7 +217,7 @@ def main(argv=None) -> int:
         pass
 
     json_path = out_dir / f"{args.name}.json"
-    json_path.write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str) + "\n")
+    _write_json(json_path, results)
     (out_dir / f"{args.name}.partial.json").unlink(missing_ok=True)
     md = report.markdown(results)
     (out_dir / f"{args.name}.md").write_text(md)
@@ -243,6 +243,11 @@ def _write_partial(path: Path, name: str, command: str, runs: dict, instances: d
     done = {nm: {**summarize(run), "label": instances[nm].label} for nm, run in runs.items()}
     data = {"name": name, "command": command, "partial": True, "methods": done,
             "per_question": {nm: per_question(run) for nm, run in runs.items()}}
+    _write_json(path, data)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write through a temporary file and rename, so a reader (or a stopped run) never sees half a file."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n")
     os.replace(tmp, path)

@@ -76,13 +76,13 @@ def paired_table(results: dict, ref: str = "semtoken") -> str:
     head = ["method"] + [f"+/− @{float(b):.0%} (p)" for b in budgets]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     r = per_q[ref]
+    ri = {q: i for i, q in enumerate(r["question_index"])}
     for name, other in per_q.items():
         if name in (ref, "none"):
             continue
         both = sorted(set(r["question_index"]) & set(other["question_index"]))
         if not both:
             continue
-        ri = {q: i for i, q in enumerate(r["question_index"])}
         oi = {q: i for i, q in enumerate(other["question_index"])}
         cells = [f"{results['methods'][name]['label']} (n={len(both)})"]
         for b in budgets:
