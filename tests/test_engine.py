@@ -234,3 +234,17 @@ def test_building_an_engine_prints_no_progress_bar(capfd):
     err = capfd.readouterr().err
     assert "Loading weights" not in err
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_registry_shares_one_engine_per_configuration():
+    from semtoken_rag.registry import clear_registry, config_key, shared_engine
+
+    clear_registry()
+    a = shared_engine(SemTokenConfig(device="cpu", rate=0.2))
+    assert shared_engine(SemTokenConfig(device="cpu", rate=0.2)) is a
+    assert shared_engine(SemTokenConfig(device="cpu", rate=0.3)) is not a
+    # tokenizer objects are keyed by identity: two different callables never share an engine
+    assert config_key(SemTokenConfig(tokenizer=len)) != config_key(SemTokenConfig(tokenizer=lambda t: 1))
+    with pytest.raises(TypeError, match="SemTokenConfig"):
+        shared_engine({"rate": 0.2})
+    clear_registry()

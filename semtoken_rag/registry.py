@@ -1,0 +1,68 @@
+"""One loaded engine per configuration and process, shared by every face (integrations, CLI).
+
+Loading an engine costs seconds (torch, the encoder's weights) and each engine holds its own
+fingerprint cache, so components built with the same settings share one. The registry is keyed by
+the validated configuration; a configuration that cannot be serialised (a tokenizer object, a
+callable) is keyed by that object's identity.
+
+>>> from semtoken_rag import SemTokenConfig
+>>> from semtoken_rag.registry import config_key
+>>> config_key(SemTokenConfig(rate=0.2)) == config_key(SemTokenConfig(rate=0.2))
+True
+>>> config_key(SemTokenConfig(rate=0.2)) == config_key(SemTokenConfig())
+False
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+from .config import SemTokenConfig
+
+if TYPE_CHECKING:
+    from .engine import SemToken
+
+_LOCK = threading.Lock()
+_ENGINES: dict[str, SemToken] = {}
+
+
+def _default(value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    # other non-JSON values (a tokenizer object, a callable): identity, so two objects never share
+    return f"<{type(value).__qualname__} at {id(value):#x}>"
+
+
+def config_key(config: SemTokenConfig) -> str:
+    """A stable key for ``config``: equal settings give equal keys."""
+    return json.dumps(config.model_dump(mode="python"), sort_keys=True, default=_default)
+
+
+def shared_engine(config: SemTokenConfig | None = None) -> SemToken:
+    """The process-wide engine for ``config`` (default settings when ``None``), built on first use."""
+    config = config if config is not None else SemTokenConfig()
+    if not isinstance(config, SemTokenConfig):
+        raise TypeError(f"config must be a SemTokenConfig or None, got {type(config).__name__}")
+    key = config_key(config)
+    with _LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            from .engine import SemToken  # torch loads here, not on import
+
+            engine = _ENGINES[key] = SemToken(config)
+        return engine
+
+
+def registered_engines() -> list[SemToken]:
+    """The engines the registry holds (for diagnostics and tests)."""
+    with _LOCK:
+        return list(_ENGINES.values())
+
+
+def clear_registry() -> None:
+    """Forget every shared engine (the next :func:`shared_engine` call builds a new one)."""
+    with _LOCK:
+        _ENGINES.clear()
