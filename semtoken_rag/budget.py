@@ -91,7 +91,8 @@ def _model_encoding(name: str):
 def select_under_budget(scores: np.ndarray, costs: np.ndarray, groups: np.ndarray, budget: int,
                         gap_cost: int = 0, allowed: np.ndarray | None = None,
                         vectors: np.ndarray | None = None, redundancy_weight: float = 0.0,
-                        redundancy_threshold: float = 0.5) -> np.ndarray:
+                        redundancy_threshold: float = 0.5,
+                        group_overheads: np.ndarray | None = None) -> np.ndarray:
     """Greedy budgeted selection of segments, best first; returns a boolean keep mask.
 
     Segments are given in document order; ``groups[i]`` is the chunk of segment ``i``. Kept segments of
@@ -104,8 +105,14 @@ def select_under_budget(scores: np.ndarray, costs: np.ndarray, groups: np.ndarra
     redundancy-aware: a segment's score drops by ``redundancy_weight * max(0, s - redundancy_threshold)``
     where ``s`` is its best cosine with a kept segment (lazy greedy: scores only ever drop).
 
+    With ``group_overheads`` (tokens per group, paid once when anything of the group is kept: a
+    metadata header, a separator) the first kept segment of a group also pays its group's overhead.
+
     >>> select_under_budget(np.array([0.9, 0.1, 0.8]), np.array([5, 5, 5]), np.zeros(3, int), 10).tolist()
     [True, False, True]
+    >>> select_under_budget(np.array([0.9, 0.1, 0.8]), np.array([5, 5, 5]), np.array([0, 0, 1]), 12,
+    ...                     group_overheads=np.array([2, 2])).tolist()
+    [True, True, False]
     """
     n = len(scores)
     keep = np.zeros(n, dtype=bool)
@@ -135,6 +142,8 @@ def select_under_budget(scores: np.ndarray, costs: np.ndarray, groups: np.ndarra
         gaps_before = max(have - 1, 0)
         gaps_after = max(have + delta_slices - 1, 0)
         cost = int(costs[i]) + gap_cost * (gaps_after - gaps_before)
+        if have == 0 and group_overheads is not None:
+            cost += int(group_overheads[g[i]])
         if used + cost <= budget:
             keep[i] = True
             used += cost

@@ -81,14 +81,15 @@ class SemToken:
         return self.cache.stats()
 
     async def acompress(self, chunks: Sequence[str], query: str | None = None, *, rate: float | None = None,
-                        target_tokens: int | None = None, conversation_id: str | None = None
-                        ) -> CompressionResult:
+                        target_tokens: int | None = None, conversation_id: str | None = None,
+                        chunk_overheads: Sequence[int] | None = None) -> CompressionResult:
         """:meth:`compress` in a worker thread, keeping the event loop free."""
         return await asyncio.to_thread(self.compress, chunks, query, rate=rate, target_tokens=target_tokens,
-                                       conversation_id=conversation_id)
+                                       conversation_id=conversation_id, chunk_overheads=chunk_overheads)
 
     def compress(self, chunks: Sequence[str], query: str | None = None, *, rate: float | None = None,
-                 target_tokens: int | None = None, conversation_id: str | None = None) -> CompressionResult:
+                 target_tokens: int | None = None, conversation_id: str | None = None,
+                 chunk_overheads: Sequence[int] | None = None) -> CompressionResult:
         """Compress ``chunks`` for ``query`` so that their downstream-LLM tokens fit the budget.
 
         Args:
@@ -99,22 +100,35 @@ class SemToken:
             target_tokens: absolute budget in tokens (> 0); overrides ``rate``.
             conversation_id: optional key; spans this conversation already received in earlier calls
                 are dropped as repeats.
+            chunk_overheads: optional non-negative int per chunk: tokens the caller adds around a chunk
+                (a metadata header, a separator), paid once when anything of that chunk is kept.
 
-        The budget is ``target_tokens`` or ``floor(rate * original_tokens)``; ``compressed_tokens`` never
-        exceeds it (the sum of each compressed chunk's tokens). When the budget is smaller than any
-        piece of text, every chunk comes back empty.
+        The budget is ``target_tokens`` or ``floor(rate * (original_tokens + overheads))`` (overheads of
+        the non-empty chunks); ``compressed_tokens + overhead_tokens`` never exceeds it
+        (``compressed_tokens`` is the sum of each compressed chunk's tokens, ``overhead_tokens`` the sum
+        of the overheads of the chunks that kept something). When the budget is smaller than any piece
+        of text, every chunk comes back empty.
+
+        >>> res = SemToken().compress(["Paris is the capital of France.", "Bananas are berries."],
+        ...                           "capital of France", target_tokens=12, chunk_overheads=[4, 4])
+        >>> res.compressed_tokens + res.overhead_tokens <= 12
+        True
         """
         started = time.perf_counter()
         chunks = _check_chunks(chunks)
         query = _check_query(query)
         budget_rate, target = self._budget_args(rate, target_tokens)
+        overheads = _check_overheads(chunk_overheads, len(chunks))
         counts = self.tokenizer.count_many(chunks)
         total = int(counts.sum())
-        budget = target if target is not None else math.floor(budget_rate * total + 1e-9)
-        if budget >= total or total == 0:
-            return self._identity(chunks, counts, query, budget, started)
+        full_overhead = int(overheads[[bool(c) for c in chunks]].sum()) if len(chunks) else 0
+        budget = target if target is not None else math.floor(budget_rate * (total + full_overhead) + 1e-9)
+        if budget >= total + full_overhead:
+            return self._identity(chunks, counts, query, budget, started, full_overhead)
+        if total == 0:
+            return self._empty(chunks, counts, query, budget, started)
         with torch.inference_mode():
-            return self._compress(chunks, counts, query, budget, conversation_id, started)
+            return self._compress(chunks, counts, query, budget, conversation_id, started, overheads)
 
     # -- pipeline -----------------------------------------------------------------------------------
     def _budget_args(self, rate: float | None, target: int | None) -> tuple[float, int | None]:
@@ -164,7 +178,7 @@ class SemToken:
         return vec
 
     def _compress(self, chunks: list[str], counts: np.ndarray, query: str | None, budget: int,
-                  conversation_id: str | None, started: float) -> CompressionResult:
+                  conversation_id: str | None, started: float, overheads: np.ndarray) -> CompressionResult:
         cfg = self.config
         calls_before = self.encoder.forward_calls
         fps, hits = self._fingerprints(chunks)
@@ -219,9 +233,10 @@ class SemToken:
         repeat = self._repeats(centroids, segs, score_np, conversation_id)
         keep = select_under_budget(
             score_np, seg_cost, seg_chunk, budget, self._gap_cost, ~repeat, centroids,
-            cfg.redundancy_weight if cfg.dedup else 0.0, cfg.redundancy_threshold)
+            cfg.redundancy_weight if cfg.dedup else 0.0, cfg.redundancy_threshold,
+            overheads if overheads.any() else None)
         texts, slices, out_counts, keep_units = self._render(chunks, call, segs, keep, starts, ends,
-                                                             collapsed, score_np, budget)
+                                                             collapsed, score_np, budget, overheads)
         if conversation_id is not None:
             self._remember(conversation_id, centroids, segs, keep)
         span_status = np.where(collapsed & keep_units[starts], "collapsed", np.where(
@@ -229,7 +244,7 @@ class SemToken:
         span_rel = None if seg_rel is None else seg_rel.cpu().numpy()[span_seg]
         return self._result(chunks, counts, query, budget, started, call, starts, ends, span_status,
                             span_entropy, span_rel, chunk_rel, score_np[span_seg], texts, slices,
-                            out_counts, hits, encoder_calls)
+                            out_counts, hits, encoder_calls, overheads)
 
     def _unit_costs(self, chunks: list[str], call: _Call) -> np.ndarray:
         pieces = []
@@ -258,7 +273,7 @@ class SemToken:
         if chosen.any():
             self.memory.add(conversation_id, centroids[chosen])
 
-    def _render(self, chunks, call, segs, keep, starts, ends, collapsed, score, budget):
+    def _render(self, chunks, call, segs, keep, starts, ends, collapsed, score, budget, overheads):
         keep = keep.copy()
         dropped_tail = np.zeros(len(call.chunk_of), dtype=bool)
         for s, e in zip(starts[collapsed], ends[collapsed]):
@@ -270,7 +285,8 @@ class SemToken:
                       for u, a, b in zip(call.units, call.offsets[:-1], call.offsets[1:])]
             texts = [join_slices(t, s, self.config.gap_marker) for t, s in zip(chunks, slices)]
             out_counts = self.tokenizer.count_many(texts)
-            excess = int(out_counts.sum()) - budget
+            paid = int(overheads[[bool(s) for s in slices]].sum())
+            excess = int(out_counts.sum()) + paid - budget
             if excess <= 0:
                 return texts, slices, out_counts, keep_units
             # BPE merges across slice edges can cost a token or two more than estimated: drop the
@@ -280,7 +296,7 @@ class SemToken:
             keep[kept_idx[np.argmin(score[kept_idx])]] = False
 
     def _result(self, chunks, counts, query, budget, started, call, starts, ends, status, entropy,
-                span_rel, chunk_rel, score, texts, slices, out_counts, hits, encoder_calls):
+                span_rel, chunk_rel, score, texts, slices, out_counts, hits, encoder_calls, overheads):
         chunk_rel_np = chunk_rel.cpu().numpy() if chunk_rel is not None else None
         span_chunk = call.chunk_of[starts]
         per_chunk = np.searchsorted(span_chunk, np.arange(len(chunks) + 1))
@@ -297,20 +313,21 @@ class SemToken:
                 compressed_tokens=int(out_counts[i]),
                 relevance=None if chunk_rel_np is None else float(chunk_rel_np[i]),
                 repeat_spans=rep, spans=infos))
+        paid = int(overheads[[bool(s) for s in slices]].sum())
         return CompressionResult(tuple(out), query, budget, int(counts.sum()), int(out_counts.sum()),
-                                 encoder_calls, hits, time.perf_counter() - started)
+                                 encoder_calls, hits, time.perf_counter() - started, paid)
 
     def _empty(self, chunks, counts, query, budget, started) -> CompressionResult:
         """No chunk has a word (whitespace only) and the budget is short: every chunk comes back ""."""
         out = tuple(CompressedChunk(i, "", (), int(c), 0, None) for i, c in enumerate(counts))
         return CompressionResult(out, query, budget, int(counts.sum()), 0, 0, 0, time.perf_counter() - started)
 
-    def _identity(self, chunks, counts, query, budget, started) -> CompressionResult:
-        """Everything fits (or there is no token at all): chunks come back unchanged."""
+    def _identity(self, chunks, counts, query, budget, started, overhead) -> CompressionResult:
+        """Everything fits, overheads included: chunks come back unchanged."""
         out = tuple(CompressedChunk(i, t, ((0, len(t)),) if t else (), int(c), int(c), None)
                     for i, (t, c) in enumerate(zip(chunks, counts)))
         return CompressionResult(out, query, budget, int(counts.sum()), int(counts.sum()),
-                                 0, 0, time.perf_counter() - started)
+                                 0, 0, time.perf_counter() - started, overhead)
 
 
 def _concat(fps: list[Fingerprints], device: torch.device) -> _Call:
@@ -332,6 +349,20 @@ def _check_chunks(chunks: Any) -> list[str]:
         if not isinstance(c, str):
             raise TypeError(f"chunks[{i}] must be str, got {type(c).__name__}")
     return chunks
+
+
+def _check_overheads(overheads: Any, n: int) -> np.ndarray:
+    """``chunk_overheads`` as an int64 array of ``n`` non-negative ints (zeros when None)."""
+    if overheads is None:
+        return np.zeros(n, dtype=np.int64)
+    if isinstance(overheads, (str, bytes)) or not isinstance(overheads, (Sequence, np.ndarray)):
+        raise TypeError(f"chunk_overheads must be a sequence of ints, got {type(overheads).__name__}")
+    if len(overheads) != n:
+        raise ValueError(f"chunk_overheads has {len(overheads)} values for {n} chunks: give one per chunk")
+    for i, x in enumerate(overheads):
+        if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 0:
+            raise ValueError(f"chunk_overheads[{i}] must be an int >= 0, got {x!r}")
+    return np.asarray([int(x) for x in overheads], dtype=np.int64)
 
 
 def _check_query(query: Any) -> str | None:

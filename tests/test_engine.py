@@ -248,3 +248,50 @@ def test_registry_shares_one_engine_per_configuration():
     with pytest.raises(TypeError, match="SemTokenConfig"):
         shared_engine({"rate": 0.2})
     clear_registry()
+
+
+def test_chunk_overheads_are_paid_once_per_kept_chunk(engine, nobel):
+    overheads = [7, 3, 0, 12]
+    for target in (5, 20, 40, 60, 90, 150):
+        res = engine.compress(nobel, "first nobel prize in physics", target_tokens=target,
+                              chunk_overheads=overheads)
+        check_result(res, nobel)
+        paid = sum(o for o, c in zip(overheads, res.chunks) if not c.is_empty)
+        assert res.overhead_tokens == paid
+        assert res.compressed_tokens + res.overhead_tokens <= target
+    # an overhead larger than the budget leaves its chunk out, the others still fill the budget
+    res = engine.compress(nobel, "first nobel prize in physics", target_tokens=40,
+                          chunk_overheads=[0, 0, 0, 41])
+    assert res.chunks[3].is_empty and not res.chunks[0].is_empty
+    # without overheads the same call keeps more text
+    plain = engine.compress(nobel, "first nobel prize in physics", target_tokens=60)
+    taxed = engine.compress(nobel, "first nobel prize in physics", target_tokens=60, chunk_overheads=[10] * 4)
+    assert taxed.compressed_tokens < plain.compressed_tokens
+
+
+def test_chunk_overheads_count_in_rate_and_identity(engine, nobel):
+    counts = [engine.count_tokens(c) for c in nobel]
+    res = engine.compress(nobel, "q", rate=1.0, chunk_overheads=[5] * 4)
+    assert res.texts == nobel and res.overhead_tokens == 20 and res.budget == sum(counts) + 20
+    res = engine.compress(nobel, "q", rate=0.5, chunk_overheads=[5] * 4)
+    assert res.budget == (sum(counts) + 20) // 2
+    assert res.compressed_tokens + res.overhead_tokens <= res.budget
+    # an empty chunk keeps nothing and pays nothing
+    res = engine.compress(["", nobel[0]], "q", rate=1.0, chunk_overheads=[9, 1])
+    assert res.overhead_tokens == 1
+    # budget below every overhead: all chunks come back empty
+    res = engine.compress(nobel, "q", target_tokens=3, chunk_overheads=[4] * 4)
+    assert res.texts == [""] * 4 and res.overhead_tokens == 0
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    ([1, 2], ValueError, "2 values for 4 chunks"),
+    ([1, 2, -1, 0], ValueError, r"chunk_overheads\[2\] must be an int >= 0, got -1"),
+    ([1, 2, 1.5, 0], ValueError, r"chunk_overheads\[2\] must be an int >= 0, got 1.5"),
+    ([True, 0, 0, 0], ValueError, r"chunk_overheads\[0\]"),
+    ("1234", TypeError, "chunk_overheads must be a sequence of ints"),
+    (4, TypeError, "chunk_overheads must be a sequence of ints, got int"),
+])
+def test_chunk_overheads_validation(engine, nobel, bad, err, match):
+    with pytest.raises(err, match=match):
+        engine.compress(nobel, "q", rate=0.5, chunk_overheads=bad)
