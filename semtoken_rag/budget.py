@@ -28,6 +28,8 @@ class BudgetTokenizer:
     13
     >>> tok.count_many(["a b", ""]).tolist()
     [2, 0]
+    >>> BudgetTokenizer(lambda t: len(t.split()) + 1).count_many(["a b", ""]).tolist()
+    [3, 0]
     """
 
     def __init__(self, spec: Any = "llama3") -> None:
@@ -58,11 +60,13 @@ class BudgetTokenizer:
         return int(self.count_many([text])[0])
 
     def count_many(self, texts: Sequence[str]) -> np.ndarray:
-        """Tokens of each text, as an int64 array."""
+        """Tokens of each text, as an int64 array. The empty text is 0 tokens (nothing is sent), whatever
+        the tokenizer says of it (a callable may add a constant, e.g. a BOS token)."""
         texts = [without_surrogates(t) for t in texts]
-        if not texts:
-            return np.zeros(0, dtype=np.int64)
-        counts = self._many(texts)
+        counts = np.zeros(len(texts), dtype=np.int64)
+        present = [i for i, t in enumerate(texts) if t]
+        if present:
+            counts[present] = self._many([texts[i] for i in present])
         if (counts < 0).any():
             raise ValueError(f"tokenizer {self.name!r} returned a negative count")
         return counts

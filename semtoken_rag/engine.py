@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import numbers
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,13 +135,13 @@ class SemToken:
     # -- pipeline -----------------------------------------------------------------------------------
     def _budget_args(self, rate: float | None, target: int | None) -> tuple[float, int | None]:
         if target is not None:
-            if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or target <= 0:
+            if isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer)) or target <= 0:
                 raise ValueError(f"target_tokens must be a positive int, got {target!r}")
             return 1.0, int(target)
         if rate is None:
             return self.config.rate, self.config.target_tokens
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate <= 1.0 \
-                or math.isnan(rate):
+        if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, numbers.Real) or math.isnan(rate) \
+                or not 0.0 < float(rate) <= 1.0:
             raise ValueError(f"rate must be in (0, 1], got {rate!r}")
         return float(rate), None
 
@@ -293,6 +295,8 @@ class SemToken:
             # weakest kept segment until the exact count fits
             logger.debug("exact count over budget by %d tokens; trimming", excess)
             kept_idx = np.flatnonzero(keep)
+            if len(kept_idx) == 0:  # nothing left to drop: the texts are all "" and cost 0
+                return texts, slices, np.zeros_like(out_counts), keep_units
             keep[kept_idx[np.argmin(score[kept_idx])]] = False
 
     def _result(self, chunks, counts, query, budget, started, call, starts, ends, status, entropy,
@@ -341,6 +345,9 @@ def _concat(fps: list[Fingerprints], device: torch.device) -> _Call:
 def _check_chunks(chunks: Any) -> list[str]:
     if isinstance(chunks, (str, bytes)):
         raise TypeError("chunks must be a sequence of str, not a single string: wrap it in a list")
+    if isinstance(chunks, (Mapping, AbstractSet)):
+        raise TypeError(f"chunks must be an ordered sequence of str, got a {type(chunks).__name__}: "
+                        "pass a list (e.g. list(d.values()))")
     try:
         chunks = list(chunks)
     except TypeError as e:

@@ -142,7 +142,8 @@ def test_unmeetable_budget_gives_empty_chunks(engine, nobel):
     assert res.budget == 0 and res.texts == [""]
 
 
-@pytest.mark.parametrize("rate", [0, -0.1, 1.5, float("nan"), True, "0.3"])
+@pytest.mark.parametrize("rate", [0, -0.1, 1.5, float("nan"), True, "0.3", np.float32("nan"), np.bool_(True),
+                                  np.float64(1.5)])
 def test_bad_rate(engine, nobel, rate):
     with pytest.raises(ValueError, match="rate must be in"):
         engine.compress(nobel, "q", rate=rate)
@@ -295,3 +296,33 @@ def test_chunk_overheads_count_in_rate_and_identity(engine, nobel):
 def test_chunk_overheads_validation(engine, nobel, bad, err, match):
     with pytest.raises(err, match=match):
         engine.compress(nobel, "q", rate=0.5, chunk_overheads=bad)
+
+
+@pytest.mark.parametrize("rate", [np.float32(0.3), np.float64(0.3), np.float16(0.3)])
+def test_numpy_rates_are_accepted(engine, nobel, rate):
+    res = engine.compress(nobel, "nobel", rate=rate)
+    check_result(res, nobel)
+    assert res.budget == int(float(rate) * res.original_tokens + 1e-9)
+    assert engine.compress(nobel, "nobel", rate=np.int64(1)).texts == nobel
+    assert engine.compress(nobel, "nobel", target_tokens=np.int32(20)).budget == 20
+
+
+@pytest.mark.parametrize("chunks", [{"a": "alpha text", "b": "beta text"}, {"alpha text", "beta text"},
+                                    frozenset({"alpha"})])
+def test_unordered_chunks_are_rejected(engine, chunks):
+    with pytest.raises(TypeError, match="ordered sequence of str, got a (dict|set|frozenset)"):
+        engine.compress(chunks, "q", rate=0.5)
+
+
+def test_tokenizer_that_counts_the_empty_text(nobel):
+    eng = SemToken(SemTokenConfig(tokenizer=lambda t: len(t.split()) + 1, device="cpu"))
+    for target in (1, 2, 3, 5, 12):
+        res = eng.compress(nobel, "nobel prize physics", target_tokens=target)
+        check_result(res, nobel)
+        assert res.compressed_tokens <= target
+        assert all(c.compressed_tokens == 0 for c in res.chunks if c.is_empty)
+    res = eng.compress(nobel, "nobel prize physics", target_tokens=1)
+    assert res.texts == [""] * len(nobel)
+    res = eng.compress(nobel, "nobel prize physics", rate=0.3)
+    check_result(res, nobel)
+    assert 0 < res.compressed_tokens <= res.budget
