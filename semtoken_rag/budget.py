@@ -125,7 +125,17 @@ def select_under_budget(scores: np.ndarray, costs: np.ndarray, groups: np.ndarra
     allowed = np.ones(n, dtype=bool) if allowed is None else allowed
     scores = np.asarray(scores, dtype=np.float64)
     aware = vectors is not None and redundancy_weight > 0
-    kept_vectors: list[np.ndarray] = []
+    if aware:
+        # kept vectors in a preallocated matrix; each segment remembers its best cosine with the kept
+        # ones and how many of them it has seen, so a re-check multiplies only the rows kept since
+        vecs = np.ascontiguousarray(vectors, dtype=np.float32)
+        kept_mat = np.empty_like(vecs)
+        best = np.full(n, -np.inf)
+        seen = np.zeros(n, dtype=np.int64)
+    n_kept = 0
+    # the cheapest a segment can ever be (it bridges two slices, its chunk already paid its overhead);
+    # ``used`` only grows, so a segment above ``budget - used`` by this bound never fits again
+    lowest = np.asarray(costs, dtype=np.int64) - abs(int(gap_cost))
     heap = [(-scores[i], i) for i in range(n) if allowed[i]]
     heapq.heapify(heap)
     slices: dict[int, int] = {}
@@ -133,9 +143,13 @@ def select_under_budget(scores: np.ndarray, costs: np.ndarray, groups: np.ndarra
     g = groups
     while heap:
         _, i = heapq.heappop(heap)
-        if aware and kept_vectors:
-            overlap = float(np.max(np.stack(kept_vectors) @ vectors[i]))
-            current = scores[i] - redundancy_weight * max(0.0, overlap - redundancy_threshold)
+        if lowest[i] > budget - used:
+            continue
+        if aware and n_kept:
+            if seen[i] < n_kept:
+                best[i] = max(best[i], float(np.max(kept_mat[seen[i]:n_kept] @ vecs[i])))
+                seen[i] = n_kept
+            current = scores[i] - redundancy_weight * max(0.0, best[i] - redundancy_threshold)
             if heap and current < -heap[0][0]:
                 heapq.heappush(heap, (-current, i))  # stale: re-rank it
                 continue
@@ -153,5 +167,6 @@ def select_under_budget(scores: np.ndarray, costs: np.ndarray, groups: np.ndarra
             used += cost
             slices[g[i]] = have + delta_slices
             if aware:
-                kept_vectors.append(vectors[i])
+                kept_mat[n_kept] = vecs[i]
+                n_kept += 1
     return keep
