@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import heapq
 import logging
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from .text import without_surrogates
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +71,6 @@ class BudgetTokenizer:
         if (counts < 0).any():
             raise ValueError(f"tokenizer {self.name!r} returned a negative count")
         return counts
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def without_surrogates(text: str) -> str:
-    """Lone surrogates (not encodable as UTF-8) replaced by U+FFFD; same length, so offsets hold."""
-    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
 
 
 def _model_encoding(name: str):

@@ -27,6 +27,8 @@ from .results import CompressedChunk, CompressionResult, SpanInfo
 
 logger = logging.getLogger(__name__)
 
+_MAX_SEGMENT_TOKENS = 96  # prose segments (<= 48 words) stay under it; it bounds runs without spaces
+
 
 @dataclass
 class _Call:
@@ -145,7 +147,8 @@ class SemToken:
             raise ValueError(f"rate must be in (0, 1], got {rate!r}")
         return float(rate), None
 
-    def _fingerprints(self, chunks: list[str]) -> tuple[list[Fingerprints], int]:
+    def _fingerprints(self, chunks: list[str]) -> tuple[list[Fingerprints], int, int]:
+        """Fingerprints of ``chunks`` (cache first), cache hits, and this call's encoder batches."""
         keys = [cache_key(c, self._namespace) for c in chunks]
         found: dict[int, Fingerprints] = {}
         for i, key in enumerate(keys):
@@ -154,17 +157,18 @@ class SemToken:
                 found[i] = Fingerprints(entry.arrays["units"].astype(np.int64),
                                         torch.from_numpy(np.array(entry.arrays["fingerprints"])))
         missing = [i for i in range(len(chunks)) if i not in found]
+        batches = 0
         if missing:
-            before = self.encoder.encode_seconds
-            fresh = self.encoder.fingerprint([chunks[i] for i in missing])
-            seconds = (self.encoder.encode_seconds - before) / max(len(missing), 1)
+            fresh, spent = self.encoder.fingerprint_with_stats([chunks[i] for i in missing])
+            seconds = spent.seconds / max(len(missing), 1)
             for i, fp in zip(missing, fresh):
                 found[i] = fp
                 if chunks[i].strip():
                     self.cache.put(keys[i], CacheEntry(
                         {"fingerprints": fp.vectors.numpy(), "units": fp.units.astype(np.int32)},
                         encode_seconds=seconds))
-        return [found[i] for i in range(len(chunks))], len(chunks) - len(missing)
+            batches = spent.batches
+        return [found[i] for i in range(len(chunks))], len(chunks) - len(missing), batches
 
     def _query_vector(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
         with self._lock:
@@ -182,16 +186,18 @@ class SemToken:
     def _compress(self, chunks: list[str], counts: np.ndarray, query: str | None, budget: int,
                   conversation_id: str | None, started: float, overheads: np.ndarray) -> CompressionResult:
         cfg = self.config
-        calls_before = self.encoder.forward_calls
-        fps, hits = self._fingerprints(chunks)
-        encoder_calls = self.encoder.forward_calls - calls_before  # batches over chunks (query excluded)
+        fps, hits, encoder_calls = self._fingerprints(chunks)  # this call's batches (query excluded)
         call = _concat(fps, self.encoder.device)
         n = len(call.chunk_of)
         if n == 0:
             return self._empty(chunks, counts, query, budget, started)
-        # segments: sentences (chunk ends included), long ones cut to max_segment_units words
+        # costs in downstream-LLM tokens: each unit with the whitespace before it
+        unit_cost = self._unit_costs(chunks, call)
+        # segments: sentences (chunk ends included), long ones cut to max_segment_units words and to
+        # _MAX_SEGMENT_TOKENS tokens (pieces of text without spaces cost many tokens each)
         breaks = np.concatenate([sp.sentence_break_after(t, fp.units) for t, fp in zip(chunks, fps)])
-        breaks = sp.cap_segments(breaks, cfg.max_segment_units)
+        breaks = sp.cap_segment_costs(sp.cap_segments(breaks, cfg.max_segment_units), unit_cost,
+                                      _MAX_SEGMENT_TOKENS)
         segs = sp.segment_bounds(breaks)
         seg_of_unit = np.repeat(np.arange(len(segs) - 1), np.diff(segs))
         seg_chunk = call.chunk_of[segs[:-1]]
@@ -206,7 +212,11 @@ class SemToken:
         lo, hi = call.offsets[call.chunk_of[starts]], call.offsets[call.chunk_of[starts] + 1]
         ws, we = sp.window_ranges(starts, ends, lo, hi, cfg.window_units)
         span_entropy = stats.entropy(ws, we).float().cpu().numpy()
-        collapsed = (ends - starts > 1) & (span_entropy <= cfg.delta) if cfg.use_entropy \
+        # units the encoder could not see on their own (pieces of one [UNK] word, dropped characters)
+        # carry a copy of the previous unit's vector: their spans are not judged coarse or repeats
+        blind = _blind_units(call)
+        blind_span = np.add.reduceat(blind, starts) > 0
+        collapsed = (ends - starts > 1) & (span_entropy <= cfg.delta) & ~blind_span if cfg.use_entropy \
             else np.zeros(len(starts), dtype=bool)
         # segment scores: query importance, chunk relevance, semantic density
         seg_entropy = stats.entropy(segs[:-1], segs[1:]).float()
@@ -221,9 +231,7 @@ class SemToken:
         if cfg.use_entropy or q is None:
             score += (cfg.entropy_weight if q is not None else 1.0) * sp.normalise(seg_entropy)
         score_np = score.cpu().numpy().astype(np.float64)
-        # costs in downstream-LLM tokens: each unit with the whitespace before it; collapsed spans
-        # cost their anchor only
-        unit_cost = self._unit_costs(chunks, call)
+        # collapsed spans cost their anchor only
         kept_cost = unit_cost.copy()
         for s, e in zip(starts[collapsed], ends[collapsed]):
             kept_cost[s + 1:e] = 0
@@ -232,7 +240,7 @@ class SemToken:
         # repeats and redundancy-aware selection under the budget
         centroids = torch.nn.functional.normalize(stats.mean(segs[:-1], segs[1:]).float(), dim=-1)
         centroids = centroids.cpu().numpy().astype(np.float32)
-        repeat = self._repeats(centroids, segs, score_np, conversation_id)
+        repeat = self._repeats(centroids, segs, score_np, conversation_id) & ~(np.add.reduceat(blind, segs[:-1]) > 0)
         keep = select_under_budget(
             score_np, seg_cost, seg_chunk, budget, self._gap_cost, ~repeat, centroids,
             cfg.redundancy_weight if cfg.dedup else 0.0, cfg.redundancy_threshold,
@@ -340,6 +348,16 @@ def _concat(fps: list[Fingerprints], device: torch.device) -> _Call:
     vectors = torch.cat([fp.vectors for fp in fps]) if len(fps) else torch.zeros((0, 1))
     vectors = vectors.to(device).float()
     return _Call(vectors, [fp.units for fp in fps], offsets, np.repeat(np.arange(len(fps)), sizes))
+
+
+def _blind_units(call: _Call) -> np.ndarray:
+    """Units whose vector is an exact copy of the previous unit's in the same chunk (the encoder gave
+    them no token of their own: pieces of a long word it read as one [UNK], dropped characters)."""
+    v = call.vectors
+    blind = np.zeros(len(call.chunk_of), dtype=bool)
+    if len(blind) > 1:
+        blind[1:] = (v[1:] == v[:-1]).all(dim=-1).cpu().numpy() & (call.chunk_of[1:] == call.chunk_of[:-1])
+    return blind
 
 
 def _check_chunks(chunks: Any) -> list[str]:

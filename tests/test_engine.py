@@ -326,3 +326,77 @@ def test_tokenizer_that_counts_the_empty_text(nobel):
     res = eng.compress(nobel, "nobel prize physics", rate=0.3)
     check_result(res, nobel)
     assert 0 < res.compressed_tokens <= res.budget
+
+
+_THAI = ["ประเทศไทยมีประชากรประมาณเจ็ดสิบล้านคน", "กรุงเทพมหานครเป็นเมืองหลวงของประเทศไทย",
+         "แม่น้ำเจ้าพระยาไหลผ่านใจกลางเมือง", "อาหารไทยมีชื่อเสียงไปทั่วโลก", "ต้มยำกุ้งเป็นอาหารที่มีรสเผ็ดและเปรี้ยว",
+         "ช้างเป็นสัตว์ประจำชาติของไทย", "ฤดูฝนเริ่มต้นในเดือนพฤษภาคม", "นักท่องเที่ยวชอบไปเที่ยวทะเลภาคใต้",
+         "ภาษาไทยมีพยัญชนะสี่สิบสี่ตัว", "เชียงใหม่เป็นเมืองใหญ่ทางภาคเหนือ", "ข้าวหอมมะลิส่งออกไปขายหลายประเทศ"]
+
+
+def _spaceless_texts() -> dict[str, str]:
+    import base64
+    import json
+    import random
+
+    rng = random.Random(0)
+    thai = " ".join("".join(rng.sample(_THAI, 4)) for _ in range(20))  # phrases without spaces inside
+    records = [{"id": i, "name": rng.choice(["Ann", "Bo", "Chen", "Dara"]) + str(i),
+                "city": rng.choice(["Paris", "Lagos", "Lima", "Osaka"]),
+                "note": rng.choice(["late delivery", "paid in cash", "gift wrap please"]),
+                "price": round(rng.random() * 100, 2)} for i in range(40)]
+    return {"thai": thai, "json": json.dumps(records, separators=(",", ":")),
+            "base64": base64.b64encode(bytes(rng.randrange(256) for _ in range(1500))).decode()}
+
+
+@pytest.mark.parametrize("kind", ["thai", "json", "base64"])
+def test_text_without_spaces_is_compressed_not_lost(engine, kind):
+    text = _spaceless_texts()[kind]
+    for rate, least in ((0.9, 0.75), (0.5, 0.4), (0.3, 0.2)):
+        res = engine.compress([text], "เมืองหลวงของประเทศไทย Chen price", rate=rate)
+        check_result(res, [text])
+        assert least * res.original_tokens <= res.compressed_tokens <= res.budget, (rate, res.compressed_tokens)
+    # the slices cut text without spaces only between grapheme clusters
+    import regex
+
+    ends = {m.end() for m in regex.finditer(r"\X", text)} | {0}
+    assert all(s in ends and e in ends for s, e in res.chunks[0].kept_spans)
+
+
+def test_fingerprints_do_not_depend_on_batch_composition(engine, nobel):
+    enc = engine.encoder
+    texts = nobel + [nobel[0] * 3, "short one", "Two words", nobel[2][:60]]
+    alone = [enc.fingerprint([t])[0].vectors for t in texts]
+    for size in (2, 3, len(texts)):
+        for k in range(0, len(texts), size):
+            batch = texts[k:k + size][::-1]
+            for t, fp in zip(batch, enc.fingerprint(batch)):
+                assert torch.equal(fp.vectors, alone[texts.index(t)])
+
+
+def test_per_call_encoder_counts_under_threads(nobel):
+    import threading
+
+    eng = SemToken(SemTokenConfig(device="cpu", batch_size=2, cache_max_bytes=0))
+    results, errors = [], []
+
+    def work(k):
+        try:
+            chunks = [f"{c} (copy {k})" for c in nobel]  # distinct chunks: nothing shared between threads
+            results.append(eng.compress(chunks, "nobel prize", rate=0.5))
+        except Exception as e:  # noqa: BLE001 - any failure in a thread is reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(16)]
+    before = eng.encoder.forward_calls
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    # 4 chunks of one bucket width, batch_size 2: each call ran exactly 2 batches, whatever ran beside it
+    assert [r.encoder_calls for r in results] == [2] * 16
+    # the process total also holds the query's batches (1 to 16: threads may embed it before it is memoised)
+    assert 2 * 16 < eng.encoder.forward_calls - before <= 2 * 16 + 16
+    _, stats = eng.encoder.fingerprint_with_stats([f"{c} (copy 0)" for c in nobel])
+    assert stats.batches == 2 and stats.seconds > 0
