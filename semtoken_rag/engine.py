@@ -6,9 +6,11 @@ import asyncio
 import dataclasses
 import logging
 import math
+import numbers
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +31,8 @@ from .results import CompressedChunk, CompressionResult, SpanInfo
 from .store import CacheStats, LayeredCache, MemoryStore
 
 logger = logging.getLogger(__name__)
+
+_MAX_SEGMENT_TOKENS = 96  # prose segments (<= 48 words) stay under it; it bounds runs without spaces
 
 
 @dataclass
@@ -113,14 +117,15 @@ class SemToken:
         return self.memory.forget(conversation_id)
 
     async def acompress(self, chunks: Sequence[str], query: str | None = None, *, rate: float | None = None,
-                        target_tokens: int | None = None, conversation_id: str | None = None
-                        ) -> CompressionResult:
+                        target_tokens: int | None = None, conversation_id: str | None = None,
+                        chunk_overheads: Sequence[int] | None = None) -> CompressionResult:
         """:meth:`compress` in a worker thread, keeping the event loop free."""
         return await asyncio.to_thread(self.compress, chunks, query, rate=rate, target_tokens=target_tokens,
-                                       conversation_id=conversation_id)
+                                       conversation_id=conversation_id, chunk_overheads=chunk_overheads)
 
     def compress(self, chunks: Sequence[str], query: str | None = None, *, rate: float | None = None,
-                 target_tokens: int | None = None, conversation_id: str | None = None) -> CompressionResult:
+                 target_tokens: int | None = None, conversation_id: str | None = None,
+                 chunk_overheads: Sequence[int] | None = None) -> CompressionResult:
         """Compress ``chunks`` for ``query`` so that their downstream-LLM tokens fit the budget.
 
         Args:
@@ -131,37 +136,51 @@ class SemToken:
             target_tokens: absolute budget in tokens (> 0); overrides ``rate``.
             conversation_id: optional key; spans this conversation already received in earlier calls
                 are dropped as repeats.
+            chunk_overheads: optional non-negative int per chunk: tokens the caller adds around a chunk
+                (a metadata header, a separator), paid once when anything of that chunk is kept.
 
-        The budget is ``target_tokens`` or ``floor(rate * original_tokens)``; ``compressed_tokens`` never
-        exceeds it (the sum of each compressed chunk's tokens). When the budget is smaller than any
-        piece of text, every chunk comes back empty.
+        The budget is ``target_tokens`` or ``floor(rate * (original_tokens + overheads))`` (overheads of
+        the non-empty chunks); ``compressed_tokens + overhead_tokens`` never exceeds it
+        (``compressed_tokens`` is the sum of each compressed chunk's tokens, ``overhead_tokens`` the sum
+        of the overheads of the chunks that kept something). When the budget is smaller than any piece
+        of text, every chunk comes back empty.
+
+        >>> res = SemToken().compress(["Paris is the capital of France.", "Bananas are berries."],
+        ...                           "capital of France", target_tokens=12, chunk_overheads=[4, 4])
+        >>> res.compressed_tokens + res.overhead_tokens <= 12
+        True
         """
         started = time.perf_counter()
         chunks = _check_chunks(chunks)
         query = _check_query(query)
         budget_rate, target = self._budget_args(rate, target_tokens)
+        overheads = _check_overheads(chunk_overheads, len(chunks))
         counts = self.tokenizer.count_many(chunks)
         total = int(counts.sum())
-        budget = target if target is not None else math.floor(budget_rate * total + 1e-9)
-        if budget >= total or total == 0:
-            return self._identity(chunks, counts, query, budget, started)
+        full_overhead = int(overheads[[bool(c) for c in chunks]].sum()) if len(chunks) else 0
+        budget = target if target is not None else math.floor(budget_rate * (total + full_overhead) + 1e-9)
+        if budget >= total + full_overhead:
+            return self._identity(chunks, counts, query, budget, started, full_overhead)
+        if total == 0:
+            return self._empty(chunks, counts, query, budget, started)
         with torch.inference_mode():
-            return self._compress(chunks, counts, query, budget, conversation_id, started)
+            return self._compress(chunks, counts, query, budget, conversation_id, started, overheads)
 
     # -- pipeline -----------------------------------------------------------------------------------
     def _budget_args(self, rate: float | None, target: int | None) -> tuple[float, int | None]:
         if target is not None:
-            if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or target <= 0:
+            if isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer)) or target <= 0:
                 raise ValueError(f"target_tokens must be a positive int, got {target!r}")
             return 1.0, int(target)
         if rate is None:
             return self.config.rate, self.config.target_tokens
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate <= 1.0 \
-                or math.isnan(rate):
+        if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, numbers.Real) or math.isnan(rate) \
+                or not 0.0 < float(rate) <= 1.0:
             raise ValueError(f"rate must be in (0, 1], got {rate!r}")
         return float(rate), None
 
-    def _fingerprints(self, chunks: list[str]) -> tuple[list[Fingerprints], int]:
+    def _fingerprints(self, chunks: list[str]) -> tuple[list[Fingerprints], int, int]:
+        """Fingerprints of ``chunks`` (cache first), cache hits, and this call's encoder batches."""
         keys = [cache_key(c, self._namespace) for c in chunks]
         asked = [i for i, c in enumerate(chunks) if c.strip()]  # blank chunks have no units to cache
 
@@ -175,10 +194,10 @@ class SemToken:
                 found[i] = Fingerprints(entry["units"].astype(np.int64),
                                         torch.from_numpy(np.array(entry["fingerprints"])))
         missing = [i for i in range(len(chunks)) if i not in found]
+        batches = 0
         if missing:
-            before = self.encoder.encode_seconds
-            fresh = self.encoder.fingerprint([chunks[i] for i in missing])
-            seconds = (self.encoder.encode_seconds - before) / max(len(missing), 1)
+            fresh, spent = self.encoder.fingerprint_with_stats([chunks[i] for i in missing])
+            seconds = spent.seconds / max(len(missing), 1)
             new: list[tuple[str, CacheEntry]] = []
             for i, fp in zip(missing, fresh):
                 found[i] = fp
@@ -187,7 +206,8 @@ class SemToken:
                         {"fingerprints": fp.vectors.numpy(), "units": fp.units.astype(np.int32)},
                         encode_seconds=seconds)))
             self.cache.put_many(new)
-        return [found[i] for i in range(len(chunks))], len(chunks) - len(missing)
+            batches = spent.batches
+        return [found[i] for i in range(len(chunks))], len(chunks) - len(missing), batches
 
     def _query_vector(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
         memo = self._queries.get(query)
@@ -199,18 +219,20 @@ class SemToken:
         return vec
 
     def _compress(self, chunks: list[str], counts: np.ndarray, query: str | None, budget: int,
-                  conversation_id: str | None, started: float) -> CompressionResult:
+                  conversation_id: str | None, started: float, overheads: np.ndarray) -> CompressionResult:
         cfg = self.config
-        calls_before = self.encoder.forward_calls
-        fps, hits = self._fingerprints(chunks)
-        encoder_calls = self.encoder.forward_calls - calls_before  # batches over chunks (query excluded)
+        fps, hits, encoder_calls = self._fingerprints(chunks)  # this call's batches (query excluded)
         call = _concat(fps, self.encoder.device)
         n = len(call.chunk_of)
         if n == 0:
             return self._empty(chunks, counts, query, budget, started)
-        # segments: sentences (chunk ends included), long ones cut to max_segment_units words
+        # costs in downstream-LLM tokens: each unit with the whitespace before it
+        unit_cost = self._unit_costs(chunks, call)
+        # segments: sentences (chunk ends included), long ones cut to max_segment_units words and to
+        # _MAX_SEGMENT_TOKENS tokens (pieces of text without spaces cost many tokens each)
         breaks = np.concatenate([sp.sentence_break_after(t, fp.units) for t, fp in zip(chunks, fps)])
-        breaks = sp.cap_segments(breaks, cfg.max_segment_units)
+        breaks = sp.cap_segment_costs(sp.cap_segments(breaks, cfg.max_segment_units), unit_cost,
+                                      _MAX_SEGMENT_TOKENS)
         segs = sp.segment_bounds(breaks)
         seg_of_unit = np.repeat(np.arange(len(segs) - 1), np.diff(segs))
         seg_chunk = call.chunk_of[segs[:-1]]
@@ -225,7 +247,11 @@ class SemToken:
         lo, hi = call.offsets[call.chunk_of[starts]], call.offsets[call.chunk_of[starts] + 1]
         ws, we = sp.window_ranges(starts, ends, lo, hi, cfg.window_units)
         span_entropy = stats.entropy(ws, we).float().cpu().numpy()
-        collapsed = (ends - starts > 1) & (span_entropy <= cfg.delta) if cfg.use_entropy \
+        # units the encoder could not see on their own (pieces of one [UNK] word, dropped characters)
+        # carry a copy of the previous unit's vector: their spans are not judged coarse or repeats
+        blind = _blind_units(call)
+        blind_span = np.add.reduceat(blind, starts) > 0
+        collapsed = (ends - starts > 1) & (span_entropy <= cfg.delta) & ~blind_span if cfg.use_entropy \
             else np.zeros(len(starts), dtype=bool)
         # segment scores: query importance, chunk relevance, semantic density
         seg_entropy = stats.entropy(segs[:-1], segs[1:]).float()
@@ -240,9 +266,7 @@ class SemToken:
         if cfg.use_entropy or q is None:
             score += (cfg.entropy_weight if q is not None else 1.0) * sp.normalise(seg_entropy)
         score_np = score.cpu().numpy().astype(np.float64)
-        # costs in downstream-LLM tokens: each unit with the whitespace before it; collapsed spans
-        # cost their anchor only
-        unit_cost = self._unit_costs(chunks, call)
+        # collapsed spans cost their anchor only
         kept_cost = unit_cost.copy()
         for s, e in zip(starts[collapsed], ends[collapsed]):
             kept_cost[s + 1:e] = 0
@@ -251,12 +275,13 @@ class SemToken:
         # repeats and redundancy-aware selection under the budget
         centroids = torch.nn.functional.normalize(stats.mean(segs[:-1], segs[1:]).float(), dim=-1)
         centroids = centroids.cpu().numpy().astype(np.float32)
-        repeat = self._repeats(centroids, segs, score_np, conversation_id)
+        repeat = self._repeats(centroids, segs, score_np, conversation_id) & ~(np.add.reduceat(blind, segs[:-1]) > 0)
         keep = select_under_budget(
             score_np, seg_cost, seg_chunk, budget, self._gap_cost, ~repeat, centroids,
-            cfg.redundancy_weight if cfg.dedup else 0.0, cfg.redundancy_threshold)
+            cfg.redundancy_weight if cfg.dedup else 0.0, cfg.redundancy_threshold,
+            overheads if overheads.any() else None)
         texts, slices, out_counts, keep_units = self._render(chunks, call, segs, keep, starts, ends,
-                                                             collapsed, score_np, budget)
+                                                             collapsed, score_np, budget, overheads)
         if conversation_id is not None:
             self._remember(conversation_id, centroids, segs, keep)
         span_status = np.where(collapsed & keep_units[starts], "collapsed", np.where(
@@ -264,7 +289,7 @@ class SemToken:
         span_rel = None if seg_rel is None else seg_rel.cpu().numpy()[span_seg]
         return self._result(chunks, counts, query, budget, started, call, starts, ends, span_status,
                             span_entropy, span_rel, chunk_rel, score_np[span_seg], texts, slices,
-                            out_counts, hits, encoder_calls)
+                            out_counts, hits, encoder_calls, overheads)
 
     def _unit_costs(self, chunks: list[str], call: _Call) -> np.ndarray:
         pieces = []
@@ -293,7 +318,7 @@ class SemToken:
         if chosen.any():
             self.memory.add(conversation_id, centroids[chosen])
 
-    def _render(self, chunks, call, segs, keep, starts, ends, collapsed, score, budget):
+    def _render(self, chunks, call, segs, keep, starts, ends, collapsed, score, budget, overheads):
         keep = keep.copy()
         dropped_tail = np.zeros(len(call.chunk_of), dtype=bool)
         for s, e in zip(starts[collapsed], ends[collapsed]):
@@ -305,17 +330,20 @@ class SemToken:
                       for u, a, b in zip(call.units, call.offsets[:-1], call.offsets[1:])]
             texts = [join_slices(t, s, self.config.gap_marker) for t, s in zip(chunks, slices)]
             out_counts = self.tokenizer.count_many(texts)
-            excess = int(out_counts.sum()) - budget
+            paid = int(overheads[[bool(s) for s in slices]].sum())
+            excess = int(out_counts.sum()) + paid - budget
             if excess <= 0:
                 return texts, slices, out_counts, keep_units
             # BPE merges across slice edges can cost a token or two more than estimated: drop the
             # weakest kept segment until the exact count fits
             logger.debug("exact count over budget by %d tokens; trimming", excess)
             kept_idx = np.flatnonzero(keep)
+            if len(kept_idx) == 0:  # nothing left to drop: the texts are all "" and cost 0
+                return texts, slices, np.zeros_like(out_counts), keep_units
             keep[kept_idx[np.argmin(score[kept_idx])]] = False
 
     def _result(self, chunks, counts, query, budget, started, call, starts, ends, status, entropy,
-                span_rel, chunk_rel, score, texts, slices, out_counts, hits, encoder_calls):
+                span_rel, chunk_rel, score, texts, slices, out_counts, hits, encoder_calls, overheads):
         chunk_rel_np = chunk_rel.cpu().numpy() if chunk_rel is not None else None
         span_chunk = call.chunk_of[starts]
         per_chunk = np.searchsorted(span_chunk, np.arange(len(chunks) + 1))
@@ -332,20 +360,21 @@ class SemToken:
                 compressed_tokens=int(out_counts[i]),
                 relevance=None if chunk_rel_np is None else float(chunk_rel_np[i]),
                 repeat_spans=rep, spans=infos))
+        paid = int(overheads[[bool(s) for s in slices]].sum())
         return CompressionResult(tuple(out), query, budget, int(counts.sum()), int(out_counts.sum()),
-                                 encoder_calls, hits, time.perf_counter() - started)
+                                 encoder_calls, hits, time.perf_counter() - started, paid)
 
     def _empty(self, chunks, counts, query, budget, started) -> CompressionResult:
         """No chunk has a word (whitespace only) and the budget is short: every chunk comes back ""."""
         out = tuple(CompressedChunk(i, "", (), int(c), 0, None) for i, c in enumerate(counts))
         return CompressionResult(out, query, budget, int(counts.sum()), 0, 0, 0, time.perf_counter() - started)
 
-    def _identity(self, chunks, counts, query, budget, started) -> CompressionResult:
-        """Everything fits (or there is no token at all): chunks come back unchanged."""
+    def _identity(self, chunks, counts, query, budget, started, overhead) -> CompressionResult:
+        """Everything fits, overheads included: chunks come back unchanged."""
         out = tuple(CompressedChunk(i, t, ((0, len(t)),) if t else (), int(c), int(c), None)
                     for i, (t, c) in enumerate(zip(chunks, counts)))
         return CompressionResult(out, query, budget, int(counts.sum()), int(counts.sum()),
-                                 0, 0, time.perf_counter() - started)
+                                 0, 0, time.perf_counter() - started, overhead)
 
 
 def _concat(fps: list[Fingerprints], device: torch.device) -> _Call:
@@ -356,9 +385,22 @@ def _concat(fps: list[Fingerprints], device: torch.device) -> _Call:
     return _Call(vectors, [fp.units for fp in fps], offsets, np.repeat(np.arange(len(fps)), sizes))
 
 
+def _blind_units(call: _Call) -> np.ndarray:
+    """Units whose vector is an exact copy of the previous unit's in the same chunk (the encoder gave
+    them no token of their own: pieces of a long word it read as one [UNK], dropped characters)."""
+    v = call.vectors
+    blind = np.zeros(len(call.chunk_of), dtype=bool)
+    if len(blind) > 1:
+        blind[1:] = (v[1:] == v[:-1]).all(dim=-1).cpu().numpy() & (call.chunk_of[1:] == call.chunk_of[:-1])
+    return blind
+
+
 def _check_chunks(chunks: Any) -> list[str]:
     if isinstance(chunks, (str, bytes)):
         raise TypeError("chunks must be a sequence of str, not a single string: wrap it in a list")
+    if isinstance(chunks, (Mapping, AbstractSet)):
+        raise TypeError(f"chunks must be an ordered sequence of str, got a {type(chunks).__name__}: "
+                        "pass a list (e.g. list(d.values()))")
     try:
         chunks = list(chunks)
     except TypeError as e:
@@ -367,6 +409,20 @@ def _check_chunks(chunks: Any) -> list[str]:
         if not isinstance(c, str):
             raise TypeError(f"chunks[{i}] must be str, got {type(c).__name__}")
     return chunks
+
+
+def _check_overheads(overheads: Any, n: int) -> np.ndarray:
+    """``chunk_overheads`` as an int64 array of ``n`` non-negative ints (zeros when None)."""
+    if overheads is None:
+        return np.zeros(n, dtype=np.int64)
+    if isinstance(overheads, (str, bytes)) or not isinstance(overheads, (Sequence, np.ndarray)):
+        raise TypeError(f"chunk_overheads must be a sequence of ints, got {type(overheads).__name__}")
+    if len(overheads) != n:
+        raise ValueError(f"chunk_overheads has {len(overheads)} values for {n} chunks: give one per chunk")
+    for i, x in enumerate(overheads):
+        if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 0:
+            raise ValueError(f"chunk_overheads[{i}] must be an int >= 0, got {x!r}")
+    return np.asarray([int(x) for x in overheads], dtype=np.int64)
 
 
 def _check_query(query: Any) -> str | None:
