@@ -37,7 +37,7 @@ class LlamaIndexOptimizer(Method):
     def setup(self):
         from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
-        self.embed_model = HuggingFaceEmbedding(model_name=encoder.minilm_path(), device="cpu")
+        self.embed_model = HuggingFaceEmbedding(model_name=encoder.minilm_path(), device=encoder.device())
 
     def _cutoff(self, rate: float) -> float:
         return self.percentile.get(rate, rate)
