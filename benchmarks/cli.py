@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"methods to run; 'ablations' = all semtoken variants. Known: {', '.join(known_names())}")
     p.add_argument("--name", default=None, help="results name (default: 'quick' or 'full')")
-    p.add_argument("--data-dir", default=None, help="folder with the NQ file (default: $SEMTOKEN_DATA_DIR or "
+    p.add_argument("--data-dir", default=None, help="folder with the NQ file (default: $SEMTOKEN_RAG_DATA or "
                                                     "<repo>/../shared/data)")
     p.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.33, 0.2])
     p.add_argument("--slow-n", type=int, default=24, help="questions for the slow methods (LongLLMLingua)")
