@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The whole test suite (unit, property, real encoder, real LangChain/LlamaIndex chains, examples, doctests).
+# The whole test suite, in two tiers (what CI runs). Extra arguments go to both pytest runs.
+#   unit tier  (-m "not slow"): pure functions and the engine on a tiny random-weight BERT, doctests
+#   slow tier  (-m slow): the real packaged encoder, real LangChain/LlamaIndex chains, the examples
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q -p no:cacheprovider \
+.venv/bin/python -m pytest -q -p no:cacheprovider -m "not slow" \
   --doctest-modules semtoken_rag integrations tests "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -m slow tests "$@"

@@ -185,6 +185,7 @@ def test_bench_without_a_clone_says_what_to_do(run, monkeypatch, tmp_path):
     assert code == 2 and "from a clone of the repository" in err and "../shared/data" in err
 
 
+@pytest.mark.slow
 def test_console_script_end_to_end(nobel, tmp_path):
     """The installed entry point in a fresh process: stdin blocks in, JSON out."""
     script = Path(sys.executable).with_name("semtoken-rag")

@@ -12,6 +12,8 @@ import torch
 from semtoken_rag import CompressionResult, SemToken, SemTokenConfig
 from semtoken_rag.budget import BudgetTokenizer
 
+pytestmark = pytest.mark.slow  # the real encoder; the unit tier is test_unit_*.py
+
 
 def check_result(res: CompressionResult, chunks: list[str], gap: str = " … ") -> None:
     """Invariants every result must hold."""

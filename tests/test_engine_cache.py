@@ -8,7 +8,11 @@ import textwrap
 import threading
 from pathlib import Path
 
+import pytest
+
 from semtoken_rag import SemToken, SemTokenConfig
+
+pytestmark = pytest.mark.slow  # the real encoder
 
 
 def test_warm_equals_cold_and_skips_the_encoder(engine, nobel):
