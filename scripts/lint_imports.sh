@@ -16,7 +16,7 @@ import pathlib
 import sys
 
 LAYER = {
-    "cli": 4, "demo_data": 4, "__main__": 4,
+    "cli": 4, "datasets": 4, "__main__": 4,
     "engine": 3, "registry": 3, "__init__": 3,
     "encoder": 2, "spans": 2, "budget": 2, "render": 2, "repeats": 2, "text": 2,
     "results": 2, "config": 2,

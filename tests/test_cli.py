@@ -300,6 +300,7 @@ def test_bench_without_a_clone_says_what_to_do(run, monkeypatch, tmp_path):
     assert code == 2 and "from the root of a clone" in err and DATA_ENV in err
 
 
+@pytest.mark.slow
 def test_console_script_end_to_end(nobel, tmp_path):
     """The installed entry point in a fresh process: stdin blocks in, JSON out."""
     done = subprocess.run([*_script(), "compress", "--device", "cpu", "--query", QUERY, "--rate", "0.33", "--json"],
