@@ -36,17 +36,12 @@ class SemTokenCompressor(BaseDocumentCompressor):
     with callbacks (inside a run or ``callbacks=`` given directly) emits the custom callback event
     ``"semtoken_compression"`` with the token counts.
 
-    ``conversation_id`` drops text this conversation already received in earlier calls. Set it as a
-    field, or per call: ``config={"metadata": {"conversation_id": ...}}`` always reaches the
-    compressor (through its callback manager); ``config={"configurable": {...}}`` reaches it when the
-    retriever runs as a step of a chain (``chain.invoke(q, config=...)``), not on a bare
-    ``retriever.invoke``, which gives a compressor no config. Use it only when that earlier context is
-    still in the LLM's view (e.g. kept in the message history, as an agent's tool messages are); a
-    chain that sends only the chat messages and this turn's context must not use it.
-
-    Compressors with the same settings share one engine (``semtoken_rag.registry.shared_engine``);
-    ``engine=SemToken(...)`` uses yours. Copies (``copy.deepcopy``) share the engine; pickles leave it
-    out and reattach the registry's engine for the same settings when unpickled.
+    ``conversation_id`` (a field, or per call ``config={"metadata": {"conversation_id": ...}}``; a
+    ``configurable`` entry works when the retriever is a step of a chain) drops text this conversation
+    already received. Use it only while that text is still in the LLM's view (e.g. in the message
+    history); see the README. Same settings share one engine (``semtoken_rag.registry``);
+    ``engine=SemToken(...)`` uses yours. ``copy.deepcopy`` shares the engine; a pickle leaves it out
+    and, unpickled, uses the registry's engine for the same settings.
 
     Example:
         >>> from langchain_core.documents import Document

@@ -38,16 +38,12 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
     kept); the others keep their order. Inputs are never modified. Each call emits a
     ``SemTokenCompressionEvent`` (token counts) through LlamaIndex's instrumentation dispatcher.
 
-    ``conversation_id`` drops text this conversation already received in earlier calls. Safe only when
-    that earlier context is still in the LLM's view (e.g. kept in the chat history); LlamaIndex's
-    ``context``, ``condense_plus_context`` and ``condense_question`` chat engines rebuild the context
-    every turn and keep only the messages in memory, so they must not use it.
-
-    ``tokenizer``, ``device``, ``encoder`` override ``config``. Without a tokenizer, one set through
-    ``Settings.tokenizer`` is used (LlamaIndex's own tiktoken default is not: it is no choice of the
-    user's), else the engine's default ('llama3'). Postprocessors with the same settings share one
-    engine (``semtoken_rag.registry.shared_engine``); ``engine=SemToken(...)`` uses yours, and
-    ``copy.deepcopy`` shares it. Unknown arguments raise.
+    ``conversation_id`` drops text this conversation already received: only while that text is still
+    in the LLM's view (LlamaIndex's context and condense chat engines rebuild the context each turn and
+    must not use it; see the README). ``tokenizer``, ``device``, ``encoder`` override ``config``;
+    without a tokenizer, one the user set through ``Settings.tokenizer`` is used (LlamaIndex's own
+    tiktoken default is not). Same settings share one engine (``semtoken_rag.registry``);
+    ``engine=SemToken(...)`` uses yours and ``copy.deepcopy`` shares it. Unknown arguments raise.
 
     Example:
         >>> from llama_index.core.schema import NodeWithScore, TextNode
