@@ -318,21 +318,24 @@ def test_conversation_id_field_and_per_call_config(engine, retriever, records):
     ccr = ContextualCompressionRetriever(base_compressor=plain, base_retriever=retriever)
     first = ccr.invoke(query)
     assert ccr.invoke(query) == first  # no conversation: same answer every time
-    # metadata reaches the compressor always; configurable when the retriever is a step of a chain
+    # metadata reaches the compressor always; configurable when the retriever is a step of a chain.
+    # LangSmith's thread key "conversation_id" in metadata does not switch it on.
+    assert ccr.invoke(query, config={"metadata": {"conversation_id": "x"}}) == first
+    assert ccr.invoke(query, config={"metadata": {"conversation_id": "x"}}) == first
     chain = RunnablePassthrough() | ccr
-    for runnable, config in ((ccr, {"metadata": {"conversation_id": "lc-meta"}}),
-                             (chain, {"configurable": {"conversation_id": "lc-conf"}})):
+    for runnable, config in ((ccr, {"metadata": {"semtoken_conversation_id": "lc-meta"}}),
+                             (chain, {"configurable": {"semtoken_conversation_id": "lc-conf"}})):
         assert runnable.invoke(query, config=config) == first
         again = runnable.invoke(query, config=config)
         assert kept_tokens(again) < kept_tokens(first), config
-    assert kept_tokens(asyncio.run(chain.ainvoke(query, config={"configurable": {"conversation_id": "lc-conf"}}))) \
+    assert kept_tokens(asyncio.run(chain.ainvoke(query, config={"configurable": {"semtoken_conversation_id": "lc-conf"}}))) \
         < kept_tokens(first)
     field = SemTokenCompressor(engine=engine, rate=0.5, conversation_id="lc-field")
     docs = retriever.invoke(query)
     assert field.compress_documents(docs, query) == first
     assert kept_tokens(asyncio.run(field.acompress_documents(docs, query))) < kept_tokens(first)
-    with pytest.raises(TypeError, match="conversation_id must be a str"):
-        ccr.invoke(query, config={"metadata": {"conversation_id": 7}})
+    with pytest.raises(TypeError, match="semtoken_conversation_id must be a str"):
+        ccr.invoke(query, config={"metadata": {"semtoken_conversation_id": 7}})
 
 
 def test_event_when_called_directly_with_callbacks_and_warning_when_nothing_kept(engine, records, caplog):

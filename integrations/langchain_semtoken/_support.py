@@ -14,7 +14,7 @@ from langchain_core.runnables.config import ensure_config
 from semtoken_rag import CompressedChunk, CompressionResult, SemToken, SemTokenConfig
 
 EVENT_NAME = "semtoken_compression"
-CONVERSATION_KEY = "conversation_id"
+CONVERSATION_KEY = "semtoken_conversation_id"  # namespaced: LangSmith groups threads by "conversation_id"
 
 
 def engine_config(config: SemTokenConfig | None, **overrides: Any) -> SemTokenConfig:

@@ -36,7 +36,7 @@ class SemTokenCompressor(BaseDocumentCompressor):
     with callbacks (inside a run or ``callbacks=`` given directly) emits the custom callback event
     ``"semtoken_compression"`` with the token counts.
 
-    ``conversation_id`` (a field, or per call ``config={"metadata": {"conversation_id": ...}}``; a
+    ``conversation_id`` (a field, or per call ``config={"metadata": {"semtoken_conversation_id": ...}}``; a
     ``configurable`` entry works when the retriever is a step of a chain) drops text this conversation
     already received. Use it only while that text is still in the LLM's view (e.g. in the message
     history); see the README. Same settings share one engine (``semtoken_rag.registry``);
