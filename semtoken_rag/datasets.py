@@ -132,6 +132,21 @@ def _lines(path: Path | None) -> Iterator[str]:
         yield from fh
 
 
+def example_data(start: str | os.PathLike | None = None) -> Path | None:
+    """The NQ data an example or demo script run from a clone uses: ``$SEMTOKEN_RAG_DATA`` when set,
+    else ``shared/data`` beside the clone (found by walking up from ``start``, default the current
+    directory) when it holds :data:`NQ_FILE`, else ``None`` (the bundled sample). Only scripts call it;
+    the library itself never looks for a repository's data.
+    """
+    if os.environ.get(DATA_ENV):
+        return resolve_source()
+    here = Path(start if start is not None else Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "shared" / "data" / NQ_FILE).is_file():
+            return folder / "shared" / "data" / NQ_FILE
+    return None
+
+
 def load_nq(n: int | None = None, source: str | os.PathLike | None = None, gold_position: GoldPosition = "random",
             start: int = 0) -> list[NQRecord]:
     """Up to ``n`` questions from line ``start`` on (all when ``n`` is None), gold passage placed.
