@@ -8,7 +8,11 @@ themselves. ``pytest -m "not slow"`` runs the unit tier only.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import string
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -102,3 +106,33 @@ NOBEL = [
 @pytest.fixture()
 def nobel() -> list[str]:
     return list(NOBEL)
+
+
+@contextlib.contextmanager
+def read_only_dir(root: Path):
+    """Make ``root`` (and its sub-folders) unwritable for this process: by permissions for an ordinary
+    user, by a read-only bind mount for root (which ignores permissions); skips when neither works."""
+    if os.geteuid() != 0:
+        dirs = [root, *[p for p in root.rglob("*") if p.is_dir()]]
+        for d in dirs:
+            d.chmod(0o500)
+        try:
+            yield
+        finally:
+            for d in dirs:
+                d.chmod(0o700)
+        return
+    mount = shutil.which("mount")
+    if mount is None:
+        pytest.skip("root ignores directory permissions and there is no mount command")
+    target = str(root)
+    bound = subprocess.run([mount, "--bind", target, target], capture_output=True, check=False)
+    if bound.returncode != 0:
+        pytest.skip(f"root ignores directory permissions and a bind mount failed: {bound.stderr!r}")
+    try:
+        ro = subprocess.run([mount, "-o", "remount,ro,bind", target], capture_output=True, check=False)
+        if ro.returncode != 0:
+            pytest.skip(f"cannot remount {target} read-only: {ro.stderr!r}")
+        yield
+    finally:
+        subprocess.run(["umount", target], capture_output=True, check=False)
