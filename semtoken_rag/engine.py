@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
-import threading
+import sys
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,11 +17,15 @@ import torch
 
 from . import spans as sp
 from .budget import BudgetTokenizer, select_under_budget
-from .cache import CacheEntry, ConversationMemory, FingerprintCache, cache_key, find_repeats
 from .config import SemTokenConfig
 from .encoder import Encoder, Fingerprints
+from .fileformat import CacheEntry, validate_fingerprints
+from .keys import cache_key
+from .lru import ByteLRU
 from .render import join_slices, kept_slices
+from .repeats import ConversationMemory, find_repeats
 from .results import CompressedChunk, CompressionResult, SpanInfo
+from .store import CacheStats, DirectoryStore, LayeredCache, MemoryStore
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +66,15 @@ class SemToken:
                                window_overlap=cfg.window_overlap, batch_size=cfg.batch_size,
                                show_progress_bar=cfg.show_progress_bar)
         self.tokenizer = BudgetTokenizer(cfg.tokenizer)
-        self.cache = FingerprintCache(max_bytes=cfg.cache_max_bytes, cache_dir=cfg.cache_dir, fsync=False)
-        self.memory = ConversationMemory(max_spans=cfg.conversation_max_spans)
+        disk = None if cfg.cache_dir is None else DirectoryStore(
+            cfg.cache_dir, max_disk_bytes=cfg.cache_max_disk_bytes, fsync=False)
+        self.cache = LayeredCache(MemoryStore(cfg.cache_max_bytes), disk)
+        self.memory = ConversationMemory(max_spans=cfg.conversation_max_spans,
+                                         max_bytes=cfg.conversation_max_bytes)
         self._namespace = self.encoder.identity
-        self._queries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._lock = threading.Lock()
+        # query -> ((q, q_tokens), bytes charged)
+        self._queries: ByteLRU[tuple[tuple[torch.Tensor, torch.Tensor], int]] = ByteLRU(
+            cfg.query_memo_max_bytes, sizeof=lambda item: item[1])
         self._gap_cost = self.tokenizer.count("a" + cfg.gap_marker + "b") - self.tokenizer.count("a b")
 
     # -- public API -----------------------------------------------------------------------------
@@ -76,9 +84,32 @@ class SemToken:
             raise TypeError(f"count_tokens expects a str, got {type(text).__name__}")
         return self.tokenizer.count(text)
 
-    def cache_stats(self):
-        """Fingerprint cache statistics (hits, misses, bytes, encoder seconds saved...)."""
-        return self.cache.stats()
+    def cache_stats(self) -> CacheStats:
+        """What the caches hold and saved: fingerprint hits, misses, bytes, bad entries, store errors,
+        encoder seconds saved, and the conversations and query embeddings remembered (entries, bytes).
+
+        >>> from semtoken_rag import SemToken
+        >>> engine = SemToken()
+        >>> engine.cache_stats().hits, engine.cache_stats().queries
+        (0, 0)
+        """
+        return dataclasses.replace(self.cache.stats(), conversations=len(self.memory),
+                                   conversation_bytes=self.memory.nbytes, queries=len(self._queries),
+                                   query_bytes=self._queries.nbytes)
+
+    def clear_caches(self, *, disk: bool = False) -> None:
+        """Forget the fingerprints held in memory, the query memo and every conversation.
+
+        Entries in ``cache_dir`` stay (other processes may share them) unless ``disk=True``. Counters
+        in :meth:`cache_stats` keep counting.
+        """
+        self.cache.clear(disk=disk)
+        self._queries.clear()
+        self.memory.clear()
+
+    def forget_conversation(self, conversation_id: str) -> bool:
+        """Forget what ``conversation_id`` received (its next call repeats nothing); ``True`` if known."""
+        return self.memory.forget(conversation_id)
 
     async def acompress(self, chunks: Sequence[str], query: str | None = None, *, rate: float | None = None,
                         target_tokens: int | None = None, conversation_id: str | None = None
@@ -131,36 +162,39 @@ class SemToken:
 
     def _fingerprints(self, chunks: list[str]) -> tuple[list[Fingerprints], int]:
         keys = [cache_key(c, self._namespace) for c in chunks]
+        asked = [i for i, c in enumerate(chunks) if c.strip()]  # blank chunks have no units to cache
+
+        def fits(j: int, entry: CacheEntry) -> bool:  # a valid checksum is not a valid entry
+            return validate_fingerprints(entry.get("units"), entry.get("fingerprints"), len(chunks[asked[j]]),
+                                         self.encoder.dim)
+
         found: dict[int, Fingerprints] = {}
-        for i, key in enumerate(keys):
-            entry = self.cache.get(key) if chunks[i].strip() else None
+        for i, entry in zip(asked, self.cache.get_many([keys[i] for i in asked], valid=fits)):
             if entry is not None:
-                found[i] = Fingerprints(entry.arrays["units"].astype(np.int64),
-                                        torch.from_numpy(np.array(entry.arrays["fingerprints"])))
+                found[i] = Fingerprints(entry["units"].astype(np.int64),
+                                        torch.from_numpy(np.array(entry["fingerprints"])))
         missing = [i for i in range(len(chunks)) if i not in found]
         if missing:
             before = self.encoder.encode_seconds
             fresh = self.encoder.fingerprint([chunks[i] for i in missing])
             seconds = (self.encoder.encode_seconds - before) / max(len(missing), 1)
+            new: list[tuple[str, CacheEntry]] = []
             for i, fp in zip(missing, fresh):
                 found[i] = fp
                 if chunks[i].strip():
-                    self.cache.put(keys[i], CacheEntry(
+                    new.append((keys[i], CacheEntry(
                         {"fingerprints": fp.vectors.numpy(), "units": fp.units.astype(np.int32)},
-                        encode_seconds=seconds))
+                        encode_seconds=seconds)))
+            self.cache.put_many(new)
         return [found[i] for i in range(len(chunks))], len(chunks) - len(missing)
 
     def _query_vector(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._lock:
-            vec = self._queries.get(query)
-            if vec is not None:
-                self._queries.move_to_end(query)
-                return vec
+        memo = self._queries.get(query)
+        if memo is not None:
+            return memo[0]
         vec = self.encoder.embed_queries([query])[0]
-        with self._lock:
-            self._queries[query] = vec
-            while len(self._queries) > 1024:
-                self._queries.popitem(last=False)
+        size = sys.getsizeof(query) + 256 + sum(t.element_size() * t.nelement() for t in vec)
+        self._queries.put(query, (vec, size))
         return vec
 
     def _compress(self, chunks: list[str], counts: np.ndarray, query: str | None, budget: int,

@@ -63,10 +63,7 @@ class SemTokenMethod(Method):
             raise RuntimeError("engine.count_tokens disagrees with the benchmark's llama3 counter")
 
     def clear_cache(self):
-        self.engine.cache.clear(disk=True)
-        memo = getattr(self.engine, "_queries", None)     # query-vector memo (not public API)
-        if memo is not None:
-            memo.clear()
+        self.engine.clear_caches(disk=True)
 
     def compress(self, chunks: Sequence[str], query: str, rate: float, budget: int) -> Output:
         res = self.engine.compress(list(chunks), query, rate=rate)
