@@ -110,6 +110,10 @@ class FingerprintStore(abc.ABC):
         """``put_many([(key, entry)])``."""
         self.put_many([(key, entry)])
 
+    def has_many(self, keys: Sequence[str]) -> list[bool]:
+        """Which keys are stored (for pre-warming: skip what is there). Backends may answer cheaper."""
+        return [e is not None for e in self.get_many(keys)]
+
 
 class MemoryStore(FingerprintStore):
     """In-process store: LRU bounded in bytes (``CacheEntry.nbytes``); ``max_bytes=0`` keeps nothing.
@@ -139,6 +143,9 @@ class MemoryStore(FingerprintStore):
 
     def pop(self, key: str) -> None:
         self._lru.pop(key)
+
+    def has_many(self, keys: Sequence[str]) -> list[bool]:
+        return [k in self._lru for k in keys]
 
     def __contains__(self, key: object) -> bool:
         return key in self._lru
@@ -263,6 +270,10 @@ class DirectoryStore(FingerprintStore):
             except OSError:
                 pass
         return entry
+
+    def has_many(self, keys: Sequence[str]) -> list[bool]:
+        """Which entry files exist (not read: a corrupt one is found when it is read)."""
+        return [self._file(check_key(k)).is_file() for k in keys]
 
     def put_many(self, items: Iterable[tuple[str, CacheEntry]]) -> None:
         for key, entry in items:
@@ -477,6 +488,19 @@ class LayeredCache:
     def put(self, key: str, entry: CacheEntry) -> None:
         """``put_many([(key, entry)])``."""
         self.put_many([(key, entry)])
+
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        """Which keys memory or the backend holds (one backend call, no stats, no promotion; a backend
+        fault answers ``False``)."""
+        keys = [check_key(k) for k in keys]
+        out = self.memory.has_many(keys)
+        rest = [i for i, hit in enumerate(out) if not hit]
+        if rest and self.backend is not None:
+            got = self._backend_call("exists", lambda: self.backend.has_many([keys[i] for i in rest]))
+            if got is not None and len(got) == len(rest):
+                for i, hit in zip(rest, got):
+                    out[i] = bool(hit)
+        return out
 
     def __contains__(self, key: object) -> bool:
         """True if ``key`` is in memory or the backend has it (no stats, no promotion)."""
