@@ -4,6 +4,7 @@
     cat chunks.txt | semtoken-rag compress --query "..." --json      # one chunk per blank-line block
     semtoken-rag compress --query "..." --html view.html a.txt b.txt  # what was kept, dropped, collapsed
     semtoken-rag demo                                                 # real retrieved passages, NQ
+    semtoken-rag prewarm corpus.jsonl --store redis://127.0.0.1:6379/0 [--ray]  # fill a shared store
     semtoken-rag bench --quick                                        # python -m benchmarks (a clone)
 """
 
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
+from . import __version__, prewarm_cli
 from .config import SemTokenConfig
 from .results import CompressionResult
 
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--html", metavar="OUT", type=Path, default=None,
                    help="write the first question's HTML page")
 
+    prewarm_cli.add_parser(sub)
     sub.add_parser("bench", add_help=False, help="run the benchmarks (python -m benchmarks; needs a clone)",
                    description="Forwards all arguments to python -m benchmarks.")
     return parser
@@ -289,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         transformers.utils.logging.disable_progress_bar()
     try:
+        if args.command == "prewarm":
+            return prewarm_cli.run(args)
         return _cmd_compress(args) if args.command == "compress" else _cmd_demo(args)
     except CLIError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -490,17 +490,16 @@ class LayeredCache:
         self.put_many([(key, entry)])
 
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
-        """Which keys memory or the backend holds (one backend call, no stats, no promotion; a backend
-        fault answers ``False``)."""
+        """Which keys are stored: in the backend when there is one (the shared store is what
+        pre-warming fills; memory may hold what the store lost), else in memory. One backend call,
+        no stats, no promotion; a backend fault answers ``False``."""
         keys = [check_key(k) for k in keys]
-        out = self.memory.has_many(keys)
-        rest = [i for i, hit in enumerate(out) if not hit]
-        if rest and self.backend is not None:
-            got = self._backend_call("exists", lambda: self.backend.has_many([keys[i] for i in rest]))
-            if got is not None and len(got) == len(rest):
-                for i, hit in zip(rest, got):
-                    out[i] = bool(hit)
-        return out
+        if self.backend is None:
+            return self.memory.has_many(keys)
+        got = self._backend_call("exists", lambda: self.backend.has_many(keys))
+        if got is None or len(got) != len(keys):
+            return [False] * len(keys)
+        return [bool(hit) for hit in got]
 
     def __contains__(self, key: object) -> bool:
         """True if ``key`` is in memory or the backend has it (no stats, no promotion)."""

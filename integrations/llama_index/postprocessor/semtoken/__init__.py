@@ -14,5 +14,6 @@ except ModuleNotFoundError as e:
     ) from e
 
 from llama_index.postprocessor.semtoken.base import SemTokenNodePostprocessor
+from llama_index.postprocessor.semtoken.fingerprinter import SemTokenFingerprinter
 
-__all__ = ["SemTokenNodePostprocessor"]
+__all__ = ["SemTokenFingerprinter", "SemTokenNodePostprocessor"]
