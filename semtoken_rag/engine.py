@@ -18,6 +18,7 @@ import torch
 from . import spans as sp
 from .budget import BudgetTokenizer, select_under_budget
 from .config import SemTokenConfig
+from .diskstore import DirectoryStore
 from .encoder import Encoder, Fingerprints
 from .fileformat import CacheEntry, validate_fingerprints
 from .keys import cache_key
@@ -25,7 +26,7 @@ from .lru import ByteLRU
 from .render import join_slices, kept_slices
 from .repeats import ConversationMemory, find_repeats
 from .results import CompressedChunk, CompressionResult, SpanInfo
-from .store import CacheStats, DirectoryStore, LayeredCache, MemoryStore
+from .store import CacheStats, LayeredCache, MemoryStore
 from .store_url import open_store
 
 logger = logging.getLogger(__name__)

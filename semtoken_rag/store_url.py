@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from urllib.parse import unquote, urlparse
 
-from .store import DirectoryStore, FingerprintStore
+from .diskstore import DirectoryStore
+from .store import FingerprintStore
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 

@@ -7,9 +7,9 @@ import pytest
 pytest.importorskip("redis")
 
 from semtoken_rag import SemToken, SemTokenConfig
+from semtoken_rag.diskstore import DirectoryStore
 from semtoken_rag.keys import cache_key
 from semtoken_rag.redis_store import RedisStore
-from semtoken_rag.store import DirectoryStore
 
 QUERY = "who got the first nobel prize in physics"
 
