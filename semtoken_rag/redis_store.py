@@ -79,9 +79,11 @@ class RedisStore(FingerprintStore):
         backoff_seconds, max_backoff_seconds: the back-off window after a connection fault.
         client: an existing ``redis.Redis`` (tests, custom pools); ``url`` is then only a label.
 
-    Example (needs a server, so not run here):
-        >>> store = RedisStore("redis://127.0.0.1:6379/0", namespace="my-encoder")  # doctest: +SKIP
-        >>> store.put_many([(key, entry)]); store.get_many([key])  # doctest: +SKIP
+    Example (needs a server; ``tests/test_redis_store.py`` runs these against a real one)::
+
+        store = RedisStore("redis://127.0.0.1:6379/0", namespace=engine.encoder.identity, ttl_seconds=86400)
+        store.put_many([(key, entry)])
+        store.get_many([key, other_key])   # [entry, None]: one MGET
     """
 
     def __init__(self, url: str, *, namespace: str, ttl_seconds: float | None = None,
