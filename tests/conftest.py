@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from semtoken_rag import SemToken, SemTokenConfig
+from semtoken_rag.testing import LocalRedis, redis_server_binary
 
 TINY_WORDS = ("the", "a", "an", "of", "in", "to", "and", "is", "was", "for", "on", "by", "with", "as",
               "at", "from", "it", "that", "this", "are", "be", "not", "who", "what", "when", "where",
@@ -136,3 +137,47 @@ def read_only_dir(root: Path):
         yield
     finally:
         subprocess.run(["umount", target], capture_output=True, check=False)
+
+
+# -- real servers: Redis (Debian's redis-server, installed by scripts/setup.sh) and a local Ray cluster
+def _need_redis() -> None:
+    pytest.importorskip("redis", reason="the redis client is not installed: pip install 'semtoken-rag[redis]'")
+    if redis_server_binary() is None:
+        pytest.skip("redis-server binary not found: scripts/setup.sh installs it (apt-get install redis-server)")
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One redis-server for the session on a free 127.0.0.1 port (nothing persisted), stopped at the end."""
+    _need_redis()
+    with LocalRedis() as server:
+        yield server
+
+
+@pytest.fixture()
+def redis_url(redis_server) -> str:
+    """The session server's URL, its database flushed before the test."""
+    with redis_server.client() as client:
+        client.flushall()
+    return redis_server.url
+
+
+@pytest.fixture()
+def redis_restartable():
+    """A redis-server of the test's own, which the test may stop (kill), start and restart."""
+    _need_redis()
+    with LocalRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster sized for this 2-core machine (no dashboard, no usage stats), shut down after."""
+    ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'semtoken-rag[ray]'")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # never reports anything off the machine
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20,
+             configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
