@@ -29,6 +29,11 @@ logger = logging.getLogger(__name__)
 _READ_BATCH = 4096  # texts per in-process batch (the engine encodes them in its own batches)
 
 
+class CorpusError(ValueError):
+    """The corpus cannot be pre-warmed as given (format, a missing field, a bad record, no shared
+    store for Ray): a user error, which the command reports in one line."""
+
+
 @dataclass(frozen=True)
 class PrewarmReport:
     """What a pre-warm run did: ``passages`` read, ``encoded`` (the rest were stored already or blank)."""
@@ -56,7 +61,7 @@ def _format(path: Path) -> str:
         return "jsonl"
     if name.endswith((".parquet", ".pq")) or path.is_dir():
         return "parquet"
-    raise ValueError(f"corpus {str(path)!r}: expected .jsonl, .jsonl.gz or .parquet (or a folder of parquet)")
+    raise CorpusError(f"corpus {str(path)!r}: expected .jsonl, .jsonl.gz or .parquet (or a folder of parquet)")
 
 
 def _text(record: Any, field: str, where: str) -> str:
@@ -70,7 +75,7 @@ def _text(record: Any, field: str, where: str) -> str:
         problem = f"no field {field!r} (fields: {', '.join(sorted(record)) or 'none'}); choose it with --text-field"
     else:
         problem = f"field {field!r} must be a string, got {type(value).__name__}"
-    raise ValueError(f"{where}: {problem}")
+    raise CorpusError(f"{where}: {problem}")
 
 
 def read_texts(path: str | os.PathLike[str], text_field: str = "text") -> Iterator[str]:
@@ -95,7 +100,7 @@ def read_texts(path: str | os.PathLike[str], text_field: str = "text") -> Iterat
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+                        raise CorpusError(f"{path}:{n}: not JSON ({e.msg})") from None
                     yield _text(record, text_field, f"{path}:{n}")
         return
     try:
@@ -104,7 +109,7 @@ def read_texts(path: str | os.PathLike[str], text_field: str = "text") -> Iterat
         raise ImportError("reading parquet needs pyarrow: pip install 'semtoken-rag[ray]' (or pyarrow)") from e
     dataset = pq.ParquetDataset(path)
     if text_field not in dataset.schema.names:
-        raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(dataset.schema.names)}); "
+        raise CorpusError(f"{path}: no column {text_field!r} (columns: {', '.join(dataset.schema.names)}); "
                          "choose it with --text-field")
     for piece in dataset.fragments:
         for batch in piece.to_batches(columns=[text_field]):
@@ -115,7 +120,7 @@ def read_texts(path: str | os.PathLike[str], text_field: str = "text") -> Iterat
 def _check_store(config: SemTokenConfig, ray: bool) -> None:
     if config.store is None and config.cache_dir is None:
         if ray:
-            raise ValueError("pre-warming on Ray needs a shared store: set store='redis://host:port/db' "
+            raise CorpusError("pre-warming on Ray needs a shared store: set store='redis://host:port/db' "
                              "(or a directory every worker sees)")
         logger.warning("no store configured: fingerprints are kept in this process's memory only")
 

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .cli import CLIError
     from .config import SemTokenConfig
-    from .prewarm import prewarm_corpus
+    from .prewarm import CorpusError, prewarm_corpus
 
     fields = {"store": args.store, "device": args.device, "store_ttl_seconds": args.store_ttl}
     try:
@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
                                 progress=None if bar is None else bar.update)
     except FileNotFoundError as e:
         raise CLIError(str(e).strip("'\"")) from None
+    except CorpusError as e:
+        raise CLIError(str(e)) from None
     except (ImportError, OSError) as e:
         raise CLIError(f"cannot pre-warm {args.corpus}: {e}") from None
     finally:
