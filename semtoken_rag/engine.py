@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,14 +15,19 @@ import numpy as np
 import torch
 
 from . import spans as sp
+from .batching import MicroBatcher
 from .budget import BudgetTokenizer, select_under_budget
-from .cache import CacheEntry, ConversationMemory, FingerprintCache, cache_key, find_repeats
+from .cache import ConversationMemory, FingerprintCache, faiss_gpu_available, find_repeats
 from .config import SemTokenConfig
+from .device_search import DeviceConversationMemory, find_repeats_torch
 from .encoder import Encoder, Fingerprints
+from .prepare import Prepared, Preparer, Request
 from .render import join_slices, kept_slices
 from .results import CompressedChunk, CompressionResult, SpanInfo
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_CUDA_WINDOW_MS = 2.0  # micro-batching window on CUDA when config.batch_window_ms is None
 
 
 @dataclass
@@ -63,10 +67,23 @@ class SemToken:
                                show_progress_bar=cfg.show_progress_bar)
         self.tokenizer = BudgetTokenizer(cfg.tokenizer)
         self.cache = FingerprintCache(max_bytes=cfg.cache_max_bytes, cache_dir=cfg.cache_dir, fsync=False)
-        self.memory = ConversationMemory(max_spans=cfg.conversation_max_spans)
+        self.repeat_search = choose_repeat_search(self.encoder.device)
+        logger.info("semtoken-rag repeat search: %s", self.repeat_search)
+        self.memory: ConversationMemory | DeviceConversationMemory
+        if self.repeat_search == "torch":
+            self.memory = DeviceConversationMemory(max_spans=cfg.conversation_max_spans, device=self.encoder.device)
+        else:
+            self.memory = ConversationMemory(max_spans=cfg.conversation_max_spans)
         self._namespace = self.encoder.identity
-        self._queries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._lock = threading.Lock()
+        self.preparer = Preparer(self.encoder, self.cache, self._namespace)
+        window = cfg.batch_window_ms if cfg.batch_window_ms is not None else \
+            (DEFAULT_CUDA_WINDOW_MS if self.encoder.device.type == "cuda" else 0.0)
+        self.batcher: MicroBatcher[Request, Prepared] | None = None
+        if window > 0:
+            self.batcher = MicroBatcher(self._prepare_batch, window_ms=window, max_batch=cfg.max_batch_requests,
+                                        name="semtoken-encoder-batcher")
+        logger.info("semtoken-rag micro-batching of concurrent calls: %s",
+                    f"on, window {window:g} ms" if self.batcher else "off")
         self._gap_cost = self.tokenizer.count("a" + cfg.gap_marker + "b") - self.tokenizer.count("a b")
 
     # -- public API -----------------------------------------------------------------------------
@@ -79,6 +96,82 @@ class SemToken:
     def cache_stats(self):
         """Fingerprint cache statistics (hits, misses, bytes, encoder seconds saved...)."""
         return self.cache.stats()
+
+    def close(self) -> None:
+        """Stop the micro-batching worker thread, if any (calls after this encode on their own)."""
+        if self.batcher is not None:
+            self.batcher.close()
+
+    def compress_many(self, chunk_lists: Sequence[Sequence[str]], queries: Sequence[str | None], *,
+                      rate: float | None = None, target_tokens: int | None = None,
+                      conversation_ids: Sequence[str | None] | None = None) -> list[CompressionResult]:
+        """Compress many requests at once: ``compress(chunk_lists[i], queries[i], ...)`` for every ``i``,
+        with the encoder work of all of them shared.
+
+        The chunks missing from the cache are fingerprinted in one length-sorted encoder pass (a chunk
+        that several requests share is encoded once) and all new queries are embedded in one more
+        pass. Each result equals the single call's. Every request is checked before any work: a bad
+        one raises ``TypeError``/``ValueError`` naming its index. ``rate``/``target_tokens`` apply to
+        every request; ``conversation_ids`` gives one id (or None) per request, and requests of one
+        conversation are served in order.
+
+        >>> engine = SemToken()
+        >>> out = engine.compress_many([["Paris is the capital of France. Bananas are yellow."],
+        ...                             ["Bananas are yellow. Paris is the capital of France."]],
+        ...                            ["capital of France", "fruit colour"], rate=0.5)
+        >>> [r.compressed_tokens <= r.budget for r in out]
+        [True, True]
+        """
+        started = time.perf_counter()
+        plans = self._plan_many(chunk_lists, queries, rate, target_tokens, conversation_ids)
+        todo = [(p[0], p[1] if self.config.use_query else None) for p in plans if p[4] is None]
+        with torch.inference_mode():
+            prepared = self.preparer.prepare(todo) if todo else Prepared()
+            out = []
+            for chunks, query, budget, counts, identity, conv in plans:
+                out.append(identity if identity is not None else self._compress(
+                    chunks, counts, query, budget, conv, started, prepared))
+        return out
+
+    async def acompress_many(self, chunk_lists: Sequence[Sequence[str]], queries: Sequence[str | None], *,
+                             rate: float | None = None, target_tokens: int | None = None,
+                             conversation_ids: Sequence[str | None] | None = None) -> list[CompressionResult]:
+        """:meth:`compress_many` in a worker thread, keeping the event loop free."""
+        return await asyncio.to_thread(self.compress_many, chunk_lists, queries, rate=rate,
+                                       target_tokens=target_tokens, conversation_ids=conversation_ids)
+
+    def _plan_many(self, chunk_lists, queries, rate, target_tokens, conversation_ids):
+        """Check every request (errors name the index), then count tokens and set budgets."""
+        if isinstance(chunk_lists, (str, bytes)):
+            raise TypeError("chunk_lists must be a list of lists of str (one list per request), got a str")
+        if isinstance(queries, (str, bytes)):
+            raise TypeError("queries must be a list with one query (str or None) per request, got a str")
+        chunk_lists, queries = list(chunk_lists), list(queries)
+        if len(queries) != len(chunk_lists):
+            raise ValueError(f"{len(chunk_lists)} chunk lists but {len(queries)} queries: give one per request")
+        if conversation_ids is None:
+            conversation_ids = [None] * len(chunk_lists)
+        elif isinstance(conversation_ids, (str, bytes)) or len(conversation_ids) != len(chunk_lists):
+            raise ValueError("conversation_ids must be a list with one id (str or None) per request")
+        budget_rate, target = self._budget_args(rate, target_tokens)
+        checked = []
+        for i, (chunks, query, conv) in enumerate(zip(chunk_lists, queries, conversation_ids)):
+            try:
+                checked.append((_check_chunks(chunks), _check_query(query), conv))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"request {i}: {e}") from e
+            if conv is not None and not isinstance(conv, str):
+                raise TypeError(f"request {i}: conversation id must be str or None, got {type(conv).__name__}")
+        plans = []
+        for chunks, query, conv in checked:
+            counts = self.tokenizer.count_many(chunks)
+            total = int(counts.sum())
+            budget = target if target is not None else math.floor(budget_rate * total + 1e-9)
+            identity = None
+            if budget >= total or total == 0:
+                identity = self._identity(chunks, counts, query, budget, time.perf_counter())
+            plans.append((chunks, query, budget, counts, identity, conv))
+        return plans
 
     async def acompress(self, chunks: Sequence[str], query: str | None = None, *, rate: float | None = None,
                         target_tokens: int | None = None, conversation_id: str | None = None
@@ -105,16 +198,45 @@ class SemToken:
         piece of text, every chunk comes back empty.
         """
         started = time.perf_counter()
-        chunks = _check_chunks(chunks)
-        query = _check_query(query)
-        budget_rate, target = self._budget_args(rate, target_tokens)
-        counts = self.tokenizer.count_many(chunks)
-        total = int(counts.sum())
-        budget = target if target is not None else math.floor(budget_rate * total + 1e-9)
-        if budget >= total or total == 0:
-            return self._identity(chunks, counts, query, budget, started)
+        with self._session() as session:  # announced first: concurrent callers batch their encoding
+            chunks = _check_chunks(chunks)
+            query = _check_query(query)
+            budget_rate, target = self._budget_args(rate, target_tokens)
+            counts = self.tokenizer.count_many(chunks)
+            total = int(counts.sum())
+            budget = target if target is not None else math.floor(budget_rate * total + 1e-9)
+            if budget >= total or total == 0:
+                return self._identity(chunks, counts, query, budget, started)
+            with torch.inference_mode():
+                prepared = self._prepare(chunks, query, session)
+                return self._compress(chunks, counts, query, budget, conversation_id, started, prepared)
+
+    def _session(self):
+        if self.batcher is None or self.batcher.closed:
+            return contextlib.nullcontext()
+        return self.batcher.session()
+
+    def _prepare_batch(self, requests: list[Request]) -> list[Prepared]:
+        """The micro-batcher's batch function: one shared preparation for all queued calls."""
         with torch.inference_mode():
-            return self._compress(chunks, counts, query, budget, conversation_id, started)
+            prepared = self.preparer.prepare(requests)
+        return [prepared] * len(requests)
+
+    def _prepare(self, chunks: list[str], query: str | None, session) -> Prepared:
+        """Fingerprints and query vector of one call: from the caches, else through the micro-batcher
+        (shared with concurrent calls), else one encoder pass of its own."""
+        if query is not None and not self.config.use_query:
+            query = None
+        prepared = self.preparer.lookup(chunks, query)
+        if prepared.covers(chunks, query):
+            return prepared
+        if self.batcher is not None and not self.batcher.closed:
+            try:
+                return self.batcher.submit((chunks, query), session)
+            except RuntimeError:
+                if not self.batcher.closed:
+                    raise
+        return self.preparer.prepare([(chunks, query)])
 
     # -- pipeline -----------------------------------------------------------------------------------
     def _budget_args(self, rate: float | None, target: int | None) -> tuple[float, int | None]:
@@ -129,46 +251,12 @@ class SemToken:
             raise ValueError(f"rate must be in (0, 1], got {rate!r}")
         return float(rate), None
 
-    def _fingerprints(self, chunks: list[str]) -> tuple[list[Fingerprints], int]:
-        keys = [cache_key(c, self._namespace) for c in chunks]
-        found: dict[int, Fingerprints] = {}
-        for i, key in enumerate(keys):
-            entry = self.cache.get(key) if chunks[i].strip() else None
-            if entry is not None:
-                found[i] = Fingerprints(entry.arrays["units"].astype(np.int64),
-                                        torch.from_numpy(np.array(entry.arrays["fingerprints"])))
-        missing = [i for i in range(len(chunks)) if i not in found]
-        if missing:
-            before = self.encoder.encode_seconds
-            fresh = self.encoder.fingerprint([chunks[i] for i in missing])
-            seconds = (self.encoder.encode_seconds - before) / max(len(missing), 1)
-            for i, fp in zip(missing, fresh):
-                found[i] = fp
-                if chunks[i].strip():
-                    self.cache.put(keys[i], CacheEntry(
-                        {"fingerprints": fp.vectors.numpy(), "units": fp.units.astype(np.int32)},
-                        encode_seconds=seconds))
-        return [found[i] for i in range(len(chunks))], len(chunks) - len(missing)
-
-    def _query_vector(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._lock:
-            vec = self._queries.get(query)
-            if vec is not None:
-                self._queries.move_to_end(query)
-                return vec
-        vec = self.encoder.embed_queries([query])[0]
-        with self._lock:
-            self._queries[query] = vec
-            while len(self._queries) > 1024:
-                self._queries.popitem(last=False)
-        return vec
-
     def _compress(self, chunks: list[str], counts: np.ndarray, query: str | None, budget: int,
-                  conversation_id: str | None, started: float) -> CompressionResult:
+                  conversation_id: str | None, started: float, prepared: Prepared) -> CompressionResult:
         cfg = self.config
-        calls_before = self.encoder.forward_calls
-        fps, hits = self._fingerprints(chunks)
-        encoder_calls = self.encoder.forward_calls - calls_before  # batches over chunks (query excluded)
+        fps = [prepared.fingerprints[c] for c in chunks]
+        hits = sum(c in prepared.cached for c in chunks)
+        encoder_calls = prepared.encoder_calls if any(c in prepared.encoded for c in chunks) else 0
         call = _concat(fps, self.encoder.device)
         n = len(call.chunk_of)
         if n == 0:
@@ -194,7 +282,7 @@ class SemToken:
             else np.zeros(len(starts), dtype=bool)
         # segment scores: query importance, chunk relevance, semantic density
         seg_entropy = stats.entropy(segs[:-1], segs[1:]).float()
-        q, q_tokens = self._query_vector(query) if (query is not None and cfg.use_query) else (None, None)
+        q, q_tokens = prepared.queries[query] if (query is not None and cfg.use_query) else (None, None)
         score = torch.zeros(len(segs) - 1, dtype=torch.float32, device=seg_entropy.device)
         seg_rel = chunk_rel = None
         if q is not None:
@@ -214,9 +302,9 @@ class SemToken:
         cum = np.concatenate([[0], np.cumsum(kept_cost)])
         seg_cost = cum[segs[1:]] - cum[segs[:-1]]
         # repeats and redundancy-aware selection under the budget
-        centroids = torch.nn.functional.normalize(stats.mean(segs[:-1], segs[1:]).float(), dim=-1)
-        centroids = centroids.cpu().numpy().astype(np.float32)
-        repeat = self._repeats(centroids, segs, score_np, conversation_id)
+        centroids_t = torch.nn.functional.normalize(stats.mean(segs[:-1], segs[1:]).float(), dim=-1)
+        centroids = centroids_t.cpu().numpy().astype(np.float32)
+        repeat = self._repeats(centroids, centroids_t, segs, score_np, conversation_id)
         keep = select_under_budget(
             score_np, seg_cost, seg_chunk, budget, self._gap_cost, ~repeat, centroids,
             cfg.redundancy_weight if cfg.dedup else 0.0, cfg.redundancy_threshold)
@@ -239,7 +327,7 @@ class SemToken:
                 pieces.extend(text[a:e] for a, e in zip(prev.tolist(), units[:, 1].tolist()))
         return self.tokenizer.count_many(pieces)
 
-    def _repeats(self, centroids: np.ndarray, segs: np.ndarray, score: np.ndarray,
+    def _repeats(self, centroids: np.ndarray, centroids_t: torch.Tensor, segs: np.ndarray, score: np.ndarray,
                  conversation_id: str | None) -> np.ndarray:
         """Segments that repeat a better-ranked one (in any chunk) or what the conversation received."""
         cfg = self.config
@@ -248,9 +336,16 @@ class SemToken:
             return np.zeros(n_seg, dtype=bool)
         eligible = np.diff(segs) >= cfg.min_repeat_units
         order = np.lexsort((np.arange(n_seg), -score))
-        repeat = find_repeats(centroids, np.arange(n_seg), order, cfg.repeat_threshold, eligible) >= 0
+        if self.repeat_search == "torch":
+            found = find_repeats_torch(centroids_t, np.arange(n_seg), order, cfg.repeat_threshold, eligible)
+        else:
+            found = find_repeats(centroids, np.arange(n_seg), order, cfg.repeat_threshold, eligible,
+                                 use_gpu=self.repeat_search == "faiss-gpu")
+        repeat = found >= 0
         if conversation_id is not None:
-            repeat |= self.memory.query(conversation_id, centroids, cfg.repeat_threshold) & eligible
+            on_device = self.repeat_search == "torch"
+            hit = self.memory.query(conversation_id, centroids_t if on_device else centroids, cfg.repeat_threshold)
+            repeat |= (hit.cpu().numpy() if isinstance(hit, torch.Tensor) else hit) & eligible
         return repeat
 
     def _remember(self, conversation_id: str, centroids: np.ndarray, segs: np.ndarray, keep: np.ndarray) -> None:
@@ -311,6 +406,23 @@ class SemToken:
                     for i, (t, c) in enumerate(zip(chunks, counts)))
         return CompressionResult(out, query, budget, int(counts.sum()), int(counts.sum()),
                                  0, 0, time.perf_counter() - started)
+
+
+def choose_repeat_search(device: torch.device) -> str:
+    """The repeat and conversation search path for an engine on ``device``, chosen once at start:
+    ``"faiss-gpu"`` on CUDA when faiss has GPU support, ``"torch"`` (exact search on the device) on
+    CUDA otherwise or wherever faiss is not installed, ``"faiss-cpu"`` on CPU.
+
+    >>> choose_repeat_search(torch.device("cpu")) in ("faiss-cpu", "torch")
+    True
+    """
+    try:
+        import faiss  # noqa: F401 - only whether it imports
+    except ImportError:
+        return "torch"
+    if device.type == "cuda":
+        return "faiss-gpu" if faiss_gpu_available() else "torch"
+    return "faiss-cpu"
 
 
 def _concat(fps: list[Fingerprints], device: torch.device) -> _Call:
