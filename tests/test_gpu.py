@@ -64,6 +64,7 @@ def test_device_placement_and_fp16():
     assert param.dtype == torch.float16 and eng.encoder.dtype == torch.float16
     assert eng.repeat_search in ("torch", "faiss-gpu")
     assert eng.batcher is not None  # micro-batching is on by default on CUDA
+    assert eng.encoder.batch_size == 512  # batch_size None: 512 on CUDA
     q = sample()[0]
     res = eng.compress(list(q.chunks), q.question, rate=0.33)
     assert 0 < res.compressed_tokens <= res.budget
