@@ -23,7 +23,7 @@ from .device_search import DeviceConversationMemory, find_repeats_torch
 from .encoder import Encoder, Fingerprints
 from .prepare import Prepared, Preparer, Request
 from .render import join_slices, kept_slices
-from .results import CompressedChunk, CompressionResult, SpanInfo
+from .results import CompressedChunk, CompressionResult, SpanList
 
 logger = logging.getLogger(__name__)
 
@@ -381,12 +381,13 @@ class SemToken:
         per_chunk = np.searchsorted(span_chunk, np.arange(len(chunks) + 1))
         char_start = np.concatenate([u[:, 0] for u in call.units])[starts]
         char_end = np.concatenate([u[:, 1] for u in call.units])[ends - 1]
+        is_repeat = status == "repeat"
         out = []
         for i, text in enumerate(chunks):
-            infos = tuple(SpanInfo(int(char_start[k]), int(char_end[k]), str(status[k]), float(entropy[k]),
-                                   None if span_rel is None else float(span_rel[k]), float(score[k]))
-                          for k in range(per_chunk[i], per_chunk[i + 1]))
-            rep = tuple((s.start, s.end) for s in infos if s.status == "repeat")
+            a, b = per_chunk[i], per_chunk[i + 1]
+            infos = SpanList(char_start[a:b], char_end[a:b], status[a:b], entropy[a:b],
+                             None if span_rel is None else span_rel[a:b], score[a:b])
+            rep = tuple(zip(char_start[a:b][is_repeat[a:b]].tolist(), char_end[a:b][is_repeat[a:b]].tolist()))
             out.append(CompressedChunk(
                 index=i, text=texts[i], kept_spans=tuple(slices[i]), original_tokens=int(counts[i]),
                 compressed_tokens=int(out_counts[i]),
