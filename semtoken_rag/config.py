@@ -129,6 +129,17 @@ class SemTokenConfig(BaseModel):
         None, description="Directory that persists fingerprints across processes (None: memory only).")
     conversation_max_spans: int = Field(
         20_000, ge=1, description="Span centroids remembered per conversation_id.")
+    cache_max_disk_bytes: int | None = Field(
+        2**30, ge=0,
+        description="Bound of the cache_dir in bytes (1 GiB by default): past it the least recently used "
+                    "entry files are deleted down to 90% of it. None: unbounded.")
+    conversation_max_bytes: int = Field(
+        64 * 2**20, ge=1,
+        description="Bound in bytes of the span centroids remembered over all conversations; the least "
+                    "recently used conversations are forgotten first.")
+    query_memo_max_bytes: int = Field(
+        64 * 2**20, ge=0,
+        description="Bound in bytes of the memo of query embeddings (an LRU; 0 disables it).")
 
     @field_validator("tokenizer")
     @classmethod

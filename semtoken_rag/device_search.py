@@ -5,10 +5,10 @@ The same answers as FAISS ``IndexFlatIP`` (``range_search`` for pairs at or abov
 next to the fingerprints, and a machine without any faiss wheel (e.g. a CUDA 13 image, where
 ``faiss-gpu-cu12`` lacks its CUDA 12 cuBLAS) still finds repeats. Inner products are float32 (float64
 when TF32 matmul is switched on, so that no precision is lost); a pair is kept when ``sim >= threshold``
-in float32, as :func:`semtoken_rag.cache.find_repeats` keeps FAISS's.
+in float32, as :func:`semtoken_rag.repeats.find_repeats` keeps FAISS's.
 
 Pure functions over tensors plus :class:`DeviceConversationMemory`, the on-device twin of
-:class:`semtoken_rag.cache.ConversationMemory`.
+:class:`semtoken_rag.repeats.ConversationMemory`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _BLOCK_ELEMENTS = 1 << 24  # similarity entries computed at once (64 MiB of float32)
+_CONVERSATION_OVERHEAD = 256  # bytes charged per conversation besides its centroids
 
 
 def _check(x: torch.Tensor, label: str = "x") -> torch.Tensor:
@@ -121,11 +122,12 @@ def repeat_candidates(centroids: torch.Tensor, groups: torch.Tensor, rank: torch
 
 
 class DeviceConversationMemory:
-    """Span centroids already sent to each conversation, kept as tensors on ``device``.
+    """Span centroids already sent to each conversation, kept as float32 tensors on ``device``.
 
-    The API of :class:`semtoken_rag.cache.ConversationMemory` (``add``, ``query``, ``spans``,
-    ``forget``, ``clear``); ``query`` also accepts a tensor and then returns a bool tensor on the
-    device, so a call on CUDA stays there.
+    The API and bounds of :class:`semtoken_rag.repeats.ConversationMemory` (``add``, ``query``,
+    ``spans``, ``nbytes``, ``forget``, ``clear``; ``max_conversations``, ``max_spans``, ``max_bytes``,
+    least recently used first) without FAISS; bytes count the one copy held on the device. ``query``
+    also accepts a tensor and then returns a bool tensor on the device, so a call on CUDA stays there.
 
     >>> mem = DeviceConversationMemory(device="cpu")
     >>> mem.add("chat-1", np.array([[1, 0]], np.float32))
@@ -133,15 +135,21 @@ class DeviceConversationMemory:
     [True, False]
     """
 
-    def __init__(self, max_conversations: int = 1024, max_spans: int = 4096,
+    def __init__(self, max_conversations: int = 1024, max_spans: int = 4096, max_bytes: int = 64 * 2**20,
                  device: str | torch.device = "cpu") -> None:
-        for label, value in (("max_conversations", max_conversations), ("max_spans", max_spans)):
+        for label, value in (("max_conversations", max_conversations), ("max_spans", max_spans),
+                             ("max_bytes", max_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label} must be an int >= 1, got {value!r}")
-        self.max_conversations, self.max_spans = max_conversations, max_spans
+        self.max_conversations, self.max_spans, self.max_bytes = max_conversations, max_spans, max_bytes
         self.device = torch.device(device)
         self._lock = threading.RLock()
         self._convs: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+
+    @staticmethod
+    def _size(vectors: torch.Tensor) -> int:
+        return _CONVERSATION_OVERHEAD + vectors.element_size() * vectors.nelement()
 
     def _tensor(self, centroids: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = centroids if isinstance(centroids, torch.Tensor) else torch.from_numpy(
@@ -155,13 +163,25 @@ class DeviceConversationMemory:
         x = self._tensor(centroids)
         with self._lock:
             old = self._convs.pop(conversation_id, None)
-            if old is not None and old.shape[1] != x.shape[1]:
-                self._convs[conversation_id] = old
-                raise ValueError(f"dimension {x.shape[1]} != {old.shape[1]} for {conversation_id!r}")
+            if old is not None:
+                self._bytes -= self._size(old)
+                if old.shape[1] != x.shape[1]:
+                    self._convs[conversation_id] = old
+                    self._bytes += self._size(old)
+                    raise ValueError(f"dimension {x.shape[1]} != {old.shape[1]} for {conversation_id!r}")
             vectors = x if old is None else torch.cat([old, x])
-            self._convs[conversation_id] = vectors[-self.max_spans:]
-            while len(self._convs) > self.max_conversations:
-                dropped, _ = self._convs.popitem(last=False)
+            row = x.shape[1] * 4
+            fit = self.max_spans if row == 0 else min(self.max_spans,
+                                                      (self.max_bytes - _CONVERSATION_OVERHEAD) // row)
+            if fit <= 0:
+                logger.debug("conversation memory: %r does not fit max_bytes; not kept", conversation_id)
+                return
+            vectors = vectors[len(vectors) - min(fit, len(vectors)):]
+            self._convs[conversation_id] = vectors
+            self._bytes += self._size(vectors)
+            while len(self._convs) > self.max_conversations or self._bytes > self.max_bytes:
+                dropped, vecs = self._convs.popitem(last=False)
+                self._bytes -= self._size(vecs)
                 logger.debug("conversation memory: dropped %r", dropped)
 
     def query(self, conversation_id: str, centroids: np.ndarray | torch.Tensor, threshold: float
@@ -189,13 +209,24 @@ class DeviceConversationMemory:
             stored = self._convs.get(conversation_id)
             return 0 if stored is None else len(stored)
 
-    def forget(self, conversation_id: str) -> None:
+    @property
+    def nbytes(self) -> int:
+        """Bytes held over all conversations, as counted against ``max_bytes``."""
         with self._lock:
-            self._convs.pop(conversation_id, None)
+            return self._bytes
+
+    def forget(self, conversation_id: str) -> bool:
+        """Drop one conversation; ``True`` if it was known."""
+        with self._lock:
+            old = self._convs.pop(conversation_id, None)
+            if old is not None:
+                self._bytes -= self._size(old)
+            return old is not None
 
     def clear(self) -> None:
         with self._lock:
             self._convs.clear()
+            self._bytes = 0
 
     def __contains__(self, conversation_id: object) -> bool:
         with self._lock:
@@ -208,7 +239,7 @@ class DeviceConversationMemory:
 
 def find_repeats_torch(centroids: torch.Tensor, groups: np.ndarray, order: np.ndarray, threshold: float,
                        eligible: np.ndarray | None = None) -> np.ndarray:
-    """:func:`semtoken_rag.cache.find_repeats` with the search in torch on ``centroids``' device.
+    """:func:`semtoken_rag.repeats.find_repeats` with the search in torch on ``centroids``' device.
 
     Same inputs (``centroids`` a tensor here) and the same answer: per span, the index of a
     higher-priority span in another group that it repeats, else -1.

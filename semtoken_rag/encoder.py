@@ -3,8 +3,8 @@
 One batched pass of a frozen encoder over all chunks of a call: chunks are tokenized by the fast
 tokenizer (character offsets included), cut into overlapping windows of the encoder's maximum length,
 sorted by length for batching, and each token takes its vector from the window where it is most
-central. Subword vectors are then mean-pooled into *units* (words; CJK characters one by one), which
-never split a word.
+central. Subword vectors are then mean-pooled into *units* (words; CJK characters one by one; long
+space-free runs in grapheme-safe pieces, see :mod:`semtoken_rag.text`), which never split a word.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .budget import without_surrogates
+from .text import split_units, without_surrogates
 
 logger = logging.getLogger(__name__)
 
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
-UNIT_RE = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
+_BUCKET = 32  # sequences are padded to a multiple of this width, whatever they are batched with
 _BUNDLED_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 DEFAULT_BATCH_SIZE = {False: 32, True: 512}  # windows per forward pass when batch_size is None: CPU, CUDA
 
@@ -45,16 +45,6 @@ def _quiet_loading():
     finally:
         if was_on:
             hf_logging.enable_progress_bar()
-
-
-def split_units(text: str) -> np.ndarray:
-    """Character spans ``(start, end)`` of the units of ``text``: whitespace-free runs, CJK per character.
-
-    >>> split_units("Hello, world!  日本").tolist()
-    [[0, 6], [7, 13], [15, 16], [16, 17]]
-    """
-    spans = [m.span() for m in UNIT_RE.finditer(text)]
-    return np.asarray(spans, dtype=np.int64).reshape(-1, 2)
 
 
 def resolve_model_path(name: str) -> Path:
@@ -95,6 +85,15 @@ class Fingerprints:
 
     units: np.ndarray  # (n, 2) int64 character spans
     vectors: torch.Tensor  # (n, d) float16 on CPU (the cached form)
+
+
+@dataclass(frozen=True)
+class EncodeStats:
+    """What one encoder call spent: its forward batches and their seconds (this call only, whatever
+    other threads run on the same encoder)."""
+
+    batches: int = 0
+    seconds: float = 0.0
 
 
 class Encoder:
@@ -139,8 +138,9 @@ class Encoder:
         self.batch_size = batch_size if batch_size is not None else DEFAULT_BATCH_SIZE[self.device.type == "cuda"]
         self.show_progress_bar = show_progress_bar
         self.dim = int(self.model.config.hidden_size)
-        self.encode_seconds = 0.0
+        self.encode_seconds = 0.0  # process totals over all calls and threads
         self.forward_calls = 0
+        self._totals_lock = threading.Lock()
 
     @property
     def identity(self) -> str:
@@ -148,7 +148,7 @@ class Encoder:
         weights = sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("*.bin"))
         stamp = ",".join(f"{p.name}:{p.stat().st_size}" for p in weights)
         return (f"{self.path.resolve()}|{stamp}|{self.dtype}|{self.max_length}|{self.window_overlap}"
-                f"|units-v1")
+                f"|units-v2|bucket-32")
 
     # -- encoding -----------------------------------------------------------------------------------
     def _windows(self, n_tokens: int) -> list[tuple[int, int, int, int]]:
@@ -166,19 +166,37 @@ class Encoder:
             out.append((s, e, keep_from, keep_to))
         return out
 
-    @torch.inference_mode()
-    def _forward(self, sequences: list[list[int]]) -> list[torch.Tensor]:
-        """Hidden states of token-id sequences (specials added here), batched by length, order kept."""
+    def _batches(self, lengths: list[int]) -> list[list[int]]:
+        """Batches of sequence indices, longest first; a batch holds one padded width only, and a
+        sequence's width depends on its own length alone (a multiple of ``_BUCKET``), so its hidden
+        states do not depend on what it is batched with."""
+        order = np.argsort([-n for n in lengths], kind="stable").tolist()
+        batches: list[list[int]] = []
+        width = -1
+        for i in order:
+            w = -(-lengths[i] // _BUCKET) * _BUCKET
+            if w != width or len(batches[-1]) == self.batch_size:
+                batches.append([])
+                width = w
+            batches[-1].append(i)
+        return batches
+
+    def _wrap(self, sequences: list[list[int]]) -> tuple[list[list[int]], int]:
+        """Sequences with the model's special tokens around them, and how many lead."""
         tok = self.tokenizer
         cls_id = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
         sep_id = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         wrapped = [([cls_id] if cls_id is not None else []) + s + ([sep_id] if sep_id is not None else [])
                    for s in sequences]
-        lead = 1 if cls_id is not None else 0
-        order = np.argsort([-len(s) for s in wrapped], kind="stable")
+        return wrapped, 1 if cls_id is not None else 0
+
+    @torch.inference_mode()
+    def _forward(self, sequences: list[list[int]]) -> tuple[list[torch.Tensor], EncodeStats]:
+        """Hidden states of token-id sequences (specials added here), batched by width, order kept."""
+        wrapped, lead = self._wrap(sequences)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         outputs: list[torch.Tensor | None] = [None] * len(wrapped)
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = self._batches([len(w) for w in wrapped])
         show = self.show_progress_bar
         if show is None:
             show = logger.isEnabledFor(logging.DEBUG) and len(batches) > 1
@@ -187,8 +205,9 @@ class Encoder:
 
             batches = tqdm(batches, desc="semtoken-rag encoding", unit="batch")
         started = time.perf_counter()
+        n_batches = 0
         for batch in batches:
-            width = max(len(wrapped[i]) for i in batch)
+            width = -(-max(len(wrapped[i]) for i in batch) // _BUCKET) * _BUCKET
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, i in enumerate(batch):
@@ -196,15 +215,18 @@ class Encoder:
                 mask[row, :len(wrapped[i])] = 1
             hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
             hidden = hidden.last_hidden_state
-            self.forward_calls += 1
+            n_batches += 1
             for row, i in enumerate(batch):
                 outputs[i] = hidden[row, :len(wrapped[i])]
-        self.encode_seconds += time.perf_counter() - started
-        return [o[lead:lead + len(s)] for o, s in zip(outputs, sequences)]  # strip specials
+        stats = EncodeStats(n_batches, time.perf_counter() - started)
+        with self._totals_lock:
+            self.forward_calls += stats.batches
+            self.encode_seconds += stats.seconds
+        return [o[lead:lead + len(s)] for o, s in zip(outputs, sequences)], stats  # strip specials
 
-    def fingerprint(self, texts: list[str]) -> list[Fingerprints]:
-        """Unit fingerprints of ``texts`` in one batched encoder pass (texts may be empty)."""
-        units = [split_units(t) for t in texts]
+    def _plan(self, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int, int, int, int]]], dict]:
+        """Tokenize ``texts`` (offsets included) and cut them into windows: the sequences to encode and,
+        per text, its windows as (sequence, start, end, keep_from, keep_to)."""
         enc = self.tokenizer([without_surrogates(t) for t in texts], add_special_tokens=False,
                              return_offsets_mapping=True,
                              return_attention_mask=False, return_token_type_ids=False, verbose=False)
@@ -216,8 +238,43 @@ class Encoder:
                 windows.append((len(sequences), s, e, keep_from, keep_to))
                 sequences.append(ids[s:e])
             plan.append(windows)
-        hidden = self._forward(sequences) if sequences else []
-        return self._pool(units, enc["offset_mapping"], plan, hidden)
+        return sequences, plan, enc
+
+    def forward_seconds(self, texts: list[str]) -> float:
+        """Seconds of the encoder's forward pass alone over ``texts`` (the floor of a cold call):
+        tokenizing and windowing happen before the clock starts, pooling is not done.
+
+        >>> enc = Encoder("all-MiniLM-L6-v2", device="cpu")
+        >>> enc.forward_seconds(["Paris is the capital of France."]) > 0
+        True
+        """
+        sequences, _plan, _enc = self._plan(texts)
+        if not sequences:
+            return 0.0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        started = time.perf_counter()
+        self._forward(sequences)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
+
+    def fingerprint(self, texts: list[str]) -> list[Fingerprints]:
+        """Unit fingerprints of ``texts`` in one batched encoder pass (texts may be empty)."""
+        return self.fingerprint_with_stats(texts)[0]
+
+    def fingerprint_with_stats(self, texts: list[str]) -> tuple[list[Fingerprints], EncodeStats]:
+        """:meth:`fingerprint` and what this call spent (its batches and seconds, no other thread's).
+
+        >>> enc = Encoder("all-MiniLM-L6-v2", device="cpu")
+        >>> fps, stats = enc.fingerprint_with_stats(["one text", "another text", ""])
+        >>> len(fps), stats.batches
+        (3, 1)
+        """
+        units = [split_units(t) for t in texts]
+        sequences, plan, enc = self._plan(texts)
+        hidden, stats = self._forward(sequences) if sequences else ([], EncodeStats())
+        return self._pool(units, enc["offset_mapping"], plan, hidden), stats
 
     def _pool(self, units: list[np.ndarray], offsets: list[list[tuple[int, int]]],
               plans: list[list[tuple[int, int, int, int, int]]], hidden: list[torch.Tensor]) -> list[Fingerprints]:
@@ -268,7 +325,7 @@ class Encoder:
         enc = self.tokenizer([without_surrogates(q) for q in queries], add_special_tokens=False, truncation=True,
                              max_length=self.max_length - 2, verbose=False)
         out = []
-        for h in self._forward([list(ids) for ids in enc["input_ids"]]):
+        for h in self._forward([list(ids) for ids in enc["input_ids"]])[0]:
             h = h.float().cpu()
             if len(h) == 0:
                 h = torch.zeros((1, self.dim))

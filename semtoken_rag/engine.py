@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
+import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,17 +20,34 @@ import torch
 from . import spans as sp
 from .batching import MicroBatcher
 from .budget import BudgetTokenizer, select_under_budget
-from .cache import ConversationMemory, FingerprintCache, faiss_gpu_available, find_repeats
 from .config import SemTokenConfig
 from .device_search import DeviceConversationMemory, find_repeats_torch
+from .diskstore import DirectoryStore
 from .encoder import Encoder, Fingerprints
-from .prepare import Prepared, Preparer, Request
+from .lru import ByteLRU
+from .prepare import Prepared, Preparer
 from .render import join_slices, kept_slices
+from .repeats import ConversationMemory, faiss_gpu_available, find_repeats
 from .results import CompressedChunk, CompressionResult, SpanList
+from .store import CacheStats, LayeredCache, MemoryStore
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CUDA_WINDOW_MS = 2.0  # micro-batching window on CUDA when config.batch_window_ms is None
+_MAX_SEGMENT_TOKENS = 96  # prose segments (<= 48 words) stay under it; it bounds runs without spaces
+
+
+@dataclass
+class _Plan:
+    """One checked request: its token counts and budget, or its finished result (internal)."""
+
+    chunks: list[str]
+    query: str | None
+    counts: np.ndarray
+    budget: int
+    overheads: np.ndarray
+    conversation_id: str | None
+    done: CompressionResult | None
 
 
 @dataclass
@@ -66,19 +86,26 @@ class SemToken:
                                window_overlap=cfg.window_overlap, batch_size=cfg.batch_size,
                                show_progress_bar=cfg.show_progress_bar)
         self.tokenizer = BudgetTokenizer(cfg.tokenizer)
-        self.cache = FingerprintCache(max_bytes=cfg.cache_max_bytes, cache_dir=cfg.cache_dir, fsync=False)
+        disk = None if cfg.cache_dir is None else DirectoryStore(
+            cfg.cache_dir, max_disk_bytes=cfg.cache_max_disk_bytes, fsync=False)
+        self.cache = LayeredCache(MemoryStore(cfg.cache_max_bytes), disk)
         self.repeat_search = choose_repeat_search(self.encoder.device)
         logger.info("semtoken-rag repeat search: %s", self.repeat_search)
         self.memory: ConversationMemory | DeviceConversationMemory
         if self.repeat_search == "torch":
-            self.memory = DeviceConversationMemory(max_spans=cfg.conversation_max_spans, device=self.encoder.device)
+            self.memory = DeviceConversationMemory(max_spans=cfg.conversation_max_spans,
+                                                   max_bytes=cfg.conversation_max_bytes, device=self.encoder.device)
         else:
-            self.memory = ConversationMemory(max_spans=cfg.conversation_max_spans)
+            self.memory = ConversationMemory(max_spans=cfg.conversation_max_spans,
+                                             max_bytes=cfg.conversation_max_bytes)
         self._namespace = self.encoder.identity
-        self.preparer = Preparer(self.encoder, self.cache, self._namespace)
+        # query -> ((q, q_tokens), bytes charged)
+        self._queries: ByteLRU[tuple[tuple[torch.Tensor, torch.Tensor], int]] = ByteLRU(
+            cfg.query_memo_max_bytes, sizeof=lambda item: item[1])
+        self.preparer = Preparer(self.encoder, self.cache, self._namespace, self._queries)
         window = cfg.batch_window_ms if cfg.batch_window_ms is not None else \
             (DEFAULT_CUDA_WINDOW_MS if self.encoder.device.type == "cuda" else 0.0)
-        self.batcher: MicroBatcher[Request, Prepared] | None = None
+        self.batcher: MicroBatcher[tuple[list[str], str | None, Prepared], Prepared] | None = None
         if window > 0:
             self.batcher = MicroBatcher(self._prepare_batch, window_ms=window, max_batch=cfg.max_batch_requests,
                                         name="semtoken-encoder-batcher")
@@ -93,9 +120,32 @@ class SemToken:
             raise TypeError(f"count_tokens expects a str, got {type(text).__name__}")
         return self.tokenizer.count(text)
 
-    def cache_stats(self):
-        """Fingerprint cache statistics (hits, misses, bytes, encoder seconds saved...)."""
-        return self.cache.stats()
+    def cache_stats(self) -> CacheStats:
+        """What the caches hold and saved: fingerprint hits, misses, bytes, bad entries, store errors,
+        encoder seconds saved, and the conversations and query embeddings remembered (entries, bytes).
+
+        >>> from semtoken_rag import SemToken
+        >>> engine = SemToken()
+        >>> engine.cache_stats().hits, engine.cache_stats().queries
+        (0, 0)
+        """
+        return dataclasses.replace(self.cache.stats(), conversations=len(self.memory),
+                                   conversation_bytes=self.memory.nbytes, queries=len(self._queries),
+                                   query_bytes=self._queries.nbytes)
+
+    def clear_caches(self, *, disk: bool = False) -> None:
+        """Forget the fingerprints held in memory, the query memo and every conversation.
+
+        Entries in ``cache_dir`` stay (other processes may share them) unless ``disk=True``. Counters
+        in :meth:`cache_stats` keep counting.
+        """
+        self.cache.clear(disk=disk)
+        self._queries.clear()
+        self.memory.clear()
+
+    def forget_conversation(self, conversation_id: str) -> bool:
+        """Forget what ``conversation_id`` received (its next call repeats nothing); ``True`` if known."""
+        return self.memory.forget(conversation_id)
 
     def close(self) -> None:
         """Stop the micro-batching worker thread, if any (calls after this encode on their own)."""
@@ -124,14 +174,12 @@ class SemToken:
         """
         started = time.perf_counter()
         plans = self._plan_many(chunk_lists, queries, rate, target_tokens, conversation_ids)
-        todo = [(p[0], p[1] if self.config.use_query else None) for p in plans if p[4] is None]
+        todo = [(p.chunks, p.query if self.config.use_query else None) for p in plans if p.done is None]
         with torch.inference_mode():
             prepared = self.preparer.prepare(todo) if todo else Prepared()
-            out = []
-            for chunks, query, budget, counts, identity, conv in plans:
-                out.append(identity if identity is not None else self._compress(
-                    chunks, counts, query, budget, conv, started, prepared))
-        return out
+            return [p.done if p.done is not None else self._compress(
+                p.chunks, p.counts, p.query, p.budget, p.conversation_id, started, p.overheads, prepared)
+                for p in plans]
 
     async def acompress_many(self, chunk_lists: Sequence[Sequence[str]], queries: Sequence[str | None], *,
                              rate: float | None = None, target_tokens: int | None = None,
@@ -162,26 +210,20 @@ class SemToken:
                 raise type(e)(f"request {i}: {e}") from e
             if conv is not None and not isinstance(conv, str):
                 raise TypeError(f"request {i}: conversation id must be str or None, got {type(conv).__name__}")
-        plans = []
-        for chunks, query, conv in checked:
-            counts = self.tokenizer.count_many(chunks)
-            total = int(counts.sum())
-            budget = target if target is not None else math.floor(budget_rate * total + 1e-9)
-            identity = None
-            if budget >= total or total == 0:
-                identity = self._identity(chunks, counts, query, budget, time.perf_counter())
-            plans.append((chunks, query, budget, counts, identity, conv))
-        return plans
+        started = time.perf_counter()
+        return [self._plan(chunks, query, budget_rate, target, np.zeros(len(chunks), dtype=np.int64), conv, started)
+                for chunks, query, conv in checked]
 
     async def acompress(self, chunks: Sequence[str], query: str | None = None, *, rate: float | None = None,
-                        target_tokens: int | None = None, conversation_id: str | None = None
-                        ) -> CompressionResult:
+                        target_tokens: int | None = None, conversation_id: str | None = None,
+                        chunk_overheads: Sequence[int] | None = None) -> CompressionResult:
         """:meth:`compress` in a worker thread, keeping the event loop free."""
         return await asyncio.to_thread(self.compress, chunks, query, rate=rate, target_tokens=target_tokens,
-                                       conversation_id=conversation_id)
+                                       conversation_id=conversation_id, chunk_overheads=chunk_overheads)
 
     def compress(self, chunks: Sequence[str], query: str | None = None, *, rate: float | None = None,
-                 target_tokens: int | None = None, conversation_id: str | None = None) -> CompressionResult:
+                 target_tokens: int | None = None, conversation_id: str | None = None,
+                 chunk_overheads: Sequence[int] | None = None) -> CompressionResult:
         """Compress ``chunks`` for ``query`` so that their downstream-LLM tokens fit the budget.
 
         Args:
@@ -192,34 +234,56 @@ class SemToken:
             target_tokens: absolute budget in tokens (> 0); overrides ``rate``.
             conversation_id: optional key; spans this conversation already received in earlier calls
                 are dropped as repeats.
+            chunk_overheads: optional non-negative int per chunk: tokens the caller adds around a chunk
+                (a metadata header, a separator), paid once when anything of that chunk is kept.
 
-        The budget is ``target_tokens`` or ``floor(rate * original_tokens)``; ``compressed_tokens`` never
-        exceeds it (the sum of each compressed chunk's tokens). When the budget is smaller than any
-        piece of text, every chunk comes back empty.
+        The budget is ``target_tokens`` or ``floor(rate * (original_tokens + overheads))`` (overheads of
+        the non-empty chunks); ``compressed_tokens + overhead_tokens`` never exceeds it
+        (``compressed_tokens`` is the sum of each compressed chunk's tokens, ``overhead_tokens`` the sum
+        of the overheads of the chunks that kept something). When the budget is smaller than any piece
+        of text, every chunk comes back empty.
+
+        >>> res = SemToken().compress(["Paris is the capital of France.", "Bananas are berries."],
+        ...                           "capital of France", target_tokens=12, chunk_overheads=[4, 4])
+        >>> res.compressed_tokens + res.overhead_tokens <= 12
+        True
         """
         started = time.perf_counter()
         with self._session() as session:  # announced first: concurrent callers batch their encoding
             chunks = _check_chunks(chunks)
             query = _check_query(query)
             budget_rate, target = self._budget_args(rate, target_tokens)
-            counts = self.tokenizer.count_many(chunks)
-            total = int(counts.sum())
-            budget = target if target is not None else math.floor(budget_rate * total + 1e-9)
-            if budget >= total or total == 0:
-                return self._identity(chunks, counts, query, budget, started)
+            overheads = _check_overheads(chunk_overheads, len(chunks))
+            plan = self._plan(chunks, query, budget_rate, target, overheads, conversation_id, started)
+            if plan.done is not None:
+                return plan.done
             with torch.inference_mode():
                 prepared = self._prepare(chunks, query, session)
-                return self._compress(chunks, counts, query, budget, conversation_id, started, prepared)
+                return self._compress(chunks, plan.counts, query, plan.budget, conversation_id, started,
+                                      overheads, prepared)
+
+    def _plan(self, chunks, query, budget_rate, target, overheads, conversation_id, started) -> _Plan:
+        """Token counts and budget of one request; the result itself when no encoding is needed."""
+        counts = self.tokenizer.count_many(chunks)
+        total = int(counts.sum())
+        full_overhead = int(overheads[[bool(c) for c in chunks]].sum()) if len(chunks) else 0
+        budget = target if target is not None else math.floor(budget_rate * (total + full_overhead) + 1e-9)
+        done = None
+        if budget >= total + full_overhead:
+            done = self._identity(chunks, counts, query, budget, started, full_overhead)
+        elif total == 0:
+            done = self._empty(chunks, counts, query, budget, started)
+        return _Plan(chunks, query, counts, budget, overheads, conversation_id, done)
 
     def _session(self):
         if self.batcher is None or self.batcher.closed:
             return contextlib.nullcontext()
         return self.batcher.session()
 
-    def _prepare_batch(self, requests: list[Request]) -> list[Prepared]:
+    def _prepare_batch(self, requests: list[tuple[list[str], str | None, Prepared]]) -> list[Prepared]:
         """The micro-batcher's batch function: one shared preparation for all queued calls."""
         with torch.inference_mode():
-            prepared = self.preparer.prepare(requests)
+            prepared = self.preparer.prepare([(c, q) for c, q, _ in requests], [k for _, _, k in requests])
         return [prepared] * len(requests)
 
     def _prepare(self, chunks: list[str], query: str | None, session) -> Prepared:
@@ -232,27 +296,28 @@ class SemToken:
             return prepared
         if self.batcher is not None and not self.batcher.closed:
             try:
-                return self.batcher.submit((chunks, query), session)
+                return self.batcher.submit((chunks, query, prepared), session)
             except RuntimeError:
                 if not self.batcher.closed:
                     raise
-        return self.preparer.prepare([(chunks, query)])
+        return self.preparer.prepare([(chunks, query)], [prepared])
 
     # -- pipeline -----------------------------------------------------------------------------------
     def _budget_args(self, rate: float | None, target: int | None) -> tuple[float, int | None]:
         if target is not None:
-            if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or target <= 0:
+            if isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer)) or target <= 0:
                 raise ValueError(f"target_tokens must be a positive int, got {target!r}")
             return 1.0, int(target)
         if rate is None:
             return self.config.rate, self.config.target_tokens
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate <= 1.0 \
-                or math.isnan(rate):
+        if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, numbers.Real) or math.isnan(rate) \
+                or not 0.0 < float(rate) <= 1.0:
             raise ValueError(f"rate must be in (0, 1], got {rate!r}")
         return float(rate), None
 
     def _compress(self, chunks: list[str], counts: np.ndarray, query: str | None, budget: int,
-                  conversation_id: str | None, started: float, prepared: Prepared) -> CompressionResult:
+                  conversation_id: str | None, started: float, overheads: np.ndarray, prepared: Prepared
+                  ) -> CompressionResult:
         cfg = self.config
         fps = [prepared.fingerprints[c] for c in chunks]
         hits = sum(c in prepared.cached for c in chunks)
@@ -261,9 +326,13 @@ class SemToken:
         n = len(call.chunk_of)
         if n == 0:
             return self._empty(chunks, counts, query, budget, started)
-        # segments: sentences (chunk ends included), long ones cut to max_segment_units words
+        # costs in downstream-LLM tokens: each unit with the whitespace before it
+        unit_cost = self._unit_costs(chunks, call)
+        # segments: sentences (chunk ends included), long ones cut to max_segment_units words and to
+        # _MAX_SEGMENT_TOKENS tokens (pieces of text without spaces cost many tokens each)
         breaks = np.concatenate([sp.sentence_break_after(t, fp.units) for t, fp in zip(chunks, fps)])
-        breaks = sp.cap_segments(breaks, cfg.max_segment_units)
+        breaks = sp.cap_segment_costs(sp.cap_segments(breaks, cfg.max_segment_units), unit_cost,
+                                      _MAX_SEGMENT_TOKENS)
         segs = sp.segment_bounds(breaks)
         seg_of_unit = np.repeat(np.arange(len(segs) - 1), np.diff(segs))
         seg_chunk = call.chunk_of[segs[:-1]]
@@ -278,7 +347,11 @@ class SemToken:
         lo, hi = call.offsets[call.chunk_of[starts]], call.offsets[call.chunk_of[starts] + 1]
         ws, we = sp.window_ranges(starts, ends, lo, hi, cfg.window_units)
         span_entropy = stats.entropy(ws, we).float().cpu().numpy()
-        collapsed = (ends - starts > 1) & (span_entropy <= cfg.delta) if cfg.use_entropy \
+        # units the encoder could not see on their own (pieces of one [UNK] word, dropped characters)
+        # carry a copy of the previous unit's vector: their spans are not judged coarse or repeats
+        blind = _blind_units(call)
+        blind_span = np.add.reduceat(blind, starts) > 0
+        collapsed = (ends - starts > 1) & (span_entropy <= cfg.delta) & ~blind_span if cfg.use_entropy \
             else np.zeros(len(starts), dtype=bool)
         # segment scores: query importance, chunk relevance, semantic density
         seg_entropy = stats.entropy(segs[:-1], segs[1:]).float()
@@ -293,9 +366,7 @@ class SemToken:
         if cfg.use_entropy or q is None:
             score += (cfg.entropy_weight if q is not None else 1.0) * sp.normalise(seg_entropy)
         score_np = score.cpu().numpy().astype(np.float64)
-        # costs in downstream-LLM tokens: each unit with the whitespace before it; collapsed spans
-        # cost their anchor only
-        unit_cost = self._unit_costs(chunks, call)
+        # collapsed spans cost their anchor only
         kept_cost = unit_cost.copy()
         for s, e in zip(starts[collapsed], ends[collapsed]):
             kept_cost[s + 1:e] = 0
@@ -304,12 +375,14 @@ class SemToken:
         # repeats and redundancy-aware selection under the budget
         centroids_t = torch.nn.functional.normalize(stats.mean(segs[:-1], segs[1:]).float(), dim=-1)
         centroids = centroids_t.cpu().numpy().astype(np.float32)
-        repeat = self._repeats(centroids, centroids_t, segs, score_np, conversation_id)
+        repeat = self._repeats(centroids, centroids_t, segs, score_np, conversation_id) \
+            & ~(np.add.reduceat(blind, segs[:-1]) > 0)
         keep = select_under_budget(
             score_np, seg_cost, seg_chunk, budget, self._gap_cost, ~repeat, centroids,
-            cfg.redundancy_weight if cfg.dedup else 0.0, cfg.redundancy_threshold)
+            cfg.redundancy_weight if cfg.dedup else 0.0, cfg.redundancy_threshold,
+            overheads if overheads.any() else None)
         texts, slices, out_counts, keep_units = self._render(chunks, call, segs, keep, starts, ends,
-                                                             collapsed, score_np, budget)
+                                                             collapsed, score_np, budget, overheads)
         if conversation_id is not None:
             self._remember(conversation_id, centroids, segs, keep)
         span_status = np.where(collapsed & keep_units[starts], "collapsed", np.where(
@@ -317,7 +390,7 @@ class SemToken:
         span_rel = None if seg_rel is None else seg_rel.cpu().numpy()[span_seg]
         return self._result(chunks, counts, query, budget, started, call, starts, ends, span_status,
                             span_entropy, span_rel, chunk_rel, score_np[span_seg], texts, slices,
-                            out_counts, hits, encoder_calls)
+                            out_counts, hits, encoder_calls, overheads)
 
     def _unit_costs(self, chunks: list[str], call: _Call) -> np.ndarray:
         pieces = []
@@ -353,7 +426,7 @@ class SemToken:
         if chosen.any():
             self.memory.add(conversation_id, centroids[chosen])
 
-    def _render(self, chunks, call, segs, keep, starts, ends, collapsed, score, budget):
+    def _render(self, chunks, call, segs, keep, starts, ends, collapsed, score, budget, overheads):
         keep = keep.copy()
         dropped_tail = np.zeros(len(call.chunk_of), dtype=bool)
         for s, e in zip(starts[collapsed], ends[collapsed]):
@@ -365,17 +438,20 @@ class SemToken:
                       for u, a, b in zip(call.units, call.offsets[:-1], call.offsets[1:])]
             texts = [join_slices(t, s, self.config.gap_marker) for t, s in zip(chunks, slices)]
             out_counts = self.tokenizer.count_many(texts)
-            excess = int(out_counts.sum()) - budget
+            paid = int(overheads[[bool(s) for s in slices]].sum())
+            excess = int(out_counts.sum()) + paid - budget
             if excess <= 0:
                 return texts, slices, out_counts, keep_units
             # BPE merges across slice edges can cost a token or two more than estimated: drop the
             # weakest kept segment until the exact count fits
             logger.debug("exact count over budget by %d tokens; trimming", excess)
             kept_idx = np.flatnonzero(keep)
+            if len(kept_idx) == 0:  # nothing left to drop: the texts are all "" and cost 0
+                return texts, slices, np.zeros_like(out_counts), keep_units
             keep[kept_idx[np.argmin(score[kept_idx])]] = False
 
     def _result(self, chunks, counts, query, budget, started, call, starts, ends, status, entropy,
-                span_rel, chunk_rel, score, texts, slices, out_counts, hits, encoder_calls):
+                span_rel, chunk_rel, score, texts, slices, out_counts, hits, encoder_calls, overheads):
         chunk_rel_np = chunk_rel.cpu().numpy() if chunk_rel is not None else None
         span_chunk = call.chunk_of[starts]
         per_chunk = np.searchsorted(span_chunk, np.arange(len(chunks) + 1))
@@ -393,20 +469,21 @@ class SemToken:
                 compressed_tokens=int(out_counts[i]),
                 relevance=None if chunk_rel_np is None else float(chunk_rel_np[i]),
                 repeat_spans=rep, spans=infos))
+        paid = int(overheads[[bool(s) for s in slices]].sum())
         return CompressionResult(tuple(out), query, budget, int(counts.sum()), int(out_counts.sum()),
-                                 encoder_calls, hits, time.perf_counter() - started)
+                                 encoder_calls, hits, time.perf_counter() - started, paid)
 
     def _empty(self, chunks, counts, query, budget, started) -> CompressionResult:
         """No chunk has a word (whitespace only) and the budget is short: every chunk comes back ""."""
         out = tuple(CompressedChunk(i, "", (), int(c), 0, None) for i, c in enumerate(counts))
         return CompressionResult(out, query, budget, int(counts.sum()), 0, 0, 0, time.perf_counter() - started)
 
-    def _identity(self, chunks, counts, query, budget, started) -> CompressionResult:
-        """Everything fits (or there is no token at all): chunks come back unchanged."""
+    def _identity(self, chunks, counts, query, budget, started, overhead) -> CompressionResult:
+        """Everything fits, overheads included: chunks come back unchanged."""
         out = tuple(CompressedChunk(i, t, ((0, len(t)),) if t else (), int(c), int(c), None)
                     for i, (t, c) in enumerate(zip(chunks, counts)))
         return CompressionResult(out, query, budget, int(counts.sum()), int(counts.sum()),
-                                 0, 0, time.perf_counter() - started)
+                                 0, 0, time.perf_counter() - started, overhead)
 
 
 def choose_repeat_search(device: torch.device) -> str:
@@ -434,9 +511,22 @@ def _concat(fps: list[Fingerprints], device: torch.device) -> _Call:
     return _Call(vectors, [fp.units for fp in fps], offsets, np.repeat(np.arange(len(fps)), sizes))
 
 
+def _blind_units(call: _Call) -> np.ndarray:
+    """Units whose vector is an exact copy of the previous unit's in the same chunk (the encoder gave
+    them no token of their own: pieces of a long word it read as one [UNK], dropped characters)."""
+    v = call.vectors
+    blind = np.zeros(len(call.chunk_of), dtype=bool)
+    if len(blind) > 1:
+        blind[1:] = (v[1:] == v[:-1]).all(dim=-1).cpu().numpy() & (call.chunk_of[1:] == call.chunk_of[:-1])
+    return blind
+
+
 def _check_chunks(chunks: Any) -> list[str]:
     if isinstance(chunks, (str, bytes)):
         raise TypeError("chunks must be a sequence of str, not a single string: wrap it in a list")
+    if isinstance(chunks, (Mapping, AbstractSet)):
+        raise TypeError(f"chunks must be an ordered sequence of str, got a {type(chunks).__name__}: "
+                        "pass a list (e.g. list(d.values()))")
     try:
         chunks = list(chunks)
     except TypeError as e:
@@ -445,6 +535,20 @@ def _check_chunks(chunks: Any) -> list[str]:
         if not isinstance(c, str):
             raise TypeError(f"chunks[{i}] must be str, got {type(c).__name__}")
     return chunks
+
+
+def _check_overheads(overheads: Any, n: int) -> np.ndarray:
+    """``chunk_overheads`` as an int64 array of ``n`` non-negative ints (zeros when None)."""
+    if overheads is None:
+        return np.zeros(n, dtype=np.int64)
+    if isinstance(overheads, (str, bytes)) or not isinstance(overheads, (Sequence, np.ndarray)):
+        raise TypeError(f"chunk_overheads must be a sequence of ints, got {type(overheads).__name__}")
+    if len(overheads) != n:
+        raise ValueError(f"chunk_overheads has {len(overheads)} values for {n} chunks: give one per chunk")
+    for i, x in enumerate(overheads):
+        if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 0:
+            raise ValueError(f"chunk_overheads[{i}] must be an int >= 0, got {x!r}")
+    return np.asarray([int(x) for x in overheads], dtype=np.int64)
 
 
 def _check_query(query: Any) -> str | None:

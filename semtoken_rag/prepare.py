@@ -10,16 +10,18 @@ is how ``compress_many`` and micro-batched concurrent calls share encoder passes
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .cache import CacheEntry, FingerprintCache, cache_key
 from .encoder import Encoder, Fingerprints
+from .fileformat import CacheEntry, validate_fingerprints
+from .keys import cache_key
+from .lru import ByteLRU
+from .store import LayeredCache
 
 logger = logging.getLogger(__name__)
 
@@ -34,86 +36,94 @@ class Prepared:
     fingerprints: dict[str, Fingerprints] = field(default_factory=dict)
     cached: set[str] = field(default_factory=set)  # texts whose fingerprints came from the cache
     encoded: set[str] = field(default_factory=set)  # texts encoded by this preparation's pass
+    missed: set[str] = field(default_factory=set)  # texts looked up and not found (not asked again)
     queries: dict[str, QueryVector] = field(default_factory=dict)
     encoder_calls: int = 0  # forward batches spent on chunks (queries excluded)
 
     def covers(self, chunks: Sequence[str], query: str | None) -> bool:
         return all(c in self.fingerprints for c in chunks) and (query is None or query in self.queries)
 
+    def merge(self, other: Prepared) -> None:
+        self.fingerprints.update(other.fingerprints)
+        self.queries.update(other.queries)
+        self.cached |= other.cached
+        self.missed |= other.missed - self.fingerprints.keys()
+
 
 class Preparer:
-    """Cache lookups plus one batched encoder pass for any number of requests (thread-safe)."""
+    """Cache lookups plus one batched encoder pass for any number of requests (thread-safe).
 
-    def __init__(self, encoder: Encoder, cache: FingerprintCache, namespace: str, max_queries: int = 1024
-                 ) -> None:
-        self.encoder, self.cache, self.namespace = encoder, cache, namespace
-        self.max_queries = max_queries
-        self._queries: OrderedDict[str, QueryVector] = OrderedDict()
-        self._lock = threading.Lock()
+    ``queries`` is the engine's query memo: query -> (vector, bytes charged).
+    """
 
-    def clear_queries(self) -> None:
-        with self._lock:
-            self._queries.clear()
-
-    def _cached_query(self, query: str) -> QueryVector | None:
-        with self._lock:
-            vec = self._queries.get(query)
-            if vec is not None:
-                self._queries.move_to_end(query)
-            return vec
+    def __init__(self, encoder: Encoder, cache: LayeredCache, namespace: str,
+                 queries: ByteLRU[tuple[QueryVector, int]]) -> None:
+        self.encoder, self.cache, self.namespace, self.queries = encoder, cache, namespace, queries
 
     def lookup(self, chunks: Sequence[str], query: str | None, into: Prepared | None = None) -> Prepared:
         """What the caches hold for one request (no encoding); check :meth:`Prepared.covers`."""
         out = into if into is not None else Prepared()
-        for text in chunks:
-            if text in out.fingerprints:
+        asked = []
+        for text in dict.fromkeys(chunks):
+            if text in out.fingerprints or text in out.missed:
                 continue
             if not text.strip():  # nothing to encode or cache: no units
-                out.fingerprints[text] = _blank(text, self.encoder.dim)
-                continue
-            entry = self.cache.get(cache_key(text, self.namespace))
-            if entry is not None:
-                out.fingerprints[text] = Fingerprints(entry.arrays["units"].astype(np.int64),
-                                                      torch.from_numpy(np.array(entry.arrays["fingerprints"])))
-                out.cached.add(text)
+                out.fingerprints[text] = _blank(self.encoder.dim)
+            else:
+                asked.append(text)
+
+        def fits(j: int, entry: CacheEntry) -> bool:  # a valid checksum is not a valid entry
+            return validate_fingerprints(entry.get("units"), entry.get("fingerprints"), len(asked[j]),
+                                         self.encoder.dim)
+
+        if asked:
+            entries = self.cache.get_many([cache_key(t, self.namespace) for t in asked], valid=fits)
+            for text, entry in zip(asked, entries):
+                if entry is not None:
+                    out.fingerprints[text] = Fingerprints(entry["units"].astype(np.int64),
+                                                          torch.from_numpy(np.array(entry["fingerprints"])))
+                    out.cached.add(text)
+                else:
+                    out.missed.add(text)
         if query is not None and query not in out.queries:
-            vec = self._cached_query(query)
-            if vec is not None:
-                out.queries[query] = vec
+            memo = self.queries.get(query)
+            if memo is not None:
+                out.queries[query] = memo[0]
         return out
 
-    def prepare(self, requests: Sequence[Request]) -> Prepared:
+    def prepare(self, requests: Sequence[Request], known: Sequence[Prepared | None] = ()) -> Prepared:
         """Fingerprints of every chunk and vectors of every query of ``requests``: cached ones looked
-        up, the rest encoded in one pass each (chunks, then queries) and cached."""
+        up, the rest encoded in one pass each (chunks, then queries) and cached. ``known``: lookups
+        already made for these requests (their misses are not looked up again)."""
         out = Prepared()
+        for k in known:
+            if k is not None:
+                out.merge(k)
         for chunks, query in requests:
             self.lookup(chunks, query, out)
         missing = list(dict.fromkeys(t for chunks, _ in requests for t in chunks if t not in out.fingerprints))
         if missing:
-            calls, seconds = self.encoder.forward_calls, self.encoder.encode_seconds
-            fresh = self.encoder.fingerprint(missing)
-            out.encoder_calls = self.encoder.forward_calls - calls
-            per_text = (self.encoder.encode_seconds - seconds) / len(missing)
+            fresh, spent = self.encoder.fingerprint_with_stats(missing)
+            out.encoder_calls = spent.batches
+            seconds = spent.seconds / len(missing)
+            new = []
             for text, fp in zip(missing, fresh):
                 out.fingerprints[text] = fp
                 out.encoded.add(text)
-                self.cache.put(cache_key(text, self.namespace), CacheEntry(
+                new.append((cache_key(text, self.namespace), CacheEntry(
                     {"fingerprints": fp.vectors.numpy(), "units": fp.units.astype(np.int32)},
-                    encode_seconds=per_text))
+                    encode_seconds=seconds)))
+            self.cache.put_many(new)
         new_queries = list(dict.fromkeys(q for _, q in requests if q is not None and q not in out.queries))
         if new_queries:
-            vecs = self.encoder.embed_queries(new_queries)
-            with self._lock:
-                for q, vec in zip(new_queries, vecs):
-                    out.queries[q] = vec
-                    self._queries[q] = vec
-                    self._queries.move_to_end(q)
-                while len(self._queries) > self.max_queries:
-                    self._queries.popitem(last=False)
+            for q, vec in zip(new_queries, self.encoder.embed_queries(new_queries)):
+                out.queries[q] = vec
+                size = sys.getsizeof(q) + 256 + sum(t.element_size() * t.nelement() for t in vec)
+                self.queries.put(q, (vec, size))
         logger.debug("prepared %d requests: %d chunks encoded in %d batches, %d queries embedded",
                      len(requests), len(missing), out.encoder_calls, len(new_queries))
         return out
 
 
-def _blank(text: str, dim: int) -> Fingerprints:
+def _blank(dim: int) -> Fingerprints:
     return Fingerprints(np.zeros((0, 2), dtype=np.int64), torch.zeros((0, dim), dtype=torch.float16))

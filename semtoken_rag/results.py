@@ -110,7 +110,9 @@ class CompressionResult:
     """What :meth:`SemToken.compress` returns: one :class:`CompressedChunk` per input chunk, in order.
 
     ``encoder_calls`` counts the encoder's forward batches spent on chunks (0 when every chunk came
-    from the cache); ``cache_hits`` the chunks whose fingerprints came from the cache.
+    from the cache); ``cache_hits`` the chunks whose fingerprints came from the cache;
+    ``overhead_tokens`` the ``chunk_overheads`` paid by the chunks that kept something (the budget
+    holds ``compressed_tokens + overhead_tokens <= budget``).
     """
 
     chunks: tuple[CompressedChunk, ...]
@@ -121,6 +123,7 @@ class CompressionResult:
     encoder_calls: int = 0
     cache_hits: int = 0
     seconds: float = 0.0
+    overhead_tokens: int = 0
 
     @property
     def ratio(self) -> float:
@@ -143,5 +146,5 @@ class CompressionResult:
             chunks.append(d)
         return {"query": self.query, "budget": self.budget, "original_tokens": self.original_tokens,
                 "compressed_tokens": self.compressed_tokens, "ratio": round(self.ratio, 6),
-                "encoder_calls": self.encoder_calls, "cache_hits": self.cache_hits,
+                "overhead_tokens": self.overhead_tokens, "encoder_calls": self.encoder_calls, "cache_hits": self.cache_hits,
                 "seconds": round(self.seconds, 6), "chunks": chunks}

@@ -16,6 +16,7 @@ import torch
 _SENTENCE_END = re.compile(
     r"[.!?][\"'”’)\]]*(?=\s+[\"'“‘(\[]?[A-Z0-9\u00C0-\u00DE])"  # Latin: . ! ? before a capital/digit
     r"|[。！？]"  # CJK full stops
+    r"|(?<=[\u0E00-\u0E7F])(?=\s+[\u0E00-\u0E7F])"  # Thai: a space between two phrases or sentences
     r"|\n")  # line breaks (titles, list items, paragraphs)
 
 
@@ -23,7 +24,7 @@ def sentence_break_after(text: str, units: np.ndarray) -> np.ndarray:
     """``out[u]`` is True when a sentence ends at unit ``u`` of ``text`` (the last unit always does).
 
     >>> import numpy as np
-    >>> from semtoken_rag.encoder import split_units
+    >>> from semtoken_rag.text import split_units
     >>> t = "Title\\nIt rained. Then it stopped."
     >>> sentence_break_after(t, split_units(t)).tolist()
     [True, False, True, False, False, True]
@@ -85,6 +86,22 @@ def cap_segments(break_after: np.ndarray, max_units: int) -> np.ndarray:
     for s, e in itertools.pairwise(bounds):
         if e - s > max_units:
             out[np.arange(s + max_units - 1, e - 1, max_units)] = True
+    return out
+
+
+def cap_segment_costs(break_after: np.ndarray, costs: np.ndarray, max_cost: int) -> np.ndarray:
+    """Add breaks so that no segment of several units costs more than ``max_cost`` (a unit is never cut).
+
+    >>> cap_segment_costs(np.array([False, False, False, True]), np.array([5, 5, 5, 5]), 10).tolist()
+    [False, True, False, True]
+    """
+    out = break_after.copy()
+    running = 0
+    for u, cost in enumerate(costs.tolist()):
+        if running and running + cost > max_cost:
+            out[u - 1] = True
+            running = 0
+        running = 0 if out[u] else running + cost
     return out
 
 

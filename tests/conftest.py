@@ -1,10 +1,80 @@
-"""Shared fixtures: one real engine (the packaged MiniLM encoder, on CPU) for the whole session."""
+"""Shared fixtures.
+
+Two tiers. The unit tier runs on a tiny random-weight BERT with a WordPiece tokenizer built here (no
+download, seconds). The integration tier uses the real packaged MiniLM encoder: every test that uses an
+``engine`` fixture is marked ``slow`` here, and modules that build real engines themselves mark
+themselves. ``pytest -m "not slow"`` runs the unit tier only.
+"""
 
 from __future__ import annotations
+
+import string
+from pathlib import Path
 
 import pytest
 
 from semtoken_rag import SemToken, SemTokenConfig
+
+TINY_WORDS = ("the", "a", "an", "of", "in", "to", "and", "is", "was", "for", "on", "by", "with", "as",
+              "at", "from", "it", "that", "this", "are", "be", "not", "who", "what", "when", "where",
+              "first", "prize", "nobel", "physics", "award", "awarded", "river", "city", "war", "year",
+              "banana", "fruit")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that use the real encoder through an ``engine`` fixture belong to the slow tier."""
+    for item in items:
+        if "engine" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+def build_tiny_encoder(folder: Path) -> Path:
+    """Save a random-weight 2-layer BERT (hidden size 32, fixed seed) and a fast WordPiece tokenizer.
+
+    The vocabulary: specials, letters, digits and punctuation (with ``##`` continuations) and a few
+    common words, so that any text tokenizes to known pieces or ``[UNK]``.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    pieces = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = list(dict.fromkeys(specials + pieces + ["##" + c for c in pieces] + list(TINY_WORDS)))
+    ids = {w: i for i, w in enumerate(vocab)}
+    tok = Tokenizer(models.WordPiece(ids, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True,
+                                                handle_chinese_chars=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+    tok.decoder = decoders.WordPiece()
+    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(1234)
+    try:
+        model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=128,
+                                     vocab_size=len(vocab)))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    fast.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """Folder of the tiny random-weight BERT (built once per session)."""
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_encoder) -> SemToken:
+    """An engine on the tiny encoder with 32-token windows, so that long chunks span several windows."""
+    return SemToken(SemTokenConfig(encoder=str(tiny_encoder), device="cpu", max_length=32, window_overlap=8))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Fast tests of the benchmark's data loader and answer metric (no models loaded)."""
+"""Fast tests of the benchmark's data (the core loader on the full NQ file) and answer metric (no models)."""
 
 from __future__ import annotations
 
@@ -9,22 +9,23 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.data import NQ_FILE, gold_position_for, load_nq, resolve_data_dir
+from benchmarks.data import EVAL, NQ_FILE, TUNE, gold_position_for, load_nq, resolve_data_dir
 from benchmarks.metrics import (
     TokenCounter,
-    answer_recall_hit,
+    answer_in,
     best_subspan_em,
     budget_for,
     normalize_answer,
     percentile,
 )
+from semtoken_rag.datasets import DATA_ENV
 
 
 def _data_dir() -> Path:
     try:
         return resolve_data_dir()
     except FileNotFoundError:
-        pytest.skip("NQ data not found (../shared/data or /work/shared/data, or $SEMTOKEN_DATA_DIR)")
+        pytest.skip(f"NQ data not found (../shared/data next to the clone, or ${DATA_ENV})")
 
 
 # --- metric ----------------------------------------------------------------------------------------
@@ -43,14 +44,14 @@ def test_normalize_answer(raw, norm):
     assert normalize_answer(raw) == norm
 
 
-def test_answer_recall_hit():
+def test_answer_in():
     ctx = "The first Nobel Prize in Physics was awarded in 1901 to Wilhelm Conrad Röntgen, of Germany."
-    assert answer_recall_hit(["Wilhelm Conrad Röntgen"], ctx)
-    assert answer_recall_hit(["Marie Curie", "wilhelm conrad röntgen."], ctx)   # any answer
-    assert not answer_recall_hit(["Marie Curie"], ctx)
-    assert not answer_recall_hit([""], ctx)                                   # empty answers never match
-    assert answer_recall_hit(["the 1901"], "in 1901 to")                       # articles dropped both sides
-    assert not answer_recall_hit(["Röntgen"], "")
+    assert answer_in(["Wilhelm Conrad Röntgen"], ctx)
+    assert answer_in(["Marie Curie", "wilhelm conrad röntgen."], ctx)   # any answer
+    assert not answer_in(["Marie Curie"], ctx)
+    assert not answer_in([""], ctx)                                   # empty answers never match
+    assert answer_in(["the 1901"], "in 1901 to")                       # articles dropped both sides
+    assert not answer_in(["Röntgen"], "")
     assert best_subspan_em("It was Röntgen.", ["röntgen"])
 
 
@@ -72,12 +73,19 @@ def test_token_counter_llama3():
 # --- data ------------------------------------------------------------------------------------------
 
 def test_gold_position_rule():
-    for i in range(50):
-        assert gold_position_for(i, "random") == random.Random(1234 + i).randrange(20)
+    positions = [gold_position_for(i, "random") for i in range(441)]
+    assert positions == [1 + random.Random(1234 + i).randrange(19) for i in range(441)]
+    assert min(positions) == 1 and max(positions) == 19  # never first, every other position used
     assert [gold_position_for(0, p) for p in ("first", "middle", "last")] == [0, 9, 19]
     assert gold_position_for(3, 7) == 7
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="outside 0..19"):
         gold_position_for(0, 20)
+    with pytest.raises(ValueError, match="'centre'"):
+        gold_position_for(0, "centre")
+
+
+def test_splits_do_not_overlap():
+    assert TUNE == range(150) and EVAL == range(150, 441) and not set(TUNE) & set(EVAL)
 
 
 def test_load_nq_random_positions():
@@ -90,12 +98,19 @@ def test_load_nq_random_positions():
         assert rec.index == i
         assert rec.question == r["question"] and list(rec.answers) == r["answers"]
         assert len(rec.chunks) == 20
-        assert rec.gold_index == random.Random(1234 + i).randrange(20)
+        assert rec.gold_index == 1 + random.Random(1234 + i).randrange(19)
         gold = r["ctxs"][0]
         assert rec.chunks[rec.gold_index] == f"{gold['title']}\n{gold['text']}"
         distractors = [f"{c['title']}\n{c['text']}" for c in r["ctxs"][1:]]
         assert [c for k, c in enumerate(rec.chunks) if k != rec.gold_index] == distractors   # order kept
-        assert rec["question"] == rec.question          # dict-style access
+        assert rec.titles == tuple(c.split("\n", 1)[0] for c in rec.chunks)
+        assert rec.passages()[rec.gold_index] == (gold["title"], gold["text"])
+
+
+def test_load_nq_start_reads_from_that_question():
+    later = load_nq(3, data_dir=_data_dir(), start=EVAL.start)
+    assert [r.index for r in later] == [150, 151, 152]
+    assert later[0].chunks == load_nq(151, data_dir=_data_dir())[150].chunks
 
 
 @pytest.mark.parametrize("pos, idx", [("first", 0), ("middle", 9), ("last", 19), (4, 4)])
@@ -108,10 +123,12 @@ def test_load_nq_fixed_positions(pos, idx):
 
 
 def test_load_nq_data_dir_override(tmp_path, monkeypatch):
-    _data_dir()
-    monkeypatch.setenv("SEMTOKEN_DATA_DIR", str(tmp_path))
-    with pytest.raises(FileNotFoundError):
+    real = _data_dir()
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=DATA_ENV):
         load_nq(1)
+    monkeypatch.setenv(DATA_ENV, str(real / NQ_FILE))  # the file itself also names the folder
+    assert resolve_data_dir() == real
 
 
 def test_chunks_carry_no_labels():

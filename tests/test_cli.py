@@ -1,8 +1,9 @@
-"""The ``semtoken-rag`` command: in-process through ``main()`` with the session engine, plus one real run
-of the installed console script."""
+"""The ``semtoken-rag`` command: in-process through ``main()`` (engines from the core registry), plus
+real runs of the installed console script where the process matters (pipes, raw stdin bytes)."""
 
 from __future__ import annotations
 
+import gzip
 import html
 import io
 import json
@@ -15,21 +16,31 @@ from pathlib import Path
 
 import pytest
 
-from semtoken_rag import __version__, cli
+from semtoken_rag import SemToken, __version__, cli
+from semtoken_rag.datasets import DATA_ENV, NQ_FILE
+from semtoken_rag.registry import clear_registry, registered_engines
 
 QUERY = "who got the first nobel prize in physics"
+ROOT = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(r"^semtoken-rag: (\d+) -> (\d+) tokens \(\d+\.\d%, [\d.]+x fewer\) in \d+\.\d\d s; "
                      r"(\d+)/(\d+) chunks kept$")
 
 
-@pytest.fixture()
-def run(engine, monkeypatch, capsys):
-    """``run(*argv, stdin=None) -> (exit status, stdout, stderr)``; the CLI reuses the session engine."""
-    cache = {cli._engine_key(engine.config): engine}
-    monkeypatch.setattr(cli, "_ENGINES", cache)
+@pytest.fixture(scope="module")
+def cli_engines():
+    """The CLI's engines come from the core registry: start this module with none, leave none behind."""
+    clear_registry()
+    yield
+    clear_registry()
 
-    def _run(*argv: str, stdin: str | None = None) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin or ""))
+
+@pytest.fixture()
+def run(cli_engines, monkeypatch, capsys):
+    """``run(*argv, stdin=None) -> (exit status, stdout, stderr)``; stdin is text (UTF-8) or raw bytes."""
+
+    def _run(*argv: str, stdin: str | bytes | None = None) -> tuple[int, str, str]:
+        data = stdin.encode("utf-8") if isinstance(stdin, str) else (stdin or b"")
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
         try:
             code = cli.main(["compress", "--device", "cpu", *argv] if argv[0] not in ("demo", "bench")
                             else list(argv))
@@ -154,13 +165,82 @@ def test_engine_errors_exit_2(run, files):
     assert code == 2 and "no-such-device" in err and "not a torch device" in err
 
 
+def test_non_utf8_stdin_is_rejected_like_a_file(run):
+    code, out, err = run("--json", stdin=b"good text\n\n\xff\xfe bad bytes")
+    assert code == 2 and out == ""
+    assert "cannot read stdin: not UTF-8 text (invalid start byte at byte 11)" in err
+
+
+def test_empty_input_prints_a_sensible_summary(run):
+    code, out, err = run("--query", QUERY, stdin="\n  \n")
+    assert code == 0 and out.strip() == ""
+    assert re.fullmatch(r"semtoken-rag: 0 -> 0 tokens \(nothing to compress\) in \d+\.\d\d s; 0/0 chunks kept",
+                        err.strip()), err
+    code, out, _ = run("--json", "--quiet", stdin="")
+    assert code == 0 and json.loads(out)["chunks"] == [] and json.loads(out)["original_tokens"] == 0
+
+
+def test_invalid_option_value_is_a_user_error_before_any_input_is_read(run):
+    code, out, err = run("--tokenizer", "no-such-tokenizer", stdin=b"\xff never read")
+    assert code == 2 and out == ""
+    assert re.search(r"semtoken-rag: error: invalid option value: tokenizer='no-such-tokenizer' is unknown", err), err
+    assert "not UTF-8" not in err  # options are validated first
+
+
+def test_engine_bug_is_not_reported_as_a_user_error(run, files, monkeypatch):
+    """Only user errors become exit 2; a ValueError from inside the engine surfaces with its traceback."""
+    def broken(self, *a, **k):
+        raise ValueError("internal invariant broken")
+
+    monkeypatch.setattr(SemToken, "compress", broken)
+    with pytest.raises(ValueError, match="internal invariant broken"):
+        run(files[0])
+
+
+def test_engines_come_from_the_core_registry(run, files):
+    assert run("--rate", "0.5", "--quiet", files[0])[0] == 0
+    engines = registered_engines()
+    assert run("--rate", "0.3", "--quiet", files[1])[0] == 0  # same engine settings: same engine
+    assert registered_engines() == engines and len(engines) >= 1
+    assert run("--gap-marker", " [...] ", "--quiet", files[1])[0] == 0  # other settings: another engine
+    assert len(registered_engines()) == len(engines) + 1
+
+
+def _script() -> list[str]:
+    script = Path(sys.executable).with_name("semtoken-rag")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "semtoken_rag.cli"]
+
+
+def test_console_script_rejects_non_utf8_stdin(tmp_path):
+    done = subprocess.run([*_script(), "compress", "--device", "cpu", "--json"], input=b"caf\xe9 au lait",
+                          capture_output=True, timeout=300, check=False, cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == b""
+    assert done.stderr.decode() == "semtoken-rag: error: cannot read stdin: not UTF-8 text (invalid " \
+                                   "continuation byte at byte 3)\n"
+
+
+def test_console_script_into_a_closed_pipe_exits_quietly(tmp_path):
+    """``semtoken-rag compress ... | head -c 5``: no BrokenPipeError traceback, SIGPIPE-like status."""
+    text = "\n\n".join(f"Passage {i}. The value of item {i} is {i * 7}, measured in {1900 + i % 100}."
+                         for i in range(2500))  # > 150 KiB of output at rate 1: more than a pipe holds
+    src = tmp_path / "in.txt"
+    src.write_text(text, encoding="utf-8")
+    line = f"{' '.join(_script())} compress --device cpu --rate 1 --quiet < {src} | head -c 5; " \
+           'echo " ${PIPESTATUS[0]}"'
+    done = subprocess.run(["bash", "-c", line],
+                          capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
+    assert done.stdout == "Passa 141\n", done.stdout
+    assert done.stderr == "", done.stderr
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"semtoken-rag {__version__}"
 
 
-def test_bench_forwards_to_the_benchmarks(capfd):
+def test_bench_forwards_to_the_benchmarks_found_from_the_current_directory(capfd, monkeypatch):
+    monkeypatch.chdir(ROOT)
     assert cli.main(["bench", "--help"]) == 0
     assert "usage: python -m benchmarks" in capfd.readouterr().out
 
@@ -177,19 +257,53 @@ def test_demo_on_bundled_sample(run, tmp_path):
     assert "Röntgen" in page_path.read_text(encoding="utf-8")
 
 
+def _nq_file(tmp_path: Path, n: int) -> Path:
+    """An upstream-layout NQ file (gold passage first, in ``ctxs``) made from the bundled sample."""
+    from semtoken_rag.datasets import load_nq
+
+    path = tmp_path / NQ_FILE
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        for r in load_nq(n):
+            order = [r.gold_index, *(k for k in range(len(r.chunks)) if k != r.gold_index)]
+            ctxs = [{"title": r.titles[k], "text": r.passages()[k][1]} for k in order]
+            fh.write(json.dumps({"question": r.question, "answers": list(r.answers), "ctxs": ctxs}) + "\n")
+    return path
+
+
+def test_demo_reads_data_from_option_or_environment(run, tmp_path, monkeypatch):
+    path = _nq_file(tmp_path, 2)
+    code, out, err = run("demo", "--data", str(path), "--n", "1", "--device", "cpu")
+    assert code == 0, err
+    assert f"from {path};" in out and "[1] who got the first nobel prize in physics?" in out
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))  # a folder holding the NQ file
+    code, out, err = run("demo", "--n", "1", "--device", "cpu")
+    assert code == 0 and f"from {path};" in out
+    code, out, _ = run("demo", "--data", "bundled", "--n", "1", "--device", "cpu")
+    assert code == 0 and "bundled sample" in out
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "missing"))
+    code, out, err = run("demo", "--n", "1", "--device", "cpu")
+    assert code == 2 and out == "" and f"${DATA_ENV}" in err and "missing" in err
+
+
+def test_demo_on_a_file_that_is_not_nq(run, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n', encoding="utf-8")
+    code, _, err = run("demo", "--data", str(bad), "--device", "cpu")
+    assert code == 2 and "is not NQ JSON Lines" in err and "line 1" in err
+
+
 def test_bench_without_a_clone_says_what_to_do(run, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "_REPO_ROOT", tmp_path)
+    monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(sys.modules, "benchmarks", raising=False)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if not (Path(p or ".") / "benchmarks").is_dir()])
     code, _, err = run("bench", "--quick")
-    assert code == 2 and "from a clone of the repository" in err and "../shared/data" in err
+    assert code == 2 and "from the root of a clone" in err and DATA_ENV in err
 
 
+@pytest.mark.slow
 def test_console_script_end_to_end(nobel, tmp_path):
     """The installed entry point in a fresh process: stdin blocks in, JSON out."""
-    script = Path(sys.executable).with_name("semtoken-rag")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "semtoken_rag.cli"]
-    done = subprocess.run([*cmd, "compress", "--device", "cpu", "--query", QUERY, "--rate", "0.33", "--json"],
+    done = subprocess.run([*_script(), "compress", "--device", "cpu", "--query", QUERY, "--rate", "0.33", "--json"],
                           input="\n\n".join(nobel), capture_output=True, text=True, timeout=300, check=False,
                           cwd=tmp_path, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert done.returncode == 0, done.stderr

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from semtoken_rag.cache import ConversationMemory, find_repeats
-from semtoken_rag.demo_data import load_questions
+from semtoken_rag.datasets import load_nq
 from semtoken_rag.device_search import (
     DeviceConversationMemory,
     best_similarity,
     find_repeats_torch,
     range_pairs,
 )
+from semtoken_rag.repeats import ConversationMemory, find_repeats
 
 
 def faiss_pairs(x: np.ndarray, threshold: float) -> set[tuple[int, int]]:
@@ -35,7 +35,7 @@ def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def real_centroids(engine) -> np.ndarray:
     """Normalised unit fingerprints of real retrieved passages (bundled NQ sample), with duplicates."""
-    questions, _ = load_questions(3)
+    questions = load_nq(3)
     chunks = [c for q in questions for c in q.chunks[:8]]
     chunks += chunks[:4]  # exact repeats across "chunks": similarity 1 pairs
     fps = engine.encoder.fingerprint(chunks)

@@ -9,9 +9,11 @@ import torch
 from conftest import NOBEL
 
 from semtoken_rag import SemToken, SemTokenConfig
-from semtoken_rag.cache import ConversationMemory
 from semtoken_rag.device_search import DeviceConversationMemory
 from semtoken_rag.engine import choose_repeat_search
+from semtoken_rag.repeats import ConversationMemory
+
+pytestmark = pytest.mark.slow  # real engines
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -12,6 +12,8 @@ import torch
 from semtoken_rag import CompressionResult, SemToken, SemTokenConfig
 from semtoken_rag.budget import BudgetTokenizer
 
+pytestmark = pytest.mark.slow  # the real encoder; the unit tier is test_unit_*.py
+
 
 def check_result(res: CompressionResult, chunks: list[str], gap: str = " … ") -> None:
     """Invariants every result must hold."""
@@ -60,11 +62,16 @@ def test_boilerplate_goes_before_unique_content(engine):
     assert "Westphalia" in res.chunks[0].text
     # copies of the repeated sentence are judged repeats of one another: most of them go
     assert res.chunks[0].text.count("Subscribe to our newsletter") <= 3
-    statuses = {s.status for c in res.chunks for s in c.spans}
-    assert "repeat" in statuses or "collapsed" in statuses
-    # "Home Home ..." is one low-density span: it collapses to its first word when kept
-    second = res.chunks[1]
-    assert second.text.count("Home") <= 1
+    repeats = [s for s in res.chunks[0].spans if s.status == "repeat"]
+    assert len(repeats) >= 8  # two copies or more (4 words each), and only copies: never the unique sentence
+    assert {chunks[0][s.start:s.end] for s in repeats} == {"Subscribe", "to", "our", "newsletter."}
+    assert res.chunks[0].repeat_spans == tuple((s.start, s.end) for s in repeats)
+    # "Home Home ..." is one low-density span: kept, it collapses to its first word
+    alone = engine.compress([chunks[1]], None, rate=0.9)
+    home = alone.chunks[0].spans[0]
+    assert (home.start, home.end, home.status) == (0, len("Home " * 8) - 1, "collapsed")
+    assert home.entropy <= engine.config.delta
+    assert alone.texts[0].count("Home") == 1 and "Westphalia" in alone.texts[0]
 
 
 def test_same_input_same_output(engine, nobel):
@@ -108,7 +115,9 @@ def test_empty_and_whitespace_chunks(engine, nobel):
     res = engine.compress(chunks, "nobel physics", rate=0.3)
     check_result(res, chunks)
     assert res.chunks[0].text == res.chunks[1].text == res.chunks[3].text == ""
-    assert res.chunks[1].original_tokens >= 0
+    # blank chunks still count their tokens (the rate applies to them) and keep nothing
+    assert [c.original_tokens for c in res.chunks] == [engine.count_tokens(c) for c in chunks]
+    assert res.chunks[1].original_tokens > 0 and res.chunks[1].kept_spans == () and res.chunks[1].compressed_tokens == 0
     assert engine.compress([], "q").chunks == ()
     # whitespace only, 1 token, budget floor(0.33 * 1) == 0: comes back empty, within budget
     res = engine.compress(["", " "], "q")
@@ -142,7 +151,8 @@ def test_unmeetable_budget_gives_empty_chunks(engine, nobel):
     assert res.budget == 0 and res.texts == [""]
 
 
-@pytest.mark.parametrize("rate", [0, -0.1, 1.5, float("nan"), True, "0.3"])
+@pytest.mark.parametrize("rate", [0, -0.1, 1.5, float("nan"), True, "0.3", np.float32("nan"), np.bool_(True),
+                                  np.float64(1.5)])
 def test_bad_rate(engine, nobel, rate):
     with pytest.raises(ValueError, match="rate must be in"):
         engine.compress(nobel, "q", rate=rate)
@@ -248,3 +258,154 @@ def test_registry_shares_one_engine_per_configuration():
     with pytest.raises(TypeError, match="SemTokenConfig"):
         shared_engine({"rate": 0.2})
     clear_registry()
+
+
+def test_chunk_overheads_are_paid_once_per_kept_chunk(engine, nobel):
+    overheads = [7, 3, 0, 12]
+    for target in (5, 20, 40, 60, 90, 150):
+        res = engine.compress(nobel, "first nobel prize in physics", target_tokens=target,
+                              chunk_overheads=overheads)
+        check_result(res, nobel)
+        paid = sum(o for o, c in zip(overheads, res.chunks) if not c.is_empty)
+        assert res.overhead_tokens == paid
+        assert res.compressed_tokens + res.overhead_tokens <= target
+    # an overhead larger than the budget leaves its chunk out, the others still fill the budget
+    res = engine.compress(nobel, "first nobel prize in physics", target_tokens=40,
+                          chunk_overheads=[0, 0, 0, 41])
+    assert res.chunks[3].is_empty and not res.chunks[0].is_empty
+    # without overheads the same call keeps more text
+    plain = engine.compress(nobel, "first nobel prize in physics", target_tokens=60)
+    taxed = engine.compress(nobel, "first nobel prize in physics", target_tokens=60, chunk_overheads=[10] * 4)
+    assert taxed.compressed_tokens < plain.compressed_tokens
+
+
+def test_chunk_overheads_count_in_rate_and_identity(engine, nobel):
+    counts = [engine.count_tokens(c) for c in nobel]
+    res = engine.compress(nobel, "q", rate=1.0, chunk_overheads=[5] * 4)
+    assert res.texts == nobel and res.overhead_tokens == 20 and res.budget == sum(counts) + 20
+    res = engine.compress(nobel, "q", rate=0.5, chunk_overheads=[5] * 4)
+    assert res.budget == (sum(counts) + 20) // 2
+    assert res.compressed_tokens + res.overhead_tokens <= res.budget
+    # an empty chunk keeps nothing and pays nothing
+    res = engine.compress(["", nobel[0]], "q", rate=1.0, chunk_overheads=[9, 1])
+    assert res.overhead_tokens == 1
+    # budget below every overhead: all chunks come back empty
+    res = engine.compress(nobel, "q", target_tokens=3, chunk_overheads=[4] * 4)
+    assert res.texts == [""] * 4 and res.overhead_tokens == 0
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    ([1, 2], ValueError, "2 values for 4 chunks"),
+    ([1, 2, -1, 0], ValueError, r"chunk_overheads\[2\] must be an int >= 0, got -1"),
+    ([1, 2, 1.5, 0], ValueError, r"chunk_overheads\[2\] must be an int >= 0, got 1.5"),
+    ([True, 0, 0, 0], ValueError, r"chunk_overheads\[0\]"),
+    ("1234", TypeError, "chunk_overheads must be a sequence of ints"),
+    (4, TypeError, "chunk_overheads must be a sequence of ints, got int"),
+])
+def test_chunk_overheads_validation(engine, nobel, bad, err, match):
+    with pytest.raises(err, match=match):
+        engine.compress(nobel, "q", rate=0.5, chunk_overheads=bad)
+
+
+@pytest.mark.parametrize("rate", [np.float32(0.3), np.float64(0.3), np.float16(0.3)])
+def test_numpy_rates_are_accepted(engine, nobel, rate):
+    res = engine.compress(nobel, "nobel", rate=rate)
+    check_result(res, nobel)
+    assert res.budget == int(float(rate) * res.original_tokens + 1e-9)
+    assert engine.compress(nobel, "nobel", rate=np.int64(1)).texts == nobel
+    assert engine.compress(nobel, "nobel", target_tokens=np.int32(20)).budget == 20
+
+
+@pytest.mark.parametrize("chunks", [{"a": "alpha text", "b": "beta text"}, {"alpha text", "beta text"},
+                                    frozenset({"alpha"})])
+def test_unordered_chunks_are_rejected(engine, chunks):
+    with pytest.raises(TypeError, match="ordered sequence of str, got a (dict|set|frozenset)"):
+        engine.compress(chunks, "q", rate=0.5)
+
+
+def test_tokenizer_that_counts_the_empty_text(nobel):
+    eng = SemToken(SemTokenConfig(tokenizer=lambda t: len(t.split()) + 1, device="cpu"))
+    for target in (1, 2, 3, 5, 12):
+        res = eng.compress(nobel, "nobel prize physics", target_tokens=target)
+        check_result(res, nobel)
+        assert res.compressed_tokens <= target
+        assert all(c.compressed_tokens == 0 for c in res.chunks if c.is_empty)
+    res = eng.compress(nobel, "nobel prize physics", target_tokens=1)
+    assert res.texts == [""] * len(nobel)
+    res = eng.compress(nobel, "nobel prize physics", rate=0.3)
+    check_result(res, nobel)
+    assert 0 < res.compressed_tokens <= res.budget
+
+
+_THAI = ["ประเทศไทยมีประชากรประมาณเจ็ดสิบล้านคน", "กรุงเทพมหานครเป็นเมืองหลวงของประเทศไทย",
+         "แม่น้ำเจ้าพระยาไหลผ่านใจกลางเมือง", "อาหารไทยมีชื่อเสียงไปทั่วโลก", "ต้มยำกุ้งเป็นอาหารที่มีรสเผ็ดและเปรี้ยว",
+         "ช้างเป็นสัตว์ประจำชาติของไทย", "ฤดูฝนเริ่มต้นในเดือนพฤษภาคม", "นักท่องเที่ยวชอบไปเที่ยวทะเลภาคใต้",
+         "ภาษาไทยมีพยัญชนะสี่สิบสี่ตัว", "เชียงใหม่เป็นเมืองใหญ่ทางภาคเหนือ", "ข้าวหอมมะลิส่งออกไปขายหลายประเทศ"]
+
+
+def _spaceless_texts() -> dict[str, str]:
+    import base64
+    import json
+    import random
+
+    rng = random.Random(0)
+    thai = " ".join("".join(rng.sample(_THAI, 4)) for _ in range(20))  # phrases without spaces inside
+    records = [{"id": i, "name": rng.choice(["Ann", "Bo", "Chen", "Dara"]) + str(i),
+                "city": rng.choice(["Paris", "Lagos", "Lima", "Osaka"]),
+                "note": rng.choice(["late delivery", "paid in cash", "gift wrap please"]),
+                "price": round(rng.random() * 100, 2)} for i in range(40)]
+    return {"thai": thai, "json": json.dumps(records, separators=(",", ":")),
+            "base64": base64.b64encode(bytes(rng.randrange(256) for _ in range(1500))).decode()}
+
+
+@pytest.mark.parametrize("kind", ["thai", "json", "base64"])
+def test_text_without_spaces_is_compressed_not_lost(engine, kind):
+    text = _spaceless_texts()[kind]
+    for rate, least in ((0.9, 0.75), (0.5, 0.4), (0.3, 0.2)):
+        res = engine.compress([text], "เมืองหลวงของประเทศไทย Chen price", rate=rate)
+        check_result(res, [text])
+        assert least * res.original_tokens <= res.compressed_tokens <= res.budget, (rate, res.compressed_tokens)
+    # the slices cut text without spaces only between grapheme clusters
+    import regex
+
+    ends = {m.end() for m in regex.finditer(r"\X", text)} | {0}
+    assert all(s in ends and e in ends for s, e in res.chunks[0].kept_spans)
+
+
+def test_fingerprints_do_not_depend_on_batch_composition(engine, nobel):
+    enc = engine.encoder
+    texts = nobel + [nobel[0] * 3, "short one", "Two words", nobel[2][:60]]
+    alone = [enc.fingerprint([t])[0].vectors for t in texts]
+    for size in (2, 3, len(texts)):
+        for k in range(0, len(texts), size):
+            batch = texts[k:k + size][::-1]
+            for t, fp in zip(batch, enc.fingerprint(batch)):
+                assert torch.equal(fp.vectors, alone[texts.index(t)])
+
+
+def test_per_call_encoder_counts_under_threads(nobel):
+    import threading
+
+    eng = SemToken(SemTokenConfig(device="cpu", batch_size=2, cache_max_bytes=0))
+    results, errors = [], []
+
+    def work(k):
+        try:
+            chunks = [f"{c} (copy {k})" for c in nobel]  # distinct chunks: nothing shared between threads
+            results.append(eng.compress(chunks, "nobel prize", rate=0.5))
+        except Exception as e:  # noqa: BLE001 - any failure in a thread is reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(16)]
+    before = eng.encoder.forward_calls
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    # 4 chunks of one bucket width, batch_size 2: each call ran exactly 2 batches, whatever ran beside it
+    assert [r.encoder_calls for r in results] == [2] * 16
+    # the process total also holds the query's batches (1 to 16: threads may embed it before it is memoised)
+    assert 2 * 16 < eng.encoder.forward_calls - before <= 2 * 16 + 16
+    _, stats = eng.encoder.fingerprint_with_stats([f"{c} (copy 0)" for c in nobel])
+    assert stats.batches == 2 and stats.seconds > 0

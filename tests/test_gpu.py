@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "integrations")]
 
 from semtoken_rag import SemToken, SemTokenConfig
-from semtoken_rag.demo_data import load_questions
+from semtoken_rag.datasets import load_nq
 from semtoken_rag.device_search import find_repeats_torch, range_pairs
 
 try:
@@ -53,8 +53,7 @@ def cuda_engine(dtype: str = "auto") -> SemToken:
 
 
 def sample() -> list:
-    questions, _ = load_questions(6)
-    return questions
+    return load_nq(6)
 
 
 def test_device_placement_and_fp16():

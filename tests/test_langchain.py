@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import math
 import subprocess
 import sys
 from importlib.resources import files
@@ -91,8 +92,13 @@ def compressor(engine) -> SemTokenCompressor:
 
 
 def check_output(inputs: list[Document], outputs, engine: SemToken, query: str | None, rate=RATE) -> None:
-    """Outputs are exactly what the engine kept, as new documents in input order."""
-    res = engine.compress([d.page_content for d in inputs], query, rate=rate)
+    """Outputs are exactly what the engine kept, as new documents in input order, under a budget of
+    ``rate`` times the tokens of the documents joined by "\n\n" (one separator per kept document
+    but the first is charged)."""
+    texts = [d.page_content for d in inputs]
+    budget = math.floor(rate * engine.count_tokens("\n\n".join(texts)) + 1e-9)
+    sep = engine.count_tokens("\n\n")
+    res = engine.compress(texts, query, target_tokens=budget, chunk_overheads=[0] + [sep] * (len(texts) - 1))
     kept = [(d, c) for d, c in zip(inputs, res.chunks) if not c.is_empty]
     assert [o.id for o in outputs] == [d.id for d, _ in kept]
     for out, (doc, chunk) in zip(outputs, kept):
@@ -249,3 +255,116 @@ def test_import_error_names_the_extra():
     assert "pip install 'semtoken-rag[langchain]'" in proc.stderr
     other = _import_with_missing("semtoken_rag")  # a different missing module is not disguised
     assert other.returncode != 0 and "semtoken-rag[langchain]" not in other.stderr
+
+
+# -- issue 11: what the LLM reads, knobs, chat, events, copies -------------------------------------
+
+STUFF_PROMPT = PromptTemplate.from_template("Context:\n{context}\n\nQuestion: {input}\nAnswer:")
+
+
+def sent_context(prompt: str) -> str:
+    return prompt.split("Context:\n", 1)[1].rsplit("\n\nQuestion:", 1)[0]
+
+
+@pytest.mark.parametrize("separator", ["\n\n", "\n-----\n"])
+def test_stuff_chain_context_is_within_the_rate(engine, retriever, records, separator):
+    """create_retrieval_chain + create_stuff_documents_chain: the context the LLM receives is at most
+    rate x the context it would receive uncompressed (budget tokenizer's tokens)."""
+    from langchain_classic.chains import create_retrieval_chain
+    from langchain_classic.chains.combine_documents import create_stuff_documents_chain
+
+    kwargs = {} if separator == "\n\n" else {"document_separator": separator}
+    compressor = SemTokenCompressor(engine=engine, rate=RATE, **kwargs)
+    ccr = ContextualCompressionRetriever(base_compressor=compressor, base_retriever=retriever)
+    llm = FakeListLLM(responses=["ok"] * 10)
+    chain = create_retrieval_chain(ccr, create_stuff_documents_chain(llm, STUFF_PROMPT, **kwargs))
+    queries = [r["question"] for r in records[:3]] + ["who won the super bowl and where was it played"]
+    for query in queries:
+        rec = Recorder()
+        result = chain.invoke({"input": query}, config={"callbacks": [rec]})
+        [prompt] = rec.prompts
+        sent = engine.count_tokens(sent_context(prompt))
+        full = engine.count_tokens(separator.join(d.page_content for d in retriever.invoke(query)))
+        assert 0.5 * RATE * full < sent <= math.floor(RATE * full), (query, sent, full)
+        [(_, data)] = rec.events
+        assert data["context_tokens"] == full and data["budget"] == math.floor(RATE * full)
+        assert [d.page_content for d in result["context"]] == sent_context(prompt).split(separator)
+
+
+def test_top_level_knobs_and_one_shared_engine():
+    a = SemTokenCompressor(device="cpu", tokenizer="cl100k_base", rate=0.2)
+    engine = a.get_engine()
+    assert engine.config.device == "cpu" and engine.config.tokenizer == "cl100k_base"
+    assert SemTokenCompressor(config=SemTokenConfig(tokenizer="cl100k_base"), device="cpu").get_engine() is engine
+    assert SemTokenCompressor(device="cpu").get_engine() is not engine
+    from semtoken_rag.registry import shared_engine
+
+    assert shared_engine(SemTokenConfig(device="cpu", tokenizer="cl100k_base")) is engine
+    with pytest.raises(ValueError, match="either engine= or device="):
+        SemTokenCompressor(engine=engine, device="cpu")
+    with pytest.raises(ValueError, match="tokenizer"):
+        SemTokenCompressor(tokenizer=42).get_engine()
+
+
+def kept_tokens(docs) -> int:
+    return sum(d.metadata["semtoken"]["compressed_tokens"] for d in docs)
+
+
+def test_conversation_id_field_and_per_call_config(engine, retriever, records):
+    """Text a conversation already received is dropped on the next call with the same id: set as a
+    field, or per call through the RunnableConfig's configurable or metadata."""
+    query = records[0]["question"]
+    plain = SemTokenCompressor(engine=engine, rate=0.5)
+    ccr = ContextualCompressionRetriever(base_compressor=plain, base_retriever=retriever)
+    first = ccr.invoke(query)
+    assert ccr.invoke(query) == first  # no conversation: same answer every time
+    # metadata reaches the compressor always; configurable when the retriever is a step of a chain.
+    # LangSmith's thread key "conversation_id" in metadata does not switch it on.
+    assert ccr.invoke(query, config={"metadata": {"conversation_id": "x"}}) == first
+    assert ccr.invoke(query, config={"metadata": {"conversation_id": "x"}}) == first
+    chain = RunnablePassthrough() | ccr
+    for runnable, config in ((ccr, {"metadata": {"semtoken_conversation_id": "lc-meta"}}),
+                             (chain, {"configurable": {"semtoken_conversation_id": "lc-conf"}})):
+        assert runnable.invoke(query, config=config) == first
+        again = runnable.invoke(query, config=config)
+        assert kept_tokens(again) < kept_tokens(first), config
+    assert kept_tokens(asyncio.run(chain.ainvoke(query, config={"configurable": {"semtoken_conversation_id": "lc-conf"}}))) \
+        < kept_tokens(first)
+    field = SemTokenCompressor(engine=engine, rate=0.5, conversation_id="lc-field")
+    docs = retriever.invoke(query)
+    assert field.compress_documents(docs, query) == first
+    assert kept_tokens(asyncio.run(field.acompress_documents(docs, query))) < kept_tokens(first)
+    with pytest.raises(TypeError, match="semtoken_conversation_id must be a str"):
+        ccr.invoke(query, config={"metadata": {"semtoken_conversation_id": 7}})
+
+
+def test_event_when_called_directly_with_callbacks_and_warning_when_nothing_kept(engine, records, caplog):
+    docs, query = as_docs(records[1]), records[1]["question"]
+    rec = Recorder()
+    out = SemTokenCompressor(engine=engine, rate=RATE).compress_documents(docs, query, callbacks=[rec])
+    asyncio.run(SemTokenCompressor(engine=engine, rate=RATE).acompress_documents(docs, query, callbacks=[rec]))
+    assert [name for name, _ in rec.events] == ["semtoken_compression"] * 2
+    assert rec.events[0][1]["documents_out"] == len(out) and rec.events[0][1] == rec.events[1][1]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="langchain_semtoken"):
+        assert SemTokenCompressor(engine=engine, target_tokens=1).compress_documents(docs, query) == []
+    [warning] = caplog.records
+    assert "kept nothing of 20 documents" in warning.getMessage()
+
+
+def test_deepcopy_and_pickle_after_the_engine_exists(engine, records):
+    import pickle
+
+    docs, query = as_docs(records[2]), records[2]["question"]
+    own = SemTokenCompressor(engine=engine, rate=RATE)
+    shared = SemTokenCompressor(device="cpu", rate=RATE)
+    expected = own.compress_documents(docs, query)
+    shared.compress_documents(docs, query)
+    twin = copy.deepcopy(own)
+    assert twin.get_engine() is engine and twin.compress_documents(docs, query) == expected
+    assert copy.deepcopy(shared).get_engine() is shared.get_engine()
+    back = pickle.loads(pickle.dumps(shared))
+    assert back.get_engine() is shared.get_engine() and back == shared
+    restored = pickle.loads(pickle.dumps(own))  # the given engine is left out; its settings are kept
+    assert restored.engine is None and restored.config == engine.config
+    assert restored.compress_documents(docs, query) == expected

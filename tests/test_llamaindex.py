@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import math
 import subprocess
 import sys
 from importlib.resources import files
@@ -96,16 +97,27 @@ def post(engine) -> SemTokenNodePostprocessor:
 
 def check_output(inputs: list[NodeWithScore], outputs, engine: SemToken, query: str | None,
                  rate: float = RATE) -> None:
-    """Outputs are exactly what the engine kept, as copies of the nodes in input order."""
+    """Outputs are exactly what the engine kept, as copies of the nodes in input order, under a budget
+    of ``rate`` times the tokens of the context the LLM reads (LLM-mode contents joined by "\n\n"),
+    each kept node paying its metadata header and a separator (not the first node)."""
     texts = [n.node.get_content(metadata_mode=MetadataMode.NONE) for n in inputs]
-    res = engine.compress(texts, query, rate=rate)
+    shown = [n.node.get_content(metadata_mode=MetadataMode.LLM).strip() for n in inputs]
+    budget = math.floor(rate * engine.count_tokens("\n\n".join(s for s in shown if s)) + 1e-9)
+    heads = [max(engine.count_tokens(s) - engine.count_tokens(t), 0) for s, t in zip(shown, texts)]
+    overheads = [h + (engine.count_tokens("\n\n") if i else 0) for i, h in enumerate(heads)]
+    res = engine.compress(texts, query, target_tokens=budget, chunk_overheads=overheads)
     kept = [(n, c) for n, c in zip(inputs, res.chunks) if not c.is_empty]
     assert [o.node.node_id for o in outputs] == [n.node.node_id for n, _ in kept]
     for out, (nws, chunk) in zip(outputs, kept):
         assert out is not nws and out.node is not nws.node
         assert out.score == nws.score and out.node.relationships == nws.node.relationships
         assert out.node.get_content(metadata_mode=MetadataMode.NONE) == chunk.text
-        assert out.node.metadata == {**nws.node.metadata, "semtoken": chunk.to_dict()}
+        info = chunk.to_dict()
+        start = getattr(nws.node, "start_char_idx", None)
+        if start is not None:
+            info["source_spans"] = [[start + a, start + b]
+                                    for a, b in chunk.kept_spans]
+        assert out.node.metadata == {**nws.node.metadata, "semtoken": info}
         assert "semtoken" in out.node.excluded_llm_metadata_keys
         assert "semtoken" in out.node.excluded_embed_metadata_keys
         for mode in (MetadataMode.LLM, MetadataMode.EMBED):
@@ -206,7 +218,7 @@ def test_condense_plus_context_chat_engine(post, index, records, recorder):
 
 def test_knobs_validation_sharing_and_serialization(engine):
     post = SemTokenNodePostprocessor(engine=engine, target_tokens=50)
-    assert post.engine is engine and SemTokenNodePostprocessor.class_name() == "SemTokenNodePostprocessor"
+    assert post.engine is engine and post.get_engine() is engine and SemTokenNodePostprocessor.class_name() == "SemTokenNodePostprocessor"
     d = post.to_dict()
     assert d["target_tokens"] == 50 and d["class_name"] == "SemTokenNodePostprocessor" and "engine" not in d
     with pytest.raises(ValueError, match="rate"):
@@ -235,3 +247,174 @@ def test_import_error_names_the_extra():
     assert proc.returncode != 0 and "pip install 'semtoken-rag[llamaindex]'" in proc.stderr
     other = _import_with_missing("semtoken_rag")
     assert other.returncode != 0 and "semtoken-rag[llamaindex]" not in other.stderr
+
+
+# -- issue 11: what the LLM reads, knobs, chat, events, copies, offsets ----------------------------
+
+def qa_context(prompt: str) -> str:
+    """The context_str of LlamaIndex's default text QA prompt."""
+    return prompt.split("---------------------\n", 2)[1].rsplit("\n---------------------", 1)[0].strip()
+
+
+def test_query_engine_context_is_within_the_rate(post, index, records, recorder):
+    """The context the LLM receives (metadata headers and separators included) is at most rate x the
+    context it would receive uncompressed, in the budget tokenizer's tokens."""
+    engine = post.get_engine()
+    qe = index.as_query_engine(llm=MockLLM(), similarity_top_k=20, node_postprocessors=[post])
+    retriever = index.as_retriever(similarity_top_k=20)
+    queries = [r["question"] for r in records[:3]] + ["who won the super bowl and where was it played"]
+    # what LlamaIndex sends uncompressed: LLM-mode contents joined by "\n\n" (checked on 3 nodes)
+    index.as_query_engine(llm=MockLLM(), similarity_top_k=3).query(queries[0])
+    three = index.as_retriever(similarity_top_k=3).retrieve(queries[0])
+    assert qa_context(recorder.prompts[-1]) == "\n\n".join(
+        n.node.get_content(metadata_mode=MetadataMode.LLM).strip() for n in three)
+    for query in queries:
+        recorder.prompts.clear()
+        qe.query(query)
+        [prompt] = recorder.prompts
+        raw = retriever.retrieve(query)
+        full = engine.count_tokens("\n\n".join(n.node.get_content(metadata_mode=MetadataMode.LLM).strip()
+                                               for n in raw))
+        sent = engine.count_tokens(qa_context(prompt))
+        assert 0.5 * RATE * full < sent <= math.floor(RATE * full), (query, sent, full)
+
+
+def test_metadata_mode_none_budgets_the_text_only(engine, records):
+    nodes, query = as_nodes(records[0]), records[0]["question"]
+    post = SemTokenNodePostprocessor(engine=engine, rate=RATE, metadata_mode=MetadataMode.NONE)
+    out = post.postprocess_nodes(nodes, query_str=query)
+    texts = "\n\n".join(n.node.text for n in nodes)
+    kept = sum(n.node.metadata["semtoken"]["compressed_tokens"] for n in out) + len(out) - 1
+    assert kept <= math.floor(RATE * engine.count_tokens(texts))
+    with_headers = SemTokenNodePostprocessor(engine=engine, rate=RATE).postprocess_nodes(nodes, query_str=query)
+    assert sum(n.node.metadata["semtoken"]["compressed_tokens"] for n in with_headers) < kept
+
+
+def test_top_level_knobs_unknown_arguments_and_one_shared_engine(engine):
+    from langchain_semtoken import SemTokenCompressor
+
+    from semtoken_rag.registry import shared_engine
+
+    post = SemTokenNodePostprocessor(device="cpu", tokenizer="cl100k_base")
+    assert post.get_engine() is shared_engine(SemTokenConfig(device="cpu", tokenizer="cl100k_base"))
+    assert post.get_engine() is SemTokenCompressor(device="cpu", tokenizer="cl100k_base").get_engine()
+    for bad in ({"top_n": 3}, {"rat": 0.3}, {"metadata_mode": "nope"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SemTokenNodePostprocessor(**bad)
+    with pytest.raises(ValueError, match="either engine= or device="):
+        SemTokenNodePostprocessor(engine=engine, device="cpu")
+
+
+def test_settings_tokenizer_is_used_when_the_user_set_one():
+    """Settings.tokenizer set by the user (a word splitter here) becomes the budget tokenizer when none
+    is given; LlamaIndex's own default (installed by get_tokenizer()) does not."""
+    import llama_index.core
+    from llama_index.core import Settings
+
+    saved = llama_index.core.global_tokenizer
+    try:
+        Settings.tokenizer = str.split
+        engine = SemTokenNodePostprocessor(device="cpu").get_engine()
+        assert engine.count_tokens("one two three") == 3
+        assert SemTokenNodePostprocessor(device="cpu").get_engine() is engine
+        explicit = SemTokenNodePostprocessor(device="cpu", tokenizer="llama3").get_engine()
+        assert explicit.config.tokenizer == "llama3" and explicit is not engine
+        llama_index.core.global_tokenizer = None
+        try:
+            llama_index.core.utils.get_tokenizer()  # LlamaIndex's tiktoken default (ships its cache)
+        except Exception as e:  # noqa: BLE001 - offline without the cached vocabulary
+            pytest.skip(f"LlamaIndex's default tokenizer cannot load here: {e}")
+        assert SemTokenNodePostprocessor(device="cpu").get_engine().config.tokenizer == "llama3"
+    finally:
+        llama_index.core.global_tokenizer = saved
+
+
+def test_conversation_id_drops_what_the_conversation_received(engine, records):
+    nodes, query = as_nodes(records[0]), records[0]["question"]
+    plain = SemTokenNodePostprocessor(engine=engine, rate=0.5)
+    chat = SemTokenNodePostprocessor(engine=engine, rate=0.5, conversation_id="li-chat")
+    first = plain.postprocess_nodes(nodes, query_str=query)
+    assert chat.postprocess_nodes(nodes, query_str=query) == first
+    again = asyncio.run(chat.apostprocess_nodes(nodes, query_str=query))
+    tokens = [sum(n.node.metadata["semtoken"]["compressed_tokens"] for n in o) for o in (first, again)]
+    assert tokens[1] < tokens[0]
+    assert plain.postprocess_nodes(nodes, query_str=query) == first
+
+
+def test_instrumentation_event_in_the_query_span_sync_and_async(post, index, records):
+    from llama_index.core.instrumentation.span_handlers import SimpleSpanHandler
+    from llama_index.postprocessor.semtoken import SemTokenCompressionEvent
+
+    class Events(BaseEventHandler):
+        seen: list = Field(default_factory=list)
+
+        def handle(self, event: Any, **kwargs: Any) -> None:
+            if isinstance(event, SemTokenCompressionEvent):
+                self.seen.append(event)
+
+    dispatcher, events, spans = instrumentation.get_dispatcher(), Events(), SimpleSpanHandler()
+    dispatcher.add_event_handler(events)
+    dispatcher.add_span_handler(spans)
+    try:
+        qe = index.as_query_engine(llm=MockLLM(), similarity_top_k=20, node_postprocessors=[post])
+        query = records[1]["question"]
+        response = qe.query(query)
+        asyncio.run(qe.aquery(query))
+    finally:
+        dispatcher.event_handlers = [h for h in dispatcher.event_handlers if h is not events]
+        dispatcher.span_handlers = [h for h in dispatcher.span_handlers if h is not spans]
+    assert len(events.seen) == 2
+    parents = {s.id_: s.parent_id for s in spans.completed_spans}
+    for event, method, root in zip(events.seen, ("_postprocess_nodes", "_apostprocess_nodes"),
+                                   ("RetrieverQueryEngine.query", "RetrieverQueryEngine.aquery")):
+        assert event.span_id.startswith(f"SemTokenNodePostprocessor.{method}")
+        chain, span = [], event.span_id
+        while span is not None:
+            chain.append(span.split("-")[0])
+            span = parents.get(span)
+        assert root in chain, chain
+        assert event.nodes_in == 20 and event.nodes_out == len(response.source_nodes)
+        assert event.compressed_tokens + event.overhead_tokens <= event.budget < event.context_tokens
+
+
+def test_one_warning_when_nothing_is_kept(engine, records, caplog):
+    with caplog.at_level("WARNING", logger="llama_index.postprocessor.semtoken"):
+        out = SemTokenNodePostprocessor(engine=engine, target_tokens=1).postprocess_nodes(
+            as_nodes(records[0]), query_str=records[0]["question"])
+    assert out == []
+    [warning] = caplog.records
+    assert "kept nothing of 20 nodes" in warning.getMessage()
+
+
+def test_deepcopy_after_the_engine_exists(engine, records):
+    nodes, query = as_nodes(records[2]), records[2]["question"]
+    own = SemTokenNodePostprocessor(engine=engine, rate=RATE)
+    shared = SemTokenNodePostprocessor(device="cpu", rate=RATE)
+    expected = own.postprocess_nodes(nodes, query_str=query)
+    shared.postprocess_nodes(nodes, query_str=query)
+    twin = copy.deepcopy(own)
+    assert twin.get_engine() is engine and twin.postprocess_nodes(nodes, query_str=query) == expected
+    other = copy.deepcopy(shared)
+    assert other.get_engine() is shared.get_engine() and other.rate == RATE
+
+
+def test_char_offsets_point_into_the_source_document(engine, records):
+    """start/end_char_idx keep locating the node's original text in its document; source_spans are
+    the kept slices in document coordinates."""
+    from llama_index.core.node_parser import SentenceSplitter
+
+    doc = Document(text="\n\n".join(p["text"] for p in records[0]["passages"][:6]), id_="doc")
+    nodes = [NodeWithScore(node=n, score=1.0)
+             for n in SentenceSplitter(chunk_size=128, chunk_overlap=0).get_nodes_from_documents([doc])]
+    assert len(nodes) > 3 and all(n.node.start_char_idx is not None for n in nodes)
+    out = SemTokenNodePostprocessor(engine=engine, rate=RATE).postprocess_nodes(
+        nodes, query_str=records[0]["question"])
+    originals = {n.node.node_id: n.node for n in nodes}
+    assert out
+    for o in out:
+        src = originals[o.node.node_id]
+        assert (o.node.start_char_idx, o.node.end_char_idx) == (src.start_char_idx, src.end_char_idx)
+        info = o.node.metadata["semtoken"]
+        pieces = [doc.text[a:b] for a, b in info["source_spans"]]
+        assert pieces == [src.text[a:b] for a, b in info["kept_spans"]]
+        assert all(p in o.node.text for p in pieces)

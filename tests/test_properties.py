@@ -5,14 +5,15 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import regex
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from semtoken_rag import spans as sp
 from semtoken_rag.budget import select_under_budget
-from semtoken_rag.encoder import split_units
 from semtoken_rag.render import join_slices, kept_slices
+from semtoken_rag.text import MAX_UNIT_CHARS, split_units
 
 
 @st.composite
@@ -81,10 +82,30 @@ _CJK = [(0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), 
 @given(st.text(max_size=300))
 @settings(max_examples=200, deadline=None)
 def test_units_are_the_words(text):
-    # units are the whitespace-separated words; CJK characters (written without spaces) are one unit each
-    units = [text[s:e] for s, e in split_units(text).tolist()]
+    # units are the whitespace-separated words, CJK characters (written without spaces) one unit each,
+    # and words longer than MAX_UNIT_CHARS cut into pieces at grapheme-cluster boundaries
+    spans = split_units(text).tolist()
     words = "".join(f" {c} " if any(lo <= ord(c) <= hi for lo, hi in _CJK) else c for c in text).split()
-    assert units == words
+    merged: list[str] = []
+    for k, (s, e) in enumerate(spans):
+        glued = k > 0 and spans[k - 1][1] == s and not _is_cjk(text[s]) and not _is_cjk(text[s - 1])
+        if glued:
+            merged[-1] += text[s:e]
+            # the cut is a grapheme boundary of the word
+            word_start = s - len(merged[-1]) + (e - s)
+            assert (s - word_start) in _grapheme_ends(text[word_start:e])
+        else:
+            merged.append(text[s:e])
+        assert e - s <= MAX_UNIT_CHARS or len(regex.findall(r"\X", text[s:e])) == 1
+    assert merged == words
+
+
+def _is_cjk(c: str) -> bool:
+    return any(lo <= ord(c) <= hi for lo, hi in _CJK)
+
+
+def _grapheme_ends(word: str) -> set[int]:
+    return {m.end() for m in regex.finditer(r"\X", word)}
 
 
 def test_cjk_units():

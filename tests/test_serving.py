@@ -10,6 +10,8 @@ from conftest import NOBEL
 
 from semtoken_rag import SemToken, SemTokenConfig
 
+pytestmark = pytest.mark.slow  # real engines
+
 QUERIES = ["who got the first nobel prize in physics", "where is the peace prize awarded",
            "what kind of plant is a banana", None, "what does physics study", "Bardeen"]
 
@@ -56,11 +58,17 @@ def test_compress_many_one_encoder_pass_each_chunk_once():
     distinct = {c for chunks in lists for c in chunks if c.strip()}
     calls = eng.encoder.forward_calls
     out = eng.compress_many(lists, queries, target_tokens=40)
-    assert eng.encoder.forward_calls - calls == 2  # one pass over the chunks, one over the queries
+    spent = eng.encoder.forward_calls - calls
     assert eng.cache_stats().entries == len(distinct)
-    assert all(r.cache_hits == 0 and r.encoder_calls == 1 for r in out)
+    # what one pass over the distinct chunks and one over the distinct queries cost
+    chunk_batches = eng.encoder.fingerprint_with_stats(sorted(distinct))[1].batches
+    before = eng.encoder.forward_calls
+    eng.encoder.embed_queries(sorted({q for q in queries if q}))
+    assert spent == chunk_batches + eng.encoder.forward_calls - before
+    assert all(r.cache_hits == 0 and r.encoder_calls == chunk_batches for r in out)
+    calls = eng.encoder.forward_calls
     again = eng.compress_many(lists, queries, target_tokens=40)
-    assert eng.encoder.forward_calls - calls == 2  # everything cached now
+    assert eng.encoder.forward_calls == calls  # everything cached now
     assert [r.cache_hits for r in again] == [sum(bool(c.strip()) for c in chunks) for chunks in lists]
     for a, b in zip(out, again):
         same(a, b)

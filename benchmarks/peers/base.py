@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -17,7 +17,6 @@ class Output:
 
     texts: list[str]
     encoder_tokens: int | None = None      # encoder tokens processed, for tokens/s
-    info: dict = field(default_factory=dict)
 
 
 class Method:

@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .. import smollm2
+from .. import encoder, smollm2
 from ..metrics import TokenCounter
 from .base import Method, Output
 
@@ -85,7 +85,7 @@ def wrap_legacy_cache(model) -> None:
 
 class LongLLMLingua(Method):
     name, label = "longllmlingua", "LongLLMLingua (SmolLM2-135M)"
-    description = ("llmlingua 0.2.2 PromptCompressor with SmolLM2-135M-Instruct (fp32, CPU) as scoring model, "
+    description = ("llmlingua 0.2.2 PromptCompressor with SmolLM2-135M-Instruct (fp32, on the benchmark's --device) as scoring model, "
                    "recommended LongLLMLingua settings (rank_method longllmlingua, condition_in_question "
                    "after_condition, reorder_context sort, dynamic_context_compression_ratio 0.3, "
                    "condition_compare True, context_budget +100), concate_question False. Its target is set in "
@@ -102,7 +102,7 @@ class LongLLMLingua(Method):
         from llmlingua import PromptCompressor
 
         folder = smollm2.converted_folder(self.cache_dir)
-        self.pc = PromptCompressor(model_name=str(folder), device_map="cpu",
+        self.pc = PromptCompressor(model_name=str(folder), device_map=encoder.device(),
                                    model_config={"dtype": torch.float32, "trust_remote_code": False})
         wrap_legacy_cache(self.pc.model)
         # one small call so one-off costs (allocations, lazy imports) stay out of the first question's latency
@@ -115,7 +115,7 @@ class LongLLMLingua(Method):
         target = max(1, int(budget * own / max(1, mine)))
         res = self.pc.compress_prompt(list(chunks), question=query, target_token=target, **RECOMMENDED)
         text = res["compressed_prompt"]
-        return Output([text], info={"target_token_own": target, "own_tokens": own})
+        return Output([text])
 
     def config(self):
         return {**super().config(), "settings": RECOMMENDED}

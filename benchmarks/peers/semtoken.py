@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .. import encoder
 from ..metrics import TokenCounter
 from .base import Method, Output
 
@@ -56,17 +57,15 @@ class SemTokenMethod(Method):
     def setup(self):
         from semtoken_rag import SemToken, SemTokenConfig
 
-        self.engine = SemToken(SemTokenConfig(**self.overrides)) if self.overrides else SemToken()
+        # the same device as every other peer (benchmarks.encoder.device()), not the engine's auto choice
+        self.engine = SemToken(SemTokenConfig(device=encoder.device(), **self.overrides))
         # Check once that the engine's budget tokenizer is ours (Llama 3 via quicktok).
         probe = "The first Nobel Prize in Physics was awarded in 1901 to Wilhelm Conrad Röntgen, of Germany."
         if self.engine.count_tokens(probe) != self.counter(probe):
             raise RuntimeError("engine.count_tokens disagrees with the benchmark's llama3 counter")
 
     def clear_cache(self):
-        self.engine.cache.clear(disk=True)
-        memo = getattr(self.engine, "_queries", None)     # query-vector memo (not public API)
-        if memo is not None:
-            memo.clear()
+        self.engine.clear_caches(disk=True)
 
     def compress(self, chunks: Sequence[str], query: str, rate: float, budget: int) -> Output:
         res = self.engine.compress(list(chunks), query, rate=rate)
@@ -80,9 +79,7 @@ class SemTokenMethod(Method):
         if res.cache_hits < len(chunks):   # something was encoded: tokens the encoder saw (approx., no overlap)
             tok = self.engine.encoder.tokenizer
             enc_tok = sum(len(ids) for ids in tok([query, *chunks], truncation=False)["input_ids"])
-        return Output(texts, encoder_tokens=enc_tok,
-                      info={"engine_tokens": res.compressed_tokens, "engine_budget": res.budget,
-                            "cache_hits": res.cache_hits, "encoder_calls": res.encoder_calls})
+        return Output(texts, encoder_tokens=enc_tok)
 
     def config(self):
         cfg = self.engine.config.model_dump(mode="json") if hasattr(self, "engine") else {}

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import threading
+import copy
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,41 +12,36 @@ from langchain_core.callbacks import AsyncCallbackManager, CallbackManager, Call
 from langchain_core.documents import BaseDocumentCompressor, Document
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
+from langchain_semtoken import _support as sup
 from semtoken_rag import CompressionResult, SemToken, SemTokenConfig
+from semtoken_rag.registry import shared_engine
 
-EVENT_NAME = "semtoken_compression"
-_LOCK = threading.Lock()
-_SHARED: list[SemToken] = []  # the process-wide default engine, built on first use
-
-
-def _rebuild(documents: Sequence[Document], result: CompressionResult) -> list[Document]:
-    """New documents (same id, copied metadata) for the inputs that kept something, in input order."""
-    return [
-        doc.model_copy(update={"page_content": chunk.text,
-                               "metadata": {**doc.metadata, "semtoken": chunk.to_dict()}})
-        for doc, chunk in zip(documents, result.chunks)
-        if not chunk.is_empty
-    ]
-
-
-def _event(result: CompressionResult, n_in: int, n_out: int) -> dict[str, Any]:
-    return {"original_tokens": result.original_tokens, "compressed_tokens": result.compressed_tokens,
-            "budget": result.budget, "documents_in": n_in, "documents_out": n_out}
+logger = logging.getLogger(__name__)
+EVENT_NAME = sup.EVENT_NAME
 
 
 class SemTokenCompressor(BaseDocumentCompressor):
     """Compress retrieved documents to a budget of downstream-LLM tokens with semtoken-rag.
 
+    The budget is counted on what the LLM reads: the documents' text joined by
+    ``document_separator`` (``"\\n\\n"``, as ``create_stuff_documents_chain`` joins them). Without
+    ``target_tokens`` it is ``floor(rate * tokens of the uncompressed joined context)``, and the kept
+    texts plus one separator per kept document fit in it.
+
     Each output document is a new ``Document`` with the input's ``id``, the kept text as
     ``page_content`` and a copy of the input's metadata plus ``metadata["semtoken"]``
     (``original_tokens``, ``compressed_tokens``, ``kept_spans`` as ``[start, end]`` character offsets
-    into the input text, ``relevance``). Documents with nothing kept are left out; the others keep
-    their order. Inputs are never modified. When called inside a run (e.g. by a
-    ``ContextualCompressionRetriever``), a custom callback event ``"semtoken_compression"`` reports
-    the token counts of the call.
+    into the input text, ``relevance``). Documents with nothing kept are left out (a warning is logged
+    when nothing at all is kept); the others keep their order. Inputs are never modified. Every call
+    with callbacks (inside a run or ``callbacks=`` given directly) emits the custom callback event
+    ``"semtoken_compression"`` with the token counts.
 
-    Without ``engine`` or ``config``, all compressors of the process share one default engine (one
-    loaded encoder, one fingerprint cache); pass ``engine=SemToken(...)`` to share your own.
+    ``conversation_id`` (a field, or per call ``config={"metadata": {"semtoken_conversation_id": ...}}``; a
+    ``configurable`` entry works when the retriever is a step of a chain) drops text this conversation
+    already received. Use it only while that text is still in the LLM's view (e.g. in the message
+    history); see the README. Same settings share one engine (``semtoken_rag.registry``);
+    ``engine=SemToken(...)`` uses yours. ``copy.deepcopy`` shares the engine; a pickle leaves it out
+    and, unpickled, uses the registry's engine for the same settings.
 
     Example:
         >>> from langchain_core.documents import Document
@@ -62,39 +58,58 @@ class SemTokenCompressor(BaseDocumentCompressor):
 
     rate: float | None = Field(
         default=None, gt=0.0, le=1.0,
-        description="Fraction of downstream-LLM tokens kept, in (0, 1]. None: the engine's default.")
+        description="Fraction of the context's downstream-LLM tokens kept, in (0, 1]. None: the engine's.")
     target_tokens: int | None = Field(
         default=None, gt=0,
-        description="Absolute budget in downstream-LLM tokens for all documents of a call (overrides rate).")
+        description="Absolute budget in downstream-LLM tokens for the whole context of a call (overrides rate).")
+    document_separator: str = Field(
+        default="\n\n", description="What joins documents in the prompt (create_stuff_documents_chain's "
+                                    "default); its tokens count against the budget.")
+    conversation_id: str | None = Field(
+        default=None, description="Drop text this conversation already received (see the class docs).")
+    tokenizer: Any = Field(default=None, description="Budget tokenizer (the LLM's); see SemTokenConfig.")
+    device: str | None = Field(default=None, description="Encoder device ('cpu', 'cuda'...). None: auto.")
+    encoder: str | None = Field(default=None, description="Encoder model; see SemTokenConfig.encoder.")
     config: SemTokenConfig | None = Field(
-        default=None, description="Configuration of the engine built on first use (when engine is None).")
+        default=None, description="Engine configuration (the top-level knobs above override it).")
     engine: SemToken | None = Field(
-        default=None, exclude=True,
-        description="An existing engine to use (shares its encoder and cache); not serialized.")
+        default=None, exclude=True, description="An existing engine to use; not serialized.")
 
-    _built: SemToken | None = PrivateAttr(default=None)
+    _resolved: SemToken | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _one_engine_source(self) -> SemTokenCompressor:
-        if self.engine is not None and self.config is not None:
-            raise ValueError("give either engine= or config=, not both (the engine has its own config)")
+        given = [k for k in ("config", "tokenizer", "device", "encoder") if getattr(self, k) is not None]
+        if self.engine is not None and given:
+            raise ValueError(f"give either engine= or {'/'.join(given)}=, not both (the engine has its own)")
         return self
 
     def get_engine(self) -> SemToken:
-        """The engine this compressor uses, built on first call when none was given."""
+        """The engine this compressor uses: the given one, else the registry's for these settings."""
         if self.engine is not None:
             return self.engine
-        with _LOCK:
-            if self._built is None and self.config is not None:
-                self._built = SemToken(self.config)
-            elif self._built is None:
-                if not _SHARED:
-                    _SHARED.append(SemToken())
-                self._built = _SHARED[0]
-        return self._built
+        if self._resolved is None:
+            self._resolved = shared_engine(sup.engine_config(
+                self.config, tokenizer=self.tokenizer, device=self.device, encoder=self.encoder))
+        return self._resolved
 
-    def _kwargs(self) -> dict[str, Any]:
-        return {"rate": self.rate, "target_tokens": self.target_tokens}
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> SemTokenCompressor:
+        fields = {k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k != "engine"}
+        return type(self).model_construct(_fields_set=set(self.model_fields_set), engine=self.engine, **fields)
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        state["__dict__"] = {**state["__dict__"], "engine": None}
+        if self.engine is not None:  # unpickled: the registry's engine for the same settings
+            state["__dict__"]["config"] = self.engine.config
+        state["__pydantic_private__"] = {"_resolved": None}
+        return state
+
+    def _finish(self, docs: list[Document], result: CompressionResult, plan: dict[str, Any]):
+        out = sup.rebuild(docs, result)
+        if not out:
+            logger.warning("semtoken-rag kept nothing of %d documents (budget %d tokens)", len(docs), plan["budget"])
+        return out, sup.event(result, plan, len(docs), len(out))
 
     def compress_documents(
         self, documents: Sequence[Document], query: str, callbacks: Callbacks | None = None
@@ -103,13 +118,13 @@ class SemTokenCompressor(BaseDocumentCompressor):
         docs = list(documents)
         if not docs:
             return []
-        result = self.get_engine().compress(
-            [d.page_content for d in docs], query or None, **self._kwargs())
-        out = _rebuild(docs, result)
+        engine = self.get_engine()
+        p = sup.plan(engine, docs, self.document_separator, self.rate, self.target_tokens,
+                     sup.call_conversation(callbacks) or self.conversation_id)
+        result = sup.compress(engine, p, query or None)
+        out, data = self._finish(docs, result, p)
         manager = CallbackManager.configure(inheritable_callbacks=callbacks)
-        if manager.parent_run_id is not None:
-            manager.on_custom_event(EVENT_NAME, _event(result, len(docs), len(out)),
-                                    run_id=manager.parent_run_id)
+        manager.on_custom_event(EVENT_NAME, data, run_id=manager.parent_run_id)
         return out
 
     async def acompress_documents(
@@ -119,13 +134,11 @@ class SemTokenCompressor(BaseDocumentCompressor):
         docs = list(documents)
         if not docs:
             return []
-        engine = self.engine if self.engine is not None else self._built
-        if engine is None:  # first use: load the encoder off the event loop
-            engine = await asyncio.to_thread(self.get_engine)
-        result = await engine.acompress([d.page_content for d in docs], query or None, **self._kwargs())
-        out = _rebuild(docs, result)
+        engine = self.engine or self._resolved or await asyncio.to_thread(self.get_engine)
+        p = await asyncio.to_thread(sup.plan, engine, docs, self.document_separator, self.rate, self.target_tokens,
+                                    sup.call_conversation(callbacks) or self.conversation_id)
+        result = await sup.acompress(engine, p, query or None)
+        out, data = self._finish(docs, result, p)
         manager = AsyncCallbackManager.configure(inheritable_callbacks=callbacks)
-        if manager.parent_run_id is not None:
-            await manager.on_custom_event(EVENT_NAME, _event(result, len(docs), len(out)),
-                                          run_id=manager.parent_run_id)
+        await manager.on_custom_event(EVENT_NAME, data, run_id=manager.parent_run_id)
         return out

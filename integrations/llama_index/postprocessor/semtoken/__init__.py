@@ -13,6 +13,7 @@ except ModuleNotFoundError as e:
         "pip install 'semtoken-rag[llamaindex]'"
     ) from e
 
+from llama_index.postprocessor.semtoken._support import SemTokenCompressionEvent
 from llama_index.postprocessor.semtoken.base import SemTokenNodePostprocessor
 
-__all__ = ["SemTokenNodePostprocessor"]
+__all__ = ["SemTokenCompressionEvent", "SemTokenNodePostprocessor"]

@@ -1,0 +1,101 @@
+"""Helpers of :class:`SemTokenCompressor`: engine settings, the budget of what the LLM reads, per-call
+settings from LangChain's config (internal)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from langchain_core.callbacks import BaseCallbackManager
+from langchain_core.documents import Document
+from langchain_core.runnables.config import ensure_config
+
+from semtoken_rag import CompressedChunk, CompressionResult, SemToken, SemTokenConfig
+
+EVENT_NAME = "semtoken_compression"
+CONVERSATION_KEY = "semtoken_conversation_id"  # namespaced: LangSmith groups threads by "conversation_id"
+
+
+def engine_config(config: SemTokenConfig | None, **overrides: Any) -> SemTokenConfig:
+    """``config`` (default settings when None) with the non-None ``overrides`` applied, re-validated."""
+    base = config if config is not None else SemTokenConfig()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return SemTokenConfig(**{**dict(base), **given}) if given else base
+
+
+def plan(engine: SemToken, docs: list[Document], separator: str, rate: float | None, target: int | None,
+         conversation_id: str | None) -> dict[str, Any]:
+    """Texts, per-document overheads (one separator per kept document but the first: charging every
+    document but document 0 is never short) and the budget of one call."""
+    full = separator.join(d.page_content for d in docs)
+    return {"texts": [d.page_content for d in docs],
+            "overheads": [0] + [engine.count_tokens(separator)] * (len(docs) - 1),
+            "budget": budget(engine, full, rate, target), "conversation_id": conversation_id,
+            "context_tokens": engine.count_tokens(full)}
+
+
+def budget(engine: SemToken, full_context: str, rate: float | None, target: int | None) -> int:
+    """``target`` (or the engine's ``target_tokens``), else ``floor(rate * tokens of full_context)``."""
+    cfg = engine.config
+    if target is None and rate is None:
+        target = cfg.target_tokens
+    if target is not None:
+        return int(target)
+    return math.floor((rate if rate is not None else cfg.rate) * engine.count_tokens(full_context) + 1e-9)
+
+
+def call_conversation(callbacks: Any) -> str | None:
+    """The per-call ``conversation_id``: ``configurable`` of the current run's config, else the run's
+    metadata (``config={"metadata": {...}}`` reaches a compressor through its callback manager)."""
+    value = ensure_config().get("configurable", {}).get(CONVERSATION_KEY)
+    if value is None and isinstance(callbacks, BaseCallbackManager):
+        value = callbacks.inheritable_metadata.get(CONVERSATION_KEY)
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{CONVERSATION_KEY} must be a str, got {type(value).__name__}")
+    return value
+
+
+def rebuild(documents: Sequence[Document], result: CompressionResult) -> list[Document]:
+    """New documents (same id, copied metadata) for the inputs that kept something, in input order."""
+    return [
+        doc.model_copy(update={"page_content": chunk.text,
+                               "metadata": {**doc.metadata, "semtoken": chunk.to_dict()}})
+        for doc, chunk in zip(documents, result.chunks)
+        if not chunk.is_empty
+    ]
+
+
+def event(result: CompressionResult, plan: dict[str, Any], n_in: int, n_out: int) -> dict[str, Any]:
+    """The payload of the custom callback event: chunk tokens before/after, the budget of the whole
+    context, and the uncompressed context's tokens (separators included)."""
+    return {"original_tokens": result.original_tokens, "compressed_tokens": result.compressed_tokens,
+            "budget": plan["budget"], "context_tokens": plan["context_tokens"], "documents_in": n_in,
+            "documents_out": n_out}
+
+
+def _args(plan: dict[str, Any]) -> dict[str, Any]:
+    return {"target_tokens": plan["budget"], "chunk_overheads": plan["overheads"],
+            "conversation_id": plan["conversation_id"]}
+
+
+def compress(engine: SemToken, plan: dict[str, Any], query: str | None) -> CompressionResult:
+    """Compress ``plan["texts"]`` to ``plan["budget"]``, each kept text paying its overhead (a budget
+    of 0 tokens keeps nothing)."""
+    if plan["budget"] <= 0:
+        return nothing(engine, plan, query)
+    return engine.compress(plan["texts"], query, **_args(plan))
+
+
+async def acompress(engine: SemToken, plan: dict[str, Any], query: str | None) -> CompressionResult:
+    """Async :func:`compress` (the engine works in a thread)."""
+    if plan["budget"] <= 0:
+        return nothing(engine, plan, query)
+    return await engine.acompress(plan["texts"], query, **_args(plan))
+
+
+def nothing(engine: SemToken, plan: dict[str, Any], query: str | None) -> CompressionResult:
+    """The result of a budget of 0 tokens: every chunk empty."""
+    counts = [engine.count_tokens(t) for t in plan["texts"]]
+    chunks = tuple(CompressedChunk(i, "", (), c, 0, None) for i, c in enumerate(counts))
+    return CompressionResult(chunks, query, 0, sum(counts), 0)

@@ -1,0 +1,133 @@
+"""Helpers of :class:`SemTokenNodePostprocessor`: the event, engine settings, LlamaIndex's tokenizer,
+the budget of what the LLM reads, rebuilt nodes (internal)."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+from llama_index.core.instrumentation.events import BaseEvent
+from llama_index.core.schema import MetadataMode, NodeWithScore
+
+from semtoken_rag import CompressionResult, SemToken, SemTokenConfig
+
+METADATA_KEY = "semtoken"
+SEPARATOR = "\n\n"  # how LlamaIndex's synthesizers and chat engines join node contents
+
+
+class SemTokenCompressionEvent(BaseEvent):
+    """Token counts of one compression call, emitted through LlamaIndex instrumentation.
+
+    ``context_tokens``: the uncompressed context as the LLM would read it (headers and separators
+    included); ``budget``: its share allowed; ``compressed_tokens + overhead_tokens``: what was kept.
+    """
+
+    original_tokens: int
+    compressed_tokens: int
+    overhead_tokens: int
+    budget: int
+    context_tokens: int
+    nodes_in: int
+    nodes_out: int
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "SemTokenCompressionEvent"
+
+
+class TokenListLength:
+    """A LlamaIndex tokenizer (text -> list of ids) as a token counter (text -> int); picklable."""
+
+    def __init__(self, tokenize: Any) -> None:
+        self.tokenize = tokenize
+
+    def __call__(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+
+_WRAPPED: dict[int, tuple[Any, TokenListLength]] = {}
+
+
+def settings_tokenizer() -> TokenListLength | None:
+    """The tokenizer a user set through ``Settings.tokenizer``, as a counter; None when unset or when it
+    is LlamaIndex's own default (tiktoken's gpt-3.5 encoding, which ``get_tokenizer()`` installs)."""
+    import llama_index.core
+
+    tok = llama_index.core.global_tokenizer  # read without triggering LlamaIndex's default
+    if tok is None or _is_llamaindex_default(tok):
+        return None
+    held = _WRAPPED.get(id(tok))
+    if held is None or held[0] is not tok:  # one counter per tokenizer: one registry engine
+        held = _WRAPPED[id(tok)] = (tok, TokenListLength(tok))
+    return held[1]
+
+
+def _is_llamaindex_default(tok: Any) -> bool:
+    owner = getattr(getattr(tok, "func", None), "__self__", None)
+    return (isinstance(tok, functools.partial) and tok.keywords == {"allowed_special": "all"}
+            and type(owner).__module__.startswith("tiktoken"))
+
+
+def engine_config(config: SemTokenConfig | None, **overrides: Any) -> SemTokenConfig:
+    """``config`` (default settings when None) with the non-None ``overrides`` applied, re-validated."""
+    base = config if config is not None else SemTokenConfig()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return SemTokenConfig(**{**dict(base), **given}) if given else base
+
+
+def plan(engine: SemToken, nodes: list[NodeWithScore], mode: MetadataMode, rate: float | None,
+         target: int | None) -> dict[str, Any]:
+    """Texts, per-node overheads (header in ``mode`` + separator) and the budget of one call."""
+    texts = [n.node.get_content(metadata_mode=MetadataMode.NONE) for n in nodes]
+    shown = [n.node.get_content(metadata_mode=mode).strip() for n in nodes]
+    counts = [engine.count_tokens(t) for t in texts]
+    sep = engine.count_tokens(SEPARATOR)
+    # header + one separator per kept node but the first (charging all but node 0 is never short)
+    overheads = [max(engine.count_tokens(s) - c, 0) + (sep if i else 0)
+                 for i, (s, c) in enumerate(zip(shown, counts))]
+    context = engine.count_tokens(SEPARATOR.join(s for s in shown if s))
+    cfg = engine.config
+    if target is None and rate is None:
+        target = cfg.target_tokens
+    budget = target if target is not None else math.floor((rate or cfg.rate) * context + 1e-9)
+    return {"texts": texts, "overheads": overheads, "budget": int(budget), "context_tokens": context}
+
+
+def event(result: CompressionResult, p: dict[str, Any], n_in: int, n_out: int) -> SemTokenCompressionEvent:
+    return SemTokenCompressionEvent(
+        original_tokens=result.original_tokens, compressed_tokens=result.compressed_tokens,
+        overhead_tokens=result.overhead_tokens, budget=p["budget"], context_tokens=p["context_tokens"],
+        nodes_in=n_in, nodes_out=n_out)
+
+
+def _excluded(keys: list[str]) -> list[str]:
+    return [*keys] if METADATA_KEY in keys else [*keys, METADATA_KEY]
+
+
+def rebuild(nodes: list[NodeWithScore], result: CompressionResult) -> list[NodeWithScore]:
+    """Copies of the nodes that kept something, text replaced, in input order; inputs untouched.
+
+    ``start_char_idx``/``end_char_idx`` stay: they locate the node's original text in its source
+    document. The kept slices are ``metadata["semtoken"]["kept_spans"]`` (offsets into the node's
+    original text) and, when ``start_char_idx`` is known, ``source_spans`` (the same slices as offsets
+    into the source document).
+    """
+    out = []
+    for nws, chunk in zip(nodes, result.chunks):
+        if chunk.is_empty:
+            continue
+        node = nws.node
+        info = chunk.to_dict()
+        start = getattr(node, "start_char_idx", None)
+        if start is not None:
+            info["source_spans"] = [[start + a, start + b] for a, b in chunk.kept_spans]
+        new = node.model_copy(update={
+            "metadata": {**node.metadata, METADATA_KEY: info},
+            "excluded_llm_metadata_keys": _excluded(node.excluded_llm_metadata_keys),
+            "excluded_embed_metadata_keys": _excluded(node.excluded_embed_metadata_keys),
+            "relationships": dict(node.relationships),
+        })
+        new.set_content(chunk.text)
+        out.append(nws.model_copy(update={"node": new}))
+    return out

@@ -1,0 +1,146 @@
+"""Unit tier: properties of SemToken.compress on a tiny random-weight BERT (fast; no real encoder).
+
+The tiny encoder's fingerprints mean nothing, which is the point here: whatever the vectors, spans,
+selection and rendering must give one result per chunk, in order, made only of slices of the chunk,
+within the budget, without touching the caller's list.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+from conftest import TINY_WORDS
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from semtoken_rag import CompressionResult, SemToken
+
+GAP = " … "
+ODD = ["", " ", "\n", "\t", "  \n\t ", ".", "!", "?", "\u200b", "\ufeff", "\u00a0", "\x00", "\x07", "\x1b[31m",
+       "\x7f", "\ud800", "\udfff", "é", "e\u0301", "ﬁ", "🚀", "🇯🇵", "👩\u200d👩\u200d👧", "שלום", "مرحبا",
+       "東京", "は", "日本の首都です。", "한국어", "ภาษาไทย", "Ωmega", "1901", "3.14", "{\"a\":[1,2]}",
+       "https://example.org/x?y=1", "a" * 60]
+word = st.one_of(st.sampled_from(TINY_WORDS), st.sampled_from(ODD),
+                 st.text(min_size=1, max_size=12),
+                 st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=8))
+sep = st.sampled_from([" ", " ", " ", "  ", "\n", ". ", ", ", "! ", "? ", "。", "\n\n", "\t", ""])
+
+
+@st.composite
+def chunk(draw) -> str:
+    words = draw(st.lists(st.tuples(word, sep), max_size=40))
+    text = "".join(w + s for w, s in words)
+    if draw(st.booleans()) and text:  # some chunks end mid-sentence, some with a full stop
+        text = text.rstrip() + "."
+    return text
+
+
+chunks_st = st.lists(st.one_of(chunk(), st.sampled_from(["", " ", "\n\t \n"])), max_size=6)
+query_st = st.one_of(st.none(), st.sampled_from(["", "   ", "nobel prize", "who was first", "東京"]),
+                     st.text(max_size=30))
+
+
+def check(res: CompressionResult, chunks: list[str], engine: SemToken, budget: int) -> None:
+    """What every result holds, whatever the encoder's vectors."""
+    assert isinstance(res, CompressionResult)
+    assert len(res.chunks) == len(chunks) and [c.index for c in res.chunks] == list(range(len(chunks)))
+    assert res.budget == budget
+    assert res.compressed_tokens <= budget
+    assert res.original_tokens == sum(c.original_tokens for c in res.chunks)
+    assert res.compressed_tokens == sum(c.compressed_tokens for c in res.chunks)
+    identity = budget >= res.original_tokens
+    if identity:
+        assert res.texts == chunks
+    for c, text in zip(res.chunks, chunks):
+        assert c.original_tokens == engine.count_tokens(text)
+        assert c.compressed_tokens == engine.count_tokens(c.text)
+        # the output is the chunk's own slices, in order, joined by the gap marker
+        assert c.text == GAP.join(text[s:e] for s, e in c.kept_spans)
+        flat = [x for span in c.kept_spans for x in span]
+        assert all(0 <= s < e <= len(text) for s, e in c.kept_spans)
+        assert all(a[1] < b[0] for a, b in zip(c.kept_spans, c.kept_spans[1:]))  # disjoint, not touching
+        assert flat == sorted(flat)
+        if not identity:
+            # slices start and end on a word, never on whitespace; blank chunks give ""
+            assert all(not text[s].isspace() and not text[e - 1].isspace() for s, e in c.kept_spans)
+            if not text.strip():
+                assert c.text == "" and c.kept_spans == ()
+        # the span judgements cover words inside the chunk, in order; repeats are never kept
+        for s in c.spans:
+            assert 0 <= s.start < s.end <= len(text)
+            assert s.status in {"kept", "collapsed", "dropped", "repeat"}
+        assert [s.start for s in c.spans] == sorted(s.start for s in c.spans)
+        for a, b in c.repeat_spans:
+            assert 0 <= a < b <= len(text)
+            assert not any(s < b and a < e for s, e in c.kept_spans)
+
+
+def budget_of(engine: SemToken, chunks: list[str], rate: float | None, target: int | None) -> int:
+    total = sum(engine.count_tokens(c) for c in chunks)
+    if target is not None:
+        return target
+    return math.floor((engine.config.rate if rate is None else rate) * total + 1e-9)
+
+
+FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(chunks_st, query_st, st.one_of(st.none(), st.floats(0.01, 1.0)))
+def test_rate_budget_and_slices(tiny_engine, chunks, query, rate):
+    before = copy.deepcopy(chunks)
+    res = tiny_engine.compress(chunks, query, rate=rate)
+    assert chunks == before
+    check(res, chunks, tiny_engine, budget_of(tiny_engine, chunks, rate, None))
+
+
+@FAST
+@given(chunks_st, query_st, st.integers(1, 120))
+def test_target_tokens_budget_and_slices(tiny_engine, chunks, query, target):
+    before = copy.deepcopy(chunks)
+    res = tiny_engine.compress(chunks, query, target_tokens=target)
+    assert chunks == before
+    check(res, chunks, tiny_engine, target)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chunks_st, query_st, st.floats(0.05, 0.9), st.sampled_from(["c1", "c2"]))
+def test_conversations_and_repeated_calls(tiny_engine, chunks, query, rate, conversation):
+    """A call repeated (its fingerprints now cached) gives the same output; in a conversation the
+    second call only drops more (what was sent), never breaks an invariant."""
+    first = tiny_engine.compress(chunks, query, rate=rate)
+    again = tiny_engine.compress(chunks, query, rate=rate)
+    assert again.texts == first.texts and [c.kept_spans for c in again.chunks] == [c.kept_spans for c in first.chunks]
+    budget = budget_of(tiny_engine, chunks, rate, None)
+    for _ in range(2):
+        res = tiny_engine.compress(chunks, query, rate=rate, conversation_id=conversation)
+        check(res, chunks, tiny_engine, budget)
+
+
+def test_duplicate_and_long_chunks(tiny_engine):
+    """The same chunk twice comes back twice (in place); a chunk over many 32-token windows works."""
+    long = " ".join(["the river was first in the war of the year"] * 60) + "."
+    chunks = ["the nobel prize in physics.", long, "the nobel prize in physics.", ""]
+    for rate in (0.1, 0.5, 0.9):
+        res = tiny_engine.compress(chunks, "nobel prize", rate=rate)
+        check(res, chunks, tiny_engine, budget_of(tiny_engine, chunks, rate, None))
+    fp = tiny_engine.encoder.fingerprint([long])[0]
+    assert len(fp.units) == len(long.split()) and fp.vectors.shape == (len(fp.units), 32)
+    assert (fp.vectors.float().norm(dim=-1) > 0).all()  # every word got a vector from some window
+
+
+def test_input_kinds_and_errors(tiny_engine):
+    chunks = ("the first prize.", "a banana fruit.")
+    res = tiny_engine.compress(chunks, "prize", rate=0.5)  # a tuple is a sequence of str too
+    check(res, list(chunks), tiny_engine, budget_of(tiny_engine, list(chunks), 0.5, None))
+    assert tiny_engine.compress([], "q").chunks == ()
+    with pytest.raises(TypeError, match="not a single string"):
+        tiny_engine.compress("the first prize.", "q")
+    with pytest.raises(TypeError, match=r"chunks\[1\] must be str, got bytes"):
+        tiny_engine.compress(["ok", b"bytes"], "q")
+    with pytest.raises(ValueError, match="rate must be in"):
+        tiny_engine.compress(list(chunks), "q", rate=0.0)
+    with pytest.raises(ValueError, match="target_tokens must be a positive int"):
+        tiny_engine.compress(list(chunks), "q", target_tokens=-1)
