@@ -1,14 +1,15 @@
 """Micro-batching: concurrent callers share one call of a batch function.
 
 Callers (threads, or asyncio tasks through :meth:`MicroBatcher.asubmit`) submit one item each; a
-worker thread takes what has queued, waits at most ``window_ms`` for more, calls ``fn(items)`` once
-and routes each result (or exception) back to the caller that submitted the item, as
-text-embeddings-inference batches requests for one forward pass.
+worker thread takes what has queued, calls ``fn(items)`` once and routes each result (or exception)
+back to the caller that submitted the item, as text-embeddings-inference batches requests for one
+forward pass.
 
-A caller that knows it *may* submit soon opens a :meth:`MicroBatcher.session` first. The worker stops
-waiting as soon as every open session has submitted (or left without submitting): a lone caller
-never waits for the window, and concurrent callers are not cut off by a short one. While ``fn``
-runs, new items queue up and go together into the next call (continuous batching).
+A caller that knows it *may* submit soon opens a :meth:`MicroBatcher.session` first (the engine does
+so on entering ``compress``). Before a call, the worker waits for the items of open sessions, at most
+``window_ms``, and stops as soon as every open session has submitted or left: a lone caller never
+waits, and callers that have not announced themselves are not waited for. While ``fn`` runs, new
+items queue up and go together into the next call (continuous batching).
 
 Guarantees: every submitted item gets exactly one result or exception; results keep the item's
 identity (``fn`` must return one result per item, in order); when ``fn`` raises on a batch of
@@ -49,8 +50,8 @@ class MicroBatcher(Generic[T, R]):
 
     Args:
         fn: the batch function; gets a non-empty list and returns a sequence of one result per item.
-        window_ms: how long the worker waits for more items after the first one (>= 0). 0 still
-            batches what queued while the previous call ran, and never waits.
+        window_ms: the longest the worker waits for items of open sessions after the first item
+            (>= 0). 0 still batches what queued while the previous call ran, and never waits.
         max_batch: most items in one call (>= 1).
         name: the worker thread's name (for logs and debuggers).
 
