@@ -61,17 +61,20 @@ class MicroBatcher(Generic[T, R]):
         >>> def square_all(xs):
         ...     batches.append(len(xs))
         ...     return [x * x for x in xs]
-        >>> with MicroBatcher(square_all, window_ms=50) as mb:
+        >>> ready = threading.Barrier(8)
+        >>> with MicroBatcher(square_all, window_ms=5000) as mb:
         ...     out = [None] * 8
         ...     def work(i):
-        ...         out[i] = mb.submit(i)
+        ...         with mb.session() as s:  # announced: the worker waits for this item
+        ...             ready.wait()
+        ...             out[i] = mb.submit(i, s)
         ...     threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
         ...     for t in threads: t.start()
         ...     for t in threads: t.join()
         >>> out
         [0, 1, 4, 9, 16, 25, 36, 49]
-        >>> sum(batches), len(batches) < 8
-        (8, True)
+        >>> batches  # one call; no 5 s wait: every session had submitted
+        [8]
     """
 
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, window_ms: float = 2.0, max_batch: int = 256,

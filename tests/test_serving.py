@@ -35,8 +35,9 @@ def same(a, b) -> None:
 
 @pytest.fixture(scope="module")
 def fresh() -> SemToken:
-    """An engine of its own with micro-batching on (window 200 ms), so that caches start empty."""
-    eng = SemToken(SemTokenConfig(device="cpu", batch_window_ms=200))
+    """An engine of its own with micro-batching on, so that caches start empty (a long window: the wait
+    ends as soon as every caller inside the engine has submitted)."""
+    eng = SemToken(SemTokenConfig(device="cpu", batch_window_ms=3000))
     yield eng
     eng.close()
 
