@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         "machine": machine,
         "config": {"n": n, "start": args.start, "questions": span, "device": args.device,
                    "budgets": args.budgets, "data_dir": str(data_dir), "data_file": NQ_FILE,
-                   "gold_position": "1 + random.Random(1234 + question_index).randrange(19) (never first)",
+                   "gold_position": "random.Random(1234 + question_index).randrange(20)",
                    "budget_tokenizer": "llama3", "budget_rule": "floor(rate * sum of chunk tokens)",
                    "context_tokens": "sum over kept pieces of tokens(piece)",
                    "methods": args.methods, "slow_n": args.slow_n, "quick": args.quick},

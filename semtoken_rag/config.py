@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+STORE_SCHEMES = ("redis", "rediss", "unix", "file")
 
 
 class SemTokenConfig(BaseModel):
@@ -140,6 +141,18 @@ class SemTokenConfig(BaseModel):
     query_memo_max_bytes: int = Field(
         64 * 2**20, ge=0,
         description="Bound in bytes of the memo of query embeddings (an LRU; 0 disables it).")
+    store: str | None = Field(
+        None,
+        description="Fingerprint store shared by processes and replicas, behind the memory LRU: "
+                    "'redis://host:port/db' (also rediss://, unix://; needs 'semtoken-rag[redis]') or a "
+                    "directory (a path or file:// URL, as cache_dir). A store fault (down, slow, evicting, "
+                    "garbage) is a miss: the call encodes locally. None: cache_dir, else memory only.")
+    store_ttl_seconds: float | None = Field(
+        None, gt=0, description="Redis entries expire this long after they are written (None: never).")
+    store_timeout_seconds: float = Field(
+        0.1, gt=0, le=10,
+        description="Connect and read timeout of each Redis command: the most a slow or dead store adds to "
+                    "a call before it encodes locally; after a fault the store is retried with back-off.")
 
     @field_validator("tokenizer")
     @classmethod
@@ -156,6 +169,24 @@ class SemTokenConfig(BaseModel):
         if "\x00" in value:
             raise ValueError("gap_marker must not contain NUL characters")
         return value
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme = value.split("://", 1)[0].lower() if "://" in value else None
+        if not value.strip() or (scheme is not None and scheme not in STORE_SCHEMES):
+            raise ValueError(f"store={value!r} is not supported: give redis://host:port/db, rediss://..., "
+                             "unix:///path.sock, a directory path or a file:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _check_store_and_dir(self) -> SemTokenConfig:
+        if self.store is not None and self.cache_dir is not None:
+            raise ValueError(f"give store={self.store!r} or cache_dir={str(self.cache_dir)!r}, not both "
+                             "(a directory can be given as store)")
+        return self
 
     @model_validator(mode="after")
     def _check_windows(self) -> SemTokenConfig:

@@ -5,9 +5,8 @@ Lines file (``.jsonl`` or ``.jsonl.gz``) or a folder holding :data:`NQ_FILE`; wi
 ``SEMTOKEN_RAG_DATA`` environment variable names one, else the small sample bundled with the package
 is used. The package never guesses where a repository keeps its data.
 
-Upstream records hold the gold passage first; the loader moves it to a seeded random position that
-is never the first (:func:`gold_position_for`), so that keeping the head of the context is no
-shortcut. Only ``question``, ``answers`` and the passages' ``title``/``text`` are read: the
+Upstream records hold the gold passage first; the loader moves it to a seeded random position, uniform over
+the 20 (:func:`gold_position_for`), so that position is no shortcut. Only ``question``, ``answers`` and the passages' ``title``/``text`` are read: the
 ``isgold``/``hasanswer`` flags never reach a method (``gold_index`` is for analysis only).
 
 Answer matching follows SQuAD normalisation (lowercase, no punctuation or articles) and checks
@@ -71,20 +70,19 @@ class NQRecord:
 def gold_position_for(question_index: int, gold_position: GoldPosition, n_passages: int = 20) -> int:
     """Where the gold passage of question ``question_index`` goes among ``n_passages``.
 
-    ``"random"``: ``1 + random.Random(1234 + question_index).randrange(n_passages - 1)`` (never first);
+    ``"random"``: ``random.Random(1234 + question_index).randrange(n_passages)``: uniform over every
+    position, seeded per question (the rule every committed benchmark result used);
     ``"first"``/``"middle"``/``"last"``: 0, ``n_passages // 2 - 1``, ``n_passages - 1``; an int: itself.
 
     >>> [gold_position_for(0, p) for p in ("first", "middle", "last", 4)]
     [0, 9, 19, 4]
-    >>> all(gold_position_for(i, "random") > 0 for i in range(500))
+    >>> sorted({gold_position_for(i, "random") for i in range(500)}) == list(range(20))
     True
     """
     if n_passages < 1:
         raise ValueError(f"n_passages must be at least 1, got {n_passages}")
     if gold_position == "random":
-        if n_passages == 1:
-            return 0
-        return 1 + random.Random(POSITION_SEED + question_index).randrange(n_passages - 1)
+        return random.Random(POSITION_SEED + question_index).randrange(n_passages)
     named = {"first": 0, "middle": max(n_passages // 2 - 1, 0), "last": n_passages - 1}
     if isinstance(gold_position, str):
         if gold_position not in named:
@@ -132,6 +130,21 @@ def _lines(path: Path | None) -> Iterator[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as fh:
         yield from fh
+
+
+def example_data(start: str | os.PathLike | None = None) -> Path | None:
+    """The NQ data an example or demo script run from a clone uses: ``$SEMTOKEN_RAG_DATA`` when set,
+    else ``shared/data`` beside the clone (found by walking up from ``start``, default the current
+    directory) when it holds :data:`NQ_FILE`, else ``None`` (the bundled sample). Only scripts call it;
+    the library itself never looks for a repository's data.
+    """
+    if os.environ.get(DATA_ENV):
+        return resolve_source()
+    here = Path(start if start is not None else Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "shared" / "data" / NQ_FILE).is_file():
+            return folder / "shared" / "data" / NQ_FILE
+    return None
 
 
 def load_nq(n: int | None = None, source: str | os.PathLike | None = None, gold_position: GoldPosition = "random",

@@ -125,6 +125,10 @@ class DirectoryStore(FingerprintStore):
                 pass
         return entry
 
+    def has_many(self, keys: Sequence[str]) -> list[bool]:
+        """Which entry files exist (not read: a corrupt one is found when it is read)."""
+        return [self._file(check_key(k)).is_file() for k in keys]
+
     def put_many(self, items: Iterable[tuple[str, CacheEntry]]) -> None:
         for key, entry in items:
             self._write(check_key(key), entry)

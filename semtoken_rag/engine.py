@@ -24,12 +24,15 @@ from .config import SemTokenConfig
 from .device_search import DeviceConversationMemory, find_repeats_torch
 from .diskstore import DirectoryStore
 from .encoder import Encoder, Fingerprints
+from .fileformat import CacheEntry
+from .keys import cache_key
 from .lru import ByteLRU
 from .prepare import Prepared, Preparer
 from .render import join_slices, kept_slices
 from .repeats import ConversationMemory, faiss_gpu_available, find_repeats
 from .results import CompressedChunk, CompressionResult, SpanList
 from .store import CacheStats, LayeredCache, MemoryStore
+from .store_url import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +91,9 @@ class SemToken:
         self.tokenizer = BudgetTokenizer(cfg.tokenizer)
         disk = None if cfg.cache_dir is None else DirectoryStore(
             cfg.cache_dir, max_disk_bytes=cfg.cache_max_disk_bytes, fsync=False)
+        if cfg.store is not None:  # Redis or a directory, shared by replicas
+            disk = open_store(cfg.store, namespace=self.encoder.identity, ttl_seconds=cfg.store_ttl_seconds,
+                              timeout_seconds=cfg.store_timeout_seconds, max_disk_bytes=cfg.cache_max_disk_bytes)
         self.cache = LayeredCache(MemoryStore(cfg.cache_max_bytes), disk)
         self.repeat_search = choose_repeat_search(self.encoder.device)
         logger.info("semtoken-rag repeat search: %s", self.repeat_search)
@@ -213,6 +219,37 @@ class SemToken:
         started = time.perf_counter()
         return [self._plan(chunks, query, budget_rate, target, np.zeros(len(chunks), dtype=np.int64), conv, started)
                 for chunks, query, conv in checked]
+
+    def prewarm(self, texts: Sequence[str], *, batch_size: int = 256) -> int:
+        """Fingerprint the texts the cache and its store lack, and store them; returns how many were encoded.
+
+        For ingestion: chunks pre-warmed here (and in a store shared by replicas) are cache hits when a
+        later call compresses them, which then encodes only the query. Blank and repeated texts are
+        skipped; what the store already holds is not recomputed (one existence check), so a stopped
+        pre-warm resumes. ``batch_size`` texts are encoded and stored at a time.
+
+        >>> from semtoken_rag import SemToken
+        >>> engine = SemToken()
+        >>> engine.prewarm(["Paris is the capital of France.", "Paris is the capital of France.", " "])
+        1
+        >>> engine.prewarm(["Paris is the capital of France."])
+        0
+        """
+        texts = _check_chunks(texts)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        by_key = {cache_key(t, self._namespace): t for t in texts if t.strip()}
+        todo = [k for k, there in zip(by_key, self.cache.contains_many(list(by_key))) if not there]
+        with torch.inference_mode():
+            for start in range(0, len(todo), batch_size):
+                part = todo[start:start + batch_size]
+                before = self.encoder.encode_seconds
+                fresh = self.encoder.fingerprint([by_key[k] for k in part])
+                seconds = (self.encoder.encode_seconds - before) / len(part)
+                self.cache.put_many([(k, CacheEntry({"fingerprints": fp.vectors.numpy(),
+                                                     "units": fp.units.astype(np.int32)}, seconds))
+                                     for k, fp in zip(part, fresh)])
+        return len(todo)
 
     async def acompress(self, chunks: Sequence[str], query: str | None = None, *, rate: float | None = None,
                         target_tokens: int | None = None, conversation_id: str | None = None,

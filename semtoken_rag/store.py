@@ -100,6 +100,10 @@ class FingerprintStore(abc.ABC):
         """``put_many([(key, entry)])``."""
         self.put_many([(key, entry)])
 
+    def has_many(self, keys: Sequence[str]) -> list[bool]:
+        """Which keys are stored (for pre-warming: skip what is there). Backends may answer cheaper."""
+        return [e is not None for e in self.get_many(keys)]
+
 
 class MemoryStore(FingerprintStore):
     """In-process store: LRU bounded in bytes (``CacheEntry.nbytes``); ``max_bytes=0`` keeps nothing.
@@ -129,6 +133,9 @@ class MemoryStore(FingerprintStore):
 
     def pop(self, key: str) -> None:
         self._lru.pop(key)
+
+    def has_many(self, keys: Sequence[str]) -> list[bool]:
+        return [k in self._lru for k in keys]
 
     def __contains__(self, key: object) -> bool:
         return key in self._lru
@@ -263,6 +270,18 @@ class LayeredCache:
     def put(self, key: str, entry: CacheEntry) -> None:
         """``put_many([(key, entry)])``."""
         self.put_many([(key, entry)])
+
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        """Which keys are stored: in the backend when there is one (the shared store is what
+        pre-warming fills; memory may hold what the store lost), else in memory. One backend call,
+        no stats, no promotion; a backend fault answers ``False``."""
+        keys = [check_key(k) for k in keys]
+        if self.backend is None:
+            return self.memory.has_many(keys)
+        got = self._backend_call("exists", lambda: self.backend.has_many(keys))
+        if got is None or len(got) != len(keys):
+            return [False] * len(keys)
+        return [bool(hit) for hit in got]
 
     def __contains__(self, key: object) -> bool:
         """True if ``key`` is in memory or the backend has it (no stats, no promotion)."""

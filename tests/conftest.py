@@ -8,12 +8,17 @@ themselves. ``pytest -m "not slow"`` runs the unit tier only.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import string
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from semtoken_rag import SemToken, SemTokenConfig
+from semtoken_rag.testing import LocalRedis, redis_server_binary
 
 TINY_WORDS = ("the", "a", "an", "of", "in", "to", "and", "is", "was", "for", "on", "by", "with", "as",
               "at", "from", "it", "that", "this", "are", "be", "not", "who", "what", "when", "where",
@@ -102,3 +107,77 @@ NOBEL = [
 @pytest.fixture()
 def nobel() -> list[str]:
     return list(NOBEL)
+
+
+@contextlib.contextmanager
+def read_only_dir(root: Path):
+    """Make ``root`` (and its sub-folders) unwritable for this process: by permissions for an ordinary
+    user, by a read-only bind mount for root (which ignores permissions); skips when neither works."""
+    if os.geteuid() != 0:
+        dirs = [root, *[p for p in root.rglob("*") if p.is_dir()]]
+        for d in dirs:
+            d.chmod(0o500)
+        try:
+            yield
+        finally:
+            for d in dirs:
+                d.chmod(0o700)
+        return
+    mount = shutil.which("mount")
+    if mount is None:
+        pytest.skip("root ignores directory permissions and there is no mount command")
+    target = str(root)
+    bound = subprocess.run([mount, "--bind", target, target], capture_output=True, check=False)
+    if bound.returncode != 0:
+        pytest.skip(f"root ignores directory permissions and a bind mount failed: {bound.stderr!r}")
+    try:
+        ro = subprocess.run([mount, "-o", "remount,ro,bind", target], capture_output=True, check=False)
+        if ro.returncode != 0:
+            pytest.skip(f"cannot remount {target} read-only: {ro.stderr!r}")
+        yield
+    finally:
+        subprocess.run(["umount", target], capture_output=True, check=False)
+
+
+# -- real servers: Redis (Debian's redis-server, installed by scripts/setup.sh) and a local Ray cluster
+def _need_redis() -> None:
+    pytest.importorskip("redis", reason="the redis client is not installed: pip install 'semtoken-rag[redis]'")
+    if redis_server_binary() is None:
+        pytest.skip("redis-server binary not found: scripts/setup.sh installs it (apt-get install redis-server)")
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One redis-server for the session on a free 127.0.0.1 port (nothing persisted), stopped at the end."""
+    _need_redis()
+    with LocalRedis() as server:
+        yield server
+
+
+@pytest.fixture()
+def redis_url(redis_server) -> str:
+    """The session server's URL, its database flushed before the test."""
+    with redis_server.client() as client:
+        client.flushall()
+    return redis_server.url
+
+
+@pytest.fixture()
+def redis_restartable():
+    """A redis-server of the test's own, which the test may stop (kill), start and restart."""
+    _need_redis()
+    with LocalRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster sized for this 2-core machine (no dashboard, no usage stats), shut down after."""
+    ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'semtoken-rag[ray]'")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # never reports anything off the machine
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20,
+             configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

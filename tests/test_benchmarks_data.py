@@ -74,8 +74,8 @@ def test_token_counter_llama3():
 
 def test_gold_position_rule():
     positions = [gold_position_for(i, "random") for i in range(441)]
-    assert positions == [1 + random.Random(1234 + i).randrange(19) for i in range(441)]
-    assert min(positions) == 1 and max(positions) == 19  # never first, every other position used
+    assert positions == [random.Random(1234 + i).randrange(20) for i in range(441)]
+    assert min(positions) == 0 and max(positions) == 19  # every position is used
     assert [gold_position_for(0, p) for p in ("first", "middle", "last")] == [0, 9, 19]
     assert gold_position_for(3, 7) == 7
     with pytest.raises(ValueError, match="outside 0..19"):
@@ -98,7 +98,7 @@ def test_load_nq_random_positions():
         assert rec.index == i
         assert rec.question == r["question"] and list(rec.answers) == r["answers"]
         assert len(rec.chunks) == 20
-        assert rec.gold_index == 1 + random.Random(1234 + i).randrange(19)
+        assert rec.gold_index == random.Random(1234 + i).randrange(20)
         gold = r["ctxs"][0]
         assert rec.chunks[rec.gold_index] == f"{gold['title']}\n{gold['text']}"
         distractors = [f"{c['title']}\n{c['text']}" for c in r["ctxs"][1:]]

@@ -19,7 +19,10 @@ def test_warm_equals_cold_and_skips_the_encoder(engine, nobel):
     engine.cache.clear()
     q = "who won two nobel prizes"
     cold = engine.compress(nobel, q, rate=0.3)
-    assert cold.encoder_calls == 1 and cold.cache_hits == 0
+    # one encoder pass over the chunks: as many batches as the encoder's own pass over them takes
+    # (sequences are batched by padded width, so chunks of different lengths may take two batches)
+    one_pass = engine.encoder.fingerprint_with_stats(nobel)[1].batches
+    assert cold.encoder_calls == one_pass >= 1 and cold.cache_hits == 0
     calls = engine.encoder.forward_calls
     warm = engine.compress(nobel, q, rate=0.3)
     assert warm.encoder_calls == 0 and warm.cache_hits == len(nobel)
@@ -57,7 +60,8 @@ def test_corrupt_cache_files_are_rebuilt_not_trusted(tmp_path, nobel, caplog):
     with caplog.at_level("WARNING"):
         res = fresh.compress(nobel, "physics", rate=0.3)
     assert res.texts == want
-    assert res.cache_hits == len(nobel) - 3 and res.encoder_calls == 1
+    assert res.cache_hits == len(nobel) - 3
+    assert 1 <= res.encoder_calls <= fresh.encoder.fingerprint_with_stats(nobel)[1].batches
     assert sum("cache" in r.getMessage().lower() for r in caplog.records) == 1  # logged once
     again = SemToken(cfg).compress(nobel, "physics", rate=0.3)  # rebuilt files are good again
     assert again.cache_hits == len(nobel)

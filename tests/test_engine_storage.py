@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import read_only_dir
 
 from semtoken_rag import SemToken, SemTokenConfig
 from semtoken_rag.diskstore import DirectoryStore
@@ -136,14 +137,10 @@ def test_deleted_cache_dir_is_recreated(tmp_path, nobel):
     assert later.cache_hits == 2 and later.encoder_calls == 0
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
 def test_read_only_cache_dir_is_still_read(tmp_path, nobel, caplog):
     root = tmp_path / "ro"
     want = SemToken(SemTokenConfig(cache_dir=root, device="cpu")).compress(nobel[:2], Q, rate=0.3)
-    dirs = [root, *[p for p in root.iterdir() if p.is_dir()]]
-    for d in dirs:
-        d.chmod(0o500)
-    try:
+    with read_only_dir(root):
         eng = SemToken(SemTokenConfig(cache_dir=root, device="cpu"))
         with caplog.at_level(logging.WARNING, logger="semtoken_rag"):
             got = eng.compress(nobel[:2], Q, rate=0.3)
@@ -152,9 +149,6 @@ def test_read_only_cache_dir_is_still_read(tmp_path, nobel, caplog):
         assert got.cache_hits == 2 and got.texts == want.texts
         assert eng.cache_stats().store_errors == 2
         assert len([r for r in caplog.records if r.name.startswith("semtoken_rag.")]) == 1
-    finally:
-        for d in dirs:
-            d.chmod(0o700)
 
 
 def test_cache_stats_clear_caches_and_forget_conversation(tmp_path, nobel):

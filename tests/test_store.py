@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import read_only_dir
 
 from semtoken_rag.diskstore import DirectoryStore
 from semtoken_rag.fileformat import FORMAT_VERSION, MAGIC, CacheEntry
@@ -386,17 +387,13 @@ def test_unwritable_directory_is_still_read(tmp_path: Path, caplog: pytest.LogCa
     assert len(warnings_of(caplog)) == 1
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
 def test_read_only_directory_is_still_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     entries = {i: make_entry(i, n=4, d=8) for i in range(3)}
     ro = tmp_path / "ro"
     writer = make_cache(cache_dir=ro)
     for i in range(2):
         writer.put(key(i), entries[i])
-    dirs = [ro, *[p for p in ro.iterdir() if p.is_dir()]]
-    for d in dirs:
-        d.chmod(0o500)
-    try:
+    with read_only_dir(ro):
         caplog.set_level(logging.WARNING, logger=LOGGER)
         reader = make_cache(cache_dir=ro)
         assert_same(reader.get(key(0)), entries[0])
@@ -405,9 +402,6 @@ def test_read_only_directory_is_still_read(tmp_path: Path, caplog: pytest.LogCap
         reader.put(key(2), entries[2])
         assert_same(reader.get(key(2)), entries[2])  # from memory
         assert reader.stats().disk_hits == 2 and len(warnings_of(caplog)) == 1
-    finally:
-        for d in dirs:
-            d.chmod(0o700)
 
 
 def test_failed_write_warns_once_and_leaves_no_temp_files(tmp_path: Path,

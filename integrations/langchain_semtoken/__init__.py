@@ -14,5 +14,6 @@ except ModuleNotFoundError as e:
     ) from e
 
 from langchain_semtoken.compressor import SemTokenCompressor
+from langchain_semtoken.fingerprinter import SemTokenFingerprinter
 
-__all__ = ["SemTokenCompressor"]
+__all__ = ["SemTokenCompressor", "SemTokenFingerprinter"]

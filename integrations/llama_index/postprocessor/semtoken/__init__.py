@@ -15,5 +15,6 @@ except ModuleNotFoundError as e:
 
 from llama_index.postprocessor.semtoken._support import SemTokenCompressionEvent
 from llama_index.postprocessor.semtoken.base import SemTokenNodePostprocessor
+from llama_index.postprocessor.semtoken.fingerprinter import SemTokenFingerprinter
 
-__all__ = ["SemTokenCompressionEvent", "SemTokenNodePostprocessor"]
+__all__ = ["SemTokenCompressionEvent", "SemTokenFingerprinter", "SemTokenNodePostprocessor"]

@@ -1,0 +1,79 @@
+"""SemTokenFingerprinter: an IngestionPipeline component that pre-warms the fingerprint store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.schema import BaseNode, MetadataMode, TransformComponent
+
+from semtoken_rag import SemToken, SemTokenConfig
+from semtoken_rag.registry import shared_engine
+
+
+def node_text(node: BaseNode) -> str:
+    """The text of a node as the postprocessor compresses it: its content, without metadata."""
+    return node.get_content(metadata_mode=MetadataMode.NONE)
+
+
+class SemTokenFingerprinter(TransformComponent):
+    """Store the fingerprints of nodes as they are indexed; the nodes come back unchanged.
+
+    Put it last in an ``IngestionPipeline``'s transformations (after the splitter, so that the texts
+    are the chunks the retriever will return). At query time
+    :class:`~llama_index.postprocessor.semtoken.SemTokenNodePostprocessor` finds their fingerprints (in
+    the same engine, or in a store shared by every replica, e.g. ``SemTokenConfig(store="redis://...")``)
+    and encodes only the query. Nodes whose text is blank, repeated or already stored are not encoded.
+
+    Example:
+        >>> from llama_index.core.ingestion import IngestionPipeline
+        >>> from llama_index.core.schema import TextNode
+        >>> from llama_index.postprocessor.semtoken import SemTokenFingerprinter
+        >>> nodes = [TextNode(text="The Eiffel Tower in Paris was completed in 1889.")]
+        >>> pipeline = IngestionPipeline(transformations=[SemTokenFingerprinter()])
+        >>> [n.text for n in pipeline.run(nodes=nodes)]
+        ['The Eiffel Tower in Paris was completed in 1889.']
+    """
+
+    config: SemTokenConfig | None = Field(
+        default=None, description="Engine configuration (its store is where fingerprints go); None: the "
+                                  "process-wide default engine.")
+    batch_size: int = Field(default=256, ge=1, description="Texts fingerprinted per encoder pass group.")
+
+    _engine: SemToken | None = PrivateAttr(default=None)
+    _encoded: int = PrivateAttr(default=0)
+
+    def __init__(self, *, engine: SemToken | None = None, **data: Any) -> None:
+        super().__init__(**data)
+        if engine is not None and self.config is not None:
+            raise ValueError("give either engine= or config=, not both (the engine has its own config)")
+        self._engine = engine
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "SemTokenFingerprinter"
+
+    @property
+    def engine(self) -> SemToken:
+        """The engine whose cache and store are filled."""
+        return self._engine if self._engine is not None else shared_engine(self.config)
+
+    @property
+    def last_encoded(self) -> int:
+        """How many texts the last call encoded (the others were already stored, blank or repeated)."""
+        return self._encoded
+
+    def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
+        """Fingerprint ``nodes`` into the store and return them as they are."""
+        nodes = list(nodes)
+        for i, n in enumerate(nodes):
+            if not isinstance(n, BaseNode):
+                raise TypeError(f"nodes[{i}] must be a llama_index BaseNode, got {type(n).__name__}")
+        self._encoded = self.engine.prewarm([node_text(n) for n in nodes], batch_size=self.batch_size)
+        return nodes
+
+    async def acall(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
+        """:meth:`__call__` in a worker thread, keeping the event loop free."""
+        return await asyncio.to_thread(self.__call__, nodes, **kwargs)

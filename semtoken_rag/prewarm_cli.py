@@ -1,0 +1,100 @@
+"""The ``semtoken-rag prewarm`` sub-command (parser and command; wired into :mod:`semtoken_rag.cli`).
+
+    semtoken-rag prewarm corpus.jsonl --store redis://127.0.0.1:6379/0             # in-process
+    semtoken-rag prewarm corpus.parquet --store redis://cache:6379/0 --ray          # local Ray cluster
+    semtoken-rag prewarm corpus.parquet --store redis://cache:6379/0 --ray auto     # a running cluster
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return n
+
+
+def _seconds(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {value}")
+    return x
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add ``prewarm`` to the sub-command parsers ``sub`` of ``semtoken-rag``."""
+    p = sub.add_parser(
+        "prewarm", help="fingerprint a corpus into a shared store (in-process or on Ray)",
+        description="Fingerprint every chunk of a corpus into a fingerprint store shared by the replicas, "
+                    "so that their query-time calls encode only the query. CORPUS is JSON Lines (.jsonl, "
+                    ".jsonl.gz: one object per line) or Parquet; each record's TEXT_FIELD is one chunk, "
+                    "exactly as the retriever returns it. Chunks already stored are skipped, so a stopped "
+                    "run resumes.")
+    p.add_argument("corpus", type=Path, metavar="CORPUS", help="a .jsonl(.gz) or .parquet file")
+    p.add_argument("--store", required=True,
+                   help="where fingerprints go: redis://host:port/db (rediss://, unix://) or a directory")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray Data: no ADDRESS starts a local cluster, 'auto' joins a running one, "
+                        "ray://host:10001 a remote one")
+    p.add_argument("--text-field", default="text", help="field (column) with the chunk text (default text)")
+    p.add_argument("--actors", type=_positive_int, default=None,
+                   help="Ray actors (default: one per GPU, else one per 2 CPUs)")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="texts per batch (default 256)")
+    p.add_argument("--device", default=None, help="torch device for in-process runs (default: CUDA if present)")
+    p.add_argument("--store-ttl", type=_seconds, default=None, metavar="SECONDS",
+                   help="Redis entries expire this long after they are written (default: never)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``semtoken-rag prewarm`` with parsed ``args``; prints the report, returns the exit status."""
+    from pydantic import ValidationError
+
+    from .cli import CLIError
+    from .config import SemTokenConfig
+    from .prewarm import prewarm_corpus
+
+    fields = {"store": args.store, "device": args.device, "store_ttl_seconds": args.store_ttl}
+    try:
+        config = SemTokenConfig(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:  # a bad option value is a user error
+        raise CLIError(str(e)) from None
+    bar = None
+    if not args.quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="pre-warm", unit=" passages", file=sys.stderr, dynamic_ncols=True)
+    try:
+        report = prewarm_corpus(args.corpus, config, text_field=args.text_field,
+                                use_ray=args.ray is not None, ray_address=args.ray or None,
+                                actors=args.actors, batch_size=args.batch_size,
+                                progress=None if bar is None else bar.update)
+    except FileNotFoundError as e:
+        raise CLIError(str(e).strip("'\"")) from None
+    except (ImportError, OSError) as e:
+        raise CLIError(f"cannot pre-warm {args.corpus}: {e}") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print(f"pre-warmed {report.passages} passages into {config.store}: {report.encoded} encoded, "
+              f"{report.skipped} already stored or blank, {report.seconds:.1f} s "
+              f"({report.passages_per_second:.0f} passages/s{' on Ray' if report.ray else ''})")
+    return 0

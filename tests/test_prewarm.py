@@ -1,0 +1,99 @@
+"""semtoken-rag prewarm: corpus reading, in-process and Ray Data pre-warming into a real Redis, resuming."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from importlib.resources import files
+
+import pytest
+
+from semtoken_rag import SemToken, SemTokenConfig
+from semtoken_rag.cli import main
+from semtoken_rag.prewarm import prewarm_corpus, read_texts
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    lines = (files("semtoken_rag") / "data" / "sample_nq.jsonl").read_text(encoding="utf-8").splitlines()
+    out = [p["text"] for line in lines[:2] for p in json.loads(line)["passages"]]
+    return list(dict.fromkeys(out))[:24]
+
+
+def _jsonl(path, texts, field="text"):
+    path.write_text("".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts)), encoding="utf-8")
+    return path
+
+
+def test_read_texts_formats_and_errors(tmp_path, texts):
+    assert list(read_texts(_jsonl(tmp_path / "c.jsonl", texts))) == texts
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"body": "gz chunk"}) + "\n")
+    assert list(read_texts(tmp_path / "c.jsonl.gz", "body")) == ["gz chunk"]
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"text": texts[:5], "n": list(range(5))}), tmp_path / "c.parquet")
+    assert list(read_texts(tmp_path / "c.parquet")) == texts[:5]
+    with pytest.raises(ValueError, match="no column 'body'"):
+        list(read_texts(tmp_path / "c.parquet", "body"))
+    with pytest.raises(ValueError, match=r"c\.jsonl:1: no field 'body'"):
+        list(read_texts(tmp_path / "c.jsonl", "body"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n[1]\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: field 'text' must be a string, got int"):
+        list(read_texts(tmp_path / "bad.jsonl"))
+    (tmp_path / "broken.jsonl").write_text("{not json\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"broken\.jsonl:1: not JSON"):
+        list(read_texts(tmp_path / "broken.jsonl"))
+    with pytest.raises(ValueError, match="expected .jsonl"):
+        list(read_texts(_jsonl(tmp_path / "c.csv", texts)))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list(read_texts(tmp_path / "missing.jsonl"))
+
+
+def test_in_process_prewarm_resumes_and_serves_hits(tmp_path, redis_url, texts):
+    config = SemTokenConfig(device="cpu", store=redis_url)
+    half = prewarm_corpus(_jsonl(tmp_path / "half.jsonl", texts[:10]), config, batch_size=4)
+    assert (half.passages, half.encoded, half.ray) == (10, 10, False)
+    full = prewarm_corpus(_jsonl(tmp_path / "all.jsonl", texts + texts[:3]), config)  # a stopped run resumed
+    assert (full.passages, full.encoded, full.skipped) == (len(texts) + 3, len(texts) - 10, 13)
+    replica = SemToken(config)  # a fresh engine: empty memory, same Redis
+    res = replica.compress(texts[10:20], "who won the super bowl", rate=0.3)
+    assert res.encoder_calls == 0 and res.cache_hits == 10
+
+
+def test_ray_prewarm_on_a_local_cluster(tmp_path, redis_url, ray_cluster, texts):
+    config = SemTokenConfig(device="cpu", store=redis_url)
+    corpus = _jsonl(tmp_path / "c.jsonl", texts)
+    seen: list[int] = []
+    report = prewarm_corpus(corpus, config, use_ray=True, actors=2, batch_size=8, progress=seen.append)
+    assert (report.passages, report.encoded, report.ray) == (len(texts), len(texts), True)
+    assert sum(seen) == len(texts)
+    res = SemToken(config).compress(texts[:20], "who got the first nobel prize in physics", rate=0.3)
+    assert res.encoder_calls == 0 and res.cache_hits == 20
+    again = prewarm_corpus(corpus, config, use_ray=True, actors=1)  # resume: nothing left to encode
+    assert (again.passages, again.encoded) == (len(texts), 0)
+
+
+def test_ray_needs_a_shared_store(tmp_path, texts):
+    with pytest.raises(ValueError, match="shared store"):
+        prewarm_corpus(_jsonl(tmp_path / "c.jsonl", texts), SemTokenConfig(), use_ray=True)
+
+
+def test_cli_prewarm(tmp_path, redis_url, texts, capsys):
+    corpus = _jsonl(tmp_path / "c.jsonl", texts[:6], field="body")
+    assert main(["prewarm", str(corpus), "--store", redis_url, "--text-field", "body", "--json", "--quiet",
+                 "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["passages"], report["encoded"], report["skipped"]) == (6, 6, 0)
+    assert main(["prewarm", str(corpus), "--store", redis_url, "--text-field", "body", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "pre-warmed 6 passages" in captured.out and "0 encoded" in captured.out
+    assert main(["prewarm", str(tmp_path / "nope.jsonl"), "--store", redis_url, "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["prewarm", str(corpus), "--store", redis_url, "--quiet", "--device", "cpu"]) == 2
+    assert "no field 'text'" in capsys.readouterr().err
+    assert main(["prewarm", str(corpus), "--store", "http://x", "--quiet"]) == 2
+    assert "not supported" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["prewarm", str(corpus)])  # --store is required
