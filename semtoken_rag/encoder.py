@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 _BUCKET = 32  # sequences are padded to a multiple of this width, whatever they are batched with
 _BUNDLED_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+DEFAULT_BATCH_SIZE = {False: 32, True: 512}  # windows per forward pass when batch_size is None: CPU, CUDA
 
 
 @contextlib.contextmanager
@@ -106,7 +107,7 @@ class Encoder:
     """
 
     def __init__(self, name: str, *, device: str | None = None, dtype: str = "auto",
-                 max_length: int = 256, window_overlap: int = 64, batch_size: int = 32,
+                 max_length: int = 256, window_overlap: int = 64, batch_size: int | None = None,
                  show_progress_bar: bool | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
@@ -134,7 +135,7 @@ class Encoder:
         model_max = int(getattr(self.model.config, "max_position_embeddings", max_length))
         self.max_length = min(max_length, model_max)
         self.window_overlap = min(window_overlap, (self.max_length - 2) // 2 - 1)
-        self.batch_size = batch_size
+        self.batch_size = batch_size if batch_size is not None else DEFAULT_BATCH_SIZE[self.device.type == "cuda"]
         self.show_progress_bar = show_progress_bar
         self.dim = int(self.model.config.hidden_size)
         self.encode_seconds = 0.0  # process totals over all calls and threads
@@ -273,39 +274,50 @@ class Encoder:
         units = [split_units(t) for t in texts]
         sequences, plan, enc = self._plan(texts)
         hidden, stats = self._forward(sequences) if sequences else ([], EncodeStats())
-        results = []
-        for text_units, offsets, windows in zip(units, enc["offset_mapping"], plan):
-            results.append(self._pool_units(text_units, offsets, windows, hidden))
-        return results, stats
+        return self._pool(units, enc["offset_mapping"], plan, hidden), stats
 
-    def _pool_units(self, units: np.ndarray, offsets: list[tuple[int, int]],
-                    windows: list[tuple[int, int, int, int, int]], hidden: list[torch.Tensor]) -> Fingerprints:
-        n_units = len(units)
-        if n_units == 0:
-            return Fingerprints(units, torch.zeros((0, self.dim), dtype=torch.float16))
-        if windows:
-            token_vecs = torch.cat([hidden[w][keep_from - s:keep_to - s]
-                                    for w, s, _e, keep_from, keep_to in windows]).float()
-            starts = np.asarray([o[0] for o in offsets], dtype=np.int64)
-            unit_of = np.searchsorted(units[:, 0], starts, side="right") - 1
-            valid = (unit_of >= 0) & (starts < units[np.clip(unit_of, 0, None), 1])
-            index = torch.as_tensor(unit_of[valid], device=token_vecs.device)
-            sums = torch.zeros((n_units, self.dim), device=token_vecs.device)
-            sums.index_add_(0, index, token_vecs[torch.as_tensor(valid, device=token_vecs.device)])
-            counts = torch.bincount(index, minlength=n_units).clamp(min=1).unsqueeze(1)
-            vectors = (sums / counts).cpu()
-            empty = np.bincount(unit_of[valid], minlength=n_units) == 0
+    def _pool(self, units: list[np.ndarray], offsets: list[list[tuple[int, int]]],
+              plans: list[list[tuple[int, int, int, int, int]]], hidden: list[torch.Tensor]) -> list[Fingerprints]:
+        """Mean-pool token vectors into unit vectors for all texts of a pass at once: one scatter-add on
+        the device and one transfer (float16) to the host; units without a token (characters the
+        tokenizer dropped) borrow the nearest previous unit's vector."""
+        sizes = np.asarray([len(u) for u in units], dtype=np.int64)
+        base = np.concatenate([[0], np.cumsum(sizes)])
+        pieces: list[torch.Tensor] = []
+        owners: list[np.ndarray] = []
+        for t, (text_units, offs, windows) in enumerate(zip(units, offsets, plans)):
+            if not windows or not len(text_units):
+                continue
+            pieces.extend(hidden[w][keep_from - s:keep_to - s] for w, s, _e, keep_from, keep_to in windows)
+            starts = np.fromiter((o[0] for o in offs), dtype=np.int64, count=len(offs))
+            unit_of = np.searchsorted(text_units[:, 0], starts, side="right") - 1
+            valid = (unit_of >= 0) & (starts < text_units[np.clip(unit_of, 0, None), 1])
+            owners.append(np.where(valid, unit_of + base[t], -1))
+        total = int(base[-1])
+        if pieces:
+            owner = np.concatenate(owners)
+            valid = owner >= 0
+            token_vecs = torch.cat(pieces)
+            dev = token_vecs.device
+            sums = torch.zeros((total, self.dim), device=dev)
+            sums.index_add_(0, torch.as_tensor(owner[valid], device=dev),
+                            token_vecs[torch.as_tensor(valid, device=dev)].float())
+            counts = np.bincount(owner[valid], minlength=total)
+            divisor = torch.as_tensor(np.maximum(counts, 1), device=dev).unsqueeze(1)
+            vectors = (sums / divisor).to(torch.float16).cpu()
         else:
-            vectors = torch.zeros((n_units, self.dim))
-            empty = np.ones(n_units, dtype=bool)
-        if empty.any() and not empty.all():
-            # units the tokenizer dropped (control characters...) borrow the nearest previous vector
-            filled = np.where(~empty, np.arange(n_units), -1)
-            filled = np.maximum.accumulate(filled)
-            first = int(np.argmax(~empty))
-            filled[filled < 0] = first
-            vectors = vectors[torch.as_tensor(filled)]
-        return Fingerprints(units, vectors.to(torch.float16))
+            counts = np.zeros(total, dtype=np.int64)
+            vectors = torch.zeros((total, self.dim), dtype=torch.float16)
+        out = []
+        for t, text_units in enumerate(units):
+            vecs = vectors[base[t]:base[t + 1]]
+            empty = counts[base[t]:base[t + 1]] == 0
+            if empty.any() and not empty.all():
+                filled = np.maximum.accumulate(np.where(~empty, np.arange(len(empty)), -1))
+                filled[filled < 0] = int(np.argmax(~empty))
+                vecs = vecs[torch.as_tensor(filled)]
+            out.append(Fingerprints(text_units, vecs))
+        return out
 
     def embed_queries(self, queries: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per query: its L2-normalised mean-pooled embedding (the sentence-transformers way) and its

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
 import numbers
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -18,22 +18,39 @@ import numpy as np
 import torch
 
 from . import spans as sp
+from .batching import MicroBatcher
 from .budget import BudgetTokenizer, select_under_budget
 from .config import SemTokenConfig
+from .device_search import DeviceConversationMemory, find_repeats_torch
 from .diskstore import DirectoryStore
 from .encoder import Encoder, Fingerprints
-from .fileformat import CacheEntry, validate_fingerprints
+from .fileformat import CacheEntry
 from .keys import cache_key
 from .lru import ByteLRU
+from .prepare import Prepared, Preparer
 from .render import join_slices, kept_slices
-from .repeats import ConversationMemory, find_repeats
-from .results import CompressedChunk, CompressionResult, SpanInfo
+from .repeats import ConversationMemory, faiss_gpu_available, find_repeats
+from .results import CompressedChunk, CompressionResult, SpanList
 from .store import CacheStats, LayeredCache, MemoryStore
 from .store_url import open_store
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_CUDA_WINDOW_MS = 2.0  # micro-batching window on CUDA when config.batch_window_ms is None
 _MAX_SEGMENT_TOKENS = 96  # prose segments (<= 48 words) stay under it; it bounds runs without spaces
+
+
+@dataclass
+class _Plan:
+    """One checked request: its token counts and budget, or its finished result (internal)."""
+
+    chunks: list[str]
+    query: str | None
+    counts: np.ndarray
+    budget: int
+    overheads: np.ndarray
+    conversation_id: str | None
+    done: CompressionResult | None
 
 
 @dataclass
@@ -78,12 +95,28 @@ class SemToken:
             disk = open_store(cfg.store, namespace=self.encoder.identity, ttl_seconds=cfg.store_ttl_seconds,
                               timeout_seconds=cfg.store_timeout_seconds, max_disk_bytes=cfg.cache_max_disk_bytes)
         self.cache = LayeredCache(MemoryStore(cfg.cache_max_bytes), disk)
-        self.memory = ConversationMemory(max_spans=cfg.conversation_max_spans,
-                                         max_bytes=cfg.conversation_max_bytes)
+        self.repeat_search = choose_repeat_search(self.encoder.device)
+        logger.info("semtoken-rag repeat search: %s", self.repeat_search)
+        self.memory: ConversationMemory | DeviceConversationMemory
+        if self.repeat_search == "torch":
+            self.memory = DeviceConversationMemory(max_spans=cfg.conversation_max_spans,
+                                                   max_bytes=cfg.conversation_max_bytes, device=self.encoder.device)
+        else:
+            self.memory = ConversationMemory(max_spans=cfg.conversation_max_spans,
+                                             max_bytes=cfg.conversation_max_bytes)
         self._namespace = self.encoder.identity
         # query -> ((q, q_tokens), bytes charged)
         self._queries: ByteLRU[tuple[tuple[torch.Tensor, torch.Tensor], int]] = ByteLRU(
             cfg.query_memo_max_bytes, sizeof=lambda item: item[1])
+        self.preparer = Preparer(self.encoder, self.cache, self._namespace, self._queries)
+        window = cfg.batch_window_ms if cfg.batch_window_ms is not None else \
+            (DEFAULT_CUDA_WINDOW_MS if self.encoder.device.type == "cuda" else 0.0)
+        self.batcher: MicroBatcher[tuple[list[str], str | None, Prepared], Prepared] | None = None
+        if window > 0:
+            self.batcher = MicroBatcher(self._prepare_batch, window_ms=window, max_batch=cfg.max_batch_requests,
+                                        name="semtoken-encoder-batcher")
+        logger.info("semtoken-rag micro-batching of concurrent calls: %s",
+                    f"on, window {window:g} ms" if self.batcher else "off")
         self._gap_cost = self.tokenizer.count("a" + cfg.gap_marker + "b") - self.tokenizer.count("a b")
 
     # -- public API -----------------------------------------------------------------------------
@@ -119,6 +152,73 @@ class SemToken:
     def forget_conversation(self, conversation_id: str) -> bool:
         """Forget what ``conversation_id`` received (its next call repeats nothing); ``True`` if known."""
         return self.memory.forget(conversation_id)
+
+    def close(self) -> None:
+        """Stop the micro-batching worker thread, if any (calls after this encode on their own)."""
+        if self.batcher is not None:
+            self.batcher.close()
+
+    def compress_many(self, chunk_lists: Sequence[Sequence[str]], queries: Sequence[str | None], *,
+                      rate: float | None = None, target_tokens: int | None = None,
+                      conversation_ids: Sequence[str | None] | None = None) -> list[CompressionResult]:
+        """Compress many requests at once: ``compress(chunk_lists[i], queries[i], ...)`` for every ``i``,
+        with the encoder work of all of them shared.
+
+        The chunks missing from the cache are fingerprinted in one length-sorted encoder pass (a chunk
+        that several requests share is encoded once) and all new queries are embedded in one more
+        pass. Each result equals the single call's. Every request is checked before any work: a bad
+        one raises ``TypeError``/``ValueError`` naming its index. ``rate``/``target_tokens`` apply to
+        every request; ``conversation_ids`` gives one id (or None) per request, and requests of one
+        conversation are served in order.
+
+        >>> engine = SemToken()
+        >>> out = engine.compress_many([["Paris is the capital of France. Bananas are yellow."],
+        ...                             ["Bananas are yellow. Paris is the capital of France."]],
+        ...                            ["capital of France", "fruit colour"], rate=0.5)
+        >>> [r.compressed_tokens <= r.budget for r in out]
+        [True, True]
+        """
+        started = time.perf_counter()
+        plans = self._plan_many(chunk_lists, queries, rate, target_tokens, conversation_ids)
+        todo = [(p.chunks, p.query if self.config.use_query else None) for p in plans if p.done is None]
+        with torch.inference_mode():
+            prepared = self.preparer.prepare(todo) if todo else Prepared()
+            return [p.done if p.done is not None else self._compress(
+                p.chunks, p.counts, p.query, p.budget, p.conversation_id, started, p.overheads, prepared)
+                for p in plans]
+
+    async def acompress_many(self, chunk_lists: Sequence[Sequence[str]], queries: Sequence[str | None], *,
+                             rate: float | None = None, target_tokens: int | None = None,
+                             conversation_ids: Sequence[str | None] | None = None) -> list[CompressionResult]:
+        """:meth:`compress_many` in a worker thread, keeping the event loop free."""
+        return await asyncio.to_thread(self.compress_many, chunk_lists, queries, rate=rate,
+                                       target_tokens=target_tokens, conversation_ids=conversation_ids)
+
+    def _plan_many(self, chunk_lists, queries, rate, target_tokens, conversation_ids):
+        """Check every request (errors name the index), then count tokens and set budgets."""
+        if isinstance(chunk_lists, (str, bytes)):
+            raise TypeError("chunk_lists must be a list of lists of str (one list per request), got a str")
+        if isinstance(queries, (str, bytes)):
+            raise TypeError("queries must be a list with one query (str or None) per request, got a str")
+        chunk_lists, queries = list(chunk_lists), list(queries)
+        if len(queries) != len(chunk_lists):
+            raise ValueError(f"{len(chunk_lists)} chunk lists but {len(queries)} queries: give one per request")
+        if conversation_ids is None:
+            conversation_ids = [None] * len(chunk_lists)
+        elif isinstance(conversation_ids, (str, bytes)) or len(conversation_ids) != len(chunk_lists):
+            raise ValueError("conversation_ids must be a list with one id (str or None) per request")
+        budget_rate, target = self._budget_args(rate, target_tokens)
+        checked = []
+        for i, (chunks, query, conv) in enumerate(zip(chunk_lists, queries, conversation_ids)):
+            try:
+                checked.append((_check_chunks(chunks), _check_query(query), conv))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"request {i}: {e}") from e
+            if conv is not None and not isinstance(conv, str):
+                raise TypeError(f"request {i}: conversation id must be str or None, got {type(conv).__name__}")
+        started = time.perf_counter()
+        return [self._plan(chunks, query, budget_rate, target, np.zeros(len(chunks), dtype=np.int64), conv, started)
+                for chunks, query, conv in checked]
 
     def prewarm(self, texts: Sequence[str], *, batch_size: int = 256) -> int:
         """Fingerprint the texts the cache and its store lack, and store them; returns how many were encoded.
@@ -186,20 +286,58 @@ class SemToken:
         True
         """
         started = time.perf_counter()
-        chunks = _check_chunks(chunks)
-        query = _check_query(query)
-        budget_rate, target = self._budget_args(rate, target_tokens)
-        overheads = _check_overheads(chunk_overheads, len(chunks))
+        with self._session() as session:  # announced first: concurrent callers batch their encoding
+            chunks = _check_chunks(chunks)
+            query = _check_query(query)
+            budget_rate, target = self._budget_args(rate, target_tokens)
+            overheads = _check_overheads(chunk_overheads, len(chunks))
+            plan = self._plan(chunks, query, budget_rate, target, overheads, conversation_id, started)
+            if plan.done is not None:
+                return plan.done
+            with torch.inference_mode():
+                prepared = self._prepare(chunks, query, session)
+                return self._compress(chunks, plan.counts, query, plan.budget, conversation_id, started,
+                                      overheads, prepared)
+
+    def _plan(self, chunks, query, budget_rate, target, overheads, conversation_id, started) -> _Plan:
+        """Token counts and budget of one request; the result itself when no encoding is needed."""
         counts = self.tokenizer.count_many(chunks)
         total = int(counts.sum())
         full_overhead = int(overheads[[bool(c) for c in chunks]].sum()) if len(chunks) else 0
         budget = target if target is not None else math.floor(budget_rate * (total + full_overhead) + 1e-9)
+        done = None
         if budget >= total + full_overhead:
-            return self._identity(chunks, counts, query, budget, started, full_overhead)
-        if total == 0:
-            return self._empty(chunks, counts, query, budget, started)
+            done = self._identity(chunks, counts, query, budget, started, full_overhead)
+        elif total == 0:
+            done = self._empty(chunks, counts, query, budget, started)
+        return _Plan(chunks, query, counts, budget, overheads, conversation_id, done)
+
+    def _session(self):
+        if self.batcher is None or self.batcher.closed:
+            return contextlib.nullcontext()
+        return self.batcher.session()
+
+    def _prepare_batch(self, requests: list[tuple[list[str], str | None, Prepared]]) -> list[Prepared]:
+        """The micro-batcher's batch function: one shared preparation for all queued calls."""
         with torch.inference_mode():
-            return self._compress(chunks, counts, query, budget, conversation_id, started, overheads)
+            prepared = self.preparer.prepare([(c, q) for c, q, _ in requests], [k for _, _, k in requests])
+        return [prepared] * len(requests)
+
+    def _prepare(self, chunks: list[str], query: str | None, session) -> Prepared:
+        """Fingerprints and query vector of one call: from the caches, else through the micro-batcher
+        (shared with concurrent calls), else one encoder pass of its own."""
+        if query is not None and not self.config.use_query:
+            query = None
+        prepared = self.preparer.lookup(chunks, query)
+        if prepared.covers(chunks, query):
+            return prepared
+        if self.batcher is not None and not self.batcher.closed:
+            try:
+                return self.batcher.submit((chunks, query, prepared), session)
+            except RuntimeError:
+                if not self.batcher.closed:
+                    raise
+        return self.preparer.prepare([(chunks, query)], [prepared])
 
     # -- pipeline -----------------------------------------------------------------------------------
     def _budget_args(self, rate: float | None, target: int | None) -> tuple[float, int | None]:
@@ -214,49 +352,13 @@ class SemToken:
             raise ValueError(f"rate must be in (0, 1], got {rate!r}")
         return float(rate), None
 
-    def _fingerprints(self, chunks: list[str]) -> tuple[list[Fingerprints], int, int]:
-        """Fingerprints of ``chunks`` (cache first), cache hits, and this call's encoder batches."""
-        keys = [cache_key(c, self._namespace) for c in chunks]
-        asked = [i for i, c in enumerate(chunks) if c.strip()]  # blank chunks have no units to cache
-
-        def fits(j: int, entry: CacheEntry) -> bool:  # a valid checksum is not a valid entry
-            return validate_fingerprints(entry.get("units"), entry.get("fingerprints"), len(chunks[asked[j]]),
-                                         self.encoder.dim)
-
-        found: dict[int, Fingerprints] = {}
-        for i, entry in zip(asked, self.cache.get_many([keys[i] for i in asked], valid=fits)):
-            if entry is not None:
-                found[i] = Fingerprints(entry["units"].astype(np.int64),
-                                        torch.from_numpy(np.array(entry["fingerprints"])))
-        missing = [i for i in range(len(chunks)) if i not in found]
-        batches = 0
-        if missing:
-            fresh, spent = self.encoder.fingerprint_with_stats([chunks[i] for i in missing])
-            seconds = spent.seconds / max(len(missing), 1)
-            new: list[tuple[str, CacheEntry]] = []
-            for i, fp in zip(missing, fresh):
-                found[i] = fp
-                if chunks[i].strip():
-                    new.append((keys[i], CacheEntry(
-                        {"fingerprints": fp.vectors.numpy(), "units": fp.units.astype(np.int32)},
-                        encode_seconds=seconds)))
-            self.cache.put_many(new)
-            batches = spent.batches
-        return [found[i] for i in range(len(chunks))], len(chunks) - len(missing), batches
-
-    def _query_vector(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
-        memo = self._queries.get(query)
-        if memo is not None:
-            return memo[0]
-        vec = self.encoder.embed_queries([query])[0]
-        size = sys.getsizeof(query) + 256 + sum(t.element_size() * t.nelement() for t in vec)
-        self._queries.put(query, (vec, size))
-        return vec
-
     def _compress(self, chunks: list[str], counts: np.ndarray, query: str | None, budget: int,
-                  conversation_id: str | None, started: float, overheads: np.ndarray) -> CompressionResult:
+                  conversation_id: str | None, started: float, overheads: np.ndarray, prepared: Prepared
+                  ) -> CompressionResult:
         cfg = self.config
-        fps, hits, encoder_calls = self._fingerprints(chunks)  # this call's batches (query excluded)
+        fps = [prepared.fingerprints[c] for c in chunks]
+        hits = sum(c in prepared.cached for c in chunks)
+        encoder_calls = prepared.encoder_calls if any(c in prepared.encoded for c in chunks) else 0
         call = _concat(fps, self.encoder.device)
         n = len(call.chunk_of)
         if n == 0:
@@ -290,7 +392,7 @@ class SemToken:
             else np.zeros(len(starts), dtype=bool)
         # segment scores: query importance, chunk relevance, semantic density
         seg_entropy = stats.entropy(segs[:-1], segs[1:]).float()
-        q, q_tokens = self._query_vector(query) if (query is not None and cfg.use_query) else (None, None)
+        q, q_tokens = prepared.queries[query] if (query is not None and cfg.use_query) else (None, None)
         score = torch.zeros(len(segs) - 1, dtype=torch.float32, device=seg_entropy.device)
         seg_rel = chunk_rel = None
         if q is not None:
@@ -308,9 +410,10 @@ class SemToken:
         cum = np.concatenate([[0], np.cumsum(kept_cost)])
         seg_cost = cum[segs[1:]] - cum[segs[:-1]]
         # repeats and redundancy-aware selection under the budget
-        centroids = torch.nn.functional.normalize(stats.mean(segs[:-1], segs[1:]).float(), dim=-1)
-        centroids = centroids.cpu().numpy().astype(np.float32)
-        repeat = self._repeats(centroids, segs, score_np, conversation_id) & ~(np.add.reduceat(blind, segs[:-1]) > 0)
+        centroids_t = torch.nn.functional.normalize(stats.mean(segs[:-1], segs[1:]).float(), dim=-1)
+        centroids = centroids_t.cpu().numpy().astype(np.float32)
+        repeat = self._repeats(centroids, centroids_t, segs, score_np, conversation_id) \
+            & ~(np.add.reduceat(blind, segs[:-1]) > 0)
         keep = select_under_budget(
             score_np, seg_cost, seg_chunk, budget, self._gap_cost, ~repeat, centroids,
             cfg.redundancy_weight if cfg.dedup else 0.0, cfg.redundancy_threshold,
@@ -334,7 +437,7 @@ class SemToken:
                 pieces.extend(text[a:e] for a, e in zip(prev.tolist(), units[:, 1].tolist()))
         return self.tokenizer.count_many(pieces)
 
-    def _repeats(self, centroids: np.ndarray, segs: np.ndarray, score: np.ndarray,
+    def _repeats(self, centroids: np.ndarray, centroids_t: torch.Tensor, segs: np.ndarray, score: np.ndarray,
                  conversation_id: str | None) -> np.ndarray:
         """Segments that repeat a better-ranked one (in any chunk) or what the conversation received."""
         cfg = self.config
@@ -343,9 +446,16 @@ class SemToken:
             return np.zeros(n_seg, dtype=bool)
         eligible = np.diff(segs) >= cfg.min_repeat_units
         order = np.lexsort((np.arange(n_seg), -score))
-        repeat = find_repeats(centroids, np.arange(n_seg), order, cfg.repeat_threshold, eligible) >= 0
+        if self.repeat_search == "torch":
+            found = find_repeats_torch(centroids_t, np.arange(n_seg), order, cfg.repeat_threshold, eligible)
+        else:
+            found = find_repeats(centroids, np.arange(n_seg), order, cfg.repeat_threshold, eligible,
+                                 use_gpu=self.repeat_search == "faiss-gpu")
+        repeat = found >= 0
         if conversation_id is not None:
-            repeat |= self.memory.query(conversation_id, centroids, cfg.repeat_threshold) & eligible
+            on_device = self.repeat_search == "torch"
+            hit = self.memory.query(conversation_id, centroids_t if on_device else centroids, cfg.repeat_threshold)
+            repeat |= (hit.cpu().numpy() if isinstance(hit, torch.Tensor) else hit) & eligible
         return repeat
 
     def _remember(self, conversation_id: str, centroids: np.ndarray, segs: np.ndarray, keep: np.ndarray) -> None:
@@ -384,12 +494,13 @@ class SemToken:
         per_chunk = np.searchsorted(span_chunk, np.arange(len(chunks) + 1))
         char_start = np.concatenate([u[:, 0] for u in call.units])[starts]
         char_end = np.concatenate([u[:, 1] for u in call.units])[ends - 1]
+        is_repeat = status == "repeat"
         out = []
         for i, text in enumerate(chunks):
-            infos = tuple(SpanInfo(int(char_start[k]), int(char_end[k]), str(status[k]), float(entropy[k]),
-                                   None if span_rel is None else float(span_rel[k]), float(score[k]))
-                          for k in range(per_chunk[i], per_chunk[i + 1]))
-            rep = tuple((s.start, s.end) for s in infos if s.status == "repeat")
+            a, b = per_chunk[i], per_chunk[i + 1]
+            infos = SpanList(char_start[a:b], char_end[a:b], status[a:b], entropy[a:b],
+                             None if span_rel is None else span_rel[a:b], score[a:b])
+            rep = tuple(zip(char_start[a:b][is_repeat[a:b]].tolist(), char_end[a:b][is_repeat[a:b]].tolist()))
             out.append(CompressedChunk(
                 index=i, text=texts[i], kept_spans=tuple(slices[i]), original_tokens=int(counts[i]),
                 compressed_tokens=int(out_counts[i]),
@@ -410,6 +521,23 @@ class SemToken:
                     for i, (t, c) in enumerate(zip(chunks, counts)))
         return CompressionResult(out, query, budget, int(counts.sum()), int(counts.sum()),
                                  0, 0, time.perf_counter() - started, overhead)
+
+
+def choose_repeat_search(device: torch.device) -> str:
+    """The repeat and conversation search path for an engine on ``device``, chosen once at start:
+    ``"faiss-gpu"`` on CUDA when faiss has GPU support, ``"torch"`` (exact search on the device) on
+    CUDA otherwise or wherever faiss is not installed, ``"faiss-cpu"`` on CPU.
+
+    >>> choose_repeat_search(torch.device("cpu")) in ("faiss-cpu", "torch")
+    True
+    """
+    try:
+        import faiss  # noqa: F401 - only whether it imports
+    except ImportError:
+        return "torch"
+    if device.type == "cuda":
+        return "faiss-gpu" if faiss_gpu_available() else "torch"
+    return "faiss-cpu"
 
 
 def _concat(fps: list[Fingerprints], device: torch.device) -> _Call:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,6 +26,53 @@ class SpanInfo:
     score: float
 
 
+class SpanList(Sequence[SpanInfo]):
+    """The spans of one chunk, built as :class:`SpanInfo` objects only when read (a call judges
+    thousands of spans; most callers never look at them). Immutable; equal to any sequence of the
+    same spans.
+
+    >>> import numpy as np
+    >>> spans = SpanList(np.array([0, 6]), np.array([5, 12]), np.array(["kept", "dropped"]),
+    ...                  np.array([2.5, 3.0]), None, np.array([0.9, 0.1]))
+    >>> len(spans), spans[1].status, spans[0] == SpanInfo(0, 5, "kept", 2.5, None, 0.9)
+    (2, 'dropped', True)
+    """
+
+    __slots__ = ("_cols", "_items")
+
+    def __init__(self, start: Any, end: Any, status: Any, entropy: Any, relevance: Any, score: Any) -> None:
+        self._cols = (start, end, status, entropy, relevance, score)
+        self._items: tuple[SpanInfo, ...] | None = None
+
+    def _build(self) -> tuple[SpanInfo, ...]:
+        if self._items is None:
+            start, end, status, entropy, relevance, score = self._cols
+            rel = [None] * len(start) if relevance is None else [float(x) for x in relevance.tolist()]
+            self._items = tuple(SpanInfo(a, b, str(st), float(h), r, float(sc)) for a, b, st, h, r, sc in zip(
+                start.tolist(), end.tolist(), status.tolist(), entropy.tolist(), rel, score.tolist()))
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._cols[0])
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._build()[i]
+
+    def __iter__(self):
+        return iter(self._build())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (SpanList, tuple, list)):
+            return self._build() == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._build())
+
+    def __repr__(self) -> str:
+        return f"SpanList({list(self._build())!r})"
+
+
 @dataclass(frozen=True)
 class CompressedChunk:
     """The compressed form of one input chunk.
@@ -40,7 +88,7 @@ class CompressedChunk:
     compressed_tokens: int
     relevance: float | None
     repeat_spans: tuple[tuple[int, int], ...] = ()
-    spans: tuple[SpanInfo, ...] = field(default=(), repr=False)
+    spans: Sequence[SpanInfo] = field(default=(), repr=False)  # a lazy SpanList from the engine
 
     @property
     def is_empty(self) -> bool:

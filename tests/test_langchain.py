@@ -368,3 +368,23 @@ def test_deepcopy_and_pickle_after_the_engine_exists(engine, records):
     restored = pickle.loads(pickle.dumps(own))  # the given engine is left out; its settings are kept
     assert restored.engine is None and restored.config == engine.config
     assert restored.compress_documents(docs, query) == expected
+
+
+def test_batch_and_abatch_go_through_the_micro_batcher(retriever, records, engine):
+    """LangChain runs batch/abatch inputs concurrently; with batch_window_ms on, the engine's encoder
+    work goes through its micro-batcher, and the documents equal sequential invokes."""
+    batched = SemToken(SemTokenConfig(device="cpu", batch_window_ms=200))
+    queries = [r["question"] for r in records[:3]]
+    ccr = ContextualCompressionRetriever(base_compressor=SemTokenCompressor(engine=batched, rate=RATE),
+                                         base_retriever=retriever)
+    plain = ContextualCompressionRetriever(base_compressor=SemTokenCompressor(engine=engine, rate=RATE),
+                                           base_retriever=retriever)
+    want = [[d.page_content for d in plain.invoke(q)] for q in queries]
+    served = batched.batcher.items
+    got = [[d.page_content for d in docs] for docs in ccr.batch(queries)]
+    assert got == want
+    assert batched.batcher.items - served == len(queries)  # every call's encoding went through it
+    got = asyncio.run(ccr.abatch([q + "?" for q in queries]))
+    assert [[d.page_content for d in docs] for docs in got] == \
+        [[d.page_content for d in plain.invoke(q + "?")] for q in queries]
+    batched.close()

@@ -1,0 +1,302 @@
+"""Serving cost of semtoken-rag on one device (CUDA or CPU): the figures of issue 10.
+
+    python -m benchmarks.gpu [--device cuda|cpu] [--n 291] [--encoder PATH] [--data DIR] [--name gpu]
+
+On NQ questions 150-440 (the held-out part; 20 passages each) it measures the encoder forward alone,
+a cold and a warm ``compress`` (median, p95), ``compress_many`` throughput at 1/8/64/256 queries a
+call with all chunks new and all cached, 32 concurrent ``acompress`` calls, fingerprinting tokens/s at
+batch 32/128/512, answer recall at rates 0.5/0.33/0.2 (answer in the kept context) with the budget
+checked, and on CUDA the agreement of fp16 and fp32 kept contexts. Writes
+``benchmarks/results/<name>.json`` and ``<name>.md`` with the device, torch and CUDA versions, the
+date, the command and the load average.
+
+Only ``semtoken_rag`` and its core dependencies are imported (no tiktoken, langchain or llama-index),
+so it runs on a bare CUDA image with the carried wheels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from semtoken_rag import SemToken, SemTokenConfig
+from semtoken_rag.datasets import NQ_FILE, answer_in, load_nq
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FIRST_HELD_OUT = 150
+RATES = (0.5, 0.33, 0.2)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=None, help="torch device (default: CUDA when present, else CPU)")
+    ap.add_argument("--n", type=int, default=291, help="questions from 150 on (default 291: 150-440)")
+    ap.add_argument("--encoder", default="all-MiniLM-L6-v2", help="encoder name or folder (GPU box: .gpu/model)")
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+                    help="folder holding the NQ file (default ../shared/data; GPU box: .gpu/data)")
+    ap.add_argument("--rate", type=float, default=0.33, help="rate of the latency and throughput runs")
+    ap.add_argument("--fp32-n", type=int, default=60, help="questions for fp16-vs-fp32 agreement (CUDA only)")
+    ap.add_argument("--name", default="gpu", help="results file stem (e.g. gpu_cpu for the CPU run)")
+    args = ap.parse_args(argv)
+    if not 1 <= args.n <= 291:
+        ap.error(f"--n must be in 1..291 (questions 150-440), got {args.n}")
+    return args
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(device: torch.device, fn, *a, **kw):
+    _sync(device)
+    t = time.perf_counter()
+    out = fn(*a, **kw)
+    _sync(device)
+    return out, time.perf_counter() - t
+
+
+def _stats(seconds: list[float]) -> dict:
+    ms = np.asarray(seconds) * 1000
+    return {"median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)), "n": len(ms)}
+
+
+def _windows(engine: SemToken, chunks: list[str]) -> list[list[int]]:
+    enc = engine.encoder
+    ids = enc.tokenizer(chunks, add_special_tokens=False)["input_ids"]
+    return [s[a:b] for s in ids for a, b, _, _ in enc._windows(len(s))]
+
+
+def _forward_alone(engine: SemToken, chunks: list[str]) -> float:
+    """Seconds of the encoder forward over the windows of ``chunks`` (tokenized beforehand)."""
+    return engine.encoder.forward_seconds(chunks)
+
+
+def _clear(engine: SemToken) -> None:
+    clear = getattr(engine, "clear_caches", None)
+    if callable(clear):
+        clear()
+    else:
+        engine.cache.clear()
+        engine.preparer.clear_queries()
+
+
+def latency(engine: SemToken, qs, rate: float) -> dict:
+    dev = engine.encoder.device
+    floor, cold, warm = [], [], []
+    for q in qs:
+        floor.append(_forward_alone(engine, list(q.chunks)))
+        _clear(engine)
+        cold.append(_timed(dev, engine.compress, list(q.chunks), q.question, rate=rate)[1])
+        warm.append(_timed(dev, engine.compress, list(q.chunks), q.question, rate=rate)[1])
+    out = {"forward": _stats(floor), "cold": _stats(cold), "warm": _stats(warm),
+           "cold_over_forward": float(statistics.median(c / f for c, f in zip(cold, floor))),
+           "warm_over_cold": float(statistics.median(w / c for w, c in zip(warm, cold)))}
+    return out
+
+
+def throughput(engine: SemToken, qs, rate: float, sizes=(1, 8, 64, 256)) -> dict:
+    """compress_many at each batch size over as many whole batches as the questions allow."""
+    dev = engine.encoder.device
+    out = {}
+    for b in sizes:
+        groups = [qs[i:i + b] for i in range(0, len(qs) - b + 1, b)][: max(1, 64 // b)]
+        if not groups:
+            continue
+        new, cached = [], []
+        for g in groups:
+            lists, queries = [list(q.chunks) for q in g], [q.question for q in g]
+            _clear(engine)
+            new.append(_timed(dev, engine.compress_many, lists, queries, rate=rate)[1])
+            cached.append(_timed(dev, engine.compress_many, lists, queries, rate=rate)[1])
+        done = b * len(groups)
+        out[str(b)] = {"calls": len(groups), "new_qps": done / sum(new), "cached_qps": done / sum(cached),
+                       "new_ms_per_call": float(np.median(new)) * 1000,
+                       "cached_ms_per_call": float(np.median(cached)) * 1000}
+    # the CPU figure to reach: compress_many of 8 queries faster than 8 single cold calls
+    if len(qs) >= 8:
+        singles = 0.0
+        for q in qs[:8]:
+            _clear(engine)
+            singles += _timed(dev, engine.compress, list(q.chunks), q.question, rate=rate)[1]
+        _clear(engine)
+        many = _timed(dev, engine.compress_many, [list(q.chunks) for q in qs[:8]],
+                      [q.question for q in qs[:8]], rate=rate)[1]
+        out["many8_over_8_singles"] = many / singles
+    return out
+
+
+def concurrent(engine: SemToken, qs, rate: float, k: int = 32) -> dict:
+    """k concurrent acompress calls on new chunks, against the same k calls one after another."""
+    group = qs[:k]
+
+    async def together():
+        return await asyncio.gather(*(engine.acompress(list(q.chunks), q.question, rate=rate) for q in group))
+
+    _clear(engine)
+    dev = engine.encoder.device
+    calls_before = engine.encoder.forward_calls
+    results, wall = _timed(dev, asyncio.run, together())
+    passes = engine.encoder.forward_calls - calls_before
+    _clear(engine)
+    seq = sum(_timed(dev, engine.compress, list(q.chunks), q.question, rate=rate)[1] for q in group)
+    same = [r.texts for r in results] == [engine.compress(list(q.chunks), q.question, rate=rate).texts
+                                          for q in group]
+    return {"calls": len(group), "wall_ms": wall * 1000, "qps": len(group) / wall,
+            "sequential_ms": seq * 1000, "encoder_batches": passes, "equal_to_sequential": same}
+
+
+def fingerprinting(engine: SemToken, qs, sizes=(32, 128, 512)) -> dict:
+    enc = engine.encoder
+    texts = [c for q in qs for c in q.chunks]
+    tokens = sum(len(s) for s in _windows(engine, texts))
+    seqs = _windows(engine, texts)
+    old = enc.batch_size
+    out = {"passages": len(texts), "tokens": tokens}
+    try:
+        for b in sizes:
+            enc.batch_size = b
+            enc.fingerprint(texts[:64])  # warm the allocator at this batch size
+            fp = _timed(enc.device, enc.fingerprint, texts)[1]
+            fw = _timed(enc.device, enc._forward, seqs)[1]
+            out[str(b)] = {"fingerprint_tokens_per_s": tokens / fp, "forward_tokens_per_s": tokens / fw}
+    finally:
+        enc.batch_size = old
+    return out
+
+
+def recall(engine: SemToken, qs) -> dict:
+    out = {}
+    for rate in RATES:
+        hits, over, kept, orig = 0, 0, 0, 0
+        for q in qs:
+            res = engine.compress(list(q.chunks), q.question, rate=rate)
+            hits += answer_in(q.answers, "\n".join(res.texts))
+            over += (res.compressed_tokens + getattr(res, "overhead_tokens", 0)) > res.budget
+            kept += res.compressed_tokens
+            orig += res.original_tokens
+        out[str(rate)] = {"recall": hits / len(qs), "kept_fraction": kept / orig, "over_budget_calls": over}
+    return out
+
+
+def precision_agreement(engine: SemToken, args, qs, rate: float) -> dict | None:
+    if engine.encoder.device.type != "cuda":
+        return None
+    other = SemToken(engine.config.model_copy(update={"dtype": "float32"}))
+    same = sum(engine.compress(list(q.chunks), q.question, rate=rate).texts
+               == other.compress(list(q.chunks), q.question, rate=rate).texts for q in qs)
+    return {"questions": len(qs), "identical_contexts": int(same)}
+
+
+def environment(engine: SemToken) -> dict:
+    dev = engine.encoder.device
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return {"device": str(dev), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "encoder": engine.config.encoder, "dtype": str(engine.encoder.dtype),
+            "batch_size": engine.encoder.batch_size,
+            "repeat_search": getattr(engine, "repeat_search", "faiss-cpu"),
+            "batch_window_ms": getattr(engine.config, "batch_window_ms", None),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": "python -m benchmarks.gpu " + shlex.join(sys.argv[1:])}
+
+
+def markdown(r: dict) -> str:
+    e, lat = r["env"], r["latency"]
+    lines = [f"# semtoken-rag serving cost on {e['device_name']} ({e['device']})", "",
+             (f"{e['date']}; torch {e['torch']}, CUDA {e['cuda']}; encoder {e['encoder']} ({e['dtype']}), "
+             f"batch size {e['batch_size']}, repeat search {e['repeat_search']}, "
+             f"batch window {e['batch_window_ms']} ms; {e['torch_threads']} torch threads on {e['cpus']} CPUs, "
+             f"load average {e['load_average']} at the end (over the CPU count means other jobs shared "
+             "the machine)."), "", f"Command: `{e['command']}`", "",
+             (f"NQ questions {FIRST_HELD_OUT}-{FIRST_HELD_OUT + r['n'] - 1}, 20 passages each, rate "
+             f"{r['rate']}."), "", "| one call | median ms | p95 ms |", "| --- | --- | --- |"]
+    for k, label in (("forward", "encoder forward alone (20 passages)"), ("cold", "cold `compress`"),
+                     ("warm", "warm `compress` (cached chunks)")):
+        lines.append(f"| {label} | {lat[k]['median_ms']:.1f} | {lat[k]['p95_ms']:.1f} |")
+    lines += ["", f"cold / forward: {lat['cold_over_forward']:.2f}; warm / cold: {lat['warm_over_cold']:.3f}",
+              "", "| `compress_many` queries a call | calls | queries/s, chunks new | queries/s, cached |",
+              "| --- | --- | --- | --- |"]
+    for b, t in r["throughput"].items():
+        if isinstance(t, dict):
+            lines.append(f"| {b} | {t['calls']} | {t['new_qps']:.1f} | {t['cached_qps']:.1f} |")
+    if "many8_over_8_singles" in r["throughput"]:
+        lines += ["", (f"`compress_many` of 8 queries / 8 single cold calls: "
+                      f"{r['throughput']['many8_over_8_singles']:.2f}")]
+    c = r["concurrent"]
+    lines += ["", (f"{c['calls']} concurrent `acompress` (new chunks): {c['wall_ms']:.0f} ms wall, "
+                  f"{c['qps']:.1f} queries/s, {c['encoder_batches']} encoder batches; the same calls one after "
+                  f"another: {c['sequential_ms']:.0f} ms; results equal to sequential calls: "
+                  f"{c['equal_to_sequential']}"), "",
+              f"Fingerprinting {r['fingerprint']['passages']} passages ({r['fingerprint']['tokens']} tokens):", "",
+              "| batch | `Encoder.fingerprint` tokens/s | raw forward tokens/s |", "| --- | --- | --- |"]
+    for b, f in r["fingerprint"].items():
+        if isinstance(f, dict):
+            lines.append(f"| {b} | {f['fingerprint_tokens_per_s']:,.0f} | {f['forward_tokens_per_s']:,.0f} |")
+    lines += ["", "| rate | recall (answer in kept context) | tokens kept | calls over budget |",
+              "| --- | --- | --- | --- |"]
+    for rate, x in r["recall"].items():
+        lines.append(f"| {rate} | {x['recall']:.3f} | {x['kept_fraction']:.3f} | {x['over_budget_calls']} |")
+    p = r.get("fp16_vs_fp32")
+    lines += ["", f"fp16 vs fp32: identical kept contexts in {p['identical_contexts']} of {p['questions']} "
+                  "questions" if p else "fp16 vs fp32: not measured (CPU runs float32 only)",
+              "", f"Whole run: {r['seconds']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    path = Path(args.data) / NQ_FILE
+    if not path.is_file():
+        raise SystemExit(f"NQ file not found: {path} (pass --data DIR)")
+    qs, warmup = load_nq(args.n, path, start=FIRST_HELD_OUT), load_nq(3, path)
+    engine = SemToken(SemTokenConfig(encoder=args.encoder, device=args.device))
+    for q in warmup:  # one-off allocation and kernel selection costs
+        engine.compress(list(q.chunks), q.question, rate=args.rate)
+    r: dict = {"n": len(qs), "rate": args.rate}
+    steps = [("latency", lambda: latency(engine, qs, args.rate)),
+             ("throughput", lambda: throughput(engine, qs, args.rate)),
+             ("concurrent", lambda: concurrent(engine, qs, args.rate)),
+             ("fingerprint", lambda: fingerprinting(engine, qs)),
+             ("recall", lambda: recall(engine, qs)),
+             ("fp16_vs_fp32", lambda: precision_agreement(engine, args, qs[:args.fp32_n], args.rate))]
+    for key, step in steps:
+        t = time.perf_counter()
+        r[key] = step()
+        print(f"{key}: {time.perf_counter() - t:.1f} s  {json.dumps(r[key], default=str)[:300]}", flush=True)
+    r["env"] = environment(engine)
+    r["seconds"] = time.perf_counter() - started
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(r, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(r))
+    print(markdown(r))
+    return r
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The encoder work of one or many requests, done in one pass: chunk fingerprints and query vectors.
+
+:class:`Preparer` looks every chunk up in the fingerprint cache, encodes the missing ones of *all*
+requests in one length-sorted encoder pass (a chunk shared by several requests, or repeated inside
+one, is encoded once), stores them, and embeds every uncached query in one more pass. The engine's
+pipeline then runs per request on the :class:`Prepared` result without touching the encoder, which
+is how ``compress_many`` and micro-batched concurrent calls share encoder passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .encoder import Encoder, Fingerprints
+from .fileformat import CacheEntry, validate_fingerprints
+from .keys import cache_key
+from .lru import ByteLRU
+from .store import LayeredCache
+
+logger = logging.getLogger(__name__)
+
+QueryVector = tuple[torch.Tensor, torch.Tensor]  # pooled (d,), tokens (t, d); L2-normalised
+Request = tuple[Sequence[str], "str | None"]
+
+
+@dataclass
+class Prepared:
+    """Fingerprints and query vectors for a set of requests (texts and queries are the keys)."""
+
+    fingerprints: dict[str, Fingerprints] = field(default_factory=dict)
+    cached: set[str] = field(default_factory=set)  # texts whose fingerprints came from the cache
+    encoded: set[str] = field(default_factory=set)  # texts encoded by this preparation's pass
+    missed: set[str] = field(default_factory=set)  # texts looked up and not found (not asked again)
+    queries: dict[str, QueryVector] = field(default_factory=dict)
+    encoder_calls: int = 0  # forward batches spent on chunks (queries excluded)
+
+    def covers(self, chunks: Sequence[str], query: str | None) -> bool:
+        return all(c in self.fingerprints for c in chunks) and (query is None or query in self.queries)
+
+    def merge(self, other: Prepared) -> None:
+        self.fingerprints.update(other.fingerprints)
+        self.queries.update(other.queries)
+        self.cached |= other.cached
+        self.missed |= other.missed - self.fingerprints.keys()
+
+
+class Preparer:
+    """Cache lookups plus one batched encoder pass for any number of requests (thread-safe).
+
+    ``queries`` is the engine's query memo: query -> (vector, bytes charged).
+    """
+
+    def __init__(self, encoder: Encoder, cache: LayeredCache, namespace: str,
+                 queries: ByteLRU[tuple[QueryVector, int]]) -> None:
+        self.encoder, self.cache, self.namespace, self.queries = encoder, cache, namespace, queries
+
+    def lookup(self, chunks: Sequence[str], query: str | None, into: Prepared | None = None) -> Prepared:
+        """What the caches hold for one request (no encoding); check :meth:`Prepared.covers`."""
+        out = into if into is not None else Prepared()
+        asked = []
+        for text in dict.fromkeys(chunks):
+            if text in out.fingerprints or text in out.missed:
+                continue
+            if not text.strip():  # nothing to encode or cache: no units
+                out.fingerprints[text] = _blank(self.encoder.dim)
+            else:
+                asked.append(text)
+
+        def fits(j: int, entry: CacheEntry) -> bool:  # a valid checksum is not a valid entry
+            return validate_fingerprints(entry.get("units"), entry.get("fingerprints"), len(asked[j]),
+                                         self.encoder.dim)
+
+        if asked:
+            entries = self.cache.get_many([cache_key(t, self.namespace) for t in asked], valid=fits)
+            for text, entry in zip(asked, entries):
+                if entry is not None:
+                    out.fingerprints[text] = Fingerprints(entry["units"].astype(np.int64),
+                                                          torch.from_numpy(np.array(entry["fingerprints"])))
+                    out.cached.add(text)
+                else:
+                    out.missed.add(text)
+        if query is not None and query not in out.queries:
+            memo = self.queries.get(query)
+            if memo is not None:
+                out.queries[query] = memo[0]
+        return out
+
+    def prepare(self, requests: Sequence[Request], known: Sequence[Prepared | None] = ()) -> Prepared:
+        """Fingerprints of every chunk and vectors of every query of ``requests``: cached ones looked
+        up, the rest encoded in one pass each (chunks, then queries) and cached. ``known``: lookups
+        already made for these requests (their misses are not looked up again)."""
+        out = Prepared()
+        for k in known:
+            if k is not None:
+                out.merge(k)
+        for chunks, query in requests:
+            self.lookup(chunks, query, out)
+        missing = list(dict.fromkeys(t for chunks, _ in requests for t in chunks if t not in out.fingerprints))
+        if missing:
+            fresh, spent = self.encoder.fingerprint_with_stats(missing)
+            out.encoder_calls = spent.batches
+            seconds = spent.seconds / len(missing)
+            new = []
+            for text, fp in zip(missing, fresh):
+                out.fingerprints[text] = fp
+                out.encoded.add(text)
+                new.append((cache_key(text, self.namespace), CacheEntry(
+                    {"fingerprints": fp.vectors.numpy(), "units": fp.units.astype(np.int32)},
+                    encode_seconds=seconds)))
+            self.cache.put_many(new)
+        new_queries = list(dict.fromkeys(q for _, q in requests if q is not None and q not in out.queries))
+        if new_queries:
+            for q, vec in zip(new_queries, self.encoder.embed_queries(new_queries)):
+                out.queries[q] = vec
+                size = sys.getsizeof(q) + 256 + sum(t.element_size() * t.nelement() for t in vec)
+                self.queries.put(q, (vec, size))
+        logger.debug("prepared %d requests: %d chunks encoded in %d batches, %d queries embedded",
+                     len(requests), len(missing), out.encoder_calls, len(new_queries))
+        return out
+
+
+def _blank(dim: int) -> Fingerprints:
+    return Fingerprints(np.zeros((0, 2), dtype=np.int64), torch.zeros((0, dim), dtype=torch.float16))

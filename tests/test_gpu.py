@@ -1,0 +1,172 @@
+"""GPU-only checks (marked ``gpu``, skipped without CUDA). Run on a CUDA machine with either
+
+    python -m pytest -q -m gpu tests/test_gpu.py
+    python tests/test_gpu.py            # without pytest: a plain runner that prints each result
+
+The encoder is ``$SEMTOKEN_GPU_ENCODER``, else ``.gpu/model`` (the fp16 copy the GPU runs carry) when
+present, else the bundled MiniLM. faiss is optional: without it the device search is compared with
+an exact float64 search in numpy instead of faiss-cpu.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "integrations")]
+
+from semtoken_rag import SemToken, SemTokenConfig
+from semtoken_rag.datasets import load_nq
+from semtoken_rag.device_search import find_repeats_torch, range_pairs
+
+try:
+    import pytest
+except ImportError:  # the plain runner below needs no pytest
+    pytest = None
+
+if pytest is not None:
+    pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def encoder_name() -> str:
+    if os.environ.get("SEMTOKEN_GPU_ENCODER"):
+        return os.environ["SEMTOKEN_GPU_ENCODER"]
+    local = ROOT / ".gpu" / "model"
+    return str(local) if local.is_dir() else "all-MiniLM-L6-v2"
+
+
+_ENGINES: dict[str, SemToken] = {}
+
+
+def cuda_engine(dtype: str = "auto") -> SemToken:
+    if dtype not in _ENGINES:
+        _ENGINES[dtype] = SemToken(SemTokenConfig(encoder=encoder_name(), device="cuda", dtype=dtype))
+    return _ENGINES[dtype]
+
+
+def sample() -> list:
+    return load_nq(6)
+
+
+def test_device_placement_and_fp16():
+    eng = cuda_engine()
+    param = next(eng.encoder.model.parameters())
+    assert eng.encoder.device.type == "cuda" and param.device.type == "cuda"
+    assert param.dtype == torch.float16 and eng.encoder.dtype == torch.float16
+    assert eng.repeat_search in ("torch", "faiss-gpu")
+    assert eng.batcher is not None  # micro-batching is on by default on CUDA
+    assert eng.encoder.batch_size == 512  # batch_size None: 512 on CUDA
+    q = sample()[0]
+    res = eng.compress(list(q.chunks), q.question, rate=0.33)
+    assert 0 < res.compressed_tokens <= res.budget
+    print(f"device {torch.cuda.get_device_name(0)}, repeat search {eng.repeat_search}, "
+          f"batch size {eng.encoder.batch_size}, window {eng.batcher.window * 1000:g} ms")
+
+
+def test_device_search_equals_faiss_cpu():
+    eng = cuda_engine()
+    chunks = [c for q in sample() for c in q.chunks]
+    fps = eng.encoder.fingerprint(chunks + chunks[:5])
+    x = torch.nn.functional.normalize(torch.cat([f.vectors for f in fps]).float(), dim=-1)
+    host = x.numpy()
+    for threshold in (0.5, 0.8, 0.95):
+        i, j, _ = range_pairs(x.cuda(), threshold)
+        got = set(zip(i.cpu().tolist(), j.cpu().tolist()))
+        try:
+            import faiss
+
+            index = faiss.IndexFlatIP(host.shape[1])
+            index.add(host)
+            lims, sims, ids = index.range_search(host, float(np.nextafter(np.float32(threshold), -np.inf)))
+            qi = np.repeat(np.arange(len(host)), np.diff(lims.astype(np.int64)))
+            ok = sims >= np.float32(threshold)
+            want, ref = set(zip(qi[ok].tolist(), ids[ok].tolist())), "faiss-cpu"
+        except ImportError:
+            sims64 = host.astype(np.float64) @ host.astype(np.float64).T
+            want, ref = set(zip(*map(np.ndarray.tolist, np.nonzero(sims64 >= np.float32(threshold))))), "numpy"
+        diff = got ^ want
+        print(f"threshold {threshold}: {len(got)} pairs on CUDA, {len(want)} by {ref}, {len(diff)} differ")
+        assert not diff
+
+
+def test_find_repeats_on_cuda_equals_cpu():
+    eng = cuda_engine()
+    chunks = [c for q in sample() for c in q.chunks]
+    fps = eng.encoder.fingerprint(chunks + chunks[:5])
+    x = torch.nn.functional.normalize(torch.cat([f.vectors for f in fps]).float(), dim=-1)
+    n = len(x)
+    rng = np.random.default_rng(0)
+    groups, order = np.arange(n) // 7, rng.permutation(n)
+    a = find_repeats_torch(x.cuda(), groups, order, 0.9)
+    b = find_repeats_torch(x, groups, order, 0.9)
+    print(f"{int((a >= 0).sum())} repeats among {n} spans on CUDA, {int((b >= 0).sum())} on CPU")
+    assert np.array_equal(a, b) and (a >= 0).any()
+
+
+def same_kept(a, b) -> bool:
+    return [c.kept_spans for c in a.chunks] == [c.kept_spans for c in b.chunks] and a.texts == b.texts
+
+
+def test_compress_many_equals_single_calls_on_cuda():
+    qs = sample()
+    lists = [list(q.chunks) for q in qs] + [list(qs[0].chunks[:3]) + ["", "  "]]
+    queries = [q.question for q in qs] + [None]
+    many = SemToken(SemTokenConfig(encoder=encoder_name(), device="cuda")).compress_many(lists, queries, rate=0.33)
+    single = cuda_engine()
+    equal = [same_kept(m, single.compress(c, q, rate=0.33)) for m, c, q in zip(many, lists, queries)]
+    print(f"compress_many == single calls on CUDA: {sum(equal)} of {len(equal)}")
+    assert all(equal)
+
+
+def test_concurrent_acompress_equal_sequential_on_cuda():
+    qs = sample()
+    eng = SemToken(SemTokenConfig(encoder=encoder_name(), device="cuda"))
+    batches = eng.batcher.batches
+
+    async def together():
+        return await asyncio.gather(*(eng.acompress(list(q.chunks), q.question, rate=0.33) for q in qs))
+
+    out = asyncio.run(together())
+    single = cuda_engine()
+    equal = [same_kept(r, single.compress(list(q.chunks), q.question, rate=0.33)) for r, q in zip(out, qs)]
+    print(f"{len(qs)} concurrent acompress in {eng.batcher.batches - batches} encoder batches; "
+          f"equal to sequential: {sum(equal)} of {len(equal)}")
+    eng.close()
+    assert all(equal)
+
+
+def test_fp16_and_fp32_agreement():
+    qs = sample()
+    half, full = cuda_engine(), cuda_engine("float32")
+    same = sum(same_kept(half.compress(list(q.chunks), q.question, rate=0.33),
+                         full.compress(list(q.chunks), q.question, rate=0.33)) for q in qs)
+    print(f"fp16 vs fp32: identical kept contexts in {same} of {len(qs)} questions")
+    assert same >= len(qs) - 2  # fp16 rounding may move a near-tie; most must agree
+
+
+def _run_plain() -> int:
+    if not HAS_CUDA:
+        print("no CUDA device: GPU tests skipped")
+        return 0
+    failed = 0
+    for name, fn in [(k, v) for k, v in globals().items() if k.startswith("test_") and callable(v)]:
+        try:
+            fn()
+            print(f"PASS {name}")
+        except Exception as e:  # noqa: BLE001 - report every test, then fail the run
+            failed += 1
+            print(f"FAIL {name}: {type(e).__name__}: {e}")
+    print(f"{failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_run_plain())
