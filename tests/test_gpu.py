@@ -94,7 +94,10 @@ def test_device_search_equals_faiss_cpu():
             want, ref = set(zip(*map(np.ndarray.tolist, np.nonzero(sims64 >= np.float32(threshold))))), "numpy"
         diff = got ^ want
         print(f"threshold {threshold}: {len(got)} pairs on CUDA, {len(want)} by {ref}, {len(diff)} differ")
-        assert not diff
+        # float32 sums in another order may put a pair that sits on the threshold (within float32
+        # rounding) on the other side; any other difference is a bug
+        exact = {(a, b): float(host[a].astype(np.float64) @ host[b].astype(np.float64)) for a, b in diff}
+        assert all(abs(s - threshold) < 1e-5 for s in exact.values()), exact
 
 
 def test_find_repeats_on_cuda_equals_cpu():
