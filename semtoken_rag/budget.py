@@ -94,6 +94,7 @@ def _model_encoding(name: str):
 # of all pairs above the threshold was the alternative: on the 1M-character benchmark chunk its
 # all-pairs product alone took as long as this whole selection, and its memory grows with the pairs.
 _FRESH_ROWS = 128
+_PAIRS_AT_ONCE = 512
 
 
 def pair_cosines(vectors: np.ndarray, a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:
@@ -127,7 +128,7 @@ class _KeptOverlap:
             raise ValueError(f"vectors must have one row per segment ({n}), got shape {vecs.shape}")
         self.vecs = vecs
         finite = np.isfinite(vecs).all(axis=1)
-        norms = np.einsum("ij,ij->i", vecs[finite], vecs[finite], dtype=np.float64)
+        norms = np.einsum("ij,ij->i", vecs, vecs, dtype=np.float64)[finite]
         # |float32 dot - exact| <= d * 2^-24 * |a| |b|; twice that, and the float64 sum's own error
         self.margin = (2 * vecs.shape[1] * 2.0 ** -24 + 1e-12) * max(1.0, float(norms.max(initial=0.0)))
         self.cut = threshold - self.margin
@@ -137,7 +138,7 @@ class _KeptOverlap:
         self.n_pending = int(self.pending.sum())
         self.best = np.full(n, -np.inf)
         self.rows = np.flatnonzero(self.pending)
-        self.rows_vecs = vecs[self.rows]
+        self.rows_vecs = vecs if len(self.rows) == n else vecs[self.rows]  # no copy when all are pending
         self.fresh = np.empty(_FRESH_ROWS, dtype=np.int64)
         self.fresh_vecs = np.empty((_FRESH_ROWS, vecs.shape[1]), dtype=np.float32)
         self.n_fresh = 0
@@ -183,8 +184,10 @@ class _KeptOverlap:
             if len(hit):
                 floor = np.maximum(self.cut, top[hit] - 2 * self.margin)
                 r, c = np.nonzero(sims[hit] > floor[:, None])
-                who = self.rows[hit[r]]
-                np.maximum.at(self.best, who, pair_cosines(self.vecs, who, self.fresh[c]))
+                who, whom = self.rows[hit[r]], self.fresh[c]
+                for k in range(0, len(who), _PAIRS_AT_ONCE):  # bounded float64 temporaries
+                    part = slice(k, k + _PAIRS_AT_ONCE)
+                    np.maximum.at(self.best, who[part], pair_cosines(self.vecs, who[part], whom[part]))
         self.n_fresh = 0
 
 
