@@ -85,6 +85,112 @@ def _model_encoding(name: str):
             "callable") from e
 
 
+# Redundancy-aware selection compares segments in batches: a kept segment waits in a buffer of this many
+# rows, checked against each popped segment (one small product), and a full buffer is folded into the
+# best cosine of every pending segment with one matrix product (pending x buffer). The work is
+# kept x pending x dim in a few large BLAS calls instead of one small product per pop, and the memory is
+# bounded (one float32 copy of the vectors, one of the pending ones, a pending x buffer block) however
+# many pairs are similar, so dense similarity (boilerplate) needs no fallback. A sparse neighbour graph
+# of all pairs above the threshold was the alternative: on the 1M-character benchmark chunk its
+# all-pairs product alone took as long as this whole selection, and its memory grows with the pairs.
+_FRESH_ROWS = 128
+_PAIRS_AT_ONCE = 512
+
+
+def pair_cosines(vectors: np.ndarray, a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:
+    """Dot products of ``vectors[a]`` and ``vectors[b]`` row by row (cosines of L2-normalised vectors).
+
+    Float32 vectors, float64 arithmetic: the products are exact and each row is summed on its own in a
+    fixed order, so a pair's value is the same float whichever rows come with it and in either order
+    (a BLAS product's value for a row can change with the slice it is part of).
+
+    >>> v = np.array([[0.6, 0.8], [1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    >>> pair_cosines(v, np.array([1, 2]), 0).round(6).tolist()
+    [0.6, 0.8]
+    >>> bool((pair_cosines(v, np.array([0, 0]), np.array([1, 2])) == pair_cosines(v, np.array([1, 2]), 0)).all())
+    True
+    """
+    return (vectors[a].astype(np.float64) * vectors[b].astype(np.float64)).sum(axis=-1)
+
+
+class _KeptOverlap:
+    """The best cosine of each pending segment with the kept ones, updated in batches (see _FRESH_ROWS).
+
+    Float32 products only pick candidates, within ``margin`` (a bound on their rounding error) of the
+    threshold or of the best; the cosine that counts is always :func:`pair_cosines`, so the result
+    depends neither on the batching nor on BLAS. Rows whose vector is not finite take and give nothing.
+    """
+
+    def __init__(self, vectors: np.ndarray, pending: np.ndarray, lowest: np.ndarray, threshold: float) -> None:
+        vecs = np.ascontiguousarray(vectors, dtype=np.float32)
+        n = len(pending)
+        if vecs.ndim != 2 or len(vecs) != n:
+            raise ValueError(f"vectors must have one row per segment ({n}), got shape {vecs.shape}")
+        self.vecs = vecs
+        finite = np.isfinite(vecs).all(axis=1)
+        norms = np.einsum("ij,ij->i", vecs, vecs, dtype=np.float64)[finite]
+        # |float32 dot - exact| <= d * 2^-24 * |a| |b|; twice that, and the float64 sum's own error
+        self.margin = (2 * vecs.shape[1] * 2.0 ** -24 + 1e-12) * max(1.0, float(norms.max(initial=0.0)))
+        self.cut = threshold - self.margin
+        self.linked = finite
+        self.lowest = lowest
+        self.pending = pending & finite
+        self.n_pending = int(self.pending.sum())
+        self.best = np.full(n, -np.inf)
+        self.rows = np.flatnonzero(self.pending)
+        self.rows_vecs = vecs if len(self.rows) == n else vecs[self.rows]  # no copy when all are pending
+        self.fresh = np.empty(_FRESH_ROWS, dtype=np.int64)
+        self.fresh_vecs = np.empty((_FRESH_ROWS, vecs.shape[1]), dtype=np.float32)
+        self.n_fresh = 0
+
+    def best_cosine(self, i: int) -> np.float64:
+        """Best cosine of segment ``i`` with every kept segment so far (-inf when none counts)."""
+        if self.n_fresh and self.linked[i]:
+            sims = self.fresh_vecs[:self.n_fresh] @ self.vecs[i]
+            top = float(sims.max())
+            if top > self.cut and top + self.margin > self.best[i]:  # else no fresh row can beat best
+                near = self.fresh[:self.n_fresh][sims > max(self.cut, top - 2 * self.margin)]
+                self.best[i] = max(self.best[i], float(pair_cosines(self.vecs, near, i).max()))
+        return self.best[i]
+
+    def done(self, i: int) -> None:
+        """Segment ``i`` is decided (kept or dropped): its best cosine no longer matters."""
+        if self.pending[i]:
+            self.pending[i] = False
+            self.n_pending -= 1
+
+    def keep(self, j: int, room: int) -> None:
+        """Segment ``j`` is kept and ``room`` tokens are left: ``j`` counts for every pending segment
+        from now on, and those that can no longer fit are decided (dropped)."""
+        if not self.linked[j]:
+            return
+        self.fresh[self.n_fresh] = j
+        self.fresh_vecs[self.n_fresh] = self.vecs[j]
+        self.n_fresh += 1
+        if self.n_fresh == _FRESH_ROWS:
+            self._fold(room)
+
+    def _fold(self, room: int) -> None:
+        self.pending[self.rows[self.lowest[self.rows] > room]] = False
+        self.n_pending = int(self.pending.sum())
+        if 2 * self.n_pending < len(self.rows):  # drop decided rows once they are half of the block
+            self.rows = np.flatnonzero(self.pending)
+            self.rows_vecs = self.vecs[self.rows]
+        if len(self.rows):
+            sims = self.rows_vecs @ self.fresh_vecs[:self.n_fresh].T
+            top = sims.max(axis=1).astype(np.float64)
+            hit = np.flatnonzero((top > self.cut) & (top + self.margin > self.best[self.rows])
+                                 & self.pending[self.rows])
+            if len(hit):
+                floor = np.maximum(self.cut, top[hit] - 2 * self.margin)
+                r, c = np.nonzero(sims[hit] > floor[:, None])
+                who, whom = self.rows[hit[r]], self.fresh[c]
+                for k in range(0, len(who), _PAIRS_AT_ONCE):  # bounded float64 temporaries
+                    part = slice(k, k + _PAIRS_AT_ONCE)
+                    np.maximum.at(self.best, who[part], pair_cosines(self.vecs, who[part], whom[part]))
+        self.n_fresh = 0
+
+
 def select_under_budget(scores: np.ndarray, costs: np.ndarray, groups: np.ndarray, budget: int,
                         gap_cost: int = 0, allowed: np.ndarray | None = None,
                         vectors: np.ndarray | None = None, redundancy_weight: float = 0.0,
@@ -100,7 +206,11 @@ def select_under_budget(scores: np.ndarray, costs: np.ndarray, groups: np.ndarra
 
     With ``vectors`` (L2-normalised, one per segment) and ``redundancy_weight`` > 0 the selection is
     redundancy-aware: a segment's score drops by ``redundancy_weight * max(0, s - redundancy_threshold)``
-    where ``s`` is its best cosine with a kept segment (lazy greedy: scores only ever drop).
+    where ``s`` is its best cosine with a kept segment (lazy greedy: scores only ever drop; a popped
+    segment whose score dropped below the next one's goes back with its new score). A cosine is
+    :func:`pair_cosines` of the two float32 vectors; a segment whose vector is not finite is never
+    penalised and penalises none. Cost: a heap (n log n) plus kept x pending x dim multiply-adds in large
+    BLAS products, with memory linear in n (see ``_FRESH_ROWS``).
 
     With ``group_overheads`` (tokens per group, paid once when anything of the group is kept: a
     metadata header, a separator) the first kept segment of a group also pays its group's overhead.
@@ -115,39 +225,38 @@ def select_under_budget(scores: np.ndarray, costs: np.ndarray, groups: np.ndarra
     keep = np.zeros(n, dtype=bool)
     if n == 0 or budget < 0:
         return keep
-    allowed = np.ones(n, dtype=bool) if allowed is None else allowed
+    allowed = np.ones(n, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
     scores = np.asarray(scores, dtype=np.float64)
-    aware = vectors is not None and redundancy_weight > 0
-    if aware:
-        # kept vectors in a preallocated matrix; each segment remembers its best cosine with the kept
-        # ones and how many of them it has seen, so a re-check multiplies only the rows kept since
-        vecs = np.ascontiguousarray(vectors, dtype=np.float32)
-        kept_mat = np.empty_like(vecs)
-        best = np.full(n, -np.inf)
-        seen = np.zeros(n, dtype=np.int64)
-    n_kept = 0
     # the cheapest a segment can ever be (it bridges two slices, its chunk already paid its overhead);
     # ``used`` only grows, so a segment above ``budget - used`` by this bound never fits again
     lowest = np.asarray(costs, dtype=np.int64) - abs(int(gap_cost))
-    heap = [(-scores[i], i) for i in range(n) if allowed[i]]
+    aware = vectors is not None and redundancy_weight > 0
+    if aware:
+        overlap = _KeptOverlap(vectors, allowed & (lowest <= budget), lowest, redundancy_threshold)
+    n_kept = 0
+    heap = [(s, i) for i, (s, a) in enumerate(zip((-scores).tolist(), allowed.tolist())) if a]
     heapq.heapify(heap)
     slices: dict[int, int] = {}
     used = 0
-    g = groups
+    # Python lists for the scalar reads of the loop (numpy scalars there cost more than the arithmetic);
+    # ``scores`` stays an array so that a penalised score is computed in the same types as before
+    g, low, kept = np.asarray(groups).tolist(), lowest.tolist(), [False] * n
     while heap:
         _, i = heapq.heappop(heap)
-        if lowest[i] > budget - used:
+        if low[i] > budget - used:
+            if aware:
+                overlap.done(i)
             continue
         if aware and n_kept:
-            if seen[i] < n_kept:
-                best[i] = max(best[i], float(np.max(kept_mat[seen[i]:n_kept] @ vecs[i])))
-                seen[i] = n_kept
-            current = scores[i] - redundancy_weight * max(0.0, best[i] - redundancy_threshold)
+            best = overlap.best_cosine(i)  # a float64 scalar, as before
+            current = scores[i] - redundancy_weight * max(0.0, best - redundancy_threshold)
             if heap and current < -heap[0][0]:
                 heapq.heappush(heap, (-current, i))  # stale: re-rank it
                 continue
-        left = i > 0 and g[i - 1] == g[i] and keep[i - 1]
-        right = i + 1 < n and g[i + 1] == g[i] and keep[i + 1]
+        if aware:
+            overlap.done(i)
+        left = i > 0 and g[i - 1] == g[i] and kept[i - 1]
+        right = i + 1 < n and g[i + 1] == g[i] and kept[i + 1]
         have = slices.get(g[i], 0)
         delta_slices = -1 if (left and right) else (0 if (left or right) else 1)
         gaps_before = max(have - 1, 0)
@@ -156,10 +265,10 @@ def select_under_budget(scores: np.ndarray, costs: np.ndarray, groups: np.ndarra
         if have == 0 and group_overheads is not None:
             cost += int(group_overheads[g[i]])
         if used + cost <= budget:
-            keep[i] = True
+            kept[i] = True
             used += cost
             slices[g[i]] = have + delta_slices
             if aware:
-                kept_mat[n_kept] = vecs[i]
+                overlap.keep(i, budget - used)
                 n_kept += 1
-    return keep
+    return np.array(kept, dtype=bool)

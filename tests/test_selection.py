@@ -7,6 +7,7 @@ import heapq
 import numpy as np
 import pytest
 
+import semtoken_rag.budget as budget_module
 from semtoken_rag.budget import select_under_budget
 
 
@@ -65,3 +66,93 @@ def test_selection_matches_reference(seed):
     spent = costs[got].sum() + gap * np.maximum(slices - 1, 0).sum() \
         + (0 if overheads is None else overheads[slices > 0].sum())
     assert spent <= budget
+
+
+def dyadic_problem(rng, n, dim=16):
+    """Vectors of +-1/4 in 16 dimensions (unit length) drawn from a small pool, and scores, weights and
+    thresholds on a grid of eighths: every cosine and every penalised score is exact in float32 and
+    float64 whatever the order of summation, so exact duplicates and exact ties abound and the lazy
+    greedy's tie-breaking is compared exactly."""
+    pool = rng.choice([-0.25, 0.25], size=(max(2, n // 4), dim)).astype(np.float32)
+    vectors = pool[rng.integers(0, len(pool), n)]
+    scores = rng.integers(0, 8, n) / 8
+    costs = rng.integers(0, 6, n)
+    groups = np.sort(rng.integers(0, 4, n))
+    allowed = rng.random(n) > 0.1
+    budget = int(rng.integers(0, costs.sum() + 1))
+    return scores, costs, groups, budget, int(rng.integers(0, 3)), allowed, vectors
+
+
+@pytest.mark.parametrize("fresh_rows", [1, 3, 128])
+@pytest.mark.parametrize("seed", range(30))
+def test_exact_ties_match_reference(seed, fresh_rows, monkeypatch):
+    """Duplicates and ties everywhere; the kept rows are folded into the pending ones every
+    ``fresh_rows`` keeps: the masks equal the reference's exactly."""
+    monkeypatch.setattr(budget_module, "_FRESH_ROWS", fresh_rows)
+    rng = np.random.default_rng(1000 + seed)
+    scores, costs, groups, budget, gap, allowed, vectors = dyadic_problem(rng, int(rng.integers(1, 200)))
+    weight = float(rng.choice([0.25, 0.5, 1.0, 2.0]))
+    threshold = float(rng.choice([-0.5, 0.0, 0.25, 0.5]))
+    overheads = rng.integers(0, 4, 4) if seed % 2 else None
+    got = select_under_budget(scores, costs, groups, budget, gap, allowed, vectors, weight, threshold, overheads)
+    want = reference(scores, costs, groups, budget, gap, allowed, vectors, weight, threshold, overheads)
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_batching_never_changes_the_mask(seed, monkeypatch):
+    """Real-valued vectors with near repeats: folding after every keep, every 7 keeps or every 128 gives
+    the same mask (each cosine that counts is computed the same way, whatever the batch)."""
+    rng = np.random.default_rng(seed)
+    n = 1500
+    vectors = rng.normal(size=(n // 3, 24)).astype(np.float32)
+    vectors = np.concatenate([vectors, vectors + 0.3 * rng.normal(size=vectors.shape),
+                              vectors + 0.6 * rng.normal(size=vectors.shape)]).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    scores, costs = rng.random(n), rng.integers(1, 20, n)
+    groups, budget = np.sort(rng.integers(0, 30, n)), int(costs.sum() * rng.choice([0.2, 0.5, 0.9]))
+    masks = []
+    for rows in (1, 7, 128):
+        monkeypatch.setattr(budget_module, "_FRESH_ROWS", rows)
+        masks.append(select_under_budget(scores, costs, groups, budget, 1, None, vectors, 0.5, 0.4))
+    assert np.array_equal(masks[0], masks[1]) and np.array_equal(masks[0], masks[2])
+    assert masks[0].sum() > 50  # a real selection, with many folds
+
+
+def test_inputs_untouched_and_checked():
+    rng = np.random.default_rng(7)
+    n = 300
+    scores, costs, groups = rng.random(n), rng.integers(1, 9, n), np.sort(rng.integers(0, 5, n))
+    vectors = rng.normal(size=(n, 8)).astype(np.float32)
+    allowed = rng.random(n) > 0.2
+    args = (scores, costs, groups, 400, 2, allowed, vectors)
+    copies = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+    select_under_budget(*args, 0.7, 0.1)
+    assert all(np.array_equal(a, b) for a, b in zip(args, copies) if isinstance(a, np.ndarray))
+    with pytest.raises(ValueError, match=r"one row per segment \(300\).*\(299, 8\)"):
+        select_under_budget(scores, costs, groups, 400, 2, allowed, vectors[1:], 0.7, 0.1)
+    with pytest.raises(ValueError, match=r"one row per segment"):
+        select_under_budget(scores, costs, groups, 400, 2, allowed, vectors[:, 0], 0.7, 0.1)
+
+
+def test_non_finite_vectors_neither_take_nor_give():
+    """A segment whose vector holds NaN or inf is never penalised and penalises none: the same as giving
+    it a direction of its own, orthogonal to every other."""
+    rng = np.random.default_rng(3)
+    n = 200
+    vectors = rng.normal(size=(n // 2, 6)).astype(np.float32)
+    vectors = np.concatenate([vectors, vectors]) / np.linalg.norm(np.concatenate([vectors, vectors]), axis=1,
+                                                                  keepdims=True)
+    bad = rng.choice(n, 20, replace=False)
+    broken = vectors.copy()
+    broken[bad[:10], 0] = np.nan
+    broken[bad[10:], 2] = np.inf
+    scores, costs, groups = rng.random(n), rng.integers(1, 9, n), np.sort(rng.integers(0, 5, n))
+    got = select_under_budget(scores, costs, groups, 300, 1, None, broken, 1.0, 0.3)
+    # the orthogonal stand-ins would still see each other: compare with each one alone in its own axis
+    alone = np.zeros((n, 6 + len(bad)), dtype=np.float32)
+    alone[:, :6] = vectors
+    alone[bad] = 0
+    alone[bad, 6 + np.arange(len(bad))] = 1
+    assert np.array_equal(got, select_under_budget(scores, costs, groups, 300, 1, None, alone, 1.0, 0.3))
+    assert got.sum() > 0
