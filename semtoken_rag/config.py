@@ -115,8 +115,9 @@ class SemTokenConfig(BaseModel):
         4, ge=1, description="Segments shorter than this many words are never judged repeats.")
     exact_number_weight: float = Field(
         0.1, ge=0.0,
-        description="Bonus added to a segment's score when it holds, as a whole number, a number or year "
-                    "written in the query ('profit in 2021?' favours the 2021 row); 0 disables it.")
+        description="Bonus added to a segment's score when it holds, as a word, a number of three digits or "
+                    "more (a year, an amount) written in the query ('profit in 2021?' favours the 2021 "
+                    "row); 0 disables it.")
     protect: tuple[str, ...] = Field(
         (), description="Regexes of text that is never cut inside (e-mail addresses, URLs, dates, ids): the "
                         "words a match covers form one piece of one segment, kept or dropped whole, never "
