@@ -305,8 +305,7 @@ class SemToken:
                                          unit_cost, struct.group, q_tokens, overheads,
                                          budget - int(out_counts.sum()) - int(overheads[[bool(x) for x in slices]].sum()))
             if partial is not None:
-                keep_units = keep_units | partial
-                keep = keep | (np.bincount(seg_of_unit[partial], minlength=len(keep)) > 0)
+                keep_units = keep_units | partial  # (a part of a segment is not remembered as received)
                 slices = [kept_slices(u, keep_units[a:b])
                           for u, a, b in zip(call.units, call.offsets[:-1], call.offsets[1:])]
                 texts = [join_slices(t, x, cfg.gap_marker) for t, x in zip(chunks, slices)]
