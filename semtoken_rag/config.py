@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .structure import compile_patterns
+
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 STORE_SCHEMES = ("redis", "rediss", "unix", "file")
 
@@ -122,6 +124,19 @@ class SemTokenConfig(BaseModel):
         0.95, gt=0.0, le=1.0, description="Cosine similarity at or above which a segment is a repeat.")
     min_repeat_units: int = Field(
         4, ge=1, description="Segments shorter than this many words are never judged repeats.")
+    exact_number_weight: float = Field(
+        0.1, ge=0.0,
+        description="Bonus added to a segment's score when it holds, as a word, a number of three digits or "
+                    "more (a year, an amount) written in the query ('profit in 2021?' favours the 2021 "
+                    "row); 0 disables it.")
+    protect: tuple[str, ...] = Field(
+        (), description="Regexes of text that is never cut inside (e-mail addresses, URLs, dates, ids): the "
+                        "words a match covers form one piece of one segment, kept or dropped whole, never "
+                        "collapsed. Validated and compiled when the config is built.")
+    partial_fit: bool = Field(
+        False, description="When the best segment left over after selection does not fit the remaining "
+                           "budget, keep its most query-relevant run of whole words that does. Whatever "
+                           "this says, when nothing fits at all the top-ranked segment's best run is kept.")
 
     # -- cache ------------------------------------------------------------------------------------
     cache_max_bytes: int = Field(
@@ -162,6 +177,17 @@ class SemTokenConfig(BaseModel):
         raise ValueError(
             f"tokenizer={value!r} is not supported: give a name such as 'llama3', a tiktoken Encoding, "
             "a Hugging Face tokenizer or a callable text -> int")
+
+    @field_validator("protect", mode="before")
+    @classmethod
+    def _check_protect(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError(  # noqa: TRY004 (pydantic reports ValueError as a ValidationError)
+                f"protect must be a list of regex strings, not a single string: [{value!r}]")
+        if value is None:
+            return ()
+        compile_patterns(list(value))  # raises ValueError naming a bad pattern
+        return tuple(value)
 
     @field_validator("gap_marker")
     @classmethod

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import spans as sp
+from . import structure as st
 from .batching import MicroBatcher
 from .budget import BudgetTokenizer, select_under_budget
 from .config import SemTokenConfig
@@ -81,9 +82,8 @@ class SemToken:
 
     def __init__(self, config: SemTokenConfig | None = None, **overrides: Any) -> None:
         config = config or SemTokenConfig()
-        self.config = config.model_copy(update=overrides) if overrides else config
-        if overrides:  # re-validate the overrides
-            self.config = SemTokenConfig(**self.config.model_dump())
+        # overrides are validated (model_copy alone would not)
+        self.config = SemTokenConfig(**{**config.model_dump(), **overrides}) if overrides else config
         cfg = self.config
         self.encoder = Encoder(cfg.encoder, device=cfg.device, dtype=cfg.dtype, max_length=cfg.max_length,
                                window_overlap=cfg.window_overlap, batch_size=cfg.batch_size,
@@ -118,6 +118,7 @@ class SemToken:
         logger.info("semtoken-rag micro-batching of concurrent calls: %s",
                     f"on, window {window:g} ms" if self.batcher else "off")
         self._gap_cost = self.tokenizer.count("a" + cfg.gap_marker + "b") - self.tokenizer.count("a b")
+        self._protect = st.compile_patterns(cfg.protect)
 
     # -- public API -----------------------------------------------------------------------------
     def count_tokens(self, text: str) -> int:
@@ -367,9 +368,11 @@ class SemToken:
         unit_cost = self._unit_costs(chunks, call)
         # segments: sentences (chunk ends included), long ones cut to max_segment_units words and to
         # _MAX_SEGMENT_TOKENS tokens (pieces of text without spaces cost many tokens each)
-        breaks = np.concatenate([sp.sentence_break_after(t, fp.units) for t, fp in zip(chunks, fps)])
-        breaks = sp.cap_segment_costs(sp.cap_segments(breaks, cfg.max_segment_units), unit_cost,
+        # (structure.py: a table row, a code line, a list item is one segment; protected text is one piece)
+        struct = st.call_structure(chunks, call.units, self._protect, query)
+        breaks = sp.cap_segment_costs(sp.cap_segments(struct.breaks, cfg.max_segment_units), unit_cost,
                                       _MAX_SEGMENT_TOKENS)
+        breaks = st.join_groups(breaks, struct.group)
         segs = sp.segment_bounds(breaks)
         seg_of_unit = np.repeat(np.arange(len(segs) - 1), np.diff(segs))
         seg_chunk = call.chunk_of[segs[:-1]]
@@ -390,6 +393,7 @@ class SemToken:
         blind_span = np.add.reduceat(blind, starts) > 0
         collapsed = (ends - starts > 1) & (span_entropy <= cfg.delta) & ~blind_span if cfg.use_entropy \
             else np.zeros(len(starts), dtype=bool)
+        collapsed &= ~(np.add.reduceat(struct.group >= 0, starts) > 0)  # protected text is never collapsed
         # segment scores: query importance, chunk relevance, semantic density
         seg_entropy = stats.entropy(segs[:-1], segs[1:]).float()
         q, q_tokens = prepared.queries[query] if (query is not None and cfg.use_query) else (None, None)
@@ -400,6 +404,8 @@ class SemToken:
             chunk_rel = stats.cosine(q, call.offsets[:-1], call.offsets[1:]).float()
             score += cfg.maxsim_weight * sp.maxsim(q_tokens, call.vectors, seg_of_unit, len(segs) - 1) \
                 + cfg.sentence_weight * seg_rel + cfg.chunk_weight * chunk_rel[torch.as_tensor(seg_chunk)]
+            score += cfg.exact_number_weight * torch.as_tensor(
+                np.add.reduceat(struct.number_hits, segs[:-1]) > 0, dtype=score.dtype, device=score.device)
         if cfg.use_entropy or q is None:
             score += (cfg.entropy_weight if q is not None else 1.0) * sp.normalise(seg_entropy)
         score_np = score.cpu().numpy().astype(np.float64)
@@ -414,12 +420,34 @@ class SemToken:
         centroids = centroids_t.cpu().numpy().astype(np.float32)
         repeat = self._repeats(centroids, centroids_t, segs, score_np, conversation_id) \
             & ~(np.add.reduceat(blind, segs[:-1]) > 0)
+        seg_fence = np.add.reduceat(struct.fence, segs[:-1]) > 0
+        seg_block = struct.block[segs[:-1]]
+        allowed = ~repeat & ~seg_fence
         keep = select_under_budget(
-            score_np, seg_cost, seg_chunk, budget, self._gap_cost, ~repeat, centroids,
+            score_np, seg_cost, seg_chunk, budget, self._gap_cost, allowed, centroids,
             cfg.redundancy_weight if cfg.dedup else 0.0, cfg.redundancy_threshold,
             overheads if overheads.any() else None)
+        # -- hook (structure.py): fences come with kept code; when the top-ranked segment cannot fit on its
+        # own, the budget goes to its best run of words, not to scraps of other passages; with
+        # partial_fit, the best segment left over gets its best run of words that fits what is left
+        top = int(np.flatnonzero(allowed)[np.argmax(score_np[allowed])]) if allowed.any() else -1
+        if top >= 0 and seg_cost[top] + overheads[seg_chunk[top]] > budget:
+            keep[:] = False
+        kept_blocks = np.unique(seg_block[keep & ~seg_fence & (seg_block >= 0)])
+        keep |= seg_fence & np.isin(seg_block, kept_blocks)
+        fences = (seg_block, seg_fence)
         texts, slices, out_counts, keep_units = self._render(chunks, call, segs, keep, starts, ends,
-                                                             collapsed, score_np, budget, overheads)
+                                                             collapsed, score_np, budget, overheads, fences)
+        if cfg.partial_fit or not keep_units.any():
+            partial = self._best_partial(chunks, call, segs, keep_units, score_np, allowed,
+                                         unit_cost, struct.group, q_tokens, overheads,
+                                         budget - int(out_counts.sum()) - int(overheads[[bool(x) for x in slices]].sum()))
+            if partial is not None:
+                keep_units = keep_units | partial  # (a part of a segment is not remembered as received)
+                slices = [kept_slices(u, keep_units[a:b])
+                          for u, a, b in zip(call.units, call.offsets[:-1], call.offsets[1:])]
+                texts = [join_slices(t, x, cfg.gap_marker) for t, x in zip(chunks, slices)]
+                out_counts = self.tokenizer.count_many(texts)
         if conversation_id is not None:
             self._remember(conversation_id, centroids, segs, keep)
         span_status = np.where(collapsed & keep_units[starts], "collapsed", np.where(
@@ -428,6 +456,41 @@ class SemToken:
         return self._result(chunks, counts, query, budget, started, call, starts, ends, span_status,
                             span_entropy, span_rel, chunk_rel, score_np[span_seg], texts, slices,
                             out_counts, hits, encoder_calls, overheads)
+
+    def _best_partial(self, chunks, call, segs, keep_units, score, allowed, unit_cost, group, q_tokens,
+                      overheads, left: int) -> np.ndarray | None:
+        """Unit mask of the most query-relevant run of whole words of the best segment not kept that fits
+        the ``left`` tokens of the budget (its chunk's overhead or a gap marker paid), or None."""
+        seg_kept = np.add.reduceat(keep_units, segs[:-1]) > 0
+        cand = np.flatnonzero(allowed & ~seg_kept)
+        if len(cand) == 0 or left <= 0:
+            return None
+        k = int(cand[np.argmax(score[cand])])
+        a, b = int(segs[k]), int(segs[k + 1])
+        c = int(call.chunk_of[a])
+        lo, hi = int(call.offsets[c]), int(call.offsets[c + 1])
+        before = keep_units[lo:hi]
+        extra = 0 if before.any() else int(overheads[c])
+        old_text = join_slices(chunks[c], kept_slices(call.units[c], before), self.config.gap_marker)
+        old = self.tokenizer.count(old_text) if before.any() else 0
+        if q_tokens is None:
+            rel = np.ones(b - a)
+        else:
+            normed = torch.nn.functional.normalize(call.vectors[a:b].float(), dim=-1)
+            rel = (normed @ q_tokens.to(normed).T).max(dim=1).values.cpu().numpy().astype(np.float64)
+        room = left - extra - (self._gap_cost if before.any() else 0)
+        while room > 0:
+            wa, wb = st.best_window(rel, unit_cost[a:b], room, group[a:b])
+            if wb == wa:
+                return None
+            mask = np.zeros(len(keep_units), dtype=bool)
+            mask[a + wa:a + wb] = True
+            text = join_slices(chunks[c], kept_slices(call.units[c], before | mask[lo:hi]), self.config.gap_marker)
+            over = self.tokenizer.count(text) - old + extra - left
+            if over <= 0:
+                return mask
+            room -= over
+        return None
 
     def _unit_costs(self, chunks: list[str], call: _Call) -> np.ndarray:
         pieces = []
@@ -463,13 +526,18 @@ class SemToken:
         if chosen.any():
             self.memory.add(conversation_id, centroids[chosen])
 
-    def _render(self, chunks, call, segs, keep, starts, ends, collapsed, score, budget, overheads):
+    def _render(self, chunks, call, segs, keep, starts, ends, collapsed, score, budget, overheads, fences=None):
         keep = keep.copy()
+        score = score.copy()
+        if fences is not None:  # fence lines go with their block's code: never trimmed before it
+            score[fences[1]] = np.inf
         dropped_tail = np.zeros(len(call.chunk_of), dtype=bool)
         for s, e in zip(starts[collapsed], ends[collapsed]):
             dropped_tail[s + 1:e] = True
         seg_of_unit = np.repeat(np.arange(len(segs) - 1), np.diff(segs))
         while True:
+            if fences is not None:
+                keep = st.balance_fences(keep, *fences)
             keep_units = keep[seg_of_unit] & ~dropped_tail
             slices = [kept_slices(u, keep_units[a:b])
                       for u, a, b in zip(call.units, call.offsets[:-1], call.offsets[1:])]
