@@ -64,6 +64,30 @@ class _Call:
     chunk_of: np.ndarray  # (n,) chunk index of each unit
 
 
+@dataclass
+class _State:
+    """What one call has worked out so far, carried between the pipeline's steps (internal).
+
+    Units are the call's words (all chunks concatenated), segments the selection's pieces
+    (``segs`` bounds, ``seg_of_unit`` maps a unit to its segment), spans the clustering's runs
+    (``starts``/``ends``); ``collapsed`` spans keep their anchor only; ``score`` ranks segments.
+    """
+
+    chunks: list[str]
+    counts: np.ndarray
+    query: str | None
+    budget: int
+    started: float
+    overheads: np.ndarray
+    call: _Call
+    segs: np.ndarray
+    seg_of_unit: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+    collapsed: np.ndarray
+    score: np.ndarray
+
+
 class SemToken:
     """Query-aware compression of retrieved chunks under a downstream-LLM token budget.
 
@@ -409,6 +433,8 @@ class SemToken:
         if cfg.use_entropy or q is None:
             score += (cfg.entropy_weight if q is not None else 1.0) * sp.normalise(seg_entropy)
         score_np = score.cpu().numpy().astype(np.float64)
+        state = _State(chunks, counts, query, budget, started, overheads, call, segs, seg_of_unit, starts, ends,
+                       collapsed, score_np)
         # collapsed spans cost their anchor only
         kept_cost = unit_cost.copy()
         for s, e in zip(starts[collapsed], ends[collapsed]):
@@ -436,8 +462,7 @@ class SemToken:
         kept_blocks = np.unique(seg_block[keep & ~seg_fence & (seg_block >= 0)])
         keep |= seg_fence & np.isin(seg_block, kept_blocks)
         fences = (seg_block, seg_fence)
-        texts, slices, out_counts, keep_units = self._render(chunks, call, segs, keep, starts, ends,
-                                                             collapsed, score_np, budget, overheads, fences)
+        texts, slices, out_counts, keep_units = self._render(state, keep, fences)
         if cfg.partial_fit or not keep_units.any():
             partial = self._best_partial(chunks, call, segs, keep_units, score_np, allowed,
                                          unit_cost, struct.group, q_tokens, overheads,
@@ -453,9 +478,8 @@ class SemToken:
         span_status = np.where(collapsed & keep_units[starts], "collapsed", np.where(
             keep_units[starts], "kept", np.where(repeat[span_seg], "repeat", "dropped")))
         span_rel = None if seg_rel is None else seg_rel.cpu().numpy()[span_seg]
-        return self._result(chunks, counts, query, budget, started, call, starts, ends, span_status,
-                            span_entropy, span_rel, chunk_rel, score_np[span_seg], texts, slices,
-                            out_counts, hits, encoder_calls, overheads)
+        return self._result(state, span_status, span_entropy, span_rel, chunk_rel, texts, slices, out_counts,
+                            hits, encoder_calls)
 
     def _best_partial(self, chunks, call, segs, keep_units, score, allowed, unit_cost, group, q_tokens,
                       overheads, left: int) -> np.ndarray | None:
@@ -526,15 +550,20 @@ class SemToken:
         if chosen.any():
             self.memory.add(conversation_id, centroids[chosen])
 
-    def _render(self, chunks, call, segs, keep, starts, ends, collapsed, score, budget, overheads, fences=None):
+    def _render(self, state: _State, keep: np.ndarray, fences: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> tuple[list[str], list[list[tuple[int, int]]], np.ndarray, np.ndarray]:
+        """Kept segments -> texts within the budget: the exact count decides, trimming the weakest kept
+        segment while BPE merges across slice edges cost more than estimated. Returns the texts, their
+        slices, their token counts and the kept-unit mask."""
+        chunks, call, overheads, budget = state.chunks, state.call, state.overheads, state.budget
         keep = keep.copy()
-        score = score.copy()
+        score = state.score.copy()
         if fences is not None:  # fence lines go with their block's code: never trimmed before it
             score[fences[1]] = np.inf
         dropped_tail = np.zeros(len(call.chunk_of), dtype=bool)
-        for s, e in zip(starts[collapsed], ends[collapsed]):
+        for s, e in zip(state.starts[state.collapsed], state.ends[state.collapsed]):
             dropped_tail[s + 1:e] = True
-        seg_of_unit = np.repeat(np.arange(len(segs) - 1), np.diff(segs))
+        seg_of_unit = state.seg_of_unit
         while True:
             if fences is not None:
                 keep = st.balance_fences(keep, *fences)
@@ -555,8 +584,11 @@ class SemToken:
                 return texts, slices, np.zeros_like(out_counts), keep_units
             keep[kept_idx[np.argmin(score[kept_idx])]] = False
 
-    def _result(self, chunks, counts, query, budget, started, call, starts, ends, status, entropy,
-                span_rel, chunk_rel, score, texts, slices, out_counts, hits, encoder_calls, overheads):
+    def _result(self, state: _State, status: np.ndarray, entropy: np.ndarray, span_rel: np.ndarray | None,
+                chunk_rel: torch.Tensor | None, texts: list[str], slices: list[list[tuple[int, int]]],
+                out_counts: np.ndarray, hits: int, encoder_calls: int) -> CompressionResult:
+        chunks, counts, call, starts, ends = state.chunks, state.counts, state.call, state.starts, state.ends
+        score = state.score[state.seg_of_unit[starts]]
         chunk_rel_np = chunk_rel.cpu().numpy() if chunk_rel is not None else None
         span_chunk = call.chunk_of[starts]
         per_chunk = np.searchsorted(span_chunk, np.arange(len(chunks) + 1))
@@ -574,9 +606,9 @@ class SemToken:
                 compressed_tokens=int(out_counts[i]),
                 relevance=None if chunk_rel_np is None else float(chunk_rel_np[i]),
                 repeat_spans=rep, spans=infos))
-        paid = int(overheads[[bool(s) for s in slices]].sum())
-        return CompressionResult(tuple(out), query, budget, int(counts.sum()), int(out_counts.sum()),
-                                 encoder_calls, hits, time.perf_counter() - started, paid)
+        paid = int(state.overheads[[bool(s) for s in slices]].sum())
+        return CompressionResult(tuple(out), state.query, state.budget, int(counts.sum()), int(out_counts.sum()),
+                                 encoder_calls, hits, time.perf_counter() - state.started, paid)
 
     def _empty(self, chunks, counts, query, budget, started) -> CompressionResult:
         """No chunk has a word (whitespace only) and the budget is short: every chunk comes back ""."""
