@@ -14,16 +14,6 @@ from pathlib import Path
 from typing import Any
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return n
-
-
 def _seconds(value: str) -> float:
     try:
         x = float(value)
@@ -36,6 +26,8 @@ def _seconds(value: str) -> float:
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``prewarm`` to the sub-command parsers ``sub`` of ``semtoken-rag``."""
+    from .cli import _positive_int  # the command's own argument type (cli is loaded when this runs)
+
     p = sub.add_parser(
         "prewarm", help="fingerprint a corpus into a shared store (in-process or on Ray)",
         description="Fingerprint every chunk of a corpus into a fingerprint store shared by the replicas, "
