@@ -19,7 +19,7 @@ LAYER = {
     "cli": 4, "datasets": 4, "__main__": 4, "prewarm": 4, "prewarm_cli": 4, "testing": 4,
     "engine": 3, "registry": 3, "__init__": 3, "prepare": 3, "batching": 3,
     "encoder": 2, "spans": 2, "structure": 2, "budget": 2, "render": 2, "repeats": 2, "text": 2,
-    "device_search": 2,
+    "device_search": 2, "evidence": 2,
     "results": 2, "config": 2,
     "keys": 1, "fileformat": 1, "store": 1, "diskstore": 1, "lru": 1, "redis_store": 1, "store_url": 1,
 }

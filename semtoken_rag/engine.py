@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import evidence as ev
 from . import spans as sp
 from . import structure as st
 from .batching import MicroBatcher
@@ -426,8 +427,21 @@ class SemToken:
         if q is not None:
             seg_rel = stats.cosine(q, segs[:-1], segs[1:]).float()
             chunk_rel = stats.cosine(q, call.offsets[:-1], call.offsets[1:]).float()
-            score += cfg.maxsim_weight * sp.maxsim(q_tokens, call.vectors, seg_of_unit, len(segs) - 1) \
-                + cfg.sentence_weight * seg_rel + cfg.chunk_weight * chunk_rel[torch.as_tensor(seg_chunk)]
+            rel = cfg.maxsim_weight * sp.maxsim(q_tokens, call.vectors, seg_of_unit, len(segs) - 1)
+            if cfg.lexical_weight > 0:  # (evidence.py) exact words of the query, BM25 over the call's segments
+                terms = [t for text, u in zip(chunks, call.units) for t in ev.unit_terms(text, u)]
+                rel = rel + cfg.lexical_weight * torch.as_tensor(
+                    ev.lexical_scores(terms, ev.query_terms(query), segs), dtype=rel.dtype, device=rel.device)
+            score += rel + cfg.sentence_weight * seg_rel + cfg.chunk_weight * chunk_rel[torch.as_tensor(seg_chunk)]
+            if cfg.neighbour_weight > 0:
+                score += cfg.neighbour_weight * _neighbour_best(rel, seg_chunk)
+            if cfg.answer_type_weight > 0:
+                kind = ev.answer_type(query)
+                if kind is not None:
+                    exclude = frozenset(ev.query_terms(query)) | frozenset(w.lower() for w in query.split())
+                    hits = np.concatenate([ev.type_hits(text, u, kind, exclude) for text, u in zip(chunks, call.units)])
+                    score += cfg.answer_type_weight * torch.as_tensor(
+                        np.add.reduceat(hits.astype(np.int64), segs[:-1]) > 0, dtype=score.dtype, device=score.device)
             score += cfg.exact_number_weight * torch.as_tensor(
                 np.add.reduceat(struct.number_hits, segs[:-1]) > 0, dtype=score.dtype, device=score.device)
         if cfg.use_entropy or q is None:
@@ -444,7 +458,7 @@ class SemToken:
         # repeats and redundancy-aware selection under the budget
         centroids_t = torch.nn.functional.normalize(stats.mean(segs[:-1], segs[1:]).float(), dim=-1)
         centroids = centroids_t.cpu().numpy().astype(np.float32)
-        repeat = self._repeats(centroids, centroids_t, segs, score_np, conversation_id) \
+        repeat = self._repeats(centroids, centroids_t, segs, score_np, conversation_id, chunks, call) \
             & ~(np.add.reduceat(blind, segs[:-1]) > 0)
         seg_fence = np.add.reduceat(struct.fence, segs[:-1]) > 0
         seg_block = struct.block[segs[:-1]]
@@ -525,7 +539,7 @@ class SemToken:
         return self.tokenizer.count_many(pieces)
 
     def _repeats(self, centroids: np.ndarray, centroids_t: torch.Tensor, segs: np.ndarray, score: np.ndarray,
-                 conversation_id: str | None) -> np.ndarray:
+                 conversation_id: str | None, chunks: list[str], call: _Call) -> np.ndarray:
         """Segments that repeat a better-ranked one (in any chunk) or what the conversation received."""
         cfg = self.config
         n_seg = len(segs) - 1
@@ -538,6 +552,10 @@ class SemToken:
         else:
             found = find_repeats(centroids, np.arange(n_seg), order, cfg.repeat_threshold, eligible,
                                  use_gpu=self.repeat_search == "faiss-gpu")
+        if cfg.repeat_guard:  # (evidence.py) a near-repeat with a number or name of its own stays
+            for i in np.flatnonzero(found >= 0).tolist():
+                if ev.carries_new_facts(*_piece(chunks, call, segs, i), *_piece(chunks, call, segs, int(found[i]))):
+                    found[i] = -1
         repeat = found >= 0
         if conversation_id is not None:
             on_device = self.repeat_search == "torch"
@@ -646,6 +664,26 @@ def _concat(fps: list[Fingerprints], device: torch.device) -> _Call:
     vectors = torch.cat([fp.vectors for fp in fps]) if len(fps) else torch.zeros((0, 1))
     vectors = vectors.to(device).float()
     return _Call(vectors, [fp.units for fp in fps], offsets, np.repeat(np.arange(len(fps)), sizes))
+
+
+def _neighbour_best(rel: torch.Tensor, seg_chunk: np.ndarray) -> torch.Tensor:
+    """Per segment, the better relevance of its previous and next segment in the same chunk (its own
+    where it has neither)."""
+    same_prev = torch.as_tensor(np.concatenate([[False], seg_chunk[1:] == seg_chunk[:-1]]), device=rel.device)
+    same_next = torch.as_tensor(np.concatenate([seg_chunk[:-1] == seg_chunk[1:], [False]]), device=rel.device)
+    low = torch.full_like(rel, -torch.inf)
+    prev = torch.where(same_prev, torch.roll(rel, 1), low)
+    nxt = torch.where(same_next, torch.roll(rel, -1), low)
+    best = torch.maximum(prev, nxt)
+    return torch.where(torch.isinf(best), rel, best)
+
+
+def _piece(chunks: list[str], call: _Call, segs: np.ndarray, k: int) -> tuple[str, np.ndarray]:
+    """Segment ``k`` as (its chunk's text, the char spans of its units)."""
+    a, b = int(segs[k]), int(segs[k + 1])
+    c = int(call.chunk_of[a])
+    off = int(call.offsets[c])
+    return chunks[c], call.units[c][a - off:b - off]
 
 
 def _blind_units(call: _Call) -> np.ndarray:

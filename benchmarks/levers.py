@@ -1,0 +1,160 @@
+"""Recall levers of issue 14, ablated side by side on one split: each variant is today's defaults with
+some scoring knobs changed, run on the same questions, chunks and cached fingerprints.
+
+    python -m benchmarks.levers --start 0 --n 150 --name levers_tune        # tuning split: choose
+    python -m benchmarks.levers --start 150 --n 291 --name levers_heldout   # held-out split: report
+
+Requires the NQ file (``../shared/data`` or ``--data-dir``). The chunks of a question are encoded once
+(first variant), the other variants reuse the fingerprints (their knobs change scoring and selection
+only). Per variant and budget it prints answer recall, then the paired comparison against the reference
+variant (``--ref``, default ``defaults``): questions only the variant keeps (+), only the reference
+keeps (−), and the exact two-sided sign test. Writes ``benchmarks/results/<name>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .cli import machine_info
+from .data import load_nq
+from .metrics import TokenCounter, answer_in, budget_for, mean, median
+from .peers.base import join_context
+
+BASE = {"device": "cpu", "cache_max_bytes": 8 * 2**30, "query_memo_max_bytes": 2**30}
+# the defaults before issue 14: every lever off
+BEFORE = {"lexical_weight": 0.0, "answer_type_weight": 0.0, "neighbour_weight": 0.0, "repeat_guard": False,
+          "partial_fit": False}
+VARIANTS: dict[str, dict] = {
+    "before": BEFORE,
+    "defaults": {},
+    "lexical_0.1": {"lexical_weight": 0.1},
+    "lexical_0.2": {"lexical_weight": 0.2},
+    "lexical_0.3": {"lexical_weight": 0.3},
+    "lexical_0.5": {"lexical_weight": 0.5},
+    "answer_type_0.05": {"answer_type_weight": 0.05},
+    "answer_type_0.1": {"answer_type_weight": 0.1},
+    "neighbour_0.1": {"neighbour_weight": 0.1},
+    "neighbour_0.3": {"neighbour_weight": 0.3},
+    "partial_fit": {"partial_fit": True},
+    "repeat_guard": {"repeat_guard": True},
+}
+
+
+def variant_engine(base, overrides: dict):
+    """An engine that shares ``base``'s encoder, caches and tokenizer, with scoring knobs overridden
+    (valid only for knobs read per call: weights, switches, thresholds)."""
+    from semtoken_rag import SemTokenConfig
+
+    eng = copy.copy(base)
+    eng.config = SemTokenConfig(**{**base.config.model_dump(), **overrides})
+    return eng
+
+
+def paired(ref: list[int], other: list[int]) -> tuple[int, int, float]:
+    """(+, −, p): questions only ``other`` keeps, only ``ref`` keeps, exact two-sided sign test."""
+    from scipy.stats import binomtest
+
+    plus = sum(o and not r for r, o in zip(ref, other))
+    minus = sum(r and not o for r, o in zip(ref, other))
+    return plus, minus, (binomtest(plus, plus + minus).pvalue if plus + minus else 1.0)
+
+
+def run(records, variants: dict[str, dict], rates: list[float], log=print) -> dict:
+    from semtoken_rag import SemToken, SemTokenConfig
+
+    counter = TokenCounter("llama3")
+    base = SemToken(SemTokenConfig(**BASE))
+    engines = {name: variant_engine(base, ov) for name, ov in variants.items()}
+    out = {name: {str(r): {"hit": [], "tokens": [], "over": 0, "ms": []} for r in rates} for name in variants}
+    cold_ms, t0 = [], time.perf_counter()
+    for qi, rec in enumerate(records):
+        total = counter.context_tokens(rec.chunks)
+        for vi, (name, eng) in enumerate(engines.items()):
+            for ri, rate in enumerate(rates):
+                t = time.perf_counter()
+                res = eng.compress(list(rec.chunks), rec.question, rate=rate)
+                ms = (time.perf_counter() - t) * 1e3
+                if vi == 0 and ri == 0:
+                    cold_ms.append(ms)
+                cell = out[name][str(rate)]
+                cell["hit"].append(int(answer_in(rec.answers, join_context(res.texts))))
+                tokens = counter.context_tokens(res.texts)
+                cell["tokens"].append(tokens)
+                cell["over"] += tokens > budget_for(total, rate)
+                cell["ms"].append(ms)
+        if (qi + 1) % 25 == 0:
+            log(f"  {qi + 1}/{len(records)} questions, {time.perf_counter() - t0:.0f} s", flush=True)
+    return {"per_variant": out, "cold_ms_median": median(cold_ms)}
+
+
+def tables(result: dict, ref: str) -> str:
+    rates = result["config"]["rates"]
+    pv = result["per_variant"]
+    head = ["variant", "overrides"] + [f"recall @{r:.0%}" for r in rates] + [f"+/− vs {ref} @{r:.0%} (p)" for r in rates] \
+        + ["over budget", "warm ms median"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, cells in pv.items():
+        ov = json.dumps(result["config"]["variants"][name]) if result["config"]["variants"][name] else "(defaults)"
+        rec = [f"{mean(cells[str(r)]['hit']):.3f}" for r in rates]
+        pm = []
+        for r in rates:
+            p, m, pval = paired(pv[ref][str(r)]["hit"], cells[str(r)]["hit"])
+            pm.append("–" if name == ref else f"+{p}/−{m} ({pval:.2g})")
+        over = sum(cells[str(r)]["over"] for r in rates)
+        warm = median([ms for r in rates for ms in cells[str(r)]["ms"]][1:])
+        rows.append("| " + " | ".join([name, ov, *rec, *pm, str(over), f"{warm:.1f}"]) + " |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.levers", description=__doc__.splitlines()[0])
+    p.add_argument("--start", type=int, default=150)
+    p.add_argument("--n", type=int, default=291)
+    p.add_argument("--rates", nargs="+", type=float, default=[0.5, 0.33, 0.2])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"known: {', '.join(VARIANTS)}")
+    p.add_argument("--set", nargs="*", default=[], metavar="NAME=JSON",
+                   help="extra variants, e.g. 'mix={\"lexical_weight\": 0.3, \"neighbour_weight\": 0.1}'")
+    p.add_argument("--ref", default="defaults")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--name", default="levers")
+    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+    variants = {v: VARIANTS[v] for v in args.variants}
+    for item in args.set:
+        name, _, spec = item.partition("=")
+        variants[name] = json.loads(spec)
+    if args.ref not in variants:
+        p.error(f"--ref {args.ref!r} is not among the variants")
+    records = load_nq(args.n, "random", args.data_dir, start=args.start)
+    split = f"{records[0].index}-{records[-1].index}"
+    if args.start < 150 <= args.start + args.n - 1:
+        print("warning: this run mixes the tuning split (0-149) with held-out questions")
+    print(f"questions {split}, {len(variants)} variants, rates {args.rates}", flush=True)
+    t0 = time.time()
+    result = run(records, variants, args.rates)
+    result = {"name": args.name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "command": "python -m benchmarks.levers " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+              "machine": machine_info(), "wall_s": round(time.time() - t0, 1),
+              "config": {"questions": split, "rates": args.rates, "variants": variants, "ref": args.ref,
+                         "gold_position": "random.Random(1234 + question_index).randrange(20)",
+                         "budget_rule": "floor(rate * sum of chunk Llama 3 tokens)"},
+              **result}
+    md = (f"# {args.name}: recall levers on NQ questions {split}\n\n`{result['command']}`\n\n"
+          f"{result['date']}, {result['wall_s']} s; cold call median {result['cold_ms_median']:.0f} ms "
+          f"(first variant, first budget); warm ms = the variant's calls on cached fingerprints.\n\n"
+          f"{tables(result, args.ref)}\n")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{args.name}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
