@@ -28,20 +28,29 @@ from .peers.base import join_context
 BASE = {"device": "cpu", "cache_max_bytes": 8 * 2**30, "query_memo_max_bytes": 2**30}
 # the defaults before issue 14: every lever off
 BEFORE = {"lexical_weight": 0.0, "answer_type_weight": 0.0, "neighbour_weight": 0.0, "repeat_guard": False,
-          "partial_fit": False}
+          "keep_titles": False}
+# today's defaults, the defaults before issue 14, and the defaults without one lever each (leave one out)
 VARIANTS: dict[str, dict] = {
-    "before": BEFORE,
     "defaults": {},
-    "lexical_0.1": {"lexical_weight": 0.1},
-    "lexical_0.2": {"lexical_weight": 0.2},
-    "lexical_0.3": {"lexical_weight": 0.3},
-    "lexical_0.5": {"lexical_weight": 0.5},
-    "answer_type_0.05": {"answer_type_weight": 0.05},
-    "answer_type_0.1": {"answer_type_weight": 0.1},
-    "neighbour_0.1": {"neighbour_weight": 0.1},
-    "neighbour_0.3": {"neighbour_weight": 0.3},
+    "before": BEFORE,
+    "no_lexical": {"lexical_weight": 0.0},
+    "no_answer_type": {"answer_type_weight": 0.0},
+    "no_neighbour": {"neighbour_weight": 0.0},
+    "no_titles": {"keep_titles": False},
+    "no_repeat_guard": {"repeat_guard": False},
     "partial_fit": {"partial_fit": True},
-    "repeat_guard": {"repeat_guard": True},
+}
+# what was tried on the tuning split (questions 0-149) to choose the defaults, each lever alone on top of
+# the old defaults, then together: --variants tuning (results/levers_tune*.md)
+TUNING: dict[str, dict] = {
+    "before": BEFORE,
+    **{f"lexical_{w}": {**BEFORE, "lexical_weight": w} for w in (0.03, 0.1, 0.2, 0.3, 0.5)},
+    **{f"answer_type_{w}": {**BEFORE, "answer_type_weight": w} for w in (0.05, 0.1)},
+    **{f"neighbour_{w}": {**BEFORE, "neighbour_weight": w} for w in (0.1, 0.2, 0.3)},
+    "repeat_guard": {**BEFORE, "repeat_guard": True},
+    "keep_titles": {**BEFORE, "keep_titles": True},
+    "partial_fit": {**BEFORE, "partial_fit": True},
+    "defaults": {},
 }
 
 
@@ -64,11 +73,12 @@ def paired(ref: list[int], other: list[int]) -> tuple[int, int, float]:
     return plus, minus, (binomtest(plus, plus + minus).pvalue if plus + minus else 1.0)
 
 
-def run(records, variants: dict[str, dict], rates: list[float], log=print) -> dict:
+def run(records, variants: dict[str, dict], rates: list[float], log=print, cache_dir: str | None = None) -> dict:
     from semtoken_rag import SemToken, SemTokenConfig
 
     counter = TokenCounter("llama3")
-    base = SemToken(SemTokenConfig(**BASE))
+    disk = {"cache_dir": cache_dir, "cache_max_disk_bytes": None} if cache_dir else {}
+    base = SemToken(SemTokenConfig(**BASE, **disk))
     engines = {name: variant_engine(base, ov) for name, ov in variants.items()}
     out = {name: {str(r): {"hit": [], "tokens": [], "over": 0, "ms": []} for r in rates} for name in variants}
     cold_ms, t0 = [], time.perf_counter()
@@ -116,15 +126,21 @@ def main(argv=None) -> int:
     p.add_argument("--start", type=int, default=150)
     p.add_argument("--n", type=int, default=291)
     p.add_argument("--rates", nargs="+", type=float, default=[0.5, 0.33, 0.2])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"known: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"default: {' '.join(VARIANTS)}; 'tuning' for the tuning set")
     p.add_argument("--set", nargs="*", default=[], metavar="NAME=JSON",
                    help="extra variants, e.g. 'mix={\"lexical_weight\": 0.3, \"neighbour_weight\": 0.1}'")
     p.add_argument("--ref", default="defaults")
+    p.add_argument("--cache-dir", default=None, help="persist fingerprints here across runs (unbounded)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--name", default="levers")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
-    variants = {v: VARIANTS[v] for v in args.variants}
+    known = {**TUNING, **VARIANTS}
+    names = [n for v in args.variants for n in (TUNING if v == "tuning" else [v])]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: tuning, {', '.join(known)}")
+    variants = {n: known[n] for n in names}
     for item in args.set:
         name, _, spec = item.partition("=")
         variants[name] = json.loads(spec)
@@ -136,7 +152,7 @@ def main(argv=None) -> int:
         print("warning: this run mixes the tuning split (0-149) with held-out questions")
     print(f"questions {split}, {len(variants)} variants, rates {args.rates}", flush=True)
     t0 = time.time()
-    result = run(records, variants, args.rates)
+    result = run(records, variants, args.rates, cache_dir=args.cache_dir)
     result = {"name": args.name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "python -m benchmarks.levers " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
               "machine": machine_info(), "wall_s": round(time.time() - t0, 1),

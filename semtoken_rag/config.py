@@ -130,25 +130,30 @@ class SemTokenConfig(BaseModel):
                     "more (a year, an amount) written in the query ('profit in 2021?' favours the 2021 "
                     "row); 0 disables it.")
     lexical_weight: float = Field(
-        0.0, ge=0.0,
+        0.03, ge=0.0,
         description="Weight of lexical evidence: BM25 of the segment for the query's words (lower-cased, "
                     "stemmed, question and function words aside), the call's segments being the collection, "
                     "scaled so the best segment scores 1. Catches names, numbers and rare words that the small "
                     "encoder's matching misses; 0 disables it.")
     answer_type_weight: float = Field(
-        0.0, ge=0.0,
+        0.05, ge=0.0,
         description="Bonus for a segment that holds a candidate of the kind of answer the question asks for: "
                     "a year or month for 'when', a number for 'how many/much', a name for 'who' (words of the "
                     "query aside); 0 disables it.")
     neighbour_weight: float = Field(
-        0.0, ge=0.0,
+        0.1, ge=0.0,
         description="Context inheritance: a segment's score gains this weight times the query relevance "
                     "(encoder and lexical) of the better of its neighbours in the same chunk, since the "
                     "answer often sits next to the sentence that echoes the question; 0 disables it.")
     repeat_guard: bool = Field(
-        False, description="A near-repeat that holds a number or a name (or such a pair of words side by side) "
+        True, description="A near-repeat that holds a number or a name (or such a pair of words side by side) "
                            "absent from its better-ranked copy is not a repeat: 'April 1917' is not dropped as a "
                            "repeat of 'April 6, 1917'.")
+    keep_titles: bool = Field(
+        True, description="A chunk's title (a short first line that does not end like a sentence: a document "
+                           "title, a heading) comes with whatever else of the chunk is kept, its tokens counted in "
+                           "the budget; it is never kept alone. It often names what the kept sentences speak of.")
+    title_max_words: int = Field(12, ge=1, description="Longest first line, in words, taken as a chunk's title.")
     protect: tuple[str, ...] = Field(
         (), description="Regexes of text that is never cut inside (e-mail addresses, URLs, dates, ids): the "
                         "words a match covers form one piece of one segment, kept or dropped whole, never "

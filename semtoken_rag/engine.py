@@ -439,9 +439,9 @@ class SemToken:
                 kind = ev.answer_type(query)
                 if kind is not None:
                     exclude = frozenset(ev.query_terms(query)) | frozenset(w.lower() for w in query.split())
-                    hits = np.concatenate([ev.type_hits(text, u, kind, exclude) for text, u in zip(chunks, call.units)])
+                    typed = np.concatenate([ev.type_hits(text, u, kind, exclude) for text, u in zip(chunks, call.units)])
                     score += cfg.answer_type_weight * torch.as_tensor(
-                        np.add.reduceat(hits.astype(np.int64), segs[:-1]) > 0, dtype=score.dtype, device=score.device)
+                        np.add.reduceat(typed.astype(np.int64), segs[:-1]) > 0, dtype=score.dtype, device=score.device)
             score += cfg.exact_number_weight * torch.as_tensor(
                 np.add.reduceat(struct.number_hits, segs[:-1]) > 0, dtype=score.dtype, device=score.device)
         if cfg.use_entropy or q is None:
@@ -463,20 +463,23 @@ class SemToken:
         seg_fence = np.add.reduceat(struct.fence, segs[:-1]) > 0
         seg_block = struct.block[segs[:-1]]
         allowed = ~repeat & ~seg_fence
+        # titles (structure.py) come with their chunk's kept text: selection pays them as chunk overheads
+        titles, sel_overheads = self._titles(chunks, call, segs, seg_chunk, seg_cost, overheads)
+        allowed &= ~titles
         keep = select_under_budget(
             score_np, seg_cost, seg_chunk, budget, self._gap_cost, allowed, centroids,
             cfg.redundancy_weight if cfg.dedup else 0.0, cfg.redundancy_threshold,
-            overheads if overheads.any() else None)
+            sel_overheads if sel_overheads.any() else None)
         # -- hook (structure.py): fences come with kept code; when the top-ranked segment cannot fit on its
         # own, the budget goes to its best run of words, not to scraps of other passages; with
         # partial_fit, the best segment left over gets its best run of words that fits what is left
         top = int(np.flatnonzero(allowed)[np.argmax(score_np[allowed])]) if allowed.any() else -1
-        if top >= 0 and seg_cost[top] + overheads[seg_chunk[top]] > budget:
+        if top >= 0 and seg_cost[top] + sel_overheads[seg_chunk[top]] > budget:
             keep[:] = False
         kept_blocks = np.unique(seg_block[keep & ~seg_fence & (seg_block >= 0)])
         keep |= seg_fence & np.isin(seg_block, kept_blocks)
         fences = (seg_block, seg_fence)
-        texts, slices, out_counts, keep_units = self._render(state, keep, fences)
+        texts, slices, out_counts, keep_units = self._render(state, keep, fences, titles if titles.any() else None)
         if cfg.partial_fit or not keep_units.any():
             partial = self._best_partial(chunks, call, segs, keep_units, score_np, allowed,
                                          unit_cost, struct.group, q_tokens, overheads,
@@ -568,16 +571,36 @@ class SemToken:
         if chosen.any():
             self.memory.add(conversation_id, centroids[chosen])
 
-    def _render(self, state: _State, keep: np.ndarray, fences: tuple[np.ndarray, np.ndarray] | None = None
-                ) -> tuple[list[str], list[list[tuple[int, int]]], np.ndarray, np.ndarray]:
+    def _titles(self, chunks, call, segs, seg_chunk, seg_cost, overheads) -> tuple[np.ndarray, np.ndarray]:
+        """Title segments (config ``keep_titles``) and the overheads selection pays per chunk: the caller's,
+        plus its title and a gap marker."""
+        titles = np.zeros(len(segs) - 1, dtype=bool)
+        if not self.config.keep_titles:
+            return titles, overheads
+        sel = overheads.copy()
+        first = np.searchsorted(segs[:-1], call.offsets[:-1])  # first segment of each chunk
+        for c, (text, units) in enumerate(zip(chunks, call.units)):
+            k = st.title_units(text, units, self.config.title_max_words)
+            f = int(first[c])
+            if k and f < len(titles) and seg_chunk[f] == c and segs[f + 1] - segs[f] == k:
+                titles[f] = True
+                sel[c] += int(seg_cost[f]) + self._gap_cost
+        return titles, sel
+
+    def _render(self, state: _State, keep: np.ndarray, fences: tuple[np.ndarray, np.ndarray] | None = None,
+                titles: np.ndarray | None = None) -> tuple[list[str], list[list[tuple[int, int]]], np.ndarray, np.ndarray]:
         """Kept segments -> texts within the budget: the exact count decides, trimming the weakest kept
-        segment while BPE merges across slice edges cost more than estimated. Returns the texts, their
-        slices, their token counts and the kept-unit mask."""
+        segment while BPE merges across slice edges cost more than estimated. A title segment is kept
+        exactly when something else of its chunk is. Returns the texts, their slices, their token counts
+        and the kept-unit mask."""
         chunks, call, overheads, budget = state.chunks, state.call, state.overheads, state.budget
         keep = keep.copy()
         score = state.score.copy()
         if fences is not None:  # fence lines go with their block's code: never trimmed before it
             score[fences[1]] = np.inf
+        if titles is not None:  # a title goes when the last of its chunk's text goes
+            score[titles] = np.inf
+            seg_chunk = call.chunk_of[state.segs[:-1]]
         dropped_tail = np.zeros(len(call.chunk_of), dtype=bool)
         for s, e in zip(state.starts[state.collapsed], state.ends[state.collapsed]):
             dropped_tail[s + 1:e] = True
@@ -585,6 +608,9 @@ class SemToken:
         while True:
             if fences is not None:
                 keep = st.balance_fences(keep, *fences)
+            if titles is not None:
+                body = keep & ~titles
+                keep = body | (titles & np.isin(seg_chunk, seg_chunk[body]))
             keep_units = keep[seg_of_unit] & ~dropped_tail
             slices = [kept_slices(u, keep_units[a:b])
                       for u, a, b in zip(call.units, call.offsets[:-1], call.offsets[1:])]

@@ -218,6 +218,25 @@ def number_hits(text: str, units: np.ndarray, numbers: frozenset[str]) -> np.nda
     return out
 
 
+def title_units(text: str, units: np.ndarray, max_words: int) -> int:
+    """How many leading units of ``text`` form its title: a first line of at most ``max_words`` words,
+    not ending like a sentence (``.``, ``!``, ``?``), with more text after it (a heading, a document
+    title such as ``"Nobel Prize\\n..."``); 0 when there is none.
+
+    >>> from semtoken_rag.text import split_units
+    >>> [title_units(t, split_units(t), 8) for t in ("Nobel Prize\\nThe prize...", "It rained.\\nThen it stopped.",
+    ...                                               "No newline at all", "A heading\\n", "# Setup\\n\\nRun it.")]
+    [2, 0, 0, 0, 2]
+    """
+    nl = text.find("\n")
+    if nl < 0 or len(units) == 0:
+        return 0
+    k = int(np.searchsorted(units[:, 0], nl))
+    if not 0 < k <= max_words or k >= len(units) or text[:nl].rstrip().endswith((".", "!", "?")):
+        return 0
+    return k
+
+
 def best_window(relevance: np.ndarray, costs: np.ndarray, budget: int,
                 group: np.ndarray | None = None) -> tuple[int, int]:
     """The run ``[a, b)`` of units with the largest summed relevance whose summed cost fits ``budget``;

@@ -113,6 +113,7 @@ def test_answer_type_weight_prefers_a_year(tiny_encoder):
     got = eng.compress(chunks, "when did it happen", target_tokens=target)
     assert "1932" not in off.chunks[0].text
     assert "1932" in got.chunks[0].text
+    assert isinstance(got.cache_hits, int) and got.cache_hits == 0  # a fresh engine; not the lever's hits
 
 
 def test_neighbour_best_stays_in_chunk():

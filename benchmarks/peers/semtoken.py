@@ -15,6 +15,10 @@ ABLATIONS: list[tuple[str, str, dict]] = [
     ("no_entropy", "w/o entropy scoring", {"use_entropy": False}),
     ("no_query", "w/o query conditioning", {"use_query": False}),
     ("no_dedup", "w/o cross-chunk repeat removal", {"dedup": False}),
+    # the defaults before issue 14 (every recall lever off): benchmarks.levers ablates each lever
+    ("no_levers", "w/o recall levers (lexical, answer type, neighbours, titles, repeat guard)",
+     {"lexical_weight": 0.0, "answer_type_weight": 0.0, "neighbour_weight": 0.0, "keep_titles": False,
+      "repeat_guard": False}),
 ]
 
 
