@@ -14,6 +14,9 @@ live side by side) and then times, alternating between the revisions call by cal
   the engine's check of every entry against its chunk, nothing kept in memory);
 * ``MGET only``: the client's ``mget`` on the same names (the socket and the client's parser).
 
+redis-py parses replies with ``hiredis`` (C) when it is installed (the ``redis`` extra brings it), else
+in Python; with ``hiredis`` importable, this checkout is also timed with the Python parser forced.
+
 The other revision's ``semtoken_rag`` is extracted with ``git archive`` into a temporary package, so
 both run in one process on the same machine state. Medians (and p95) over every call of every round.
 """
@@ -91,6 +94,16 @@ def main(argv=None) -> int:
                             for t, fp in fps.items()])
             cache = st.LayeredCache(st.MemoryStore(0), store)  # memory keeps nothing: every lookup asks Redis
             impls[label] = (ff, store, cache)
+        from redis.utils import HIREDIS_AVAILABLE
+
+        if HIREDIS_AVAILABLE:  # the same store (same keys) through the pure-Python RESP3 parser
+            import redis
+            from redis._parsers import _RESP3Parser
+
+            ff, store, _ = impls["this"]
+            py = rs.RedisStore(server.url, namespace=ns, client=redis.Redis.from_url(
+                server.url, parser_class=_RESP3Parser, protocol=3))
+            impls["this, Python parser"] = (ff, py, st.LayeredCache(st.MemoryStore(0), py))
         keys = [[cache_key(c, ns) for c in chunks] for chunks in calls]
         sizes = {label: statistics.mean(sum(map(len, store.client.mget([store.prefix + k for k in ks])))
                                         for ks in keys) for label, (_, store, _) in impls.items()}
@@ -111,14 +124,14 @@ def main(argv=None) -> int:
                 got = lookup(label, i)
                 assert all(e is not None for e in got), f"{label}: a stored entry was not found or not valid"
         for i in range(len(calls)):
-            a, b = (lookup(label, i) for label in impls)
+            a, b = (lookup(label, i) for label in ("baseline", "this"))
             assert all(x["fingerprints"].tobytes() == y["fingerprints"].tobytes() and
                        np.array_equal(x["units"], y["units"]) for x, y in zip(a, b))
         times = {(m, label): [] for m in timed for label in impls}
         for r in range(args.rounds):
             for i in range(len(calls)):
                 for m, fn in timed.items():
-                    order = list(impls) if (r + i) % 2 == 0 else list(impls)[::-1]
+                    order = list(impls) if (r + i) % 2 == 0 else list(impls)[::-1]  # alternate
                     for label in order:
                         t0 = time.perf_counter()
                         fn(label, i)
@@ -127,12 +140,14 @@ def main(argv=None) -> int:
 
     print(f"NQ {150}-{150 + args.n - 1}: {args.n} calls x {args.rounds} rounds, 20 chunks a call; "
           f"this checkout vs {args.baseline}; load average {load}")
-    print(f"value bytes per call: baseline {sizes['baseline'] / 2**20:.3f} MiB, this {sizes['this'] / 2**20:.3f} MiB")
-    print(f"{'ms per call':<12}{'baseline median':>16}{'p95':>9}{'this median':>13}{'p95':>9}{'this/base':>11}")
+    print(f"value bytes per call: baseline {sizes['baseline'] / 2**20:.3f} MiB, this {sizes['this'] / 2**20:.3f} MiB; "
+          f"redis-py parser: {'hiredis' if HIREDIS_AVAILABLE else 'Python'}")
+    print(f"{'ms per call':<12}" + "".join(f"  {label + ' median':>26}{'p95':>8}" for label in impls)
+          + f"{'this/base':>11}")
     for m in timed:
-        a, b = _ms(times[m, "baseline"]), _ms(times[m, "this"])
-        print(f"{m:<12}{a['median']:>16}{a['p95']:>9}{b['median']:>13}{b['p95']:>9}"
-              f"{b['median'] / a['median']:>11.3f}")
+        row = {label: _ms(times[m, label]) for label in impls}
+        print(f"{m:<12}" + "".join(f"  {row[label]['median']:>26}{row[label]['p95']:>8}" for label in impls)
+              + f"{row['this']['median'] / row['baseline']['median']:>11.3f}")
     return 0
 
 

@@ -167,8 +167,33 @@ def decode_entry(data: bytes, key: str) -> CacheEntry:
         return _decode(data, key)
     except CorruptEntry:
         raise
-    except (struct.error, ValueError, TypeError, UnicodeDecodeError, OverflowError, MemoryError) as e:
+    except (struct.error, ValueError, TypeError, IndexError, OverflowError, MemoryError) as e:
         raise CorruptEntry(f"{type(e).__name__}: {e}") from e
+
+
+_FLOAT16 = np.dtype(np.float16)
+_DTYPES: dict[bytes, np.dtype] = {}  # dtype strings seen (a handful: "<f2", "<i4", ...) parsed once
+_SHAPES = [struct.Struct(f"<{ndim}Q") for ndim in range(33)]
+
+
+def _spec(data: bytes, pos: int) -> tuple[int, np.dtype, int]:
+    """(length of the dtype string, the dtype, ndim) of the array spec at ``pos``."""
+    n = data[pos]
+    text = data[pos + 1 : pos + 1 + n]
+    dtype = _DTYPES.get(text)
+    if dtype is None:
+        dtype = np.dtype(text.decode("ascii"))
+        if dtype.kind not in _KINDS or dtype.byteorder == ">" or dtype.ndim or dtype.fields is not None:
+            raise CorruptEntry(f"array of dtype {dtype}: allowed are little-endian bool/int/uint/float")
+        if len(_DTYPES) < 64:
+            _DTYPES[text] = dtype
+    return n, dtype, data[pos + 1 + n]
+
+
+def _shape(ndim: int) -> struct.Struct:
+    if ndim > 32:
+        raise CorruptEntry(f"{ndim} dimensions")
+    return _SHAPES[ndim]
 
 
 def _decode(data: bytes, key: str) -> CacheEntry:
@@ -193,25 +218,20 @@ def _decode(data: bytes, key: str) -> CacheEntry:
         (n,) = _U16.unpack_from(data, pos)
         name = data[pos + 2 : pos + 2 + n].decode("utf-8", "surrogatepass")
         pos += 2 + n
-        (n,) = _U8.unpack_from(data, pos)
-        dtype = np.dtype(data[pos + 1 : pos + 1 + n].decode("ascii"))
-        pos += 1 + n
-        (ndim,) = _U8.unpack_from(data, pos)
-        shape = struct.unpack_from(f"<{ndim}Q", data, pos + 1)
-        pos += 1 + 8 * ndim
+        n, dtype, ndim = _spec(data, pos)
+        pos += 1 + n + 1
+        shape = _shape(ndim).unpack_from(data, pos)
+        pos += 8 * ndim
         specs.append((name, dtype, shape))
     pos += _pad(pos)
     arrays: dict[str, np.ndarray] = {}
     for name, dtype, shape in specs:
         count = math.prod(shape)
         size = count * dtype.itemsize
-        if dtype.kind not in _KINDS or dtype.byteorder == ">" or pos + size > end or name in arrays:
-            raise CorruptEntry(f"array {name!r}: bad dtype, repeated name or payload shorter than its shape "
-                               f"{shape}")
-        arr = np.frombuffer(data, dtype, count, pos).reshape(shape)  # read-only: data is bytes
-        if name == "fingerprints" and dtype != np.float16:
-            raise CorruptEntry(f"fingerprints of dtype {dtype}, expected float16")
-        arrays[name] = arr
+        if pos + size > end or name in arrays or (name == "fingerprints" and dtype != _FLOAT16):
+            raise CorruptEntry(f"array {name!r}: payload shorter than its shape {shape}, repeated name or "
+                               f"fingerprints not float16")
+        arrays[name] = np.frombuffer(data, dtype, count, pos).reshape(shape)  # read-only: data is bytes
         pos += size + _pad(size)
     if pos != end:
         raise CorruptEntry("header and payload sizes disagree")

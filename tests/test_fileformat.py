@@ -154,6 +154,9 @@ def test_lying_headers_with_valid_checksums_are_corrupt_never_a_crash() -> None:
             for arr in back.arrays.values():
                 assert arr.nbytes == int(np.prod(arr.shape)) * arr.dtype.itemsize
     assert outcomes == {"corrupt", "decoded"}
+    for cut in range(len(data) - DIGEST_SIZE):  # cut anywhere, resealed: still only CorruptEntry
+        with pytest.raises(CorruptEntry):
+            decode_entry(data[:cut] + checksum(data[:cut]), "abcd1234")
     big_fp = bytearray(encode_entry("abcd1234", CacheEntry({"fingerprints": np.ones((2, 2), np.float16)})))
     spec = big_fp.index(b"<f2")
     big_fp[spec:spec + 3] = b"<f4"  # a float32 "fingerprints" array is refused even with a valid checksum
