@@ -218,7 +218,8 @@ def markdown(r: dict) -> str:
         f"device {r['device']}; load average {m['loadavg_start']} at the start, {m.get('loadavg_end')} at the "
         "end (a load above the core count means other work shared the machine and slowed every figure)."),
         (f"Passages: the 20 retrieved passages of NQ questions {r['questions']} ({r['n_questions']} calls, "
-        f"{b['passages']} distinct passages), rate {RATE}. Redis {r['redis_version']} on 127.0.0.1."), "",
+        f"{b['passages']} distinct passages), rate {RATE}. Redis {r['redis_version']} on 127.0.0.1; redis-py "
+        f"{r.get('redis_client', '?')} with the {r.get('redis_parser', '?')} reply parser."), "",
         "| measure | figure | target |", "|---|---|---|",
         (f"| (a) replica 2's first calls via Redis / replica 1 cold (median) | {a['replica2_over_cold']:.3f}x "
         f"({a['replica2_first_calls']['median_ms']} ms vs {a['replica1_cold']['median_ms']} ms) | <= 0.1x |"),
@@ -271,7 +272,12 @@ def main(argv=None) -> int:
     results = {"command": command, "device": args.device, "machine": machine, "n_questions": len(questions),
                "questions": f"{FIRST_HELD_OUT}-{FIRST_HELD_OUT + len(questions) - 1}"}
     with LocalRedis() as server:
+        import redis
+        from redis.utils import HIREDIS_AVAILABLE
+
         results["redis_version"] = server.client().info("server")["redis_version"]
+        results["redis_client"] = redis.__version__
+        results["redis_parser"] = "hiredis" if HIREDIS_AVAILABLE else "Python"  # hiredis: the redis extra
         for name, fn in (("replicas", lambda: bench_replicas(server, args.device, questions)),
                          ("prewarm", lambda: bench_prewarm(server, args.device, texts, not args.no_ray,
                                                            args.ray_cpus)),
