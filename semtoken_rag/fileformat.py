@@ -3,16 +3,23 @@
 * :class:`CacheEntry`: named read-only numpy arrays cached for one chunk, plus the encoder seconds
   they cost.
 * :func:`encode_entry` / :func:`decode_entry`: bytes on disk (or in any byte store). A file that is
-  truncated, overwritten, of another version or for another key raises :class:`CorruptEntry`.
+  truncated, overwritten, of another version or for another key raises :class:`CorruptEntry` Decoding is
+  cheap (it sits on every Redis round trip): an XXH3-64 checksum, and arrays that are read-only
+  views of the bytes, aligned to 8 bytes, not copies.
 * :func:`validate_fingerprints`: a checksum proves the bytes are what a writer wrote, not that the
   writer was right. The engine checks an entry against the chunk it is used for before trusting it.
 
-Only numpy and the standard library are imported.
+Only numpy, xxhash and the standard library are imported.
+
+Format 2 (little-endian): ``MAGIC``; version u16, key length u16, number of arrays u16, reserved u16
+(0), encode_seconds f64; the key (ASCII); per array its name (u16 length, UTF-8), dtype string (u8
+length) and shape (u8 ndim, u64 per axis); zeros up to a multiple of 8; the payloads, each padded with
+zeros to a multiple of 8; then XXH3-64 of everything before it (8 bytes). Format 1 (BLAKE2b, unpadded)
+is no longer read: its entries are misses and get rewritten.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import struct
 from collections.abc import Mapping
@@ -21,11 +28,16 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+import xxhash
 
 MAGIC = b"SEMTKFP\x00"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct("<HHdH")  # version, key length, encode_seconds, number of arrays
-_DIGEST_SIZE = 16
+FORMAT_VERSION = 2
+_HEADER = struct.Struct("<HHHHd")  # version, key length, number of arrays, reserved (0), encode_seconds
+_START = len(MAGIC) + _HEADER.size
+DIGEST_SIZE = 8
+_ALIGN = 8  # payloads start at multiples of 8 bytes: aligned numpy views of the value
+_U16, _U8 = struct.Struct("<H"), struct.Struct("<B")
+_F16_EXPONENT = 0x7C00  # all exponent bits set: inf or NaN
 _ENTRY_OVERHEAD = 256  # bytes charged per entry for Python objects and bookkeeping
 _ARRAY_OVERHEAD = 112  # bytes charged per numpy array object
 _KINDS = "biuf"  # bool, signed, unsigned, float: never object/str/void dtypes
@@ -33,6 +45,18 @@ _KINDS = "biuf"  # bool, signed, unsigned, float: never object/str/void dtypes
 
 class CorruptEntry(ValueError):
     """Bytes that do not decode to a valid entry for the requested key."""
+
+
+def checksum(body: bytes | memoryview) -> bytes:
+    """The digest that ends an encoded entry: XXH3-64 of the bytes before it (8 bytes).
+
+    A check against truncation and overwrites, not against an adversary: whoever can write the store
+    can write any fingerprints, which is why :func:`validate_fingerprints` checks them again.
+
+    >>> len(checksum(b"abc")), checksum(b"abc") == checksum(b"abc"), checksum(b"abc") == checksum(b"abd")
+    (8, True, False)
+    """
+    return xxhash.xxh3_64_digest(body)
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,8 +119,20 @@ class CacheEntry:
         return f"CacheEntry({parts}, encode_seconds={self.encode_seconds:.4g})"
 
 
+def _trusted(arrays: dict[str, np.ndarray], seconds: float) -> CacheEntry:
+    """A :class:`CacheEntry` of arrays already read-only, C-ordered and little-endian (no copies)."""
+    entry = object.__new__(CacheEntry)
+    object.__setattr__(entry, "arrays", MappingProxyType(arrays))
+    object.__setattr__(entry, "encode_seconds", seconds)
+    return entry
+
+
+def _pad(n: int) -> int:
+    return -n % _ALIGN
+
+
 def encode_entry(key: str, entry: CacheEntry) -> bytes:
-    """Serialise ``entry`` for ``key``: magic, header, key, array specs, payloads, BLAKE2b digest.
+    """Serialise ``entry`` for ``key``: magic, header, key, array specs, padded payloads, XXH3 digest.
 
     >>> e = CacheEntry({"fingerprints": np.ones((2, 3), np.float16)}, encode_seconds=0.5)
     >>> data = encode_entry("abcd1234", e)
@@ -104,14 +140,19 @@ def encode_entry(key: str, entry: CacheEntry) -> bytes:
     (True, 0.5)
     """
     kb = key.encode("ascii")
-    parts = [MAGIC, _HEADER.pack(FORMAT_VERSION, len(kb), entry.encode_seconds, len(entry.arrays)), kb]
+    parts = [MAGIC, _HEADER.pack(FORMAT_VERSION, len(kb), len(entry.arrays), 0, entry.encode_seconds), kb]
+    size = _START + len(kb)
     for name, arr in entry.arrays.items():
         nb, ds = name.encode("utf-8", "surrogatepass"), arr.dtype.str.encode("ascii")
-        parts += [struct.pack("<H", len(nb)), nb, struct.pack("<B", len(ds)), ds,
-                  struct.pack(f"<B{arr.ndim}Q", arr.ndim, *arr.shape)]
-    parts += [arr.tobytes() for arr in entry.arrays.values()]
+        spec = b"".join([_U16.pack(len(nb)), nb, _U8.pack(len(ds)), ds,
+                         struct.pack(f"<B{arr.ndim}Q", arr.ndim, *arr.shape)])
+        parts.append(spec)
+        size += len(spec)
+    parts.append(bytes(_pad(size)))
+    for arr in entry.arrays.values():
+        parts += [arr.tobytes(), bytes(_pad(arr.nbytes))]
     body = b"".join(parts)
-    return body + hashlib.blake2b(body, digest_size=_DIGEST_SIZE).digest()
+    return body + checksum(body)
 
 
 def decode_entry(data: bytes, key: str) -> CacheEntry:
@@ -126,48 +167,77 @@ def decode_entry(data: bytes, key: str) -> CacheEntry:
         return _decode(data, key)
     except CorruptEntry:
         raise
-    except (struct.error, ValueError, TypeError, UnicodeDecodeError, OverflowError, MemoryError) as e:
+    except (struct.error, ValueError, TypeError, IndexError, OverflowError, MemoryError) as e:
         raise CorruptEntry(f"{type(e).__name__}: {e}") from e
 
 
+_FLOAT16 = np.dtype(np.float16)
+_DTYPES: dict[bytes, np.dtype] = {}  # dtype strings seen (a handful: "<f2", "<i4", ...) parsed once
+_SHAPES = [struct.Struct(f"<{ndim}Q") for ndim in range(33)]
+
+
+def _spec(data: bytes, pos: int) -> tuple[int, np.dtype, int]:
+    """(length of the dtype string, the dtype, ndim) of the array spec at ``pos``."""
+    n = data[pos]
+    text = data[pos + 1 : pos + 1 + n]
+    dtype = _DTYPES.get(text)
+    if dtype is None:
+        dtype = np.dtype(text.decode("ascii"))
+        if dtype.kind not in _KINDS or dtype.byteorder == ">" or dtype.ndim or dtype.fields is not None:
+            raise CorruptEntry(f"array of dtype {dtype}: allowed are little-endian bool/int/uint/float")
+        if len(_DTYPES) < 64:
+            _DTYPES[text] = dtype
+    return n, dtype, data[pos + 1 + n]
+
+
+def _shape(ndim: int) -> struct.Struct:
+    if ndim > 32:
+        raise CorruptEntry(f"{ndim} dimensions")
+    return _SHAPES[ndim]
+
+
 def _decode(data: bytes, key: str) -> CacheEntry:
-    start = len(MAGIC) + _HEADER.size
-    if len(data) < start + _DIGEST_SIZE:
+    if not isinstance(data, bytes):  # views must not change under the entry: own an immutable copy
+        data = bytes(data)
+    end = len(data) - DIGEST_SIZE
+    if end < _START:
         raise CorruptEntry(f"truncated ({len(data)} bytes)")
-    if data[: len(MAGIC)] != MAGIC:
+    if not data.startswith(MAGIC):
         raise CorruptEntry("not a fingerprint cache file (bad magic)")
-    version, key_len, seconds, n_arrays = _HEADER.unpack_from(data, len(MAGIC))
+    version, key_len, n_arrays, _, seconds = _HEADER.unpack_from(data, len(MAGIC))
     if version != FORMAT_VERSION:
         raise CorruptEntry(f"format version {version}, expected {FORMAT_VERSION}")
-    body = memoryview(data)[:-_DIGEST_SIZE]
-    if hashlib.blake2b(body, digest_size=_DIGEST_SIZE).digest() != data[-_DIGEST_SIZE:]:
+    body = memoryview(data)[:end]
+    if checksum(body) != data[end:]:
         raise CorruptEntry("checksum mismatch (truncated or overwritten)")
-    stored = bytes(body[start : start + key_len]).decode("ascii")
-    if stored != key:
-        raise CorruptEntry(f"file holds another key ({stored[:16]}...)")
-    pos, specs = start + key_len, []
+    pos = _START + key_len
+    if data[_START:pos] != key.encode("ascii"):
+        raise CorruptEntry(f"file holds another key ({data[_START:pos][:16]!r}...)")
+    specs = []
     for _ in range(n_arrays):
-        (n,) = struct.unpack_from("<H", body, pos)
-        name = bytes(body[pos + 2 : pos + 2 + n]).decode("utf-8", "surrogatepass")
+        (n,) = _U16.unpack_from(data, pos)
+        name = data[pos + 2 : pos + 2 + n].decode("utf-8", "surrogatepass")
         pos += 2 + n
-        (n,) = struct.unpack_from("<B", body, pos)
-        dtype = np.dtype(bytes(body[pos + 1 : pos + 1 + n]).decode("ascii"))
-        pos += 1 + n
-        (ndim,) = struct.unpack_from("<B", body, pos)
-        shape = struct.unpack_from(f"<{ndim}Q", body, pos + 1)
-        pos += 1 + 8 * ndim
+        n, dtype, ndim = _spec(data, pos)
+        pos += 1 + n + 1
+        shape = _shape(ndim).unpack_from(data, pos)
+        pos += 8 * ndim
         specs.append((name, dtype, shape))
+    pos += _pad(pos)
     arrays: dict[str, np.ndarray] = {}
     for name, dtype, shape in specs:
         count = math.prod(shape)
-        if dtype.kind not in _KINDS or pos + count * dtype.itemsize > len(body):
-            raise CorruptEntry(f"array {name!r}: bad dtype or payload shorter than its shape {shape}")
-        flat = np.frombuffer(body, dtype, count, pos) if count else np.empty(0, dtype)
-        arrays[name] = flat.reshape(shape)
-        pos += count * dtype.itemsize
-    if pos != len(body) or len(arrays) != n_arrays:
+        size = count * dtype.itemsize
+        if pos + size > end or name in arrays or (name == "fingerprints" and dtype != _FLOAT16):
+            raise CorruptEntry(f"array {name!r}: payload shorter than its shape {shape}, repeated name or "
+                               f"fingerprints not float16")
+        arrays[name] = np.frombuffer(data, dtype, count, pos).reshape(shape)  # read-only: data is bytes
+        pos += size + _pad(size)
+    if pos != end:
         raise CorruptEntry("header and payload sizes disagree")
-    return CacheEntry(arrays, seconds)
+    if not 0 <= seconds < math.inf:
+        raise CorruptEntry(f"encode_seconds {seconds!r}")
+    return _trusted(arrays, seconds)
 
 
 def validate_fingerprints(units: Any, vectors: Any, text_len: int, dim: int) -> bool:
@@ -194,8 +264,14 @@ def validate_fingerprints(units: Any, vectors: Any, text_len: int, dim: int) -> 
         return False
     if units.shape[0] == 0:
         return True
-    u = units.astype(np.int64)
-    start, end = u[:, 0], u[:, 1]
-    if start[0] < 0 or end[-1] > text_len or np.any(start >= end) or np.any(start[1:] < end[:-1]):
+    if units.dtype.itemsize > 4 and (units.min() < 0 or units.max() > text_len):
+        return False  # 64-bit values checked for range first: their differences could overflow
+    flat = units.astype(np.int64).reshape(-1)  # s0, e0, s1, e1, ...: 0 <= s0 < e0 <= s1 < e1 ... <= len
+    if flat[0] < 0 or flat[-1] > text_len:
         return False
-    return bool(np.isfinite(vectors).all())
+    steps = flat[1:] - flat[:-1]  # e_i - s_i must be > 0, s_i+1 - e_i >= 0 (one check: + 1 on those)
+    steps[1::2] += 1
+    if steps.size and steps.min() <= 0:
+        return False
+    bits = vectors.view(np.uint16)  # finite unless every exponent bit is set (inf, NaN)
+    return bool(np.bitwise_and(bits, _F16_EXPONENT).max() != _F16_EXPONENT)

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("redis")
 
-from semtoken_rag.fileformat import CacheEntry, encode_entry
+from semtoken_rag.fileformat import FORMAT_VERSION, CacheEntry, encode_entry
 from semtoken_rag.keys import cache_key
 from semtoken_rag.redis_store import RedisStore, encoder_tag, safe_url
 
@@ -45,9 +45,12 @@ def test_values_are_the_binary_entry_format_under_a_namespaced_key(redis_url, re
     store = RedisStore(redis_url, namespace="enc")
     store.put(_key(1), _entry(1))
     with redis_server.client() as client:
-        name = f"semtoken-rag:fp1:{encoder_tag('enc')}:{_key(1)}"
+        name = f"semtoken-rag:fp{FORMAT_VERSION}:{encoder_tag('enc')}:{_key(1)}"
         assert client.get(name) == encode_entry(_key(1), _entry(1))
         assert client.ttl(name) == -1  # no TTL by default
+        old = f"semtoken-rag:fp{FORMAT_VERSION - 1}:{encoder_tag('enc')}:{_key(2)}"
+        client.set(old, b"SEMTKFP\x00\x01 a value of the previous format")
+    assert store.get(_key(2)) is None and store.stats().corrupt == 0  # an older format: a plain miss
 
 
 def test_encoders_do_not_share_and_clear_is_per_encoder(redis_url, redis_server):

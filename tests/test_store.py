@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ import pytest
 from conftest import read_only_dir
 
 from semtoken_rag.diskstore import DirectoryStore
-from semtoken_rag.fileformat import FORMAT_VERSION, MAGIC, CacheEntry
+from semtoken_rag.fileformat import DIGEST_SIZE, FORMAT_VERSION, MAGIC, CacheEntry, checksum
 from semtoken_rag.keys import cache_key
 from semtoken_rag.lru import ByteLRU
 from semtoken_rag.store import (
@@ -273,7 +272,7 @@ def test_restart_starts_warm(tmp_path: Path) -> None:
 def _version_bump(data: bytes, other: bytes) -> bytes:
     out = bytearray(data)
     struct.pack_into("<H", out, len(MAGIC), FORMAT_VERSION + 1)
-    out[-16:] = hashlib.blake2b(bytes(out[:-16]), digest_size=16).digest()  # valid checksum, wrong version
+    out[-DIGEST_SIZE:] = checksum(bytes(out[:-DIGEST_SIZE]))  # valid checksum, wrong version
     return bytes(out)
 
 
