@@ -121,6 +121,65 @@ def tables(result: dict, ref: str) -> str:
     return "\n".join(rows)
 
 
+def cold_cost(records, variants: dict[str, dict], rate: float = 0.33, log=print) -> dict:
+    """Cold calls of each variant, side by side: per question the variants take turns (the order rotating),
+    each after clearing the fingerprint cache and query memo, so each pays the encoder pass. Returns the
+    median ms per variant and each one's ratio to the first."""
+    from semtoken_rag import SemToken, SemTokenConfig
+
+    base = SemToken(SemTokenConfig(**BASE))
+    engines = {name: variant_engine(base, ov) for name, ov in variants.items()}
+    names = list(engines)
+    ms: dict[str, list[float]] = {n: [] for n in names}
+    base.compress(list(records[0].chunks), records[0].question, rate=rate)  # warm-up: weights, allocator
+    for qi, rec in enumerate(records):
+        for k in range(len(names)):
+            name = names[(qi + k) % len(names)]
+            base.clear_caches()
+            t = time.perf_counter()
+            engines[name].compress(list(rec.chunks), rec.question, rate=rate)
+            ms[name].append((time.perf_counter() - t) * 1e3)
+    med = {n: median(v) for n, v in ms.items()}
+    out = {"rate": rate, "questions": len(records), "median_ms": med,
+           "ratio_to_first": {n: med[n] / med[names[0]] for n in names}}
+    log(json.dumps(out, indent=1))
+    return out
+
+
+def against_peers(levers: list[dict], full: dict, variant: str = "defaults") -> str:
+    """Recall of ``variant`` over the questions of the levers runs ``levers`` (e.g. the tuning and the
+    held-out run: all 441 questions), beside every method of a full benchmark run (``results/full.json``)
+    on the same questions, with the paired sign test (+: only the variant keeps the answer)."""
+    hits: dict[str, dict[int, int]] = {}
+    for run in levers:
+        a, b = (int(x) for x in run["config"]["questions"].split("-"))
+        for r, cell in run["per_variant"][variant].items():
+            hits.setdefault(r, {}).update(zip(range(a, b + 1), cell["hit"]))
+    rates = list(hits)
+    head = ["method", "n"] + [f"recall @{float(r):.0%}" for r in rates] + [f"+/− @{float(r):.0%} (p)" for r in rates]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    qs = sorted(hits[rates[0]])
+    rows.append("| " + " | ".join([f"semtoken-rag ({variant})", str(len(qs))]
+                                  + [f"{mean([hits[r][q] for q in qs]):.3f}" for r in rates] + ["–"] * len(rates)) + " |")
+    for name, per_q in full["per_question"].items():
+        if name == "none":
+            continue
+        idx = {q: i for i, q in enumerate(per_q["question_index"])}
+        both = [q for q in qs if q in idx]
+        if not both or any(r not in per_q for r in rates):
+            continue
+        rec, pm = [], []
+        for r in rates:
+            other = [per_q[r]["hit"][idx[q]] for q in both]
+            mine = [hits[r][q] for q in both]
+            rec.append(f"{mean(other):.3f}")
+            plus, minus, pval = paired(other, mine)
+            pm.append(f"+{plus}/−{minus} ({pval:.2g})")
+        label = full["methods"][name]["label"] + (" (committed run)" if name == "semtoken" else "")
+        rows.append("| " + " | ".join([label, str(len(both)), *rec, *pm]) + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.levers", description=__doc__.splitlines()[0])
     p.add_argument("--start", type=int, default=150)
@@ -131,10 +190,20 @@ def main(argv=None) -> int:
                    help="extra variants, e.g. 'mix={\"lexical_weight\": 0.3, \"neighbour_weight\": 0.1}'")
     p.add_argument("--ref", default="defaults")
     p.add_argument("--cache-dir", default=None, help="persist fingerprints here across runs (unbounded)")
+    p.add_argument("--against", default=None, metavar="FULL_JSON",
+                   help="no run: compare the 'defaults' variant of the --runs JSONs with every method of this "
+                        "full benchmark run on the same questions, and print the table")
+    p.add_argument("--runs", nargs="*", default=[], metavar="LEVERS_JSON")
+    p.add_argument("--cost", action="store_true",
+                   help="no recall run: cold-call cost of the variants side by side (first variant = 1.0)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--name", default="levers")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
+    if args.against:
+        runs = [json.loads(Path(f).read_text()) for f in args.runs]
+        print(against_peers(runs, json.loads(Path(args.against).read_text())))
+        return 0
     known = {**TUNING, **VARIANTS}
     names = [n for v in args.variants for n in (TUNING if v == "tuning" else [v])]
     unknown = [n for n in names if n not in known]
@@ -151,6 +220,14 @@ def main(argv=None) -> int:
     if args.start < 150 <= args.start + args.n - 1:
         print("warning: this run mixes the tuning split (0-149) with held-out questions")
     print(f"questions {split}, {len(variants)} variants, rates {args.rates}", flush=True)
+    if args.cost:
+        cost = cold_cost(records, variants)
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.name}.json").write_text(json.dumps(
+            {"name": args.name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "machine": machine_info(), "questions": split, "variants": variants, **cost}, indent=1))
+        return 0
     t0 = time.time()
     result = run(records, variants, args.rates, cache_dir=args.cache_dir)
     result = {"name": args.name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

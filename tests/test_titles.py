@@ -16,7 +16,7 @@ CHUNKS = [
 
 @pytest.fixture(scope="module")
 def engines(tiny_encoder):
-    cfg = SemTokenConfig(encoder=str(tiny_encoder), device="cpu")
+    cfg = SemTokenConfig(encoder=str(tiny_encoder), device="cpu", keep_titles=False)
     return SemToken(cfg), SemToken(cfg.model_copy(update={"keep_titles": True}))
 
 
