@@ -64,6 +64,8 @@ class CacheStats:
     conversation_bytes: int = 0
     queries: int = 0
     query_bytes: int = 0
+    analyses: int = 0
+    analysis_bytes: int = 0
 
 
 class FingerprintStore(abc.ABC):
