@@ -420,14 +420,7 @@ class SemToken:
         stats = sp.PrefixStats(call.vectors)
         lo, hi = call.offsets[call.chunk_of[starts]], call.offsets[call.chunk_of[starts] + 1]
         ws, we = sp.window_ranges(starts, ends, lo, hi, cfg.window_units)
-        span_entropy = stats.entropy(ws, we).float().cpu().numpy()
-        # units the encoder could not see on their own (pieces of one [UNK] word, dropped characters)
-        # carry a copy of the previous unit's vector: their spans are not judged coarse or repeats
-        blind = ana.blind
-        blind_span = np.add.reduceat(blind, starts) > 0
-        collapsed = (ends - starts > 1) & (span_entropy <= cfg.delta) & ~blind_span if cfg.use_entropy \
-            else np.zeros(len(starts), dtype=bool)
-        collapsed &= ~(np.add.reduceat(ana.group >= 0, starts) > 0)  # protected text is never collapsed
+        span_entropy_t = stats.entropy(ws, we).float()
         # segment scores: query importance, chunk relevance, semantic density
         seg_entropy = stats.entropy(segs[:-1], segs[1:]).float()
         q, q_tokens = prepared.queries[query] if (query is not None and cfg.use_query) else (None, None)
@@ -456,7 +449,18 @@ class SemToken:
                     np.add.reduceat(number_hits, segs[:-1]) > 0, dtype=score.dtype, device=score.device)
         if cfg.use_entropy or q is None:
             score += (cfg.entropy_weight if q is not None else 1.0) * sp.normalise(seg_entropy)
-        score_np = score.cpu().numpy().astype(np.float64)
+        centroids_t = torch.nn.functional.normalize(stats.mean(segs[:-1], segs[1:]).float(), dim=-1)
+        # what the host needs of the device's work, in one transfer
+        host = _to_host([span_entropy_t, score, centroids_t] + ([seg_rel, chunk_rel] if q is not None else []))
+        span_entropy, score_np, centroids = host[0], host[1].astype(np.float64), host[2].astype(np.float32)
+        seg_rel_np, chunk_rel_np = (host[3], host[4]) if q is not None else (None, None)
+        # units the encoder could not see on their own (pieces of one [UNK] word, dropped characters)
+        # carry a copy of the previous unit's vector: their spans are not judged coarse or repeats
+        blind = ana.blind
+        blind_span = np.add.reduceat(blind, starts) > 0
+        collapsed = (ends - starts > 1) & (span_entropy <= cfg.delta) & ~blind_span if cfg.use_entropy \
+            else np.zeros(len(starts), dtype=bool)
+        collapsed &= ~(np.add.reduceat(ana.group >= 0, starts) > 0)  # protected text is never collapsed
         state = _State(chunks, counts, query, budget, started, overheads, call, segs, seg_of_unit, starts, ends,
                        collapsed, score_np)
         # collapsed spans cost their anchor only
@@ -466,8 +470,6 @@ class SemToken:
         cum = np.concatenate([[0], np.cumsum(kept_cost)])
         seg_cost = cum[segs[1:]] - cum[segs[:-1]]
         # repeats and redundancy-aware selection under the budget
-        centroids_t = torch.nn.functional.normalize(stats.mean(segs[:-1], segs[1:]).float(), dim=-1)
-        centroids = centroids_t.cpu().numpy().astype(np.float32)
         repeat = self._repeats(centroids, centroids_t, segs, score_np, conversation_id, chunks, call) \
             & ~(np.add.reduceat(blind, segs[:-1]) > 0)
         seg_fence = np.add.reduceat(ana.fence, segs[:-1]) > 0
@@ -503,8 +505,8 @@ class SemToken:
             self._remember(conversation_id, centroids, segs, keep)
         span_status = np.where(collapsed & keep_units[starts], "collapsed", np.where(
             keep_units[starts], "kept", np.where(repeat[span_seg], "repeat", "dropped")))
-        span_rel = None if seg_rel is None else seg_rel.cpu().numpy()[span_seg]
-        return self._result(state, span_status, span_entropy, span_rel, chunk_rel, texts, slices, out_counts,
+        span_rel = None if seg_rel_np is None else seg_rel_np[span_seg]
+        return self._result(state, span_status, span_entropy, span_rel, chunk_rel_np, texts, slices, out_counts,
                             hits, encoder_calls)
 
     def _best_partial(self, chunks, call, segs, keep_units, score, allowed, unit_cost, group, q_tokens,
@@ -615,11 +617,10 @@ class SemToken:
             keep[kept_idx[np.argmin(score[kept_idx])]] = False
 
     def _result(self, state: _State, status: np.ndarray, entropy: np.ndarray, span_rel: np.ndarray | None,
-                chunk_rel: torch.Tensor | None, texts: list[str], slices: list[list[tuple[int, int]]],
+                chunk_rel_np: np.ndarray | None, texts: list[str], slices: list[list[tuple[int, int]]],
                 out_counts: np.ndarray, hits: int, encoder_calls: int) -> CompressionResult:
         chunks, counts, call, starts, ends = state.chunks, state.counts, state.call, state.starts, state.ends
         score = state.score[state.seg_of_unit[starts]]
-        chunk_rel_np = chunk_rel.cpu().numpy() if chunk_rel is not None else None
         span_chunk = call.chunk_of[starts]
         per_chunk = np.searchsorted(span_chunk, np.arange(len(chunks) + 1))
         char_start = np.concatenate([u[:, 0] for u in call.units])[starts]
@@ -676,6 +677,20 @@ def _concat(fps: list[Fingerprints], device: torch.device) -> _Call:
     vectors = torch.cat([fp.vectors for fp in fps]) if len(fps) else torch.zeros((0, 1))
     vectors = vectors.to(device).float()
     return _Call(vectors, [fp.units for fp in fps], offsets, np.repeat(np.arange(len(fps)), sizes))
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """float32 tensors as numpy arrays: views on the CPU, one device-to-host copy (one sync) elsewhere."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return [t.numpy() for t in tensors]
+    if any(t.dtype != torch.float32 for t in tensors):
+        raise TypeError("_to_host moves float32 tensors only")
+    flat = torch.cat([t.reshape(-1) for t in tensors]).cpu().numpy()
+    out, pos = [], 0
+    for t in tensors:
+        out.append(flat[pos:pos + t.numel()].reshape(tuple(t.shape)))
+        pos += t.numel()
+    return out
 
 
 def _neighbour_best(rel: torch.Tensor, seg_chunk: np.ndarray) -> torch.Tensor:

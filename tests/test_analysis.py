@@ -171,3 +171,36 @@ def test_engines_with_other_tokenizers_count_their_own(tiny_encoder, tokenizer):
         pieces = [t[a:b] for t, u in zip(CHUNKS, units) if len(u)
                   for a, b in zip(np.concatenate([[u[0, 0]], u[:-1, 1]]).tolist(), u[:, 1].tolist())]
         assert call.costs.tolist() == e.tokenizer.count_many(pieces).tolist()
+
+
+def _full_band_clusters(vectors: torch.Tensor, break_after: np.ndarray, tau: float, max_units: int) -> list[int]:
+    """local_clusters as it was: the whole band computed, then the scan (the reference)."""
+    n = int(vectors.shape[0])
+    k = max(1, min(max_units, n))
+    normed = torch.nn.functional.normalize(vectors.float(), dim=-1)
+    padded = torch.cat([normed, torch.zeros((k, normed.shape[1]))])
+    band = torch.stack([(normed * padded[j + 1:j + 1 + n]).sum(-1) for j in range(k - 1)], dim=1).numpy() \
+        if k > 1 else np.zeros((n, 0))
+    bounds, t = [0], 0
+    while t < n:
+        j = t + 1
+        while j < n and j - t < k and not break_after[j - 1] and band[t, j - t - 1] > tau:
+            j += 1
+        bounds.append(j)
+        t = j
+    return bounds
+
+
+def test_local_clusters_reads_the_band_it_needs_only():
+    rng = np.random.default_rng(7)
+    for _ in range(150):
+        n, d = int(rng.integers(1, 200)), int(rng.choice([4, 32]))
+        v = torch.randn(n, d)
+        for i in range(1, n):  # runs of near-copies, so that long spans form
+            if rng.random() < 0.5:
+                v[i] = v[i - 1] + 0.1 * torch.randn(d)
+        v = v.half().float()
+        brk = rng.random(n) < 0.1
+        brk[-1] = True
+        tau, mu = float(rng.choice([0.9, 0.5, -1.0])), int(rng.choice([1, 2, 5, 16]))
+        assert sp.local_clusters(v, brk, tau, mu).tolist() == _full_band_clusters(v, brk, tau, mu)
