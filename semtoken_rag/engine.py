@@ -159,7 +159,8 @@ class SemToken:
 
     def cache_stats(self) -> CacheStats:
         """What the caches hold and saved: fingerprint hits, misses, bytes, bad entries, store errors,
-        encoder seconds saved, and the conversations and query embeddings remembered (entries, bytes).
+        encoder seconds saved, and the conversations, query embeddings and per-chunk analyses remembered
+        (entries, bytes).
 
         >>> from semtoken_rag import SemToken
         >>> engine = SemToken()
@@ -172,7 +173,8 @@ class SemToken:
                                    analysis_bytes=self.analyses.nbytes)
 
     def clear_caches(self, *, disk: bool = False) -> None:
-        """Forget the fingerprints held in memory, the query memo and every conversation.
+        """Forget the fingerprints held in memory, the query memo, the per-chunk analyses and every
+        conversation.
 
         Entries in ``cache_dir`` stay (other processes may share them) unless ``disk=True``. Counters
         in :meth:`cache_stats` keep counting.
@@ -464,9 +466,7 @@ class SemToken:
         state = _State(chunks, counts, query, budget, started, overheads, call, segs, seg_of_unit, starts, ends,
                        collapsed, score_np)
         # collapsed spans cost their anchor only
-        kept_cost = unit_cost.copy()
-        for s, e in zip(starts[collapsed], ends[collapsed]):
-            kept_cost[s + 1:e] = 0
+        kept_cost = np.where(_tails(starts, ends, collapsed, n), 0, unit_cost)
         cum = np.concatenate([[0], np.cumsum(kept_cost)])
         seg_cost = cum[segs[1:]] - cum[segs[:-1]]
         # repeats and redundancy-aware selection under the budget
@@ -592,9 +592,7 @@ class SemToken:
         score = state.score.copy()
         if fences is not None:  # fence lines go with their block's code: never trimmed before it
             score[fences[1]] = np.inf
-        dropped_tail = np.zeros(len(call.chunk_of), dtype=bool)
-        for s, e in zip(state.starts[state.collapsed], state.ends[state.collapsed]):
-            dropped_tail[s + 1:e] = True
+        dropped_tail = _tails(state.starts, state.ends, state.collapsed, len(call.chunk_of))
         seg_of_unit = state.seg_of_unit
         while True:
             if fences is not None:
@@ -679,9 +677,22 @@ def _concat(fps: list[Fingerprints], device: torch.device) -> _Call:
     return _Call(vectors, [fp.units for fp in fps], offsets, np.repeat(np.arange(len(fps)), sizes))
 
 
-def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
-    """float32 tensors as numpy arrays: views on the CPU, one device-to-host copy (one sync) elsewhere."""
-    if all(t.device.type == "cpu" for t in tensors):
+def _tails(starts: np.ndarray, ends: np.ndarray, collapsed: np.ndarray, n: int) -> np.ndarray:
+    """Unit mask of the collapsed spans' units after their anchor (spans do not overlap).
+
+    >>> _tails(np.array([0, 3, 4]), np.array([3, 4, 7]), np.array([True, False, True]), 7).astype(int).tolist()
+    [0, 1, 1, 0, 0, 1, 1]
+    """
+    edges = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(edges, starts[collapsed] + 1, 1)
+    np.add.at(edges, ends[collapsed], -1)
+    return np.cumsum(edges[:-1]) > 0
+
+
+def _to_host(tensors: list[torch.Tensor], *, one_copy: bool = False) -> list[np.ndarray]:
+    """float32 tensors as numpy arrays: views on the CPU, one device-to-host copy (one sync) elsewhere
+    (or wherever with ``one_copy``)."""
+    if not one_copy and all(t.device.type == "cpu" for t in tensors):
         return [t.numpy() for t in tensors]
     if any(t.dtype != torch.float32 for t in tensors):
         raise TypeError("_to_host moves float32 tensors only")
