@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
                               ["input_ids"]))
         floor.append(engine.encoder.forward_seconds(r.chunks))
         engine.cache.clear()
+        getattr(engine, "analyses", engine.cache).clear()  # per-chunk analyses too: a cold call does them
         t = time.perf_counter()
         engine.compress(r.chunks, r.question, rate=args.rate)
         cold.append(time.perf_counter() - t)
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _chat(engine: SemToken, records, rate: float) -> list[dict]:
     """5 turns; each retrieves 10 passages of the previous turn's question and 10 new ones."""
     engine.cache.clear()
+    getattr(engine, "analyses", engine.cache).clear()
     rng = np.random.default_rng(0)
     base = records[0]
     pool = [c for r in records[1:6] for c in r.chunks]

@@ -181,6 +181,11 @@ class SemTokenConfig(BaseModel):
     query_memo_max_bytes: int = Field(
         64 * 2**20, ge=0,
         description="Bound in bytes of the memo of query embeddings (an LRU; 0 disables it).")
+    analysis_memo_max_bytes: int = Field(
+        64 * 2**20, ge=0,
+        description="Bound in bytes of the memo of per-chunk analyses (unit token costs, structure, spans, "
+                    "search terms; an LRU keyed by chunk text and the settings they depend on), so that a "
+                    "chunk seen before costs no host work but its query-dependent part; 0 disables it.")
     store: str | None = Field(
         None,
         description="Fingerprint store shared by processes and replicas, behind the memory LRU: "

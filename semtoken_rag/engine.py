@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import analysis as an
 from . import evidence as ev
 from . import spans as sp
 from . import structure as st
@@ -144,6 +145,10 @@ class SemToken:
                     f"on, window {window:g} ms" if self.batcher else "off")
         self._gap_cost = self.tokenizer.count("a" + cfg.gap_marker + "b") - self.tokenizer.count("a b")
         self._protect = st.compile_patterns(cfg.protect)
+        # per-chunk, query-independent host work (unit token costs, structure, clustering, evidence terms)
+        self.analyses = an.AnalysisMemo(cfg.analysis_memo_max_bytes)
+        self._spec = an.AnalysisSpec(self.tokenizer, self._protect, cfg.max_segment_units, _MAX_SEGMENT_TOKENS,
+                                     cfg.tau, cfg.max_span_units, self._namespace)
 
     # -- public API -----------------------------------------------------------------------------
     def count_tokens(self, text: str) -> int:
@@ -154,7 +159,8 @@ class SemToken:
 
     def cache_stats(self) -> CacheStats:
         """What the caches hold and saved: fingerprint hits, misses, bytes, bad entries, store errors,
-        encoder seconds saved, and the conversations and query embeddings remembered (entries, bytes).
+        encoder seconds saved, and the conversations, query embeddings and per-chunk analyses remembered
+        (entries, bytes).
 
         >>> from semtoken_rag import SemToken
         >>> engine = SemToken()
@@ -163,16 +169,19 @@ class SemToken:
         """
         return dataclasses.replace(self.cache.stats(), conversations=len(self.memory),
                                    conversation_bytes=self.memory.nbytes, queries=len(self._queries),
-                                   query_bytes=self._queries.nbytes)
+                                   query_bytes=self._queries.nbytes, analyses=len(self.analyses),
+                                   analysis_bytes=self.analyses.nbytes)
 
     def clear_caches(self, *, disk: bool = False) -> None:
-        """Forget the fingerprints held in memory, the query memo and every conversation.
+        """Forget the fingerprints held in memory, the query memo, the per-chunk analyses and every
+        conversation.
 
         Entries in ``cache_dir`` stay (other processes may share them) unless ``disk=True``. Counters
         in :meth:`cache_stats` keep counting.
         """
         self.cache.clear(disk=disk)
         self._queries.clear()
+        self.analyses.clear()
         self.memory.clear()
 
     def forget_conversation(self, conversation_id: str) -> bool:
@@ -327,7 +336,7 @@ class SemToken:
 
     def _plan(self, chunks, query, budget_rate, target, overheads, conversation_id, started) -> _Plan:
         """Token counts and budget of one request; the result itself when no encoding is needed."""
-        counts = self.tokenizer.count_many(chunks)
+        counts = self.analyses.counts(self._spec, chunks)
         total = int(counts.sum())
         full_overhead = int(overheads[[bool(c) for c in chunks]].sum()) if len(chunks) else 0
         budget = target if target is not None else math.floor(budget_rate * (total + full_overhead) + 1e-9)
@@ -389,21 +398,23 @@ class SemToken:
         n = len(call.chunk_of)
         if n == 0:
             return self._empty(chunks, counts, query, budget, started)
-        # costs in downstream-LLM tokens: each unit with the whitespace before it
-        unit_cost = self._unit_costs(chunks, call)
-        # segments: sentences (chunk ends included), long ones cut to max_segment_units words and to
-        # _MAX_SEGMENT_TOKENS tokens (pieces of text without spaces cost many tokens each)
-        # (structure.py: a table row, a code line, a list item is one segment; protected text is one piece)
-        struct = st.call_structure(chunks, call.units, self._protect, query)
-        breaks = sp.cap_segment_costs(sp.cap_segments(struct.breaks, cfg.max_segment_units), unit_cost,
-                                      _MAX_SEGMENT_TOKENS)
-        breaks = st.join_groups(breaks, struct.group)
+        # the query-independent work, once per chunk (analysis.py): costs in downstream-LLM tokens (each
+        # unit with the whitespace before it); segments: sentences (chunk ends included), long ones cut to
+        # max_segment_units words and to _MAX_SEGMENT_TOKENS tokens (pieces of text without spaces cost
+        # many tokens each); structure.py: a table row, a code line, a list item is one segment;
+        # protected text is one piece; the spans of local clustering (Algorithm 1) inside segments
+        ana = self.analyses.analyse(self._spec, chunks, call.units, call.vectors, call.offsets, counts)
+        unit_cost = ana.costs
+        breaks = ana.breaks
+        numbers = st.query_numbers(query) if query else frozenset()
+        number_hits = np.concatenate([st.number_hits(text, u, numbers) for text, u in zip(chunks, call.units)]) \
+            if numbers else None
         segs = sp.segment_bounds(breaks)
         seg_of_unit = np.repeat(np.arange(len(segs) - 1), np.diff(segs))
         seg_chunk = call.chunk_of[segs[:-1]]
         # spans by local clustering (Algorithm 1) inside segments; coarse ones collapse to their anchor
         if cfg.use_clustering:
-            bounds = sp.local_clusters(call.vectors, breaks, cfg.tau, cfg.max_span_units)
+            bounds = ana.bounds
         else:
             bounds = np.arange(n + 1, dtype=np.int64)
         starts, ends = bounds[:-1], bounds[1:]
@@ -411,14 +422,7 @@ class SemToken:
         stats = sp.PrefixStats(call.vectors)
         lo, hi = call.offsets[call.chunk_of[starts]], call.offsets[call.chunk_of[starts] + 1]
         ws, we = sp.window_ranges(starts, ends, lo, hi, cfg.window_units)
-        span_entropy = stats.entropy(ws, we).float().cpu().numpy()
-        # units the encoder could not see on their own (pieces of one [UNK] word, dropped characters)
-        # carry a copy of the previous unit's vector: their spans are not judged coarse or repeats
-        blind = _blind_units(call)
-        blind_span = np.add.reduceat(blind, starts) > 0
-        collapsed = (ends - starts > 1) & (span_entropy <= cfg.delta) & ~blind_span if cfg.use_entropy \
-            else np.zeros(len(starts), dtype=bool)
-        collapsed &= ~(np.add.reduceat(struct.group >= 0, starts) > 0)  # protected text is never collapsed
+        span_entropy_t = stats.entropy(ws, we).float()
         # segment scores: query importance, chunk relevance, semantic density
         seg_entropy = stats.entropy(segs[:-1], segs[1:]).float()
         q, q_tokens = prepared.queries[query] if (query is not None and cfg.use_query) else (None, None)
@@ -429,7 +433,7 @@ class SemToken:
             chunk_rel = stats.cosine(q, call.offsets[:-1], call.offsets[1:]).float()
             rel = cfg.maxsim_weight * sp.maxsim(q_tokens, call.vectors, seg_of_unit, len(segs) - 1)
             if cfg.lexical_weight > 0:  # (evidence.py) exact words of the query, BM25 over the call's segments
-                terms = [t for text, u in zip(chunks, call.units) for t in ev.unit_terms(text, u)]
+                terms = an.unit_terms(self.analyses, self._spec, chunks, call.units, ana)
                 rel = rel + cfg.lexical_weight * torch.as_tensor(
                     ev.lexical_scores(terms, ev.query_terms(query), segs), dtype=rel.dtype, device=rel.device)
             score += rel + cfg.sentence_weight * seg_rel + cfg.chunk_weight * chunk_rel[torch.as_tensor(seg_chunk)]
@@ -439,29 +443,37 @@ class SemToken:
                 kind = ev.answer_type(query)
                 if kind is not None:
                     exclude = frozenset(ev.query_terms(query)) | frozenset(w.lower() for w in query.split())
-                    typed = np.concatenate([ev.type_hits(text, u, kind, exclude) for text, u in zip(chunks, call.units)])
+                    typed = an.type_hits(self.analyses, self._spec, chunks, call.units, ana, kind, exclude)
                     score += cfg.answer_type_weight * torch.as_tensor(
                         np.add.reduceat(typed.astype(np.int64), segs[:-1]) > 0, dtype=score.dtype, device=score.device)
-            score += cfg.exact_number_weight * torch.as_tensor(
-                np.add.reduceat(struct.number_hits, segs[:-1]) > 0, dtype=score.dtype, device=score.device)
+            if number_hits is not None:
+                score += cfg.exact_number_weight * torch.as_tensor(
+                    np.add.reduceat(number_hits, segs[:-1]) > 0, dtype=score.dtype, device=score.device)
         if cfg.use_entropy or q is None:
             score += (cfg.entropy_weight if q is not None else 1.0) * sp.normalise(seg_entropy)
-        score_np = score.cpu().numpy().astype(np.float64)
+        centroids_t = torch.nn.functional.normalize(stats.mean(segs[:-1], segs[1:]).float(), dim=-1)
+        # what the host needs of the device's work, in one transfer
+        host = _to_host([span_entropy_t, score, centroids_t] + ([seg_rel, chunk_rel] if q is not None else []))
+        span_entropy, score_np, centroids = host[0], host[1].astype(np.float64), host[2].astype(np.float32)
+        seg_rel_np, chunk_rel_np = (host[3], host[4]) if q is not None else (None, None)
+        # units the encoder could not see on their own (pieces of one [UNK] word, dropped characters)
+        # carry a copy of the previous unit's vector: their spans are not judged coarse or repeats
+        blind = ana.blind
+        blind_span = np.add.reduceat(blind, starts) > 0
+        collapsed = (ends - starts > 1) & (span_entropy <= cfg.delta) & ~blind_span if cfg.use_entropy \
+            else np.zeros(len(starts), dtype=bool)
+        collapsed &= ~(np.add.reduceat(ana.group >= 0, starts) > 0)  # protected text is never collapsed
         state = _State(chunks, counts, query, budget, started, overheads, call, segs, seg_of_unit, starts, ends,
                        collapsed, score_np)
         # collapsed spans cost their anchor only
-        kept_cost = unit_cost.copy()
-        for s, e in zip(starts[collapsed], ends[collapsed]):
-            kept_cost[s + 1:e] = 0
+        kept_cost = np.where(_tails(starts, ends, collapsed, n), 0, unit_cost)
         cum = np.concatenate([[0], np.cumsum(kept_cost)])
         seg_cost = cum[segs[1:]] - cum[segs[:-1]]
         # repeats and redundancy-aware selection under the budget
-        centroids_t = torch.nn.functional.normalize(stats.mean(segs[:-1], segs[1:]).float(), dim=-1)
-        centroids = centroids_t.cpu().numpy().astype(np.float32)
         repeat = self._repeats(centroids, centroids_t, segs, score_np, conversation_id, chunks, call) \
             & ~(np.add.reduceat(blind, segs[:-1]) > 0)
-        seg_fence = np.add.reduceat(struct.fence, segs[:-1]) > 0
-        seg_block = struct.block[segs[:-1]]
+        seg_fence = np.add.reduceat(ana.fence, segs[:-1]) > 0
+        seg_block = ana.block[segs[:-1]]
         allowed = ~repeat & ~seg_fence
         # titles (structure.py) come with their chunk's kept text: selection pays them as chunk overheads
         titles, sel_overheads = self._titles(chunks, call, segs, seg_chunk, seg_cost, overheads)
@@ -479,27 +491,30 @@ class SemToken:
         kept_blocks = np.unique(seg_block[keep & ~seg_fence & (seg_block >= 0)])
         keep |= seg_fence & np.isin(seg_block, kept_blocks)
         fences = (seg_block, seg_fence)
-        texts, slices, out_counts, keep_units = self._render(state, keep, fences, titles if titles.any() else None)
+        counted: dict[str, int] = {}  # texts already counted by this call
+        texts, slices, out_counts, keep_units = self._render(state, keep, fences, counted,
+                                                             titles if titles.any() else None)
         if cfg.partial_fit or not keep_units.any():
             partial = self._best_partial(chunks, call, segs, keep_units, score_np, allowed,
-                                         unit_cost, struct.group, q_tokens, overheads,
-                                         budget - int(out_counts.sum()) - int(overheads[[bool(x) for x in slices]].sum()))
+                                         unit_cost, ana.group, q_tokens, overheads,
+                                         budget - int(out_counts.sum()) - int(overheads[[bool(x) for x in slices]].sum()),
+                                         counted)
             if partial is not None:
                 keep_units = keep_units | partial  # (a part of a segment is not remembered as received)
                 slices = [kept_slices(u, keep_units[a:b])
                           for u, a, b in zip(call.units, call.offsets[:-1], call.offsets[1:])]
                 texts = [join_slices(t, x, cfg.gap_marker) for t, x in zip(chunks, slices)]
-                out_counts = self.tokenizer.count_many(texts)
+                out_counts = self._count(texts, counted)
         if conversation_id is not None:
             self._remember(conversation_id, centroids, segs, keep)
         span_status = np.where(collapsed & keep_units[starts], "collapsed", np.where(
             keep_units[starts], "kept", np.where(repeat[span_seg], "repeat", "dropped")))
-        span_rel = None if seg_rel is None else seg_rel.cpu().numpy()[span_seg]
-        return self._result(state, span_status, span_entropy, span_rel, chunk_rel, texts, slices, out_counts,
+        span_rel = None if seg_rel_np is None else seg_rel_np[span_seg]
+        return self._result(state, span_status, span_entropy, span_rel, chunk_rel_np, texts, slices, out_counts,
                             hits, encoder_calls)
 
     def _best_partial(self, chunks, call, segs, keep_units, score, allowed, unit_cost, group, q_tokens,
-                      overheads, left: int) -> np.ndarray | None:
+                      overheads, left: int, counted: dict[str, int]) -> np.ndarray | None:
         """Unit mask of the most query-relevant run of whole words of the best segment not kept that fits
         the ``left`` tokens of the budget (its chunk's overhead or a gap marker paid), or None."""
         seg_kept = np.add.reduceat(keep_units, segs[:-1]) > 0
@@ -513,7 +528,7 @@ class SemToken:
         before = keep_units[lo:hi]
         extra = 0 if before.any() else int(overheads[c])
         old_text = join_slices(chunks[c], kept_slices(call.units[c], before), self.config.gap_marker)
-        old = self.tokenizer.count(old_text) if before.any() else 0
+        old = int(self._count([old_text], counted)[0]) if before.any() else 0
         if q_tokens is None:
             rel = np.ones(b - a)
         else:
@@ -532,14 +547,6 @@ class SemToken:
                 return mask
             room -= over
         return None
-
-    def _unit_costs(self, chunks: list[str], call: _Call) -> np.ndarray:
-        pieces = []
-        for text, units in zip(chunks, call.units):
-            if len(units):
-                prev = np.concatenate([[units[0, 0]], units[:-1, 1]])
-                pieces.extend(text[a:e] for a, e in zip(prev.tolist(), units[:, 1].tolist()))
-        return self.tokenizer.count_many(pieces)
 
     def _repeats(self, centroids: np.ndarray, centroids_t: torch.Tensor, segs: np.ndarray, score: np.ndarray,
                  conversation_id: str | None, chunks: list[str], call: _Call) -> np.ndarray:
@@ -587,8 +594,16 @@ class SemToken:
                 sel[c] += int(seg_cost[f]) + self._gap_cost
         return titles, sel
 
+    def _count(self, texts: list[str], counted: dict[str, int]) -> np.ndarray:
+        """Budget tokens of ``texts``, counting only those not in ``counted`` (which learns them)."""
+        todo = [t for t in dict.fromkeys(texts) if t not in counted]
+        if todo:
+            counted.update(zip(todo, self.tokenizer.count_many(todo).tolist()))
+        return np.asarray([counted[t] for t in texts], dtype=np.int64)
+
     def _render(self, state: _State, keep: np.ndarray, fences: tuple[np.ndarray, np.ndarray] | None = None,
-                titles: np.ndarray | None = None) -> tuple[list[str], list[list[tuple[int, int]]], np.ndarray, np.ndarray]:
+                counted: dict[str, int] | None = None, titles: np.ndarray | None = None
+                ) -> tuple[list[str], list[list[tuple[int, int]]], np.ndarray, np.ndarray]:
         """Kept segments -> texts within the budget: the exact count decides, trimming the weakest kept
         segment while BPE merges across slice edges cost more than estimated. A title segment is kept
         exactly when something else of its chunk is. Returns the texts, their slices, their token counts
@@ -601,9 +616,7 @@ class SemToken:
         if titles is not None:  # a title goes when the last of its chunk's text goes
             score[titles] = np.inf
             seg_chunk = call.chunk_of[state.segs[:-1]]
-        dropped_tail = np.zeros(len(call.chunk_of), dtype=bool)
-        for s, e in zip(state.starts[state.collapsed], state.ends[state.collapsed]):
-            dropped_tail[s + 1:e] = True
+        dropped_tail = _tails(state.starts, state.ends, state.collapsed, len(call.chunk_of))
         seg_of_unit = state.seg_of_unit
         while True:
             if fences is not None:
@@ -615,7 +628,7 @@ class SemToken:
             slices = [kept_slices(u, keep_units[a:b])
                       for u, a, b in zip(call.units, call.offsets[:-1], call.offsets[1:])]
             texts = [join_slices(t, s, self.config.gap_marker) for t, s in zip(chunks, slices)]
-            out_counts = self.tokenizer.count_many(texts)
+            out_counts = self._count(texts, counted if counted is not None else {})
             paid = int(overheads[[bool(s) for s in slices]].sum())
             excess = int(out_counts.sum()) + paid - budget
             if excess <= 0:
@@ -629,11 +642,10 @@ class SemToken:
             keep[kept_idx[np.argmin(score[kept_idx])]] = False
 
     def _result(self, state: _State, status: np.ndarray, entropy: np.ndarray, span_rel: np.ndarray | None,
-                chunk_rel: torch.Tensor | None, texts: list[str], slices: list[list[tuple[int, int]]],
+                chunk_rel_np: np.ndarray | None, texts: list[str], slices: list[list[tuple[int, int]]],
                 out_counts: np.ndarray, hits: int, encoder_calls: int) -> CompressionResult:
         chunks, counts, call, starts, ends = state.chunks, state.counts, state.call, state.starts, state.ends
         score = state.score[state.seg_of_unit[starts]]
-        chunk_rel_np = chunk_rel.cpu().numpy() if chunk_rel is not None else None
         span_chunk = call.chunk_of[starts]
         per_chunk = np.searchsorted(span_chunk, np.arange(len(chunks) + 1))
         char_start = np.concatenate([u[:, 0] for u in call.units])[starts]
@@ -692,6 +704,33 @@ def _concat(fps: list[Fingerprints], device: torch.device) -> _Call:
     return _Call(vectors, [fp.units for fp in fps], offsets, np.repeat(np.arange(len(fps)), sizes))
 
 
+def _tails(starts: np.ndarray, ends: np.ndarray, collapsed: np.ndarray, n: int) -> np.ndarray:
+    """Unit mask of the collapsed spans' units after their anchor (spans do not overlap).
+
+    >>> _tails(np.array([0, 3, 4]), np.array([3, 4, 7]), np.array([True, False, True]), 7).astype(int).tolist()
+    [0, 1, 1, 0, 0, 1, 1]
+    """
+    edges = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(edges, starts[collapsed] + 1, 1)
+    np.add.at(edges, ends[collapsed], -1)
+    return np.cumsum(edges[:-1]) > 0
+
+
+def _to_host(tensors: list[torch.Tensor], *, one_copy: bool = False) -> list[np.ndarray]:
+    """float32 tensors as numpy arrays: views on the CPU, one device-to-host copy (one sync) elsewhere
+    (or wherever with ``one_copy``)."""
+    if not one_copy and all(t.device.type == "cpu" for t in tensors):
+        return [t.numpy() for t in tensors]
+    if any(t.dtype != torch.float32 for t in tensors):
+        raise TypeError("_to_host moves float32 tensors only")
+    flat = torch.cat([t.reshape(-1) for t in tensors]).cpu().numpy()
+    out, pos = [], 0
+    for t in tensors:
+        out.append(flat[pos:pos + t.numel()].reshape(tuple(t.shape)))
+        pos += t.numel()
+    return out
+
+
 def _neighbour_best(rel: torch.Tensor, seg_chunk: np.ndarray) -> torch.Tensor:
     """Per segment, the better relevance of its previous and next segment in the same chunk (its own
     where it has neither)."""
@@ -710,16 +749,6 @@ def _piece(chunks: list[str], call: _Call, segs: np.ndarray, k: int) -> tuple[st
     c = int(call.chunk_of[a])
     off = int(call.offsets[c])
     return chunks[c], call.units[c][a - off:b - off]
-
-
-def _blind_units(call: _Call) -> np.ndarray:
-    """Units whose vector is an exact copy of the previous unit's in the same chunk (the encoder gave
-    them no token of their own: pieces of a long word it read as one [UNK], dropped characters)."""
-    v = call.vectors
-    blind = np.zeros(len(call.chunk_of), dtype=bool)
-    if len(blind) > 1:
-        blind[1:] = (v[1:] == v[:-1]).all(dim=-1).cpu().numpy() & (call.chunk_of[1:] == call.chunk_of[:-1])
-    return blind
 
 
 def _check_chunks(chunks: Any) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -59,6 +60,9 @@ class Preparer:
     def __init__(self, encoder: Encoder, cache: LayeredCache, namespace: str,
                  queries: ByteLRU[tuple[QueryVector, int]]) -> None:
         self.encoder, self.cache, self.namespace, self.queries = encoder, cache, namespace, queries
+        # entries already found to fit a chunk of a given length (entries are immutable): a memory hit
+        # is not checked again on every call; weak, so an entry evicted from the cache is forgotten
+        self._fit: weakref.WeakValueDictionary[tuple[int, int], CacheEntry] = weakref.WeakValueDictionary()
 
     def lookup(self, chunks: Sequence[str], query: str | None, into: Prepared | None = None) -> Prepared:
         """What the caches hold for one request (no encoding); check :meth:`Prepared.covers`."""
@@ -73,8 +77,14 @@ class Preparer:
                 asked.append(text)
 
         def fits(j: int, entry: CacheEntry) -> bool:  # a valid checksum is not a valid entry
-            return validate_fingerprints(entry.get("units"), entry.get("fingerprints"), len(asked[j]),
-                                         self.encoder.dim)
+            seen = (id(entry), len(asked[j]))
+            if self._fit.get(seen) is entry:
+                return True
+            ok = validate_fingerprints(entry.get("units"), entry.get("fingerprints"), len(asked[j]),
+                                       self.encoder.dim)
+            if ok:
+                self._fit[seen] = entry
+            return ok
 
         if asked:
             entries = self.cache.get_many([cache_key(t, self.namespace) for t in asked], valid=fits)

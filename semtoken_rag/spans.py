@@ -58,11 +58,14 @@ def local_clusters(vectors: torch.Tensor, break_after: np.ndarray, tau: float, m
         return np.zeros(1, dtype=np.int64)
     k = max(1, min(max_units, n))
     normed = torch.nn.functional.normalize(vectors.float(), dim=-1)
-    padded = torch.cat([normed, torch.zeros((k, normed.shape[1]), device=normed.device)])
-    # band[i, j] = cos(unit i, unit i + j + 1), for j < k - 1
-    band = torch.stack([(normed * padded[j + 1:j + 1 + n]).sum(-1) for j in range(k - 1)], dim=1) \
-        if k > 1 else torch.zeros((n, 0))
-    band = band.cpu().numpy()
+    if normed.device.type == "cpu":
+        band = _band_read(normed, break_after, tau, k)
+    else:
+        padded = torch.cat([normed, torch.zeros((k, normed.shape[1]), device=normed.device)])
+        # band[i, j] = cos(unit i, unit i + j + 1), for j < k - 1
+        band = torch.stack([(normed * padded[j + 1:j + 1 + n]).sum(-1) for j in range(k - 1)], dim=1) \
+            if k > 1 else torch.zeros((n, 0))
+        band = band.cpu().numpy()
     bounds = [0]
     t = 0
     breaks = break_after
@@ -73,6 +76,30 @@ def local_clusters(vectors: torch.Tensor, break_after: np.ndarray, tau: float, m
         bounds.append(j)
         t = j
     return np.asarray(bounds, dtype=np.int64)
+
+
+def _band_read(normed: torch.Tensor, break_after: np.ndarray, tau: float, k: int) -> np.ndarray:
+    """The entries of the band ``band[i, j] = cos(unit i, unit i + j + 1)`` (``j < k - 1``) that the scan
+    of :func:`local_clusters` can read, each computed as the full band computes it (same products, same
+    per-row sums); entries it never reads are ``-inf``. The scan reads ``band[t, m]`` only when unit ``t``
+    could anchor a span of ``m + 1`` units: ``t + m + 1 < n``, no break after units ``t .. t + m`` and
+    ``band[t, 0 .. m - 1]`` all above ``tau``; at ``tau`` 0.9 few rows pass the first column, so this
+    does a fraction of the full band's work (on the CPU, where that work is the cost).
+    """
+    n = int(normed.shape[0])
+    band = np.full((n, max(k - 1, 0)), -np.inf, dtype=np.float32)
+    brk = np.asarray(break_after, dtype=bool)
+    rows = np.flatnonzero(~brk[:n - 1]) if n > 1 else np.zeros(0, dtype=np.int64)
+    for m in range(k - 1):
+        if len(rows) == 0:
+            break
+        r = torch.as_tensor(rows)
+        vals = (normed.index_select(0, r) * normed.index_select(0, r + m + 1)).sum(-1).numpy()
+        band[rows, m] = vals
+        rows = rows[vals > tau]
+        rows = rows[rows + m + 2 < n]
+        rows = rows[~brk[rows + m + 1]]
+    return band
 
 
 def cap_segments(break_after: np.ndarray, max_units: int) -> np.ndarray:
@@ -121,24 +148,34 @@ class PrefixStats:
 
     def __init__(self, vectors: torch.Tensor) -> None:
         v = vectors.float()
-        zero = torch.zeros((1, v.shape[1]), dtype=v.dtype, device=v.device)
-        self.sums = torch.cat([zero, v.cumsum(0)])
-        self.sq = torch.cat([zero[:, 0], (v * v).sum(-1).cumsum(0)])
+        n, d = v.shape
+        # cumulative sums written in place after a zero row (the same values as cat([0, cumsum]), one copy less)
+        self.sums = torch.empty((n + 1, d), dtype=v.dtype, device=v.device)
+        self.sums[0] = 0
+        torch.cumsum(v, 0, out=self.sums[1:])
+        self.sq = torch.empty(n + 1, dtype=v.dtype, device=v.device)
+        self.sq[0] = 0
+        torch.cumsum((v * v).sum(-1), 0, out=self.sq[1:])
 
     def _as(self, x) -> torch.Tensor:
         return torch.as_tensor(x, dtype=torch.long, device=self.sums.device)
 
+    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """``sums[idx]`` as a new tensor (index_select: the same copy, several times faster on the CPU)."""
+        return self.sums.index_select(0, idx)
+
     def mean(self, starts, ends) -> torch.Tensor:
         s, e = self._as(starts), self._as(ends)
         count = (e - s).clamp(min=1).unsqueeze(1).to(self.sums.dtype)
-        return (self.sums[e] - self.sums[s]) / count
+        return self._rows(e).sub_(self._rows(s)).div_(count)
 
     def entropy(self, starts, ends) -> torch.Tensor:
         """Semantic entropy H = Tr(Cov) = mean ||h||^2 - ||mean h||^2 of each range."""
         s, e = self._as(starts), self._as(ends)
         count = (e - s).clamp(min=1).to(self.sums.dtype)
-        mean = (self.sums[e] - self.sums[s]) / count.unsqueeze(1)
-        return ((self.sq[e] - self.sq[s]) / count - (mean * mean).sum(-1)).clamp(min=0.0)
+        mean = self._rows(e).sub_(self._rows(s)).div_(count.unsqueeze(1))
+        return ((self.sq.index_select(0, e) - self.sq.index_select(0, s)) / count
+                - mean.mul_(mean).sum(-1)).clamp(min=0.0)
 
     def cosine(self, query: torch.Tensor, starts, ends) -> torch.Tensor:
         """cos(query, mean h) of each range (0 for empty ranges)."""

@@ -47,6 +47,8 @@ class CacheStats:
     ``hits`` counts memory and backend hits; ``disk_hits`` the part served by the backend (a directory
     or another store). ``corrupt_entries`` failed to decode, ``invalid_entries`` decoded but did not
     fit their chunk; both were misses. ``store_errors`` counts backend faults, each a miss too.
+    ``analyses`` and ``analysis_bytes``: chunks whose query-independent analysis the engine keeps
+    (``analysis_memo_max_bytes``) and the bytes it charges for them.
     """
 
     hits: int = 0
@@ -64,6 +66,8 @@ class CacheStats:
     conversation_bytes: int = 0
     queries: int = 0
     query_bytes: int = 0
+    analyses: int = 0
+    analysis_bytes: int = 0
 
 
 class FingerprintStore(abc.ABC):

@@ -85,6 +85,9 @@ def test_near_duplicate_guard_rule():
     assert new("Marie Curie won.", "Pierre Curie won.")
 
 
+OFF = {"lexical_weight": 0.0, "answer_type_weight": 0.0, "neighbour_weight": 0.0, "keep_titles": False,
+       "repeat_guard": False}  # every lever off: the baseline each test compares against
+
 CHUNKS = [
     "Alpha beta gamma delta epsilon. Zeta eta theta iota kappa. Lambda mu nu xi omicron.",
     "Pi rho sigma tau upsilon. Phi chi psi omega Quokkaville. Alpha beta gamma delta epsilon.",
@@ -95,7 +98,7 @@ def test_lexical_weight_keeps_the_exact_word(tiny_encoder):
     """With random weights the encoder's matching is noise; a large lexical weight must then keep the one
     sentence that holds the query's rare word, at a budget that fits about one sentence."""
     query = "where is quokkaville"
-    base = SemTokenConfig(encoder=str(tiny_encoder), device="cpu", chunk_weight=0.0, dedup=False)
+    base = SemTokenConfig(encoder=str(tiny_encoder), device="cpu", chunk_weight=0.0, dedup=False, **OFF)
     target = SemToken(base).count_tokens("Phi chi psi omega Quokkaville.") + 1
     off = SemToken(base).compress(CHUNKS, query, target_tokens=target)
     got = SemToken(base.model_copy(update={"lexical_weight": 10.0})).compress(CHUNKS, query, target_tokens=target)
@@ -106,7 +109,7 @@ def test_lexical_weight_keeps_the_exact_word(tiny_encoder):
 
 def test_answer_type_weight_prefers_a_year(tiny_encoder):
     chunks = ["Bob went home early. Alice stayed inside. Crowds cheered in 1932."]
-    base = SemTokenConfig(encoder=str(tiny_encoder), device="cpu", chunk_weight=0.0, dedup=False)
+    base = SemTokenConfig(encoder=str(tiny_encoder), device="cpu", chunk_weight=0.0, dedup=False, **OFF)
     eng = SemToken(base.model_copy(update={"answer_type_weight": 10.0}))
     target = eng.count_tokens("Crowds cheered in 1932.") + 1
     off = SemToken(base).compress(chunks, "when did it happen", target_tokens=target)
@@ -133,7 +136,7 @@ def test_repeat_guard_keeps_a_near_repeat_with_a_new_fact(tiny_encoder):
     chunks = ["The company paid 2,500 dollars in taxes that year to the state.",
               "The company paid 2,400 dollars in taxes that year to the state.",
               "The company paid 2,500 dollars in taxes that year to the state."]
-    cfg = SemTokenConfig(encoder=str(tiny_encoder), device="cpu", min_repeat_units=2)
+    cfg = SemTokenConfig(encoder=str(tiny_encoder), device="cpu", min_repeat_units=2, **OFF)
 
     def repeats(c):
         res = SemToken(c).compress(chunks, "what did the company pay", rate=1 / 3)

@@ -7,8 +7,8 @@ import pytest
 from semtoken_rag import SemToken, SemTokenConfig
 
 CHUNKS = [
-    "Tin Woodman\nDorothy meets a man made of tin in the forest. He wants a heart from the Wizard. "
-    "They oil his joints and he joins them on the road.",
+    ("Tin Woodman\nDorothy meets a man made of tin in the forest. He wants a heart from the Wizard. "
+     "They oil his joints and he joins them on the road."),
     "Emerald City\nThe city is the capital of the Land of Oz. Its walls are green. The Wizard lives there.",
     "No title here. Just a sentence about roads and bricks. Another about the weather in Kansas.",
 ]
@@ -42,9 +42,11 @@ def test_title_appears_where_it_did_not(engines):
     target = 30
     a = off.compress(CHUNKS, "who wants a heart", target_tokens=target)
     b = on.compress(CHUNKS, "who wants a heart", target_tokens=target)
-    kept_titles = lambda r: [o.text.startswith(c.split("\n")[0]) for c, o in zip(CHUNKS[:2], r.chunks) if o.text]  # noqa: E731
-    assert any(kept_titles(b)) and all(kept_titles(b))
-    assert not all(kept_titles(a)) or not kept_titles(a)
+    def kept_titles(r):
+        return [o.text.startswith(c.split("\n")[0]) for c, o in zip(CHUNKS[:2], r.chunks) if o.text]
+
+    assert kept_titles(b) and all(kept_titles(b))
+    assert not all(kept_titles(a))  # without the knob, some kept text comes without its title
 
 
 def test_whole_chunk_unchanged_when_everything_fits(engines):

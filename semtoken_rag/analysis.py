@@ -1,0 +1,283 @@
+"""What a chunk's text and fingerprints say regardless of the query, worked out once per chunk.
+
+A call's host-side work was mostly per-chunk and query-independent, yet redone on every call: the
+budget tokens of each unit, sentence and markdown structure, protected groups, fenced blocks, the
+span clustering (Algorithm 1), the units the encoder could not see, the search terms of the lexical
+evidence and the answer-type candidates. :class:`AnalysisMemo` keeps them per chunk in a byte-bounded
+LRU; :meth:`AnalysisMemo.analyse` gives a whole call's arrays, computing only what it lacks (missing
+chunks in one batch: one tokenizer call, one clustering pass).
+
+Entries are keyed by the chunk's text and by an :class:`AnalysisSpec`: the budget tokenizer, the
+protect patterns, the segment caps, the clustering parameters and the encoder's identity, so a memo
+shared by engines of different configurations never hands one the other's results.
+
+Every array equals what the per-call code computes on the whole call: segment breaks never cross a
+chunk end (its last unit always ends a sentence), protected groups and fenced blocks are renumbered
+per call, and a chunk's clustering never looks past its last unit.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import evidence as ev
+from . import spans as sp
+from . import structure as st
+from .budget import BudgetTokenizer
+from .lru import ByteLRU
+
+__all__ = ["AnalysisMemo", "AnalysisSpec", "CallAnalysis", "ChunkAnalysis", "tokenizer_identity"]
+
+_ENTRY_OVERHEAD = 512  # the entry object, its dict and its LRU slot, roughly
+
+
+def tokenizer_identity(tokenizer: BudgetTokenizer) -> Hashable:
+    """What makes two budget tokenizers count alike: the encoding's name when given by name, else the
+    tokenizer object itself (a callable or a tokenizer object is only known to count like itself)."""
+    return ("name", tokenizer.spec) if isinstance(tokenizer.spec, str) else ("object", tokenizer)
+
+
+@dataclass(frozen=True)
+class AnalysisSpec:
+    """Everything a chunk's analysis depends on besides its text and fingerprints."""
+
+    tokenizer: BudgetTokenizer
+    patterns: tuple[Any, ...]  # compiled protect regexes
+    max_segment_units: int
+    max_segment_tokens: int
+    tau: float
+    max_span_units: int
+    namespace: str  # the encoder's identity: the fingerprints a chunk's text gets
+    key: Hashable = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (
+            tokenizer_identity(self.tokenizer), tuple((p.pattern, p.flags) for p in self.patterns),
+            self.max_segment_units, self.max_segment_tokens, float(self.tau), self.max_span_units,
+            self.namespace))
+
+
+@dataclass
+class ChunkAnalysis:
+    """One chunk's query-independent arrays, per unit (its ``k`` words): ``costs`` budget tokens (with
+    the whitespace before the unit), ``breaks`` segment ends (structure, caps, protected groups joined),
+    ``group`` protected group (``-1`` none, ids local to the chunk), ``block`` fenced block (same),
+    ``fence`` fence-line flags, ``blind`` units that carry the previous unit's vector, ``bounds`` the
+    span boundaries of local clustering (``[0, ..., k]``). ``extras`` holds what only some calls need
+    (search terms, answer-type candidates), filled on first use."""
+
+    costs: np.ndarray
+    breaks: np.ndarray
+    group: np.ndarray
+    block: np.ndarray
+    fence: np.ndarray
+    blind: np.ndarray
+    bounds: np.ndarray
+    total: int = -1  # budget tokens of the whole text (-1: not known)
+    extras: dict[Hashable, Any] = field(default_factory=dict)
+    nbytes: int = 0
+
+    def size(self, text: str) -> int:
+        arrays = (self.costs, self.breaks, self.group, self.block, self.fence, self.blind, self.bounds)
+        return (_ENTRY_OVERHEAD + sys.getsizeof(text) + sum(a.nbytes for a in arrays)
+                + sum(_sizeof(v) for v in self.extras.values()))
+
+
+@dataclass
+class CallAnalysis:
+    """A call's arrays (chunks concatenated): ``costs``, ``breaks``, ``group`` and ``block`` (ids unique
+    over the call), ``fence``, ``blind``, ``bounds`` (global span boundaries); ``chunks`` the per-chunk
+    entries, in order."""
+
+    costs: np.ndarray
+    breaks: np.ndarray
+    group: np.ndarray
+    block: np.ndarray
+    fence: np.ndarray
+    blind: np.ndarray
+    bounds: np.ndarray
+    chunks: list[ChunkAnalysis]
+
+
+class AnalysisMemo:
+    """Per-chunk analyses in an LRU of at most ``max_bytes`` bytes (0 keeps nothing); thread-safe.
+
+    ``hits`` and ``misses`` count chunks served from the memo and analysed afresh.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self._lru: ByteLRU[ChunkAnalysis] = ByteLRU(max_bytes, sizeof=lambda a: a.nbytes)
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._lru.nbytes
+
+    @property
+    def max_bytes(self) -> int:
+        return self._lru.max_bytes
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def clear(self) -> None:
+        self._lru.clear()
+
+    def counts(self, spec: AnalysisSpec, texts: Sequence[str]) -> np.ndarray:
+        """Budget tokens of each whole text: memoised with its analysis, else counted (one call)."""
+        out = np.zeros(len(texts), dtype=np.int64)
+        todo = []
+        for i, t in enumerate(texts):
+            entry = self._lru.get((spec.key, t))
+            if entry is not None and entry.total >= 0:
+                out[i] = entry.total
+            else:
+                todo.append(i)
+        if todo:
+            out[todo] = spec.tokenizer.count_many([texts[i] for i in todo])
+        return out
+
+    def analyse(self, spec: AnalysisSpec, chunks: Sequence[str], units: Sequence[np.ndarray],
+                vectors: torch.Tensor, offsets: np.ndarray, totals: np.ndarray | None = None) -> CallAnalysis:
+        """The call's analysis: ``units[i]`` are chunk ``i``'s char spans, ``vectors`` the call's unit
+        vectors (float32, chunks concatenated, ``offsets`` the unit offset of each chunk); ``totals``
+        the whole texts' budget tokens when known (kept with new entries for :meth:`counts`)."""
+        entries: list[ChunkAnalysis | None] = [self._lru.get((spec.key, t)) for t in chunks]
+        todo = [i for i, e in enumerate(entries) if e is None]
+        self.hits += len(chunks) - len(todo)
+        self.misses += len(todo)
+        if todo:
+            parts = [vectors] if len(todo) == len(chunks) else \
+                [vectors[int(offsets[i]):int(offsets[i + 1])] for i in todo]
+            fresh = _analyse_chunks(spec, [chunks[i] for i in todo], [units[i] for i in todo], parts)
+            for i, entry in zip(todo, fresh):
+                if totals is not None:
+                    entry.total = int(totals[i])
+                entry.nbytes = entry.size(chunks[i])
+                entries[i] = entry
+                self._lru.put((spec.key, chunks[i]), entry)
+        done: list[ChunkAnalysis] = entries  # type: ignore[assignment]
+        return _join(done, offsets)
+
+    def extra(self, spec: AnalysisSpec, text: str, entry: ChunkAnalysis, name: Hashable, make) -> Any:
+        """``entry.extras[name]``, computed by ``make()`` on first use (the entry's bytes recounted)."""
+        value = entry.extras.get(name)
+        if value is None:
+            value = entry.extras[name] = make()
+            entry.nbytes = entry.size(text)
+            key = (spec.key, text)
+            if key in self._lru:
+                self._lru.put(key, entry)
+        return value
+
+
+def _sizeof(value: Any) -> int:
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (list, tuple)):
+        return sys.getsizeof(value) + sum(_sizeof(v) for v in value)
+    return sys.getsizeof(value)
+
+
+def _analyse_chunks(spec: AnalysisSpec, texts: list[str], units: list[np.ndarray],
+                    vectors: list[torch.Tensor]) -> list[ChunkAnalysis]:
+    # budget tokens of each unit with the whitespace before it: one tokenizer call for every chunk
+    pieces: list[str] = []
+    for text, u in zip(texts, units):
+        if len(u):
+            prev = np.concatenate([[u[0, 0]], u[:-1, 1]])
+            pieces.extend(text[a:e] for a, e in zip(prev.tolist(), u[:, 1].tolist()))
+    all_costs = spec.tokenizer.count_many(pieces)
+    sizes = [len(u) for u in units]
+    cuts = np.cumsum([0, *sizes])
+    breaks_all, groups = [], []
+    for k, (text, u) in enumerate(zip(texts, units)):
+        costs = all_costs[cuts[k]:cuts[k + 1]]
+        br = st.structure_break_after(text, u, sp.sentence_break_after(text, u))
+        group = st.protected_groups(text, u, spec.patterns)
+        br = sp.cap_segment_costs(sp.cap_segments(br, spec.max_segment_units), costs, spec.max_segment_tokens)
+        breaks_all.append(st.join_groups(br, group))
+        groups.append(group)
+    # local clustering of all new chunks in one pass: a chunk's last unit is a break, so no span and
+    # no similarity that counts crosses into the next chunk
+    joined = torch.cat(vectors) if len(vectors) > 1 else (vectors[0] if vectors else torch.zeros((0, 1)))
+    n = int(joined.shape[0])
+    bounds = sp.local_clusters(joined, np.concatenate(breaks_all) if breaks_all else np.zeros(0, bool),
+                               spec.tau, spec.max_span_units) if n else np.zeros(1, dtype=np.int64)
+    # units whose vector copies the previous unit's (same chunk)
+    same = np.zeros(n, dtype=bool)
+    if n > 1:
+        same[1:] = (joined[1:] == joined[:-1]).all(dim=-1).cpu().numpy()
+    out = []
+    for k, (text, u) in enumerate(zip(texts, units)):
+        a, b = int(cuts[k]), int(cuts[k + 1])
+        block, fence = st.fence_roles(text, u)
+        blind = same[a:b].copy()
+        if len(blind):
+            blind[0] = False
+        lo, hi = np.searchsorted(bounds, [a, b])
+        out.append(ChunkAnalysis(all_costs[a:b].copy(), breaks_all[k], groups[k], block, fence, blind,
+                                 bounds[lo:hi + 1] - a))
+    return out
+
+
+def _rebase(ids: list[np.ndarray]) -> np.ndarray:
+    """Per-chunk ids (``-1``: none) made unique over the call, chunk after chunk."""
+    out, base = [], 0
+    for g in ids:
+        top = int(g.max()) if len(g) else -1
+        out.append(np.where(g >= 0, g + base, -1) if base and top >= 0 else g)
+        base += top + 1 if top >= 0 else 0
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def _join(entries: list[ChunkAnalysis], offsets: np.ndarray) -> CallAnalysis:
+    def cat(name: str, dtype) -> np.ndarray:
+        return np.concatenate([getattr(e, name) for e in entries]).astype(dtype, copy=False) if entries \
+            else np.zeros(0, dtype=dtype)
+
+    bounds = [np.zeros(1, dtype=np.int64)]
+    for e, off in zip(entries, offsets[:-1].tolist()):
+        if len(e.bounds) > 1:
+            bounds.append(e.bounds[1:] + off)
+    return CallAnalysis(cat("costs", np.int64), cat("breaks", bool),
+                        _rebase([e.group for e in entries]).astype(np.int64, copy=False),
+                        _rebase([e.block for e in entries]).astype(np.int64, copy=False),
+                        cat("fence", bool), cat("blind", bool), np.concatenate(bounds), entries)
+
+
+def unit_terms(memo: AnalysisMemo, spec: AnalysisSpec, chunks: Sequence[str], units: Sequence[np.ndarray],
+               call: CallAnalysis) -> list[str]:
+    """The search term of each unit of the call (:func:`semtoken_rag.evidence.unit_terms`), memoised."""
+    out: list[str] = []
+    for text, u, e in zip(chunks, units, call.chunks):
+        out.extend(memo.extra(spec, text, e, "terms", lambda t=text, x=u: ev.unit_terms(t, x)))
+    return out
+
+
+def type_hits(memo: AnalysisMemo, spec: AnalysisSpec, chunks: Sequence[str], units: Sequence[np.ndarray],
+              call: CallAnalysis, kind: str, exclude: frozenset[str]) -> np.ndarray:
+    """:func:`semtoken_rag.evidence.type_hits` of every unit of the call: the candidates of ``kind``
+    (memoised per chunk, with their normalised words) less those whose word is in ``exclude``."""
+    out = np.zeros(len(call.costs), dtype=bool)
+    base = 0
+    for text, u, e in zip(chunks, units, call.chunks):
+        idx, words = memo.extra(spec, text, e, ("type", kind), lambda t=text, x=u: _type_candidates(t, x, kind))
+        for i, w in zip(idx.tolist(), words):
+            if w not in exclude:
+                out[base + i] = True
+        base += len(u)
+    return out
+
+
+def _type_candidates(text: str, units: np.ndarray, kind: str) -> tuple[np.ndarray, list[str]]:
+    hits = np.flatnonzero(ev.type_hits(text, units, kind))
+    spans = units[hits].tolist()
+    return hits, [ev._normal(text[s:e]) for s, e in spans]
