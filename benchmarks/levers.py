@@ -146,14 +146,14 @@ def cold_cost(records, variants: dict[str, dict], rate: float = 0.33, log=print)
     return out
 
 
-def against_peers(levers: list[dict], full: dict, variant: str = "defaults") -> str:
+def against_peers(levers: list[tuple[dict, str | None]], full: dict, variant: str = "defaults") -> str:
     """Recall of ``variant`` over the questions of the levers runs ``levers`` (e.g. the tuning and the
     held-out run: all 441 questions), beside every method of a full benchmark run (``results/full.json``)
     on the same questions, with the paired sign test (+: only the variant keeps the answer)."""
     hits: dict[str, dict[int, int]] = {}
-    for run in levers:
+    for run, name in levers:
         a, b = (int(x) for x in run["config"]["questions"].split("-"))
-        for r, cell in run["per_variant"][variant].items():
+        for r, cell in run["per_variant"][name or variant].items():
             hits.setdefault(r, {}).update(zip(range(a, b + 1), cell["hit"]))
     rates = list(hits)
     head = ["method", "n"] + [f"recall @{float(r):.0%}" for r in rates] + [f"+/− @{float(r):.0%} (p)" for r in rates]
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     p.add_argument("--against", default=None, metavar="FULL_JSON",
                    help="no run: compare the 'defaults' variant of the --runs JSONs with every method of this "
                         "full benchmark run on the same questions, and print the table")
-    p.add_argument("--runs", nargs="*", default=[], metavar="LEVERS_JSON")
+    p.add_argument("--runs", nargs="*", default=[], metavar="LEVERS_JSON[:VARIANT]")
     p.add_argument("--cost", action="store_true",
                    help="no recall run: cold-call cost of the variants side by side (first variant = 1.0)")
     p.add_argument("--data-dir", default=None)
@@ -201,7 +201,10 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     if args.against:
-        runs = [json.loads(Path(f).read_text()) for f in args.runs]
+        runs = []
+        for item in args.runs:  # FILE or FILE:VARIANT (the variant holding today's defaults in that run)
+            f, _, name = item.partition(":")
+            runs.append((json.loads(Path(f).read_text()), name or None))
         print(against_peers(runs, json.loads(Path(args.against).read_text())))
         return 0
     known = {**TUNING, **VARIANTS}
