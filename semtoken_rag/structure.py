@@ -218,21 +218,27 @@ def number_hits(text: str, units: np.ndarray, numbers: frozenset[str]) -> np.nda
     return out
 
 
+_NOT_TITLE = re.compile(r"(\||```|~~~|[-*+>]\s|\d+[.)]\s)")  # a table row, a fence, a list item, a quote
+
+
 def title_units(text: str, units: np.ndarray, max_words: int) -> int:
     """How many leading units of ``text`` form its title: a first line of at most ``max_words`` words,
-    not ending like a sentence (``.``, ``!``, ``?``), with more text after it (a heading, a document
+    not ending like a sentence (``.``, ``!``, ``?``) and not a table row, fence, list item or quote, with
+    more text after it (a heading, a document
     title such as ``"Nobel Prize\\n..."``); 0 when there is none.
 
     >>> from semtoken_rag.text import split_units
     >>> [title_units(t, split_units(t), 8) for t in ("Nobel Prize\\nThe prize...", "It rained.\\nThen it stopped.",
-    ...                                               "No newline at all", "A heading\\n", "# Setup\\n\\nRun it.")]
-    [2, 0, 0, 0, 2]
+    ...                                               "No newline at all", "A heading\\n", "# Setup\\n\\nRun it.",
+    ...                                               "| 2018 | 1.1 |\\n| 2019 | 1.2 |", "- item\\n- item")]
+    [2, 0, 0, 0, 2, 0, 0]
     """
     nl = text.find("\n")
     if nl < 0 or len(units) == 0:
         return 0
     k = int(np.searchsorted(units[:, 0], nl))
-    if not 0 < k <= max_words or k >= len(units) or text[:nl].rstrip().endswith((".", "!", "?")):
+    line = text[:nl].strip()
+    if not 0 < k <= max_words or k >= len(units) or line.endswith((".", "!", "?")) or _NOT_TITLE.match(line):
         return 0
     return k
 

@@ -47,18 +47,22 @@ def test_query_year_keeps_its_table_row_whole(engine):
 
 
 def test_query_number_bonus_decides_between_rows():
-    """MiniLM alone ranks rows of near-equal years almost alike: without the exact-number bonus "profit in
-    2019?" keeps another year's row; with it, every year named keeps its own row."""
+    """MiniLM alone ranks rows of near-equal years almost alike: without the exact-number bonus (and without
+    the lexical evidence, which also matches "2019" word for word) "profit in 2019?" keeps another year's
+    row; with it, every year named keeps its own row."""
     with_bonus = SemToken(device="cpu", target_tokens=12)
-    without = SemToken(device="cpu", target_tokens=12, exact_number_weight=0.0)
+    without = SemToken(device="cpu", target_tokens=12, exact_number_weight=0.0, lexical_weight=0.0)
     table = "| 2018 | 1.1 |\n| 2019 | 1.2 |\n| 2020 | 1.5 |\n| 2021 | 2.3 |"
     for line in table.split("\n"):
         year = line.split()[1]
         assert with_bonus.compress([table], f"profit in {year}?").chunks[0].text == line
     assert without.compress([table], "profit in 2019?").chunks[0].text != "| 2019 | 1.2 |"
     # the long table at rate 0.5, as in the issue
-    kept = SemToken(device="cpu", exact_number_weight=0.0).compress([TABLE], "profit in 2019?", rate=0.5)
+    kept = SemToken(device="cpu", exact_number_weight=0.0, lexical_weight=0.0).compress([TABLE], "profit in 2019?",
+                                                                                     rate=0.5)
     assert "| 2019 |" not in kept.chunks[0].text
+    kept = SemToken(device="cpu", exact_number_weight=0.0).compress([TABLE], "profit in 2019?", rate=0.5)
+    assert "| 2019 | 10.1 | 1.2 |" in kept.chunks[0].text  # the lexical evidence alone finds it too
     kept = SemToken(device="cpu").compress([TABLE], "profit in 2019?", rate=0.5)
     assert "| 2019 | 10.1 | 1.2 |" in kept.chunks[0].text
 
