@@ -1,6 +1,7 @@
 """Pre-warm throughput in process (issue 12 (b) on a GPU box, where Redis and Ray are not installed):
 ``engine.prewarm`` over every NQ passage into the memory store, beside the raw encoder forward over the
-same passages. Median of 3 runs after a warm-up. Needs the NQ file (``--data``, default ../shared/data).
+same passages. Median of 3 rounds after a warm-up, each round timing every ``--batch-sizes`` value (texts
+encoded and stored per ``prewarm`` step) in turn. Needs the NQ file (``--data``, default ../shared/data).
 
     python -m benchmarks.prewarm_throughput --device cuda --encoder .gpu/model --data .gpu/data \\
         --out benchmarks/results/scale_gpu_prewarm.json
@@ -32,24 +33,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--encoder", default="all-MiniLM-L6-v2")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[256, 1024, 4096],
+                    help="prewarm batch sizes (texts encoded and stored at a time) to compare, side by side")
+    ap.add_argument("--n", type=int, default=None, help="first N passages only (default: all)")
     args = ap.parse_args(argv)
-    texts = sorted({p for r in load_nq(None, args.data) for p in r.chunks})
+    texts = sorted({p for r in load_nq(None, args.data) for p in r.chunks})[:args.n]
     eng = SemToken(SemTokenConfig(encoder=args.encoder, device=args.device))
     device = eng.encoder.device
     eng.prewarm(texts[:512])  # warm-up: kernels, allocator
-    runs = []
-    for _ in range(3):
-        eng.clear_caches()
-        _sync(device)
-        started = time.perf_counter()
-        encoded = eng.prewarm(texts)
-        _sync(device)
-        runs.append(time.perf_counter() - started)
+    runs: dict[int, list[float]] = {b: [] for b in args.batch_sizes}
+    for _ in range(3):  # rounds: each batch size once per round, so they share the machine's state
+        for b in args.batch_sizes:
+            eng.clear_caches()
+            _sync(device)
+            started = time.perf_counter()
+            encoded = eng.prewarm(texts, batch_size=b)
+            _sync(device)
+            runs[b].append(time.perf_counter() - started)
     forward = [eng.encoder.forward_seconds(texts) for _ in range(3)]
-    out = {"passages": len(texts), "encoded": encoded, "prewarm_seconds": runs, "forward_seconds": forward,
-           "prewarm_passages_per_s": len(texts) / statistics.median(runs),
+    per_batch = {str(b): len(texts) / statistics.median(r) for b, r in runs.items()}
+    best = max(per_batch, key=per_batch.get)
+    out = {"passages": len(texts), "encoded": encoded, "prewarm_seconds": runs[int(best)],
+           "forward_seconds": forward, "prewarm_passages_per_s": per_batch[best], "best_batch_size": int(best),
+           "prewarm_passages_per_s_by_batch_size": per_batch, "prewarm_seconds_by_batch_size": runs,
            "forward_passages_per_s": len(texts) / statistics.median(forward),
-           "batch_size": eng.encoder.batch_size,
+           "encoder_batch_size": eng.encoder.batch_size,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     print(json.dumps(out))
     if args.out:

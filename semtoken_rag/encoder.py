@@ -87,6 +87,34 @@ class Fingerprints:
     vectors: torch.Tensor  # (n, d) float16 on CPU (the cached form)
 
 
+class _Pooling:
+    """Mean pooling of token vectors into unit vectors, batch by batch as the encoder gives them: one
+    scatter-add per batch on the device into float32 sums (tokens that belong to no unit go to a spare
+    row), then one division and one transfer (float16) to the host. No batch's hidden states are kept or
+    gathered: the sums are all the memory pooling needs."""
+
+    def __init__(self, owners: list[np.ndarray], total: int, dim: int, device: torch.device) -> None:
+        self.owners, self.total, self.device = owners, total, device
+        self.sums = torch.zeros((total + 1, dim), device=device)
+        valid = [o[o >= 0] for o in owners]
+        self.counts = np.bincount(np.concatenate(valid), minlength=total)[:total] if valid \
+            else np.zeros(total, dtype=np.int64)
+
+    def add(self, batch: list[int], hidden: torch.Tensor, lead: int) -> None:
+        rows, width, dim = hidden.shape
+        index = np.full((rows, width), self.total, dtype=np.int64)
+        for row, i in enumerate(batch):
+            own = self.owners[i]
+            index[row, lead:lead + len(own)] = np.where(own >= 0, own, self.total)
+        self.sums.index_add_(0, torch.as_tensor(index.reshape(-1), device=self.device),
+                             hidden.reshape(-1, dim).float())
+
+    def result(self) -> tuple[torch.Tensor, np.ndarray]:
+        """The unit vectors (float16, on the CPU) and each unit's token count."""
+        divisor = torch.as_tensor(np.maximum(self.counts, 1), device=self.device).unsqueeze(1)
+        return (self.sums[:self.total] / divisor).to(torch.float16).cpu(), self.counts
+
+
 @dataclass(frozen=True)
 class EncodeStats:
     """What one encoder call spent: its forward batches and their seconds (this call only, whatever
@@ -129,6 +157,14 @@ class Encoder:
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         if not getattr(self.tokenizer, "is_fast", False):
             raise ValueError(f"encoder {name!r} has no fast tokenizer; character offsets need one")
+        # chunks go to the Rust tokenizer itself, a private copy with no truncation or padding: the same ids
+        # and offsets as the Hugging Face call, without its per-text conversion to Python lists and dicts
+        # (a third of the host's tokenizing time). The Hugging Face tokenizer keeps the queries.
+        from tokenizers import Tokenizer
+
+        self._chunk_tokenizer = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
+        self._chunk_tokenizer.no_truncation()
+        self._chunk_tokenizer.no_padding()
         with _quiet_loading():
             self.model = AutoModel.from_pretrained(self.path, local_files_only=True, dtype=self.dtype)
         self.model.to(self.device).eval()
@@ -191,8 +227,12 @@ class Encoder:
         return wrapped, 1 if cls_id is not None else 0
 
     @torch.inference_mode()
-    def _forward(self, sequences: list[list[int]]) -> tuple[list[torch.Tensor], EncodeStats]:
-        """Hidden states of token-id sequences (specials added here), batched by width, order kept."""
+    def _forward(self, sequences: list[list[int]], sink=None) -> tuple[list[torch.Tensor], EncodeStats]:
+        """Hidden states of token-id sequences (specials added here), batched by width, order kept.
+
+        With ``sink``, each batch's hidden states go to ``sink(batch, hidden, lead)`` as they come (the
+        sequences' indices, a ``(len(batch), width, d)`` tensor, the count of leading special tokens) and
+        the returned list is empty: nothing of a batch outlives it."""
         wrapped, lead = self._wrap(sequences)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         outputs: list[torch.Tensor | None] = [None] * len(wrapped)
@@ -216,20 +256,25 @@ class Encoder:
             hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
             hidden = hidden.last_hidden_state
             n_batches += 1
+            if sink is not None:
+                sink(batch, hidden, lead)
+                continue
             for row, i in enumerate(batch):
                 outputs[i] = hidden[row, :len(wrapped[i])]
         stats = EncodeStats(n_batches, time.perf_counter() - started)
         with self._totals_lock:
             self.forward_calls += stats.batches
             self.encode_seconds += stats.seconds
+        if sink is not None:
+            return [], stats
         return [o[lead:lead + len(s)] for o, s in zip(outputs, sequences)], stats  # strip specials
 
     def _plan(self, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int, int, int, int]]], dict]:
         """Tokenize ``texts`` (offsets included) and cut them into windows: the sequences to encode and,
         per text, its windows as (sequence, start, end, keep_from, keep_to)."""
-        enc = self.tokenizer([without_surrogates(t) for t in texts], add_special_tokens=False,
-                             return_offsets_mapping=True,
-                             return_attention_mask=False, return_token_type_ids=False, verbose=False)
+        encodings = self._chunk_tokenizer.encode_batch([without_surrogates(t) for t in texts],
+                                                       add_special_tokens=False)
+        enc = {"input_ids": [e.ids for e in encodings], "offset_mapping": [e.offsets for e in encodings]}
         sequences: list[list[int]] = []
         plan: list[list[tuple[int, int, int, int, int]]] = []
         for ids in enc["input_ids"]:
@@ -273,41 +318,43 @@ class Encoder:
         """
         units = [split_units(t) for t in texts]
         sequences, plan, enc = self._plan(texts)
-        hidden, stats = self._forward(sequences) if sequences else ([], EncodeStats())
-        return self._pool(units, enc["offset_mapping"], plan, hidden), stats
+        owners, total = self._owners(units, enc["offset_mapping"], plan, len(sequences))
+        pool = _Pooling(owners, total, self.dim, self.device)
+        stats = self._forward(sequences, sink=pool.add)[1] if sequences else EncodeStats()
+        return self._unit_fingerprints(units, *pool.result()), stats
 
-    def _pool(self, units: list[np.ndarray], offsets: list[list[tuple[int, int]]],
-              plans: list[list[tuple[int, int, int, int, int]]], hidden: list[torch.Tensor]) -> list[Fingerprints]:
-        """Mean-pool token vectors into unit vectors for all texts of a pass at once: one scatter-add on
-        the device and one transfer (float16) to the host; units without a token (characters the
-        tokenizer dropped) borrow the nearest previous unit's vector."""
+    @staticmethod
+    def _owners(units: list[np.ndarray], offsets: list[list[tuple[int, int]]],
+                plans: list[list[tuple[int, int, int, int, int]]], n_sequences: int) -> tuple[list[np.ndarray], int]:
+        """Per sequence, the unit (numbered over all texts) that each of its tokens is pooled into, ``-1``
+        for a token outside its window's own range or outside every unit (characters the units skip);
+        and the count of units."""
         sizes = np.asarray([len(u) for u in units], dtype=np.int64)
         base = np.concatenate([[0], np.cumsum(sizes)])
-        pieces: list[torch.Tensor] = []
-        owners: list[np.ndarray] = []
+        owners: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * n_sequences
         for t, (text_units, offs, windows) in enumerate(zip(units, offsets, plans)):
-            if not windows or not len(text_units):
+            if not windows:
                 continue
-            pieces.extend(hidden[w][keep_from - s:keep_to - s] for w, s, _e, keep_from, keep_to in windows)
             starts = np.fromiter((o[0] for o in offs), dtype=np.int64, count=len(offs))
-            unit_of = np.searchsorted(text_units[:, 0], starts, side="right") - 1
-            valid = (unit_of >= 0) & (starts < text_units[np.clip(unit_of, 0, None), 1])
-            owners.append(np.where(valid, unit_of + base[t], -1))
-        total = int(base[-1])
-        if pieces:
-            owner = np.concatenate(owners)
-            valid = owner >= 0
-            token_vecs = torch.cat(pieces)
-            dev = token_vecs.device
-            sums = torch.zeros((total, self.dim), device=dev)
-            sums.index_add_(0, torch.as_tensor(owner[valid], device=dev),
-                            token_vecs[torch.as_tensor(valid, device=dev)].float())
-            counts = np.bincount(owner[valid], minlength=total)
-            divisor = torch.as_tensor(np.maximum(counts, 1), device=dev).unsqueeze(1)
-            vectors = (sums / divisor).to(torch.float16).cpu()
-        else:
-            counts = np.zeros(total, dtype=np.int64)
-            vectors = torch.zeros((total, self.dim), dtype=torch.float16)
+            if len(text_units):
+                unit_of = np.searchsorted(text_units[:, 0], starts, side="right") - 1
+                valid = (unit_of >= 0) & (starts < text_units[np.clip(unit_of, 0, None), 1])
+                owner = np.where(valid, unit_of + base[t], -1)
+            else:
+                owner = np.full(len(starts), -1, dtype=np.int64)
+            for w, s, e, keep_from, keep_to in windows:
+                own = owner[s:e].copy()
+                own[:keep_from - s] = -1
+                own[keep_to - s:] = -1
+                owners[w] = own
+        return owners, int(base[-1])
+
+    def _unit_fingerprints(self, units: list[np.ndarray], vectors: torch.Tensor, counts: np.ndarray
+                           ) -> list[Fingerprints]:
+        """Split the pooled unit vectors by text; units without a token (characters the tokenizer dropped)
+        borrow the nearest previous unit's vector (the first unit of a text, the nearest next one)."""
+        sizes = np.asarray([len(u) for u in units], dtype=np.int64)
+        base = np.concatenate([[0], np.cumsum(sizes)])
         out = []
         for t, text_units in enumerate(units):
             vecs = vectors[base[t]:base[t + 1]]

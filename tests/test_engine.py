@@ -124,6 +124,22 @@ def test_empty_and_whitespace_chunks(engine, nobel):
     assert res.texts == ["", ""] and res.compressed_tokens <= res.budget
 
 
+def test_chunk_tokenizer_matches_the_hugging_face_call(engine, nobel):
+    """The encoder tokenizes chunks with a private copy of the Rust tokenizer: ids and character offsets
+    equal the Hugging Face call's (whose truncation, set by a query call, must not leak in)."""
+    from semtoken_rag.text import without_surrogates
+
+    enc = engine.encoder
+    enc.embed_queries(["a question " * 200])  # the Hugging Face call truncates queries
+    texts = [*nobel, "", "  ", "naïve café 東京 🙂 e\u0301", "\ud800 lone", "A\u200bB", "word " * 600]
+    ours = enc._plan(texts)[2]
+    hf = enc.tokenizer([without_surrogates(t) for t in texts], add_special_tokens=False,
+                       return_offsets_mapping=True, verbose=False)
+    assert [list(x) for x in ours["input_ids"]] == [list(x) for x in hf["input_ids"]]
+    assert [[tuple(o) for o in x] for x in ours["offset_mapping"]] == [[tuple(o) for o in x] for x in hf["offset_mapping"]]
+    assert len(ours["input_ids"][-1]) > enc.max_length  # not truncated: long chunks are windowed
+
+
 def test_odd_unicode(engine):
     chunks = ["東京は日本の首都です。人口は約1400万人です。富士山は日本で一番高い山です。",
               "Emoji 🚀🇯🇵👩‍👩‍👧 test ﬁ ligature, zero\u200bwidth, combining é, RTL שלום עולם.",
