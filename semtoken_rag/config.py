@@ -135,6 +135,11 @@ class SemTokenConfig(BaseModel):
                     "stemmed, question and function words aside), the call's segments being the collection, "
                     "scaled so the best segment scores 1. Catches names, numbers and rare words that the small "
                     "encoder's matching misses; 0 disables it.")
+    chunk_lexical_weight: float = Field(
+        0.0, ge=0.0,
+        description="Weight of lexical evidence for the whole chunk: BM25 of each chunk for the query's words "
+                    "(as ``lexical_weight``, the call's chunks being the collection, the best chunk scoring 1), "
+                    "added to the score of each of its segments; 0 disables it.")
     answer_type_weight: float = Field(
         0.05, ge=0.0,
         description="Bonus for a segment that holds a candidate of the kind of answer the question asks for: "
@@ -184,7 +189,7 @@ class SemTokenConfig(BaseModel):
     analysis_memo_max_bytes: int = Field(
         64 * 2**20, ge=0,
         description="Bound in bytes of the memo of per-chunk analyses (unit token costs, structure, spans, "
-                    "search terms; an LRU keyed by chunk text and the settings they depend on), so that a "
+                    "search terms, window and segment entropies and centroids: about 20 KB for a 100-word chunk; an LRU keyed by chunk text and the settings they depend on), so that a "
                     "chunk seen before costs no host work but its query-dependent part; 0 disables it.")
     store: str | None = Field(
         None,

@@ -419,43 +419,45 @@ class SemToken:
             bounds = np.arange(n + 1, dtype=np.int64)
         starts, ends = bounds[:-1], bounds[1:]
         span_seg = seg_of_unit[starts]
-        stats = sp.PrefixStats(call.vectors)
-        lo, hi = call.offsets[call.chunk_of[starts]], call.offsets[call.chunk_of[starts] + 1]
-        ws, we = sp.window_ranges(starts, ends, lo, hi, cfg.window_units)
-        span_entropy_t = stats.entropy(ws, we).float()
-        # segment scores: query importance, chunk relevance, semantic density
-        seg_entropy = stats.entropy(segs[:-1], segs[1:]).float()
+        # query-independent vector statistics, once per chunk (analysis.py): window and segment entropies,
+        # segment and chunk centroids; only the query's part of the score is computed per call
+        cs = an.call_stats(self.analyses, self._spec, chunks, [fp.vectors for fp in fps], ana, cfg.window_units,
+                           cfg.use_clustering)
+        span_entropy, seg_entropy, centroids = cs.span_entropy, cs.seg_entropy, cs.centroids
         q, q_tokens = prepared.queries[query] if (query is not None and cfg.use_query) else (None, None)
-        score = torch.zeros(len(segs) - 1, dtype=torch.float32, device=seg_entropy.device)
-        seg_rel = chunk_rel = None
+        score = np.zeros(len(segs) - 1, dtype=np.float32)
+        seg_rel_np = chunk_rel_np = None
         if q is not None:
-            seg_rel = stats.cosine(q, segs[:-1], segs[1:]).float()
-            chunk_rel = stats.cosine(q, call.offsets[:-1], call.offsets[1:]).float()
-            rel = cfg.maxsim_weight * sp.maxsim(q_tokens, call.vectors, seg_of_unit, len(segs) - 1)
+            q_np = q.float().cpu().numpy()
+            seg_rel_np, chunk_rel_np = centroids @ q_np, cs.chunk_centroids @ q_np
+            # the only device work of a call: each query token's best cosine with a unit (one transfer back)
+            rel = cfg.maxsim_weight * sp.maxsim(q_tokens, call.vectors, seg_of_unit, len(segs) - 1).cpu().numpy()
+            terms = an.unit_terms(self.analyses, self._spec, chunks, call.units, ana) \
+                if cfg.lexical_weight > 0 or cfg.chunk_lexical_weight > 0 else None
             if cfg.lexical_weight > 0:  # (evidence.py) exact words of the query, BM25 over the call's segments
-                terms = an.unit_terms(self.analyses, self._spec, chunks, call.units, ana)
-                rel = rel + cfg.lexical_weight * torch.as_tensor(
-                    ev.lexical_scores(terms, ev.query_terms(query), segs), dtype=rel.dtype, device=rel.device)
-            score += rel + cfg.sentence_weight * seg_rel + cfg.chunk_weight * chunk_rel[torch.as_tensor(seg_chunk)]
+                rel = rel + cfg.lexical_weight * ev.lexical_scores(terms, ev.query_terms(query), segs).astype(np.float32)
+            score += rel + cfg.sentence_weight * seg_rel_np + cfg.chunk_weight * chunk_rel_np[seg_chunk]
+            if cfg.chunk_lexical_weight > 0:  # the same over the call's chunks, for each chunk's segments
+                present = np.diff(call.offsets) > 0  # (a chunk without words is no document)
+                chunk_lex = np.zeros(len(chunks))
+                chunk_lex[present] = ev.lexical_scores(terms, ev.query_terms(query),
+                                                       np.append(call.offsets[:-1][present], n))
+                score += cfg.chunk_lexical_weight * chunk_lex[seg_chunk].astype(np.float32)
             if cfg.neighbour_weight > 0:
                 score += cfg.neighbour_weight * _neighbour_best(rel, seg_chunk)
             if cfg.answer_type_weight > 0:
                 kind = ev.answer_type(query)
                 if kind is not None:
-                    exclude = frozenset(ev.query_terms(query)) | frozenset(w.lower() for w in query.split())
+                    exclude = frozenset(ev.query_terms(query)) | ev.query_words(query)
                     typed = an.type_hits(self.analyses, self._spec, chunks, call.units, ana, kind, exclude)
-                    score += cfg.answer_type_weight * torch.as_tensor(
-                        np.add.reduceat(typed.astype(np.int64), segs[:-1]) > 0, dtype=score.dtype, device=score.device)
+                    score += cfg.answer_type_weight * (np.add.reduceat(typed.astype(np.int64), segs[:-1]) > 0
+                                                       ).astype(np.float32)
             if number_hits is not None:
-                score += cfg.exact_number_weight * torch.as_tensor(
-                    np.add.reduceat(number_hits, segs[:-1]) > 0, dtype=score.dtype, device=score.device)
+                score += cfg.exact_number_weight * (np.add.reduceat(number_hits, segs[:-1]) > 0).astype(np.float32)
         if cfg.use_entropy or q is None:
             score += (cfg.entropy_weight if q is not None else 1.0) * sp.normalise(seg_entropy)
-        centroids_t = torch.nn.functional.normalize(stats.mean(segs[:-1], segs[1:]).float(), dim=-1)
-        # what the host needs of the device's work, in one transfer
-        host = _to_host([span_entropy_t, score, centroids_t] + ([seg_rel, chunk_rel] if q is not None else []))
-        span_entropy, score_np, centroids = host[0], host[1].astype(np.float64), host[2].astype(np.float32)
-        seg_rel_np, chunk_rel_np = (host[3], host[4]) if q is not None else (None, None)
+        score_np = score.astype(np.float64)
+        centroids_t = torch.from_numpy(centroids).to(self.encoder.device) if self.repeat_search == "torch" else None
         # units the encoder could not see on their own (pieces of one [UNK] word, dropped characters)
         # carry a copy of the previous unit's vector: their spans are not judged coarse or repeats
         blind = ana.blind
@@ -716,31 +718,19 @@ def _tails(starts: np.ndarray, ends: np.ndarray, collapsed: np.ndarray, n: int) 
     return np.cumsum(edges[:-1]) > 0
 
 
-def _to_host(tensors: list[torch.Tensor], *, one_copy: bool = False) -> list[np.ndarray]:
-    """float32 tensors as numpy arrays: views on the CPU, one device-to-host copy (one sync) elsewhere
-    (or wherever with ``one_copy``)."""
-    if not one_copy and all(t.device.type == "cpu" for t in tensors):
-        return [t.numpy() for t in tensors]
-    if any(t.dtype != torch.float32 for t in tensors):
-        raise TypeError("_to_host moves float32 tensors only")
-    flat = torch.cat([t.reshape(-1) for t in tensors]).cpu().numpy()
-    out, pos = [], 0
-    for t in tensors:
-        out.append(flat[pos:pos + t.numel()].reshape(tuple(t.shape)))
-        pos += t.numel()
-    return out
-
-
-def _neighbour_best(rel: torch.Tensor, seg_chunk: np.ndarray) -> torch.Tensor:
+def _neighbour_best(rel: np.ndarray, seg_chunk: np.ndarray) -> np.ndarray:
     """Per segment, the better relevance of its previous and next segment in the same chunk (its own
-    where it has neither)."""
-    same_prev = torch.as_tensor(np.concatenate([[False], seg_chunk[1:] == seg_chunk[:-1]]), device=rel.device)
-    same_next = torch.as_tensor(np.concatenate([seg_chunk[:-1] == seg_chunk[1:], [False]]), device=rel.device)
-    low = torch.full_like(rel, -torch.inf)
-    prev = torch.where(same_prev, torch.roll(rel, 1), low)
-    nxt = torch.where(same_next, torch.roll(rel, -1), low)
-    best = torch.maximum(prev, nxt)
-    return torch.where(torch.isinf(best), rel, best)
+    where it has neither).
+
+    >>> _neighbour_best(np.array([0.1, 0.5, 0.2, 0.9], dtype=np.float32), np.array([0, 0, 0, 1])).tolist()
+    [0.5, 0.20000000298023224, 0.5, 0.8999999761581421]
+    """
+    same_prev = np.concatenate([[False], seg_chunk[1:] == seg_chunk[:-1]])
+    same_next = np.concatenate([seg_chunk[:-1] == seg_chunk[1:], [False]])
+    prev = np.where(same_prev, np.roll(rel, 1), -np.inf)
+    nxt = np.where(same_next, np.roll(rel, -1), -np.inf)
+    best = np.maximum(prev, nxt)
+    return np.where(np.isinf(best), rel, best).astype(rel.dtype, copy=False)
 
 
 def _piece(chunks: list[str], call: _Call, segs: np.ndarray, k: int) -> tuple[str, np.ndarray]:

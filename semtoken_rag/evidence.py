@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["ANSWER_TYPES", "answer_type", "carries_new_facts", "lexical_scores", "query_terms", "type_hits",
+__all__ = ["ANSWER_TYPES", "answer_type", "carries_new_facts", "lexical_scores", "query_terms", "query_words", "type_hits",
            "unit_terms"]
 
 # function words and question words: never evidence on their own
@@ -39,7 +39,13 @@ def _stemmer():
 
 
 def _normal(word: str) -> str:
-    return "".join(_WORD.findall(word.lower()))
+    """``word`` lower-cased, all but its word characters (``\\w``) removed.
+
+    >>> _normal("Röntgen's,"), _normal("1,901"), _normal("(—)")
+    ('röntgens', '1901', '')
+    """
+    low = word.lower()
+    return low if low.isalnum() else "".join(_WORD.findall(low))  # (isalnum: every character is \w)
 
 
 def unit_terms(text: str, units: np.ndarray) -> list[str]:
@@ -65,6 +71,16 @@ def query_terms(query: str) -> list[str]:
     words = [_normal(w) for w in query.split()]
     stems = _stemmer().stemWords(words)
     return list(dict.fromkeys(s for w, s in zip(words, stems) if w and w not in _STOP))
+
+
+def query_words(query: str) -> frozenset[str]:
+    """The words of ``query`` normalised as candidate words are (lower-cased, punctuation removed): what
+    :func:`type_hits` must never offer as an answer, with the query's stemmed terms.
+
+    >>> sorted(query_words("Who played Quint in 'Jaws'?"))
+    ['in', 'jaws', 'played', 'quint', 'who']
+    """
+    return frozenset(w for w in (_normal(x) for x in query.split()) if w)
 
 
 def lexical_scores(terms: Sequence[str], q_terms: Sequence[str], segs: np.ndarray, *, k1: float = 1.2,
@@ -142,22 +158,21 @@ def type_hits(text: str, units: np.ndarray, kind: str | None, exclude: frozenset
     >>> [t[s:e] for (s, e), h in zip(u.tolist(), type_hits(t, u, "name", frozenset({"paris"}))) if h]
     ['Gustave', 'Eiffel.']
     """
-    out = np.zeros(len(units), dtype=bool)
     if kind is None:
-        return out
-    prev_end = True  # the first word of a text starts a sentence
-    for i, (s, e) in enumerate(units.tolist()):
-        raw = text[s:e]
-        word = _normal(raw)
-        if word and word not in exclude:
-            if kind == "date":
-                out[i] = bool(_YEAR.match(word)) or word in _MONTHS
-            elif kind == "number":
-                out[i] = bool(_DIGITS.search(word)) or word in _NUMBER_WORDS
-            else:
-                out[i] = raw[:1].isupper() and not prev_end and word not in _STOP and not word.isdigit()
-        prev_end = raw.rstrip("\"')]»”’").endswith((".", "!", "?", ":", "\n")) or not raw.strip()
-    return out
+        return np.zeros(len(units), dtype=bool)
+    raws = [text[s:e] for s, e in units.tolist()]
+    words = [_normal(r) for r in raws]
+    if kind == "date":
+        hits = [bool(w) and w not in exclude and (w in _MONTHS or _YEAR.match(w) is not None) for w in words]
+    elif kind == "number":
+        hits = [bool(w) and w not in exclude and (w in _NUMBER_WORDS or _DIGITS.search(w) is not None)
+                for w in words]
+    else:  # a capitalised word that does not start a sentence (the first word of a text starts one)
+        starts = [True] + [r.rstrip("\"')]»”’").endswith((".", "!", "?", ":", "\n")) or not r.strip()
+                           for r in raws[:-1]]
+        hits = [bool(w) and w not in exclude and r[:1].isupper() and not first and w not in _STOP
+                and not w.isdigit() for r, w, first in zip(raws, words, starts)]
+    return np.asarray(hits, dtype=bool).reshape(len(units))
 
 
 def _facts(text: str, units: np.ndarray) -> set[str]:

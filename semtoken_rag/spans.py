@@ -137,52 +137,6 @@ def segment_bounds(break_after: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.flatnonzero(break_after) + 1]).astype(np.int64)
 
 
-class PrefixStats:
-    """Prefix sums of vectors and squared norms: means, entropies and cosines of any ranges in O(1).
-
-    >>> import torch
-    >>> ps = PrefixStats(torch.tensor([[1., 0], [1., 0], [0., 1]]))
-    >>> [round(x, 3) for x in ps.entropy(torch.tensor([0, 0]), torch.tensor([2, 3])).tolist()]
-    [0.0, 0.444]
-    """
-
-    def __init__(self, vectors: torch.Tensor) -> None:
-        v = vectors.float()
-        n, d = v.shape
-        # cumulative sums written in place after a zero row (the same values as cat([0, cumsum]), one copy less)
-        self.sums = torch.empty((n + 1, d), dtype=v.dtype, device=v.device)
-        self.sums[0] = 0
-        torch.cumsum(v, 0, out=self.sums[1:])
-        self.sq = torch.empty(n + 1, dtype=v.dtype, device=v.device)
-        self.sq[0] = 0
-        torch.cumsum((v * v).sum(-1), 0, out=self.sq[1:])
-
-    def _as(self, x) -> torch.Tensor:
-        return torch.as_tensor(x, dtype=torch.long, device=self.sums.device)
-
-    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """``sums[idx]`` as a new tensor (index_select: the same copy, several times faster on the CPU)."""
-        return self.sums.index_select(0, idx)
-
-    def mean(self, starts, ends) -> torch.Tensor:
-        s, e = self._as(starts), self._as(ends)
-        count = (e - s).clamp(min=1).unsqueeze(1).to(self.sums.dtype)
-        return self._rows(e).sub_(self._rows(s)).div_(count)
-
-    def entropy(self, starts, ends) -> torch.Tensor:
-        """Semantic entropy H = Tr(Cov) = mean ||h||^2 - ||mean h||^2 of each range."""
-        s, e = self._as(starts), self._as(ends)
-        count = (e - s).clamp(min=1).to(self.sums.dtype)
-        mean = self._rows(e).sub_(self._rows(s)).div_(count.unsqueeze(1))
-        return ((self.sq.index_select(0, e) - self.sq.index_select(0, s)) / count
-                - mean.mul_(mean).sum(-1)).clamp(min=0.0)
-
-    def cosine(self, query: torch.Tensor, starts, ends) -> torch.Tensor:
-        """cos(query, mean h) of each range (0 for empty ranges)."""
-        mean = torch.nn.functional.normalize(self.mean(starts, ends), dim=-1)
-        return mean @ query.to(mean.dtype).to(mean.device)
-
-
 def maxsim(query_tokens: torch.Tensor, vectors: torch.Tensor, segment_of: np.ndarray, n_segments: int
            ) -> torch.Tensor:
     """Late interaction: for each segment, the mean over query tokens of their best cosine with a unit.
@@ -212,9 +166,13 @@ def window_ranges(starts: np.ndarray, ends: np.ndarray, lo: np.ndarray, hi: np.n
     return ws, we
 
 
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    """Min-max scale to [0, 1] (all-equal input gives zeros)."""
-    if x.numel() == 0:
+def normalise(x: np.ndarray) -> np.ndarray:
+    """Min-max scale to [0, 1] (all-equal input gives zeros), in the input's dtype.
+
+    >>> normalise(np.array([2.0, 4.0, 3.0], dtype=np.float32)).tolist()
+    [0.0, 1.0, 0.5]
+    """
+    if x.size == 0:
         return x
     span = x.max() - x.min()
-    return (x - x.min()) / span if span > 0 else torch.zeros_like(x)
+    return (x - x.min()) / span if span > 0 else np.zeros_like(x)

@@ -204,15 +204,3 @@ def test_local_clusters_reads_the_band_it_needs_only():
         brk[-1] = True
         tau, mu = float(rng.choice([0.9, 0.5, -1.0])), int(rng.choice([1, 2, 5, 16]))
         assert sp.local_clusters(v, brk, tau, mu).tolist() == _full_band_clusters(v, brk, tau, mu)
-
-
-def test_to_host_splits_one_copy_back_into_the_tensors():
-    from semtoken_rag.engine import _to_host
-
-    ts = [torch.randn(7), torch.randn(3, 5), torch.zeros((0, 5)), torch.randn(2)]
-    for one_copy in (False, True):
-        out = _to_host(ts, one_copy=one_copy)
-        assert [o.shape for o in out] == [tuple(t.shape) for t in ts]
-        assert all(np.array_equal(o, t.numpy()) for o, t in zip(out, ts))
-    with pytest.raises(TypeError):
-        _to_host([torch.zeros(2, dtype=torch.float64)], one_copy=True)

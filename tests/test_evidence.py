@@ -76,6 +76,17 @@ def test_type_hits_skip_query_words_and_sentence_starts():
     assert not ev.type_hits(text, units, None).any()
 
 
+def test_query_words_match_candidates_whatever_the_punctuation():
+    text = "Robert Shaw played Quint in Jaws, directed by Steven Spielberg."
+    units = split_units(text)
+    words = [text[s:e] for s, e in units.tolist()]
+    query = "who played Quint in 'Jaws'?"
+    names = [w for w, h in zip(words, ev.type_hits(text, units, "name", ev.query_words(query))) if h]
+    assert names == ["Shaw", "Steven", "Spielberg."]  # "Quint" and "Jaws," are the question's own words
+    raw = frozenset(w.lower() for w in query.split())  # punctuation kept: "'jaws'?" never meets "jaws"
+    assert "Jaws," in [w for w, h in zip(words, ev.type_hits(text, units, "name", raw)) if h]
+
+
 def test_near_duplicate_guard_rule():
     def new(a, b):
         return ev.carries_new_facts(a, split_units(a), b, split_units(b))
@@ -107,6 +118,18 @@ def test_lexical_weight_keeps_the_exact_word(tiny_encoder):
     assert got.compressed_tokens <= got.budget
 
 
+def test_chunk_lexical_weight_spends_the_budget_on_the_chunk_with_the_words(tiny_encoder):
+    chunks = ["Alpha beta gamma delta epsilon. Zeta eta theta iota kappa.",
+              "Pi rho sigma tau. Quokka habitats span Rottnest island.", "", "Lambda mu nu xi omicron."]
+    query = "quokka rottnest habitats"
+    base = SemTokenConfig(encoder=str(tiny_encoder), device="cpu", chunk_weight=0.0, dedup=False, **OFF)
+    target = SemToken(base).count_tokens("Pi rho sigma tau.") + 1
+    got = SemToken(base.model_copy(update={"chunk_lexical_weight": 10.0})).compress(chunks, query,
+                                                                                   target_tokens=target)
+    assert got.chunks[1].text and not got.chunks[0].text and not got.chunks[3].text  # only the chunk with the words
+    assert got.chunks[2].text == "" and got.compressed_tokens <= got.budget  # an empty chunk is no document
+
+
 def test_answer_type_weight_prefers_a_year(tiny_encoder):
     chunks = ["Bob went home early. Alice stayed inside. Crowds cheered in 1932."]
     base = SemTokenConfig(encoder=str(tiny_encoder), device="cpu", chunk_weight=0.0, dedup=False, **OFF)
@@ -120,11 +143,9 @@ def test_answer_type_weight_prefers_a_year(tiny_encoder):
 
 
 def test_neighbour_best_stays_in_chunk():
-    import torch
-
     from semtoken_rag.engine import _neighbour_best
 
-    rel = torch.tensor([0.1, 0.9, 0.2, 0.5, 0.3])
+    rel = np.array([0.1, 0.9, 0.2, 0.5, 0.3], dtype=np.float32)
     got = _neighbour_best(rel, np.array([0, 0, 0, 1, 2]))
     assert got.tolist() == pytest.approx([0.9, 0.2, 0.9, 0.5, 0.3])  # lone segments inherit themselves
 

@@ -126,20 +126,34 @@ def test_clusters_partition_and_respect_breaks(n, max_units, tau, seed):
         assert not breaks[s:e - 1].any()  # no break inside a span
 
 
-@given(st.integers(1, 25), st.integers(0, 10_000))
+@given(st.integers(1, 25), st.integers(0, 10_000), st.integers(1, 7))
 @settings(max_examples=100, deadline=None)
-def test_prefix_entropy_matches_covariance_trace(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn((n, 5), generator=g) * 3
-    stats = sp.PrefixStats(v)
+def test_chunk_stats_match_covariance_trace_and_means(n, seed, window):
+    from semtoken_rag.analysis import chunk_stats
+
     rng = np.random.default_rng(seed)
-    s = rng.integers(0, n, size=10)
-    e = np.minimum(s + rng.integers(1, n + 1, size=10), n)
-    got = stats.entropy(s, e).numpy()
-    for k in range(10):
-        seg = v[s[k]:e[k]].double()
-        want = float(((seg - seg.mean(0)) ** 2).sum(1).mean())  # Tr(Cov), population
-        assert abs(got[k] - want) <= 1e-3 * max(1.0, want)
+    v = (rng.standard_normal((n, 5)) * 3).astype(np.float16)
+    breaks = rng.random(n) < 0.3
+    breaks[-1] = True
+    bounds = np.unique(np.concatenate([[0, n], np.flatnonzero(rng.random(n) < 0.4)])).astype(np.int64)
+    got = chunk_stats(v, bounds, breaks, window)
+    x = v.astype(np.float64)
+
+    def trace_cov(a, b):
+        seg = x[a:b]
+        return float(((seg - seg.mean(0)) ** 2).sum(1).mean())  # Tr(Cov), population
+
+    segs = sp.segment_bounds(breaks)
+    assert len(got.seg_entropy) == len(segs) - 1 and len(got.span_entropy) == len(bounds) - 1
+    for k, (a, b) in enumerate(itertools.pairwise(segs.tolist())):
+        assert abs(got.seg_entropy[k] - trace_cov(a, b)) <= 1e-4 * max(1.0, trace_cov(a, b))
+        mean = x[a:b].mean(0)
+        assert np.allclose(got.centroids[k], mean / max(np.linalg.norm(mean), 1e-12), atol=1e-6)
+    ws, we = sp.window_ranges(bounds[:-1], bounds[1:], np.zeros(len(bounds) - 1, np.int64),
+                              np.full(len(bounds) - 1, n), window)
+    for k in range(len(bounds) - 1):
+        assert abs(got.span_entropy[k] - trace_cov(ws[k], we[k])) <= 1e-4 * max(1.0, trace_cov(ws[k], we[k]))
+    assert np.allclose(got.centroid, x.mean(0) / max(np.linalg.norm(x.mean(0)), 1e-12), atol=1e-6)
 
 
 @given(st.lists(st.integers(0, 3), min_size=1, max_size=20), st.integers(1, 9))
