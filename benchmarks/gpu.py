@@ -5,7 +5,7 @@
 On NQ questions 150-440 (the held-out part; 20 passages each) it measures the encoder forward alone,
 a cold and a warm ``compress`` (median, p95), ``compress_many`` throughput at 1/8/64/256 queries a
 call with all chunks new and all cached, 32 concurrent ``acompress`` calls, fingerprinting tokens/s at
-batch 32/128/512, answer recall at rates 0.5/0.33/0.2 (answer in the kept context) with the budget
+batch 32/128/512 (8/32/128 on CPU), answer recall at rates 0.5/0.33/0.2 (answer in the kept context) with the budget
 checked, and on CUDA the agreement of fp16 and fp32 kept contexts. Writes
 ``benchmarks/results/<name>.json`` and ``<name>.md`` with the device, torch and CUDA versions, the
 date, the command and the load average.
@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
     steps = [("latency", lambda: latency(engine, qs, args.rate)),
              ("throughput", lambda: throughput(engine, qs, args.rate)),
              ("concurrent", lambda: concurrent(engine, qs, args.rate)),
-             ("fingerprint", lambda: fingerprinting(engine, qs)),
+             ("fingerprint", lambda: fingerprinting(engine, qs, (32, 128, 512) if engine.encoder.device.type == "cuda"
+                                                     else (8, 32, 128))),
              ("recall", lambda: recall(engine, qs)),
              ("fp16_vs_fp32", lambda: precision_agreement(engine, args, qs[:args.fp32_n], args.rate))]
     for key, step in steps:

@@ -183,7 +183,7 @@ class AnalysisMemo:
 def _sizeof(value: Any) -> int:
     if isinstance(value, np.ndarray):
         return value.nbytes
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, set, frozenset)):
         if all(type(v) is str for v in value):  # search terms, candidate words: the usual case, in C
             return sys.getsizeof(value) + sum(map(sys.getsizeof, value))
         return sys.getsizeof(value) + sum(_sizeof(v) for v in value)

@@ -472,13 +472,13 @@ class SemToken:
         cum = np.concatenate([[0], np.cumsum(kept_cost)])
         seg_cost = cum[segs[1:]] - cum[segs[:-1]]
         # repeats and redundancy-aware selection under the budget
-        repeat = self._repeats(centroids, centroids_t, segs, score_np, conversation_id, chunks, call) \
+        repeat = self._repeats(centroids, centroids_t, segs, score_np, conversation_id, chunks, call, ana) \
             & ~(np.add.reduceat(blind, segs[:-1]) > 0)
         seg_fence = np.add.reduceat(ana.fence, segs[:-1]) > 0
         seg_block = ana.block[segs[:-1]]
         allowed = ~repeat & ~seg_fence
         # titles (structure.py) come with their chunk's kept text: selection pays them as chunk overheads
-        titles, sel_overheads = self._titles(chunks, call, segs, seg_chunk, seg_cost, overheads)
+        titles, sel_overheads = self._titles(chunks, call, segs, seg_chunk, seg_cost, overheads, ana)
         allowed &= ~titles
         keep = select_under_budget(
             score_np, seg_cost, seg_chunk, budget, self._gap_cost, allowed, centroids,
@@ -551,7 +551,7 @@ class SemToken:
         return None
 
     def _repeats(self, centroids: np.ndarray, centroids_t: torch.Tensor, segs: np.ndarray, score: np.ndarray,
-                 conversation_id: str | None, chunks: list[str], call: _Call) -> np.ndarray:
+                 conversation_id: str | None, chunks: list[str], call: _Call, ana: an.CallAnalysis) -> np.ndarray:
         """Segments that repeat a better-ranked one (in any chunk) or what the conversation received."""
         cfg = self.config
         n_seg = len(segs) - 1
@@ -565,8 +565,15 @@ class SemToken:
             found = find_repeats(centroids, np.arange(n_seg), order, cfg.repeat_threshold, eligible,
                                  use_gpu=self.repeat_search == "faiss-gpu")
         if cfg.repeat_guard:  # (evidence.py) a near-repeat with a number or name of its own stays
+            def facts(k: int) -> frozenset[str]:  # the segment's numbers and names, memoised with its chunk
+                a, b = int(segs[k]), int(segs[k + 1])
+                c = int(call.chunk_of[a])
+                off = int(call.offsets[c])
+                return self.analyses.extra(self._spec, chunks[c], ana.chunks[c], ("facts", a - off, b - off),
+                                           lambda: ev.facts(chunks[c], call.units[c][a - off:b - off]))
+
             for i in np.flatnonzero(found >= 0).tolist():
-                if ev.carries_new_facts(*_piece(chunks, call, segs, i), *_piece(chunks, call, segs, int(found[i]))):
+                if facts(i) - facts(int(found[i])):  # (ev.carries_new_facts)
                     found[i] = -1
         repeat = found >= 0
         if conversation_id is not None:
@@ -580,7 +587,7 @@ class SemToken:
         if chosen.any():
             self.memory.add(conversation_id, centroids[chosen])
 
-    def _titles(self, chunks, call, segs, seg_chunk, seg_cost, overheads) -> tuple[np.ndarray, np.ndarray]:
+    def _titles(self, chunks, call, segs, seg_chunk, seg_cost, overheads, ana) -> tuple[np.ndarray, np.ndarray]:
         """Title segments (config ``keep_titles``) and the overheads selection pays per chunk: the caller's,
         plus its title and a gap marker."""
         titles = np.zeros(len(segs) - 1, dtype=bool)
@@ -588,8 +595,10 @@ class SemToken:
             return titles, overheads
         sel = overheads.copy()
         first = np.searchsorted(segs[:-1], call.offsets[:-1])  # first segment of each chunk
+        most = self.config.title_max_words
         for c, (text, units) in enumerate(zip(chunks, call.units)):
-            k = st.title_units(text, units, self.config.title_max_words)
+            k = self.analyses.extra(self._spec, text, ana.chunks[c], ("title", most),
+                                    lambda t=text, u=units: st.title_units(t, u, most))
             f = int(first[c])
             if k and f < len(titles) and seg_chunk[f] == c and segs[f + 1] - segs[f] == k:
                 titles[f] = True
@@ -731,14 +740,6 @@ def _neighbour_best(rel: np.ndarray, seg_chunk: np.ndarray) -> np.ndarray:
     nxt = np.where(same_next, np.roll(rel, -1), -np.inf)
     best = np.maximum(prev, nxt)
     return np.where(np.isinf(best), rel, best).astype(rel.dtype, copy=False)
-
-
-def _piece(chunks: list[str], call: _Call, segs: np.ndarray, k: int) -> tuple[str, np.ndarray]:
-    """Segment ``k`` as (its chunk's text, the char spans of its units)."""
-    a, b = int(segs[k]), int(segs[k + 1])
-    c = int(call.chunk_of[a])
-    off = int(call.offsets[c])
-    return chunks[c], call.units[c][a - off:b - off]
 
 
 def _check_chunks(chunks: Any) -> list[str]:

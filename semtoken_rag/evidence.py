@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["ANSWER_TYPES", "answer_type", "carries_new_facts", "lexical_scores", "query_terms", "query_words", "type_hits",
+__all__ = ["ANSWER_TYPES", "answer_type", "carries_new_facts", "facts", "lexical_scores", "query_terms", "query_words", "type_hits",
            "unit_terms"]
 
 # function words and question words: never evidence on their own
@@ -175,7 +175,7 @@ def type_hits(text: str, units: np.ndarray, kind: str | None, exclude: frozenset
     return np.asarray(hits, dtype=bool).reshape(len(units))
 
 
-def _facts(text: str, units: np.ndarray) -> set[str]:
+def facts(text: str, units: np.ndarray) -> frozenset[str]:
     """Numbers and capitalised words (stop words aside) of a piece of text, normalised, and each pair of
     them that stand side by side ("April 1917" is a fact of its own beside "April" and "1917")."""
     out: set[str] = set()
@@ -189,7 +189,7 @@ def _facts(text: str, units: np.ndarray) -> set[str]:
             if prev:
                 out.add(prev + " " + fact)
         prev = fact
-    return out
+    return frozenset(out)
 
 
 def carries_new_facts(text_a: str, units_a: np.ndarray, text_b: str, units_b: np.ndarray) -> bool:
@@ -205,4 +205,4 @@ def carries_new_facts(text_a: str, units_a: np.ndarray, text_b: str, units_b: np
     >>> new("The US entered the war in April 1917.", "In April 1917 the US entered the war.")
     False
     """
-    return bool(_facts(text_a, units_a) - _facts(text_b, units_b))
+    return bool(facts(text_a, units_a) - facts(text_b, units_b))
