@@ -99,6 +99,29 @@ def test_memo_hit_on_a_second_call_and_same_results(tiny_encoder):
     assert engine.cache_stats().analyses == 0 and engine.cache_stats().analysis_bytes == 0
 
 
+def test_chunk_stats_depend_on_the_chunk_alone(tiny_encoder):
+    """A chunk's memoised vector statistics are the same whatever call first brought it, so a warm call
+    gives what a cold one would, and compress_many what single calls would."""
+    together, alone = _engine(tiny_encoder, **LEVERS), _engine(tiny_encoder, **LEVERS)
+    query = "who awarded the first prize in 1901"
+    together.compress(CHUNKS, query, rate=0.5)
+    alone.compress([CHUNKS[3]], query, rate=0.5)
+
+    def stats(engine: SemToken, text: str) -> an.ChunkStats:
+        entry = engine.analyses._lru.get((engine._spec.key, text))
+        found = [v for k, v in entry.extras.items() if isinstance(k, tuple) and k[0] == "stats"]
+        assert len(found) == 1
+        return found[0]
+
+    a, b = stats(together, CHUNKS[3]), stats(alone, CHUNKS[3])
+    for name in ("span_entropy", "seg_entropy", "centroids", "centroid"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    # and a warm call on the chunks equals a fresh engine's cold one
+    warm = together.compress(CHUNKS, "where was the banana prize awarded", rate=0.3)
+    cold = _engine(tiny_encoder, **LEVERS).compress(CHUNKS, "where was the banana prize awarded", rate=0.3)
+    assert _spans(warm) == _spans(cold)
+
+
 def test_extras_are_charged_to_the_entry(tiny_encoder):
     engine = _engine(tiny_encoder)
     units, vectors, offsets = _call(engine, CHUNKS)
