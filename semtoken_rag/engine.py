@@ -587,6 +587,19 @@ class SemToken:
         if chosen.any():
             self.memory.add(conversation_id, centroids[chosen])
 
+    def _title_segments(self, chunks, call, segs, seg_chunk, ana) -> np.ndarray:
+        """Per chunk, the segment that is its title (structure.title_units), ``-1`` where it has none."""
+        out = np.full(len(chunks), -1, dtype=np.int64)
+        first = np.searchsorted(segs[:-1], call.offsets[:-1])  # first segment of each chunk
+        most = self.config.title_max_words
+        for c, (text, units) in enumerate(zip(chunks, call.units)):
+            k = self.analyses.extra(self._spec, text, ana.chunks[c], ("title", most),
+                                    lambda t=text, u=units: st.title_units(t, u, most))
+            f = int(first[c])
+            if k and f < len(segs) - 1 and seg_chunk[f] == c and segs[f + 1] - segs[f] == k:
+                out[c] = f
+        return out
+
     def _titles(self, chunks, call, segs, seg_chunk, seg_cost, overheads, ana) -> tuple[np.ndarray, np.ndarray]:
         """Title segments (config ``keep_titles``) and the overheads selection pays per chunk: the caller's,
         plus its title and a gap marker."""
@@ -594,15 +607,11 @@ class SemToken:
         if not self.config.keep_titles:
             return titles, overheads
         sel = overheads.copy()
-        first = np.searchsorted(segs[:-1], call.offsets[:-1])  # first segment of each chunk
-        most = self.config.title_max_words
-        for c, (text, units) in enumerate(zip(chunks, call.units)):
-            k = self.analyses.extra(self._spec, text, ana.chunks[c], ("title", most),
-                                    lambda t=text, u=units: st.title_units(t, u, most))
-            f = int(first[c])
-            if k and f < len(titles) and seg_chunk[f] == c and segs[f + 1] - segs[f] == k:
-                titles[f] = True
-                sel[c] += int(seg_cost[f]) + self._gap_cost
+        title_seg = self._title_segments(chunks, call, segs, seg_chunk, ana)
+        for c in np.flatnonzero(title_seg >= 0).tolist():
+            f = int(title_seg[c])
+            titles[f] = True
+            sel[c] += int(seg_cost[f]) + self._gap_cost
         return titles, sel
 
     def _count(self, texts: list[str], counted: dict[str, int]) -> np.ndarray:
