@@ -189,7 +189,8 @@ class SemTokenConfig(BaseModel):
     analysis_memo_max_bytes: int = Field(
         64 * 2**20, ge=0,
         description="Bound in bytes of the memo of per-chunk analyses (unit token costs, structure, spans, "
-                    "search terms, window and segment entropies and centroids: about 20 KB for a 100-word chunk; an LRU keyed by chunk text and the settings they depend on), so that a "
+                    "search terms, window and segment entropies and centroids: about 24 KiB for a 100-word "
+                    "chunk; an LRU keyed by chunk text and the settings they depend on), so that a "
                     "chunk seen before costs no host work but its query-dependent part; 0 disables it.")
     store: str | None = Field(
         None,

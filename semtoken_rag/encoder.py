@@ -162,7 +162,7 @@ class Encoder:
             raise ValueError(f"encoder {name!r} has no fast tokenizer; character offsets need one")
         # chunks go to the Rust tokenizer itself, a private copy with no truncation or padding: the same ids
         # and offsets as the Hugging Face call, without its per-text conversion to Python lists and dicts
-        # (a third of the host's tokenizing time). The Hugging Face tokenizer keeps the queries.
+        # (about a quarter of the host's tokenizing time here). The Hugging Face tokenizer keeps the queries.
         from tokenizers import Tokenizer
 
         self._chunk_tokenizer = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())

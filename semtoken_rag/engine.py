@@ -435,7 +435,8 @@ class SemToken:
             terms = an.unit_terms(self.analyses, self._spec, chunks, call.units, ana) \
                 if cfg.lexical_weight > 0 or cfg.chunk_lexical_weight > 0 else None
             if cfg.lexical_weight > 0:  # (evidence.py) exact words of the query, BM25 over the call's segments
-                rel = rel + cfg.lexical_weight * ev.lexical_scores(terms, ev.query_terms(query), segs).astype(np.float32)
+                lex = ev.lexical_scores(terms, ev.query_terms(query), segs)
+                rel = rel + cfg.lexical_weight * lex.astype(np.float32)
             score += rel + cfg.sentence_weight * seg_rel_np + cfg.chunk_weight * chunk_rel_np[seg_chunk]
             if cfg.chunk_lexical_weight > 0:  # the same over the call's chunks, for each chunk's segments
                 present = np.diff(call.offsets) > 0  # (a chunk without words is no document)

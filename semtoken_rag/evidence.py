@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["ANSWER_TYPES", "answer_type", "carries_new_facts", "facts", "lexical_scores", "query_terms", "query_words", "type_hits",
-           "unit_terms"]
+__all__ = ["ANSWER_TYPES", "answer_type", "carries_new_facts", "facts", "lexical_scores", "query_terms",
+           "query_words", "type_hits", "unit_terms"]
 
 # function words and question words: never evidence on their own
 _STOP = frozenset(["a", "about", "above", "after", "again", "against", "all", "also", "am", "an", "and", "any", "are", "as", "at", "be", "because", "been", "before", "being", "below", "between", "both", "but", "by", "can", "could", "did", "do", "does", "doing", "down", "during", "each", "few", "for", "from", "further", "had", "has", "have", "having", "he", "her", "here", "hers", "him", "his", "how", "i", "if", "in", "into", "is", "it", "its", "itself", "just", "me", "more", "most", "my", "no", "nor", "not", "now", "of", "off", "on", "once", "only", "or", "other", "our", "out", "over", "own", "same", "she", "should", "so", "some", "such", "than", "that", "the", "their", "theirs", "them", "then", "there", "these", "they", "this", "those", "through", "to", "too", "under", "until", "up", "very", "was", "we", "were", "what", "when", "where", "which", "while", "who", "whom", "whose", "why", "will", "with", "would", "you", "your", "yours", "many", "much"])
