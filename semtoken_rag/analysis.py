@@ -34,7 +34,7 @@ from .budget import BudgetTokenizer
 from .lru import ByteLRU
 
 __all__ = ["AnalysisMemo", "AnalysisSpec", "CallAnalysis", "CallStats", "ChunkAnalysis", "ChunkStats", "call_stats",
-           "chunk_stats", "tokenizer_identity"]
+           "chunk_stats", "chunk_stats_many", "tokenizer_identity"]
 
 _ENTRY_OVERHEAD = 512  # the entry object, its dict and its LRU slot, roughly
 
@@ -323,13 +323,43 @@ def chunk_stats(vectors: np.ndarray, bounds: np.ndarray, breaks: np.ndarray, win
     >>> [round(float(x), 3) for x in s.span_entropy], s.seg_entropy.tolist(), s.centroids.tolist()
     ([0.444, 0.444], [0.0, 0.0], [[1.0, 0.0], [0.0, 1.0]])
     """
-    v = np.asarray(vectors, dtype=np.float64)
-    k, d = v.shape
-    sums_t = torch.zeros((k + 1, d), dtype=torch.float64)
-    torch.cumsum(torch.from_numpy(v), 0, out=sums_t[1:])  # (sequential as numpy's, 4x faster down columns)
-    sums = sums_t.numpy()
-    sq = np.zeros(k + 1)
-    np.cumsum(np.einsum("ij,ij->i", v, v), out=sq[1:])
+    return chunk_stats_many([vectors], [bounds], [breaks], window_units)[0]
+
+
+def chunk_stats_many(vectors: Sequence[np.ndarray], bounds: Sequence[np.ndarray], breaks: Sequence[np.ndarray],
+                     window_units: int) -> list[ChunkStats]:
+    """:func:`chunk_stats` of several chunks in one vectorised pass, the same numbers as one at a time:
+    each chunk's prefix sums start from zero and run down its own rows alone (a padded ``(chunks, k + 1,
+    d)`` cumsum), and every later step works row by row."""
+    n = len(vectors)
+    if n == 0:
+        return []
+    ks = [len(v) for v in vectors]
+    d = int(np.shape(vectors[0])[1])
+    kmax = max(ks)
+    padded = torch.zeros((n, kmax + 1, d), dtype=torch.float64)  # row 0 of each chunk: the empty prefix
+    for i, v in enumerate(vectors):
+        if len(v):
+            padded[i, 1:len(v) + 1] = torch.from_numpy(np.asarray(v))  # (converted by torch: faster)
+    rows = padded.numpy().reshape(n * (kmax + 1), d)
+    sq = np.cumsum(np.einsum("ij,ij->i", rows, rows).reshape(n, kmax + 1), axis=1).reshape(-1)
+    sums = torch.cumsum(padded, 1).numpy().reshape(n * (kmax + 1), d)  # (sequential down each chunk's rows)
+    # every chunk's spans, windows and segments, as rows of the flattened prefix sums
+    span_a, span_b, seg_a, seg_b, n_spans, n_segs = [], [], [], [], [], []
+    for i, (k, bd, br) in enumerate(zip(ks, bounds, breaks)):
+        base = i * (kmax + 1)
+        starts, ends = bd[:-1], bd[1:]
+        ws, we = sp.window_ranges(starts, ends, np.zeros_like(starts), np.full_like(starts, k), window_units)
+        segs = sp.segment_bounds(br)
+        span_a.append(ws + base)
+        span_b.append(we + base)
+        seg_a.append(segs[:-1] + base)
+        seg_b.append(segs[1:] + base)
+        n_spans.append(len(starts))
+        n_segs.append(len(segs) - 1)
+    span_a, span_b = np.concatenate(span_a), np.concatenate(span_b)
+    seg_a, seg_b = np.concatenate(seg_a), np.concatenate(seg_b)
+    ends_k = np.arange(n) * (kmax + 1) + np.asarray(ks)
 
     def entropy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         count = np.maximum(b - a, 1)
@@ -339,25 +369,29 @@ def chunk_stats(vectors: np.ndarray, bounds: np.ndarray, breaks: np.ndarray, win
     def unit(x: np.ndarray) -> np.ndarray:  # as torch.nn.functional.normalize: x / max(||x||, 1e-12)
         return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
 
-    starts, ends = bounds[:-1], bounds[1:]
-    ws, we = sp.window_ranges(starts, ends, np.zeros_like(starts), np.full_like(starts, k), window_units)
-    segs = sp.segment_bounds(breaks)
-    a, b = segs[:-1], segs[1:]
-    return ChunkStats(entropy(ws, we), entropy(a, b), unit((sums[b] - sums[a]) / np.maximum(b - a, 1)[:, None]),
-                      unit(sums[k] / max(k, 1)))
+    span_h, seg_h = entropy(span_a, span_b), entropy(seg_a, seg_b)
+    cents = unit((sums[seg_b] - sums[seg_a]) / np.maximum(seg_b - seg_a, 1)[:, None])
+    chunk_cents = unit(sums[ends_k] / np.maximum(np.asarray(ks), 1)[:, None])
+    sp_cut = np.cumsum([0, *n_spans])
+    sg_cut = np.cumsum([0, *n_segs])
+    return [ChunkStats(span_h[sp_cut[i]:sp_cut[i + 1]].copy(), seg_h[sg_cut[i]:sg_cut[i + 1]].copy(),
+                       cents[sg_cut[i]:sg_cut[i + 1]].copy(), chunk_cents[i].copy()) for i in range(n)]
 
 
 def call_stats(memo: AnalysisMemo, spec: AnalysisSpec, chunks: Sequence[str], vectors: Sequence[Any],
                call: CallAnalysis, window_units: int, clustering: bool = True) -> CallStats:
     """The call's :class:`CallStats`: each chunk's :func:`chunk_stats` (memoised with its analysis), its
     vectors ``vectors[i]`` (``(k, d)``, float16 as cached); spans are single units without ``clustering``."""
-    per: list[ChunkStats] = []
-    for text, v, e in zip(chunks, vectors, call.chunks):
-        def make(v=v, e=e) -> ChunkStats:
-            arr = v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-            bounds = e.bounds if clustering else np.arange(len(arr) + 1, dtype=np.int64)
-            return chunk_stats(arr, bounds, e.breaks, window_units)
-        per.append(memo.extra(spec, text, e, ("stats", window_units, clustering), make))
+    name = ("stats", window_units, clustering)
+    todo = [i for i, e in enumerate(call.chunks) if e.extras.get(name) is None]
+    if todo:  # the chunks new to the memo, in one pass
+        arrs = [vectors[i].numpy() if isinstance(vectors[i], torch.Tensor) else np.asarray(vectors[i]) for i in todo]
+        fresh = chunk_stats_many(arrs, [call.chunks[i].bounds if clustering else
+                                        np.arange(len(a) + 1, dtype=np.int64) for i, a in zip(todo, arrs)],
+                                 [call.chunks[i].breaks for i in todo], window_units)
+        made = dict(zip(todo, fresh))
+    per: list[ChunkStats] = [memo.extra(spec, text, e, name, lambda i=i: made[i])
+                             for i, (text, e) in enumerate(zip(chunks, call.chunks))]
     d = per[0].centroid.shape[-1] if per else 0
 
     def cat(name: str, shape: tuple[int, ...]) -> np.ndarray:

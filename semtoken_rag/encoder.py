@@ -230,16 +230,29 @@ class Encoder:
         return wrapped, 1 if cls_id is not None else 0
 
     @torch.inference_mode()
-    def _forward(self, sequences: list[list[int]], sink=None) -> tuple[list[torch.Tensor], EncodeStats]:
+    def _forward(self, sequences: list[list[int]], sink=None, guests: list[list[int]] = ()
+                 ) -> tuple[list[torch.Tensor], EncodeStats]:
         """Hidden states of token-id sequences (specials added here), batched by width, order kept.
 
         With ``sink``, each batch's hidden states go to ``sink(batch, hidden, lead)`` as they come (the
         sequences' indices, a ``(len(batch), width, d)`` tensor, the count of leading special tokens) and
-        the returned list is empty: nothing of a batch outlives it."""
+        the returned list is empty: nothing of a batch outlives it.
+
+        ``guests`` (queries) ride in the padding at the end of ``sequences``' rows where they fit
+        (:meth:`_place`): their own positions from 0 and an attention mask that keeps each sequence and
+        each guest to itself, so no row's hidden states change and a short query costs no pass of its
+        own. Those that fit nowhere get batches of their own. Their hidden states (specials stripped)
+        follow the sequences' in the returned list, whatever ``sink``."""
         wrapped, lead = self._wrap(sequences)
+        wrapped_guests = self._wrap(list(guests))[0]
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         outputs: list[torch.Tensor | None] = [None] * len(wrapped)
-        batches = self._batches([len(w) for w in wrapped])
+        guest_out: list[torch.Tensor | None] = [None] * len(wrapped_guests)
+        host_batches = self._batches([len(w) for w in wrapped])
+        placed, alone = self._place(host_batches, [len(w) for w in wrapped], [len(g) for g in wrapped_guests])
+        base = len(wrapped)  # guests with no room: sequences of their own, numbered after the hosts
+        batches = [(b, placed.get(k, [])) for k, b in enumerate(host_batches)] + \
+            [([base + alone[j] for j in b], []) for b in self._batches([len(wrapped_guests[g]) for g in alone])]
         show = self.show_progress_bar
         if show is None:
             show = logger.isEnabledFor(logging.DEBUG) and len(batches) > 1
@@ -249,28 +262,71 @@ class Encoder:
             batches = tqdm(batches, desc="semtoken-rag encoding", unit="batch")
         started = time.perf_counter()
         n_batches = 0
-        for batch in batches:
-            width = -(-max(len(wrapped[i]) for i in batch) // _BUCKET) * _BUCKET
+        for batch, riders in batches:
+            seqs = [wrapped[i] if i < base else wrapped_guests[i - base] for i in batch]
+            width = -(-max(map(len, seqs)) // _BUCKET) * _BUCKET
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, :len(wrapped[i])] = torch.tensor(wrapped[i])
-                mask[row, :len(wrapped[i])] = 1
-            hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+            for row, seq in enumerate(seqs):
+                ids[row, :len(seq)] = torch.tensor(seq)
+                mask[row, :len(seq)] = 1
+            extra = {}
+            if riders:  # a 4D mask: each token sees its own sequence only (padding sees its row's host)
+                group = mask.clone()
+                positions = torch.arange(width).repeat(len(batch), 1)
+                for k, (row, at, g) in enumerate(riders):
+                    n = len(wrapped_guests[g])
+                    ids[row, at:at + n] = torch.tensor(wrapped_guests[g])
+                    group[row, at:at + n] = k + 2
+                    positions[row, at:at + n] = torch.arange(n)
+                looks = torch.where(group == 0, 1, group)
+                mask = (looks[:, :, None] == group[:, None, :]).unsqueeze(1)
+                extra["position_ids"] = positions.to(self.device)
+            hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **extra)
             hidden = hidden.last_hidden_state
             n_batches += 1
-            if sink is not None:
+            for row, at, g in riders:
+                guest_out[g] = hidden[row, at + lead:at + lead + len(guests[g])]
+            if sink is not None and batch and batch[0] < base:
                 sink(batch, hidden, lead)
                 continue
             for row, i in enumerate(batch):
-                outputs[i] = hidden[row, :len(wrapped[i])]
+                if i < base:
+                    outputs[i] = hidden[row, :len(wrapped[i])]
+                else:
+                    guest_out[i - base] = hidden[row, lead:lead + len(guests[i - base])]
         stats = EncodeStats(n_batches, time.perf_counter() - started)
         with self._totals_lock:
             self.forward_calls += stats.batches
             self.encode_seconds += stats.seconds
-        if sink is not None:
-            return [], stats
-        return [o[lead:lead + len(s)] for o, s in zip(outputs, sequences)], stats  # strip specials
+        hosts = [] if sink is not None else [o[lead:lead + len(s)] for o, s in zip(outputs, sequences)]
+        return hosts + guest_out, stats  # (specials stripped)
+
+    @staticmethod
+    def _place(batches: list[list[int]], lengths: list[int], guests: list[int]
+               ) -> tuple[dict[int, list[tuple[int, int, int]]], list[int]]:
+        """Where each guest (a wrapped length) rides: per batch, (row, start, guest) in the padding after
+        a row's sequence (longest guest first, into the row with the most room left), and the guests
+        that fit nowhere."""
+        import heapq
+
+        room: list[tuple[int, int, int, int]] = []  # (-free, batch, row, start)
+        for k, batch in enumerate(batches):
+            width = -(-max(lengths[i] for i in batch) // _BUCKET) * _BUCKET
+            room.extend((lengths[i] - width, k, row, lengths[i]) for row, i in enumerate(batch)
+                        if lengths[i] < width)
+        heapq.heapify(room)
+        placed: dict[int, list[tuple[int, int, int]]] = {}
+        alone = []
+        for g in sorted(range(len(guests)), key=lambda g: -guests[g]):
+            if room and -room[0][0] >= guests[g]:
+                free, k, row, at = heapq.heappop(room)
+                placed.setdefault(k, []).append((row, at, g))
+                if -free > guests[g]:
+                    heapq.heappush(room, (free + guests[g], k, row, at + guests[g]))
+            else:
+                alone.append(g)
+        return placed, sorted(alone)
 
     def _plan(self, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int, int, int, int]]], dict]:
         """Tokenize ``texts`` (offsets included) and cut them into windows: the sequences to encode and,
@@ -319,12 +375,31 @@ class Encoder:
         >>> len(fps), stats.batches
         (3, 1)
         """
+        fingerprints, _queries, stats = self.encode(texts)
+        return fingerprints, stats
+
+    def encode(self, texts: list[str], queries: list[str] = ()
+               ) -> tuple[list[Fingerprints], list[tuple[torch.Tensor, torch.Tensor]], EncodeStats]:
+        """Unit fingerprints of ``texts`` and :meth:`embed_queries` of ``queries`` in one batched pass: the
+        queries ride in the padding of the texts' rows where they fit, with masks that keep them apart
+        (the texts' fingerprints are those of :meth:`fingerprint`, the queries' vectors those of
+        :meth:`embed_queries` up to float rounding).
+
+        >>> enc = Encoder("all-MiniLM-L6-v2", device="cpu")
+        >>> fps, qs, stats = enc.encode(["Paris is the capital of France, a country in Europe."], ["capital?"])
+        >>> len(fps), len(qs), stats.batches
+        (1, 1, 1)
+        """
         units = [split_units(t) for t in texts]
         sequences, plan, enc = self._plan(texts)
         owners, total = self._owners(units, enc["offset_mapping"], plan, len(sequences))
         pool = _Pooling(owners, total, self.dim, self.device)
-        stats = self._forward(sequences, sink=pool.add)[1] if sequences else EncodeStats()
-        return self._unit_fingerprints(units, *pool.result()), stats
+        guests = self._query_ids(list(queries))
+        if sequences or guests:
+            hidden, stats = self._forward(sequences, sink=pool.add, guests=guests)
+        else:
+            hidden, stats = [], EncodeStats()
+        return self._unit_fingerprints(units, *pool.result()), self._query_vectors(hidden), stats
 
     @staticmethod
     def _owners(units: list[np.ndarray], offsets: list[list[tuple[int, int]]],
@@ -372,10 +447,19 @@ class Encoder:
     def embed_queries(self, queries: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per query: its L2-normalised mean-pooled embedding (the sentence-transformers way) and its
         L2-normalised token fingerprints, float32 on CPU."""
+        return self._query_vectors(self._forward([], guests=self._query_ids(queries))[0]) if queries else []
+
+    def _query_ids(self, queries: list[str]) -> list[list[int]]:
+        """Token ids of queries (no specials; truncated to one window, as the Hugging Face call does)."""
+        if not queries:
+            return []
         enc = self.tokenizer([without_surrogates(q) for q in queries], add_special_tokens=False, truncation=True,
                              max_length=self.max_length - 2, verbose=False)
+        return [list(ids) for ids in enc["input_ids"]]
+
+    def _query_vectors(self, hidden: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = []
-        for h in self._forward([list(ids) for ids in enc["input_ids"]])[0]:
+        for h in hidden:
             h = h.float().cpu()
             if len(h) == 0:
                 h = torch.zeros((1, self.dim))

@@ -103,7 +103,7 @@ class Preparer:
 
     def prepare(self, requests: Sequence[Request], known: Sequence[Prepared | None] = ()) -> Prepared:
         """Fingerprints of every chunk and vectors of every query of ``requests``: cached ones looked
-        up, the rest encoded in one pass each (chunks, then queries) and cached. ``known``: lookups
+        up, the rest encoded in one pass (the queries riding with the chunks) and cached. ``known``: lookups
         already made for these requests (their misses are not looked up again)."""
         out = Prepared()
         for k in known:
@@ -112,8 +112,9 @@ class Preparer:
         for chunks, query in requests:
             self.lookup(chunks, query, out)
         missing = list(dict.fromkeys(t for chunks, _ in requests for t in chunks if t not in out.fingerprints))
-        if missing:
-            fresh, spent = self.encoder.fingerprint_with_stats(missing)
+        new_queries = list(dict.fromkeys(q for _, q in requests if q is not None and q not in out.queries))
+        if missing:  # one pass: the queries ride in the padding of the chunks' rows (Encoder.encode)
+            fresh, vectors, spent = self.encoder.encode(missing, new_queries)
             out.encoder_calls = spent.batches
             seconds = spent.seconds / len(missing)
             new = []
@@ -124,12 +125,12 @@ class Preparer:
                     {"fingerprints": fp.vectors.numpy(), "units": fp.units.astype(np.int32)},
                     encode_seconds=seconds)))
             self.cache.put_many(new)
-        new_queries = list(dict.fromkeys(q for _, q in requests if q is not None and q not in out.queries))
-        if new_queries:
-            for q, vec in zip(new_queries, self.encoder.embed_queries(new_queries)):
-                out.queries[q] = vec
-                size = sys.getsizeof(q) + 256 + sum(t.element_size() * t.nelement() for t in vec)
-                self.queries.put(q, (vec, size))
+        else:
+            vectors = self.encoder.embed_queries(new_queries)
+        for q, vec in zip(new_queries, vectors):
+            out.queries[q] = vec
+            size = sys.getsizeof(q) + 256 + sum(t.element_size() * t.nelement() for t in vec)
+            self.queries.put(q, (vec, size))
         logger.debug("prepared %d requests: %d chunks encoded in %d batches, %d queries embedded",
                      len(requests), len(missing), out.encoder_calls, len(new_queries))
         return out
