@@ -200,7 +200,7 @@ def _analyse_chunks(spec: AnalysisSpec, texts: list[str], units: list[np.ndarray
         if len(u):
             prev = np.concatenate([[u[0, 0]], u[:-1, 1]])
             pieces.extend(text[a:e] for a, e in zip(prev.tolist(), u[:, 1].tolist()))
-    all_costs = spec.tokenizer.count_many(pieces)
+    all_costs = spec.tokenizer.count_pieces(pieces)
     sizes = [len(u) for u in units]
     cuts = np.cumsum([0, *sizes])
     breaks_all, groups = [], []
@@ -219,8 +219,11 @@ def _analyse_chunks(spec: AnalysisSpec, texts: list[str], units: list[np.ndarray
                                spec.tau, spec.max_span_units) if n else np.zeros(1, dtype=np.int64)
     # units whose vector copies the previous unit's (same chunk)
     same = np.zeros(n, dtype=bool)
-    if n > 1:
-        same[1:] = (joined[1:] == joined[:-1]).all(dim=-1).cpu().numpy()
+    if n > 1:  # (rows equal in their first column are few: only those are compared whole)
+        maybe = torch.nonzero(joined[1:, 0] == joined[:-1, 0]).flatten()
+        if len(maybe):
+            whole = (joined[maybe + 1] == joined[maybe]).all(dim=-1)
+            same[(maybe[whole] + 1).cpu().numpy()] = True
     out = []
     for k, (text, u) in enumerate(zip(texts, units)):
         a, b = int(cuts[k]), int(cuts[k + 1])
@@ -264,7 +267,8 @@ def unit_terms(memo: AnalysisMemo, spec: AnalysisSpec, chunks: Sequence[str], un
     """The search term of each unit of the call (:func:`semtoken_rag.evidence.unit_terms`), memoised."""
     out: list[str] = []
     for text, u, e in zip(chunks, units, call.chunks):
-        out.extend(memo.extra(spec, text, e, "terms", lambda t=text, x=u: ev.unit_terms(t, x)))
+        out.extend(memo.extra(spec, text, e, "terms",
+                              lambda t=text, x=u, e=e: ev.unit_terms(t, x, _words(memo, spec, t, x, e))))
     return out
 
 
@@ -275,7 +279,8 @@ def type_hits(memo: AnalysisMemo, spec: AnalysisSpec, chunks: Sequence[str], uni
     out = np.zeros(len(call.costs), dtype=bool)
     base = 0
     for text, u, e in zip(chunks, units, call.chunks):
-        idx, words = memo.extra(spec, text, e, ("type", kind), lambda t=text, x=u: _type_candidates(t, x, kind))
+        idx, words = memo.extra(spec, text, e, ("type", kind), lambda t=text, x=u, e=e: _type_candidates(
+            t, x, kind, _words(memo, spec, t, x, e)))
         for i, w in zip(idx.tolist(), words):
             if w not in exclude:
                 out[base + i] = True
@@ -283,10 +288,17 @@ def type_hits(memo: AnalysisMemo, spec: AnalysisSpec, chunks: Sequence[str], uni
     return out
 
 
-def _type_candidates(text: str, units: np.ndarray, kind: str) -> tuple[np.ndarray, list[str]]:
-    hits = np.flatnonzero(ev.type_hits(text, units, kind))
-    spans = units[hits].tolist()
-    return hits, [ev._normal(text[s:e]) for s, e in spans]
+def _words(memo: AnalysisMemo, spec: AnalysisSpec, text: str, units: np.ndarray, entry: ChunkAnalysis
+           ) -> list[str]:
+    """The chunk's normalised words (:func:`semtoken_rag.evidence.unit_words`), memoised: terms and answer
+    types both read them."""
+    return memo.extra(spec, text, entry, "words", lambda: ev.unit_words(text, units))
+
+
+def _type_candidates(text: str, units: np.ndarray, kind: str, words: list[str]
+                     ) -> tuple[np.ndarray, list[str]]:
+    hits = np.flatnonzero(ev.type_hits(text, units, kind, words=words))
+    return hits, [words[i] for i in hits.tolist()]
 
 
 @dataclass(frozen=True)
@@ -326,8 +338,8 @@ def chunk_stats(vectors: np.ndarray, bounds: np.ndarray, breaks: np.ndarray, win
     return chunk_stats_many([vectors], [bounds], [breaks], window_units)[0]
 
 
-def chunk_stats_many(vectors: Sequence[np.ndarray], bounds: Sequence[np.ndarray], breaks: Sequence[np.ndarray],
-                     window_units: int) -> list[ChunkStats]:
+def chunk_stats_many(vectors: Sequence[np.ndarray], bounds: Sequence[np.ndarray],
+                     breaks: Sequence[np.ndarray], window_units: int) -> list[ChunkStats]:
     """:func:`chunk_stats` of several chunks in one vectorised pass, the same numbers as one at a time:
     each chunk's prefix sums start from zero and run down its own rows alone (a padded ``(chunks, k + 1,
     d)`` cumsum), and every later step works row by row."""
@@ -385,7 +397,8 @@ def call_stats(memo: AnalysisMemo, spec: AnalysisSpec, chunks: Sequence[str], ve
     name = ("stats", window_units, clustering)
     todo = [i for i, e in enumerate(call.chunks) if e.extras.get(name) is None]
     if todo:  # the chunks new to the memo, in one pass
-        arrs = [vectors[i].numpy() if isinstance(vectors[i], torch.Tensor) else np.asarray(vectors[i]) for i in todo]
+        arrs = [vectors[i].numpy() if isinstance(vectors[i], torch.Tensor) else np.asarray(vectors[i])
+                for i in todo]
         fresh = chunk_stats_many(arrs, [call.chunks[i].bounds if clustering else
                                         np.arange(len(a) + 1, dtype=np.int64) for i, a in zip(todo, arrs)],
                                  [call.chunks[i].breaks for i in todo], window_units)

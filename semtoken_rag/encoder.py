@@ -252,7 +252,8 @@ class Encoder:
         placed, alone = self._place(host_batches, [len(w) for w in wrapped], [len(g) for g in wrapped_guests])
         base = len(wrapped)  # guests with no room: sequences of their own, numbered after the hosts
         batches = [(b, placed.get(k, [])) for k, b in enumerate(host_batches)] + \
-            [([base + alone[j] for j in b], []) for b in self._batches([len(wrapped_guests[g]) for g in alone])]
+            [([base + alone[j] for j in b], [])
+             for b in self._batches([len(wrapped_guests[g]) for g in alone])]
         show = self.show_progress_bar
         if show is None:
             show = logger.isEnabledFor(logging.DEBUG) and len(batches) > 1
@@ -386,7 +387,7 @@ class Encoder:
         :meth:`embed_queries` up to float rounding).
 
         >>> enc = Encoder("all-MiniLM-L6-v2", device="cpu")
-        >>> fps, qs, stats = enc.encode(["Paris is the capital of France, a country in Europe."], ["capital?"])
+        >>> fps, qs, stats = enc.encode(["Paris is the capital of France, in Europe."], ["capital?"])
         >>> len(fps), len(qs), stats.batches
         (1, 1, 1)
         """

@@ -48,7 +48,18 @@ def _normal(word: str) -> str:
     return low if low.isalnum() else "".join(_WORD.findall(low))  # (isalnum: every character is \w)
 
 
-def unit_terms(text: str, units: np.ndarray) -> list[str]:
+def unit_words(text: str, units: np.ndarray) -> list[str]:
+    """:func:`_normal` of each unit (word) of ``text``: what :func:`unit_terms` and :func:`type_hits` read.
+
+    >>> from semtoken_rag.text import split_units
+    >>> t = "Röntgen's prize (1901)."
+    >>> unit_words(t, split_units(t))
+    ['röntgens', 'prize', '1901']
+    """
+    return [_normal(text[s:e]) for s, e in units.tolist()]
+
+
+def unit_terms(text: str, units: np.ndarray, words: list[str] | None = None) -> list[str]:
     """The search term of each unit (word) of ``text``: lower-cased, punctuation removed, stemmed; ``""``
     for punctuation alone and for stop words.
 
@@ -57,7 +68,7 @@ def unit_terms(text: str, units: np.ndarray) -> list[str]:
     >>> unit_terms(t, split_units(t))
     ['', 'prize', '', 'award', '1901', '', 'röntgen']
     """
-    words = [_normal(text[s:e]) for s, e in units.tolist()]
+    words = unit_words(text, units) if words is None else words
     stems = _stemmer().stemWords(words)
     return ["" if (not w or w in _STOP) else s for w, s in zip(words, stems)]
 
@@ -144,8 +155,8 @@ def answer_type(query: str) -> str | None:
     return None
 
 
-def type_hits(text: str, units: np.ndarray, kind: str | None, exclude: frozenset[str] = frozenset()
-              ) -> np.ndarray:
+def type_hits(text: str, units: np.ndarray, kind: str | None, exclude: frozenset[str] = frozenset(),
+              words: list[str] | None = None) -> np.ndarray:
     """Per unit of ``text``, True when the unit is a candidate answer of ``kind``: a year or a month name
     (date); a written number (number); a capitalised word that does not start a sentence (name). Words of
     the query (``exclude``, lower-cased) are never candidates: the answer is what the question lacks.
@@ -161,7 +172,7 @@ def type_hits(text: str, units: np.ndarray, kind: str | None, exclude: frozenset
     if kind is None:
         return np.zeros(len(units), dtype=bool)
     raws = [text[s:e] for s, e in units.tolist()]
-    words = [_normal(r) for r in raws]
+    words = [_normal(r) for r in raws] if words is None else words
     if kind == "date":
         hits = [bool(w) and w not in exclude and (w in _MONTHS or _YEAR.match(w) is not None) for w in words]
     elif kind == "number":

@@ -4,6 +4,8 @@ give. Unit tier: the tiny random-weight BERT (32-token windows); one slow test o
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -51,7 +53,8 @@ def test_encode_queries_only_texts_only_and_blank_texts(tiny):
     assert [len(f.units) for f in fps] == [0, 0] and stats.batches == 1
     _same_queries(queries, tiny.embed_queries(["who"]))
     fps, queries, _ = tiny.encode(TEXTS[:2], [])
-    assert queries == [] and all(torch.equal(a.vectors, b.vectors) for a, b in zip(fps, tiny.fingerprint(TEXTS[:2])))
+    assert queries == []
+    assert all(torch.equal(a.vectors, b.vectors) for a, b in zip(fps, tiny.fingerprint(TEXTS[:2])))
 
 
 def test_a_riding_query_does_not_depend_on_its_host(tiny):
@@ -80,7 +83,7 @@ def test_place_fills_padding_without_overlap(lengths, guests, batch_size):
             used.setdefault(row, []).append((at, at + guests[g]))
         for parts in used.values():
             parts.sort()
-            assert all(a[1] <= b[0] for a, b in zip(parts, parts[1:]))  # guests never overlap
+            assert all(a[1] <= b[0] for a, b in itertools.pairwise(parts))  # guests never overlap
 
 
 @given(st.lists(st.integers(0, 30), min_size=1, max_size=6), st.integers(0, 10_000), st.integers(1, 7))
@@ -94,7 +97,8 @@ def test_chunk_stats_many_equals_one_at_a_time(sizes, seed, window):
         if n:
             br[-1] = True
         breaks.append(br)
-        bounds.append(np.unique(np.concatenate([[0, n], np.flatnonzero(rng.random(n) < 0.4)])).astype(np.int64))
+        cuts = np.flatnonzero(rng.random(n) < 0.4)
+        bounds.append(np.unique(np.concatenate([[0, n], cuts])).astype(np.int64))
     many = an.chunk_stats_many(vectors, bounds, breaks, window)
     assert len(many) == len(sizes)
     for got, v, b, br in zip(many, vectors, bounds, breaks):

@@ -231,3 +231,23 @@ def test_kept_slices_edges_and_join():
     assert kept_slices(np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)) == []
     assert join_slices("one two three", [(0, 3), (8, 13)], " … ") == "one … three"
     assert join_slices("one two three", [], " … ") == ""
+
+
+# -- budget.BudgetTokenizer.count_pieces ------------------------------------------------------------
+
+
+@given(st.lists(st.text(min_size=1, max_size=40), max_size=30), st.integers(1, 6))
+@settings(max_examples=100, deadline=None)
+def test_count_pieces_equals_count_many_through_its_memo(pieces, limit):
+    import semtoken_rag.budget as budget
+
+    tok = budget.BudgetTokenizer("llama3")
+    old = budget._PIECE_MEMO
+    budget._PIECE_MEMO = limit  # a tiny memo: it fills, starts over, and the counts stay right
+    try:
+        for _ in range(2):  # cold, then from the memo
+            assert tok.count_pieces(pieces).tolist() == tok.count_many(pieces).tolist()
+            assert len(tok._pieces) <= max(limit, len(pieces))
+    finally:
+        budget._PIECE_MEMO = old
+    assert all(len(p) <= budget._PIECE_CHARS for p in tok._pieces)  # long pieces are counted, not kept
