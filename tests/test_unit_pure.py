@@ -239,7 +239,7 @@ def test_kept_slices_edges_and_join():
 @given(st.lists(st.text(min_size=1, max_size=40), max_size=30), st.integers(1, 6))
 @settings(max_examples=100, deadline=None)
 def test_count_pieces_equals_count_many_through_its_memo(pieces, limit):
-    import semtoken_rag.budget as budget
+    from semtoken_rag import budget
 
     tok = budget.BudgetTokenizer("llama3")
     old = budget._PIECE_MEMO
