@@ -69,7 +69,7 @@ class SemTokenConfig(BaseModel):
     batch_size: int | None = Field(
         None, ge=1,
         description="Encoder batch size (windows per forward pass). None: 512 on CUDA (raw MiniLM forward on "
-                    "an H100: 80k tokens/s at 32, 281k at 128, 746k at 512), 32 on CPU.")
+                    "an H100: 80k tokens/s at 32, 281k at 128, 746k at 512), 16 on CPU.")
     batch_window_ms: float | None = Field(
         None, ge=0.0,
         description="Micro-batching of concurrent calls (threads calling compress, concurrent acompress) on "
@@ -189,9 +189,10 @@ class SemTokenConfig(BaseModel):
     analysis_memo_max_bytes: int = Field(
         64 * 2**20, ge=0,
         description="Bound in bytes of the memo of per-chunk analyses (unit token costs, structure, spans, "
-                    "search terms, window and segment entropies and centroids: about 24 KiB for a 100-word "
-                    "chunk; an LRU keyed by chunk text and the settings they depend on), so that a "
-                    "chunk seen before costs no host work but its query-dependent part; 0 disables it.")
+                    "search terms, normalised words, window and segment entropies and centroids: about "
+                    "30 KiB for a 100-word chunk; an LRU keyed by chunk text and the settings they depend "
+                    "on), so that a chunk seen before costs no host work but its query-dependent part; 0 "
+                    "disables it.")
     store: str | None = Field(
         None,
         description="Fingerprint store shared by processes and replicas, behind the memory LRU: "

@@ -31,7 +31,7 @@ def test_cpu_engine_uses_faiss_cpu(engine):
     assert engine.repeat_search == "faiss-cpu"
     assert isinstance(engine.memory, ConversationMemory)
     assert engine.batcher is None  # micro-batching is off on CPU unless configured
-    assert engine.encoder.batch_size == 32  # batch_size None: 32 windows a pass on CPU
+    assert engine.encoder.batch_size == 16  # batch_size None: 16 windows a pass on CPU
 
 
 def test_without_faiss_the_torch_path_runs_and_finds_the_same_repeats(engine, monkeypatch):
