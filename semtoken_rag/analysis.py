@@ -342,10 +342,28 @@ def chunk_stats_many(vectors: Sequence[np.ndarray], bounds: Sequence[np.ndarray]
                      breaks: Sequence[np.ndarray], window_units: int) -> list[ChunkStats]:
     """:func:`chunk_stats` of several chunks in one vectorised pass, the same numbers as one at a time:
     each chunk's prefix sums start from zero and run down its own rows alone (a padded ``(chunks, k + 1,
-    d)`` cumsum), and every later step works row by row."""
+    d)`` cumsum), and every later step works row by row. Chunks go in groups of similar length, so that
+    padding never much exceeds what the chunks hold (one huge chunk among short ones is a group alone)."""
+    groups: list[list[int]] = []
+    held = 0  # rows (with the empty prefix) the last group's chunks hold
+    for i in sorted(range(len(vectors)), key=lambda i: len(vectors[i])):  # the newest is a group's longest
+        rows = len(vectors[i]) + 1
+        if not groups or (len(groups[-1]) + 1) * rows > 2 * (held + rows) + 4096:
+            groups.append([])
+            held = 0
+        groups[-1].append(i)
+        held += rows
+    out: list[ChunkStats | None] = [None] * len(vectors)
+    for g in groups:
+        done = _stats_group([vectors[j] for j in g], [bounds[j] for j in g], [breaks[j] for j in g], window_units)
+        for j, stats in zip(g, done):
+            out[j] = stats
+    return out  # type: ignore[return-value]
+
+
+def _stats_group(vectors: Sequence[np.ndarray], bounds: Sequence[np.ndarray], breaks: Sequence[np.ndarray],
+                 window_units: int) -> list[ChunkStats]:
     n = len(vectors)
-    if n == 0:
-        return []
     ks = [len(v) for v in vectors]
     d = int(np.shape(vectors[0])[1])
     kmax = max(ks)

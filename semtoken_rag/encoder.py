@@ -11,6 +11,7 @@ call's query rides in the same pass, in the padding after a chunk's tokens (:met
 from __future__ import annotations
 
 import contextlib
+import heapq
 import importlib
 import importlib.util
 import json
@@ -30,12 +31,18 @@ logger = logging.getLogger(__name__)
 
 _BUCKET = 32  # sequences are padded to a multiple of this width, whatever they are batched with
 _BUNDLED_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+
 # windows per forward pass when batch_size is None: CPU, CUDA. On the 2-core CPU, side by side in random
 # order (2026-11-23): 16 took 0.944x the time of 32 over 100 NQ passages (7 of 8 rounds faster), 0.983x
 # for a single cold call of 20 (24 of 40 faster) and 0.955x for compress_many of 8 (4 of 5 faster); 128 and
 # 512 are slower. The batch size changes no fingerprint (each width depends on its own length alone).
 # On an H100: 80k tokens/s at 32, 281k at 128, 746k at 512.
 DEFAULT_BATCH_SIZE = {False: 16, True: 512}
+
+
+def _width(n_tokens: int) -> int:
+    """The padded width of a sequence of ``n_tokens`` (specials included): the next multiple of _BUCKET."""
+    return -(-n_tokens // _BUCKET) * _BUCKET
 
 
 @contextlib.contextmanager
@@ -216,7 +223,7 @@ class Encoder:
         batches: list[list[int]] = []
         width = -1
         for i in order:
-            w = -(-lengths[i] // _BUCKET) * _BUCKET
+            w = _width(lengths[i])
             if w != width or len(batches[-1]) == self.batch_size:
                 batches.append([])
                 width = w
@@ -268,7 +275,7 @@ class Encoder:
         n_batches = 0
         for batch, riders in batches:
             seqs = [wrapped[i] if i < base else wrapped_guests[i - base] for i in batch]
-            width = -(-max(map(len, seqs)) // _BUCKET) * _BUCKET
+            width = _width(max(map(len, seqs)))
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, seq in enumerate(seqs):
@@ -289,8 +296,8 @@ class Encoder:
             hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **extra)
             hidden = hidden.last_hidden_state
             n_batches += 1
-            for row, at, g in riders:
-                guest_out[g] = hidden[row, at + lead:at + lead + len(guests[g])]
+            for row, at, g in riders:  # (a copy: a view would keep the whole batch alive)
+                guest_out[g] = hidden[row, at + lead:at + lead + len(guests[g])].clone()
             if sink is not None and batch and batch[0] < base:
                 sink(batch, hidden, lead)
                 continue
@@ -312,11 +319,9 @@ class Encoder:
         """Where each guest (a wrapped length) rides: per batch, (row, start, guest) in the padding after
         a row's sequence (longest guest first, into the row with the most room left), and the guests
         that fit nowhere."""
-        import heapq
-
         room: list[tuple[int, int, int, int]] = []  # (-free, batch, row, start)
         for k, batch in enumerate(batches):
-            width = -(-max(lengths[i] for i in batch) // _BUCKET) * _BUCKET
+            width = _width(max(lengths[i] for i in batch))
             room.extend((lengths[i] - width, k, row, lengths[i]) for row, i in enumerate(batch)
                         if lengths[i] < width)
         heapq.heapify(room)
