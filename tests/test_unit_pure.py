@@ -251,3 +251,40 @@ def test_count_pieces_equals_count_many_through_its_memo(pieces, limit):
     finally:
         budget._PIECE_MEMO = old
     assert all(len(p) <= budget._PIECE_CHARS for p in tok._pieces)  # long pieces are counted, not kept
+
+
+@given(st.lists(st.text(max_size=60), max_size=20), st.integers(0, 400))
+@settings(max_examples=60, deadline=None)
+def test_count_many_serial_and_batched_agree(texts, threshold):
+    """Small inputs are counted one text after another, large ones in the tokenizer's parallel batch call:
+    the same counts either way, for quicktok and for a tiktoken-style encoding alike."""
+    import quicktok
+
+    from semtoken_rag import budget
+
+    class TiktokenLike:  # encode_ordinary / encode_ordinary_batch, as tiktoken.Encoding has them
+        name = "tiktoken-like"
+
+        def __init__(self):
+            self.enc = quicktok.get_encoding("cl100k_base")
+
+        def encode_ordinary(self, text):
+            return self.enc.encode_ordinary(text)
+
+        def encode_ordinary_batch(self, texts):
+            return [self.enc.encode_ordinary(t) for t in texts]
+
+    old = budget._SERIAL_CHARS
+    try:
+        for spec in ("llama3", TiktokenLike()):
+            tok = budget.BudgetTokenizer(spec)
+            budget._SERIAL_CHARS = 10**9
+            serial = tok.count_many(texts).tolist()
+            budget._SERIAL_CHARS = threshold  # some calls cross it, some not
+            mixed = tok.count_many(texts).tolist()
+            budget._SERIAL_CHARS = 0
+            batched = tok.count_many(texts).tolist()
+            assert serial == mixed == batched
+            assert all(c == 0 for c, t in zip(serial, texts) if not t)
+    finally:
+        budget._SERIAL_CHARS = old
