@@ -23,7 +23,8 @@ _PIECE_CHARS = 32
 # pieces are far below it: waking a thread pool costs more than it saves there, most of all right after
 # the encoder pass, when torch's OpenMP threads still hold the cores (on 2 cores after a torch op,
 # quicktok for 20 passages: 1.21 ms batched, 0.30 ms serial; 400: 6.20 and 6.00; 1,000: 11.99 and 14.61;
-# a cold call of 20 passages 16 ms faster). Prewarming counts whole batches of passages in parallel.
+# a cold call of 20 passages 8-19 ms faster in side-by-side runs). Only counts over many long texts at once
+# (count_many of a corpus) still go to the batch call.
 _SERIAL_CHARS = 262_144
 
 
