@@ -3,7 +3,7 @@
 # framework. Layers, top to bottom:
 #   4 faces:   cli, prewarm(_cli), datasets, testing, integrations/
 #   3 engine:  semtoken_rag/engine.py, semtoken_rag/registry.py, prepare, batching
-#   2 method:  analysis, encoder, spans, structure, budget, render, repeats, device_search, text (and results, config)
+#   2 method:  analysis, encoder, graphs, spans, structure, budget, render, repeats, device_search, text (and results, config)
 #   1 storage: keys, fileformat, lru, store, diskstore, redis_store, store_url
 # Exits non-zero and names each offending import.
 set -euo pipefail
@@ -19,7 +19,7 @@ LAYER = {
     "cli": 4, "datasets": 4, "__main__": 4, "prewarm": 4, "prewarm_cli": 4, "testing": 4,
     "engine": 3, "registry": 3, "__init__": 3, "prepare": 3, "batching": 3,
     "encoder": 2, "spans": 2, "structure": 2, "budget": 2, "render": 2, "repeats": 2, "text": 2,
-    "device_search": 2, "evidence": 2, "analysis": 2,
+    "device_search": 2, "evidence": 2, "analysis": 2, "graphs": 2,
     "results": 2, "config": 2,
     "keys": 1, "fileformat": 1, "store": 1, "diskstore": 1, "lru": 1, "redis_store": 1, "store_url": 1,
 }

@@ -113,7 +113,7 @@ class SemToken:
         cfg = self.config
         self.encoder = Encoder(cfg.encoder, device=cfg.device, dtype=cfg.dtype, max_length=cfg.max_length,
                                window_overlap=cfg.window_overlap, batch_size=cfg.batch_size,
-                               show_progress_bar=cfg.show_progress_bar)
+                               show_progress_bar=cfg.show_progress_bar, cuda_graphs=cfg.cuda_graphs)
         self.tokenizer = BudgetTokenizer(cfg.tokenizer)
         disk = None if cfg.cache_dir is None else DirectoryStore(
             cfg.cache_dir, max_disk_bytes=cfg.cache_max_disk_bytes, fsync=False)

@@ -155,6 +155,43 @@ def test_fp16_and_fp32_agreement():
     assert same >= len(qs) - 2  # fp16 rounding may move a near-tie; most must agree
 
 
+def test_cuda_graphs_equal_eager():
+    """Replayed graphs give the eager pass's fingerprints and query vectors bit for bit, whatever batch
+    ran in the graph's rows before (spare rows hold an earlier, longer batch's tokens), and the same kept
+    contexts; a call's 20 chunks take one batch."""
+    qs = sample()
+    graphed, eager = cuda_engine(), SemToken(SemTokenConfig(encoder=encoder_name(), device="cuda", cuda_graphs=False))
+    assert graphed.encoder.graphs is not None and eager.encoder.graphs is None
+    assert graphed.encoder.bucket == graphed.encoder.max_length
+    big = [c for q in qs for c in q.chunks][:30]
+    graphed.encoder.fingerprint(big)  # fills 30 of the 32-row graph's rows; the smaller batches reuse it
+    for q in qs:
+        a, qa, sa = graphed.encoder.encode(list(q.chunks[:17]), [q.question])
+        b, qb, sb = eager.encoder.encode(list(q.chunks[:17]), [q.question])
+        assert sa.batches == sb.batches == 1
+        assert all(np.array_equal(x.units, y.units) and torch.equal(x.vectors, y.vectors) for x, y in zip(a, b))
+        assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(qa, qb))
+    equal = [same_kept(graphed.compress(list(q.chunks), q.question, rate=0.33),
+                       eager.compress(list(q.chunks), q.question, rate=0.33)) for q in qs]
+    print(f"CUDA graphs captured: {graphed.encoder.graphs.captured}; kept contexts equal to eager: "
+          f"{sum(equal)} of {len(equal)}")
+    eager.close()
+    assert all(equal) and graphed.encoder.graphs.enabled
+
+
+def test_cuda_graphs_from_threads():
+    """Threads fingerprinting through one encoder's graphs get what one thread gets."""
+    import concurrent.futures
+
+    enc = cuda_engine().encoder
+    texts = [c for q in sample() for c in q.chunks]
+    parts = [texts[k::8] for k in range(8)]
+    want = [enc.fingerprint(p) for p in parts]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(enc.fingerprint, parts * 4))
+    assert all(torch.equal(x.vectors, y.vectors) for g, w in zip(got, want * 4) for x, y in zip(g, w))
+
+
 def _run_plain() -> int:
     if not HAS_CUDA:
         print("no CUDA device: GPU tests skipped")

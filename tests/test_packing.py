@@ -71,6 +71,7 @@ def test_a_riding_query_does_not_depend_on_its_host(tiny):
 def test_place_fills_padding_without_overlap(lengths, guests, batch_size):
     enc = Encoder.__new__(Encoder)
     enc.batch_size = batch_size
+    enc.bucket = _BUCKET
     batches = enc._batches(lengths) if lengths else []
     placed, alone = Encoder._place(batches, lengths, guests)
     seen = sorted(alone) + sorted(g for riders in placed.values() for _, _, g in riders)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from semtoken_rag import spans as sp
 from semtoken_rag.budget import select_under_budget
 from semtoken_rag.render import join_slices, kept_slices
-from semtoken_rag.text import MAX_UNIT_CHARS, split_units
+from semtoken_rag.text import MAX_UNIT_CHARS, split_units, split_units_many, split_units_regex
 
 
 @st.composite
@@ -98,6 +98,35 @@ def test_units_are_the_words(text):
             merged.append(text[s:e])
         assert e - s <= MAX_UNIT_CHARS or len(regex.findall(r"\X", text[s:e])) == 1
     assert merged == words
+
+
+_ODD = st.sampled_from(["\u3000", "\x85", "\xa0", "\u2028", "\x1c", "\ud800", "\udfff", "e\u0301", "😀",
+                        "👩\u200d👩\u200d👧", "日", "한", "\uffff", "\U00020000", "\n", "a" * 30])
+
+
+@given(st.lists(st.one_of(st.text(max_size=40), _ODD), max_size=12).map("".join), st.integers(1, 30))
+@settings(max_examples=300, deadline=None)
+def test_split_units_equals_the_regex_loop(text, max_chars):
+    """The numpy unit finder returns exactly the regex loop's spans (surrogates, CJK, whitespace of every
+    kind, astral code points, long runs)."""
+    want = split_units_regex(text, max_chars)
+    got = split_units(text, max_chars)
+    assert got.dtype == want.dtype == np.int64 and got.shape == want.shape and np.array_equal(got, want)
+
+
+@given(st.lists(st.lists(st.one_of(st.text(max_size=30), _ODD), max_size=6).map("".join), max_size=600),
+       st.integers(1, 30))
+@settings(max_examples=100, deadline=None)
+def test_split_units_many_equals_one_text_at_a_time(texts, max_chars):
+    got = split_units_many(texts, max_chars)
+    assert len(got) == len(texts)
+    for g, t in zip(got, texts):
+        assert g.shape[1:] == (2,) and np.array_equal(g, split_units_regex(t, max_chars))
+
+
+def test_no_whitespace_or_cjk_above_the_bmp():
+    """split_units classifies code points through a table of the BMP: none above it may be whitespace."""
+    assert not any(chr(c).isspace() for c in range(0x10000, 0x110000))
 
 
 def _is_cjk(c: str) -> bool:
