@@ -393,7 +393,9 @@ def _stats_group(vectors: Sequence[np.ndarray], bounds: Sequence[np.ndarray], br
 
     def entropy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         count = np.maximum(b - a, 1)
-        mean = (sums[b] - sums[a]) / count[:, None]
+        mean = sums[b]  # (in place from here: the same arithmetic without two more temporaries)
+        mean -= sums[a]
+        mean /= count[:, None]
         return np.maximum((sq[b] - sq[a]) / count - np.einsum("ij,ij->i", mean, mean), 0.0).astype(np.float32)
 
     def unit(x: np.ndarray) -> np.ndarray:  # as torch.nn.functional.normalize: x / max(||x||, 1e-12)

@@ -220,6 +220,7 @@ class Encoder:
         # a pass is bound by launching kernels: one width puts a call's chunks in one batch (20 NQ passages on
         # an H100: 2.6 batches a call and 14-68 ms at 32; 1 batch and 8.2 ms at 256) and lets CUDA graphs run it.
         self.bucket = self.max_length if self.device.type == "cuda" else _BUCKET
+        self.group_texts = self.device.type == "cuda"  # see encode()
         self.graphs: GraphedForward | None = None
         if self.device.type == "cuda" and cuda_graphs:
             self.graphs = GraphedForward(self.model, self.device, self.bucket, self.batch_size, self._pad_id())
@@ -448,7 +449,7 @@ class Encoder:
         # overlaps the GPU's pass over the group before, and the results come back in one transfer at the
         # end. (Rows are independent, so grouping changes no fingerprint.) On CPU, one group: the batches are
         # length-sorted over all texts, which saves padding FLOPs.
-        step = self.batch_size if self.device.type == "cuda" else len(texts)
+        step = self.batch_size if self.group_texts else len(texts)
         groups, guest_hidden, batches, seconds = [], [], 0, 0.0
         for start in range(0, max(len(texts), 1), max(step, 1)):
             part = texts[start:start + step]

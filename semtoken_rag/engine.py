@@ -720,7 +720,9 @@ def choose_repeat_search(device: torch.device) -> str:
 def _concat(fps: list[Fingerprints], device: torch.device) -> _Call:
     sizes = np.asarray([len(fp.units) for fp in fps], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    vectors = torch.cat([fp.vectors for fp in fps]) if len(fps) else torch.zeros((0, 1))
+    # (numpy's concatenation of the float16 rows: a plain copy, where torch's may wake its thread pool)
+    vectors = torch.from_numpy(np.concatenate([fp.vectors.numpy() for fp in fps])) if len(fps) else \
+        torch.zeros((0, 1))
     vectors = vectors.to(device).float()
     return _Call(vectors, [fp.units for fp in fps], offsets, np.repeat(np.arange(len(fps)), sizes))
 

@@ -179,6 +179,29 @@ def test_cuda_graphs_equal_eager():
     assert all(equal) and graphed.encoder.graphs.enabled
 
 
+def test_cuda_graphs_capture_failure_falls_back_to_eager():
+    """A graph that cannot be captured turns graphs off for that encoder, with a warning, and the encoder
+    runs eagerly with the same fingerprints."""
+    import semtoken_rag.graphs as graphs_module
+
+    eng = SemToken(SemTokenConfig(encoder=encoder_name(), device="cuda"))
+    texts = [c for q in sample() for c in q.chunks][:9]
+    real = graphs_module.torch.cuda.graph
+
+    def broken(*a, **kw):
+        raise RuntimeError("capture refused (test)")
+
+    graphs_module.torch.cuda.graph = broken
+    try:
+        got = eng.encoder.fingerprint(texts)
+    finally:
+        graphs_module.torch.cuda.graph = real
+    assert eng.encoder.graphs is not None and not eng.encoder.graphs.enabled and eng.encoder.graphs.captured == 0
+    want = cuda_engine().encoder.fingerprint(texts)
+    assert all(torch.equal(x.vectors, y.vectors) for x, y in zip(got, want))
+    eng.close()
+
+
 def test_cuda_graphs_from_threads():
     """Threads fingerprinting through one encoder's graphs get what one thread gets."""
     import concurrent.futures

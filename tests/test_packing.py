@@ -45,6 +45,22 @@ def test_encode_gives_the_fingerprints_and_query_vectors_of_the_separate_passes(
     assert stats.batches == alone + 1
 
 
+def test_encode_in_groups_equals_one_group(tiny_encoder):
+    """Texts encoded in groups of batch_size (CUDA's way: each group's host work overlaps the pass over
+    the one before) get the fingerprints of one group, bit for bit, and the queries still ride."""
+    one = Encoder(str(tiny_encoder), device="cpu", max_length=32, window_overlap=8, batch_size=4)
+    grouped = Encoder(str(tiny_encoder), device="cpu", max_length=32, window_overlap=8, batch_size=4)
+    grouped.group_texts = True
+    texts = TEXTS * 3  # 27 texts: 7 groups, blank and long texts among them
+    want, want_q, _ = one.encode(texts, QUERIES)
+    got, got_q, stats = grouped.encode(texts, QUERIES)
+    assert len(got) == len(texts) and stats.batches >= 7
+    for a, b in zip(got, want):
+        assert np.array_equal(a.units, b.units) and torch.equal(a.vectors, b.vectors)
+    _same_queries(got_q, want_q)
+    assert grouped.encode([], ["who"])[0] == [] and len(grouped.encode([], ["who"])[1]) == 1
+
+
 def test_encode_queries_only_texts_only_and_blank_texts(tiny):
     fps, queries, stats = tiny.encode([], QUERIES[:2])
     assert fps == [] and stats.batches == 1
