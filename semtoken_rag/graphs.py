@@ -3,7 +3,7 @@
 A small encoder's eager forward on a GPU is bound by the host launching its kernels, not by the GPU:
 on an H100 one MiniLM pass over 20 passages (20 x 256 tokens) spent 4.1 ms launching and finished 0.05 ms
 later; replayed from a CUDA graph the same pass took 1.2 ms with 0.03 ms on the host, and its hidden states
-were bit-identical to the eager pass's (2026-11-23, ``.gpu/exp.py``).
+were bit-identical to the eager pass's (2026-11-23, ``benchmarks/cuda/experiments.py``).
 
 Every batch on CUDA has one width (the encoder's window, see :attr:`Encoder.bucket`), so a graph is keyed
 by its row count alone, rounded up to a power of two (at most the batch size), and by whether queries ride
