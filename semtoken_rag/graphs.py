@@ -76,7 +76,7 @@ class GraphedForward:
         ``None`` when graphs are off (capturing failed), so that the caller runs the eager pass."""
         n = len(ids)
         riders = positions is not None
-        with self._lock:
+        with self._lock, torch.cuda.device(self.device):  # (capture and replay on the model's GPU)
             if not self.enabled:
                 return None
             graph = self._graphs.get((graph_rows(n, self.max_rows), riders))
