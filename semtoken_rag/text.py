@@ -66,7 +66,8 @@ _CLASS = _classes()
 def split_units(text: str, max_chars: int = MAX_UNIT_CHARS) -> np.ndarray:
     """Character spans ``(start, end)`` of the units of ``text``: whitespace-free runs, CJK per character,
     runs longer than ``max_chars`` in grapheme-safe pieces (the matches of ``UNIT_RE``, found on the code
-    points in numpy: about 6x faster than the regex loop on NQ passages).
+    points in numpy: on one NQ passage 40 µs against 70 µs for a loop over the regex's matches; see
+    :func:`split_units_many` for many texts at once).
 
     >>> split_units("Hello, world!  日本").tolist()
     [[0, 6], [7, 13], [15, 16], [16, 17]]
@@ -106,7 +107,8 @@ def split_units(text: str, max_chars: int = MAX_UNIT_CHARS) -> np.ndarray:
 
 def split_units_many(texts: list[str], max_chars: int = MAX_UNIT_CHARS) -> list[np.ndarray]:
     """:func:`split_units` of each text, found in one pass over the texts joined by newlines (a newline
-    ends every run, so no unit crosses texts): the per-call numpy overhead is paid once, not per text.
+    ends every run, so no unit crosses texts): the per-call numpy overhead is paid once, not per text
+    (a call's 20 NQ passages: 0.32 ms against 2.04 ms for the regex loop).
 
     >>> [u.tolist() for u in split_units_many(["Hello, world!", "", "日本 a"])]
     [[[0, 6], [7, 13]], [], [[0, 1], [1, 2], [3, 4]]]
@@ -120,22 +122,3 @@ def split_units_many(texts: list[str], max_chars: int = MAX_UNIT_CHARS) -> list[
     base = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
     cut = np.searchsorted(spans[:, 0], base[1:])
     return [part - b for part, b in zip(np.split(spans, cut), base.tolist())]
-
-
-def split_units_regex(text: str, max_chars: int = MAX_UNIT_CHARS) -> np.ndarray:
-    """:func:`split_units` the plain way, one ``UNIT_RE`` match at a time (the reference in the tests).
-
-    >>> split_units_regex("Hello, world!  日本").tolist()
-    [[0, 6], [7, 13], [15, 16], [16, 17]]
-    """
-    spans: list[tuple[int, int]] = []
-    for m in UNIT_RE.finditer(text):
-        s, e = m.span()
-        if e - s <= max_chars:
-            spans.append((s, e))
-            continue
-        prev = s
-        for end in grapheme_pieces(text[s:e], max_chars):
-            spans.append((prev, s + end))
-            prev = s + end
-    return np.asarray(spans, dtype=np.int64).reshape(-1, 2)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from semtoken_rag import spans as sp
 from semtoken_rag.budget import select_under_budget
 from semtoken_rag.render import join_slices, kept_slices
-from semtoken_rag.text import MAX_UNIT_CHARS, split_units, split_units_many, split_units_regex
+from semtoken_rag.text import MAX_UNIT_CHARS, UNIT_RE, grapheme_pieces, split_units, split_units_many
 
 
 @st.composite
@@ -98,6 +98,21 @@ def test_units_are_the_words(text):
             merged.append(text[s:e])
         assert e - s <= MAX_UNIT_CHARS or len(regex.findall(r"\X", text[s:e])) == 1
     assert merged == words
+
+
+def split_units_regex(text: str, max_chars: int = MAX_UNIT_CHARS) -> np.ndarray:
+    """The units the plain way, one ``UNIT_RE`` match at a time: the reference for the numpy finder."""
+    spans: list[tuple[int, int]] = []
+    for m in UNIT_RE.finditer(text):
+        s, e = m.span()
+        if e - s <= max_chars:
+            spans.append((s, e))
+            continue
+        prev = s
+        for end in grapheme_pieces(text[s:e], max_chars):
+            spans.append((prev, s + end))
+            prev = s + end
+    return np.asarray(spans, dtype=np.int64).reshape(-1, 2)
 
 
 _ODD = st.sampled_from(["\u3000", "\x85", "\xa0", "\u2028", "\x1c", "\ud800", "\udfff", "e\u0301", "😀",
