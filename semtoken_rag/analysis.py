@@ -34,7 +34,7 @@ from .budget import BudgetTokenizer
 from .lru import ByteLRU
 
 __all__ = ["AnalysisMemo", "AnalysisSpec", "CallAnalysis", "CallStats", "ChunkAnalysis", "ChunkStats", "call_stats",
-           "chunk_stats", "chunk_stats_many", "tokenizer_identity"]
+           "chunk_stats", "chunk_stats_many", "tokenizer_identity", "window_entropy"]
 
 _ENTRY_OVERHEAD = 512  # the entry object, its dict and its LRU slot, roughly
 
@@ -184,7 +184,7 @@ def _sizeof(value: Any) -> int:
     if isinstance(value, np.ndarray):
         return value.nbytes
     if isinstance(value, (list, tuple, set, frozenset)):
-        if all(type(v) is str for v in value):  # search terms, candidate words: the usual case, in C
+        if type(next(iter(value), "")) is str:  # search terms, candidate words: the usual case, in C
             return sys.getsizeof(value) + sum(map(sys.getsizeof, value))
         return sys.getsizeof(value) + sum(_sizeof(v) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -304,8 +304,9 @@ def _type_candidates(text: str, units: np.ndarray, kind: str, words: list[str]
 @dataclass(frozen=True)
 class ChunkStats:
     """A chunk's query-independent vector statistics (float32): ``span_entropy`` the semantic entropy of
-    each span's local window, ``seg_entropy`` each segment's, ``centroids`` each segment's mean vector
-    L2-normalised, ``centroid`` the whole chunk's."""
+    the local window of each span of several units (``nan`` for a single unit: selection never reads it,
+    since one word is never collapsed; :func:`window_entropy` gives every span's), ``seg_entropy`` each
+    segment's, ``centroids`` each segment's mean vector L2-normalised, ``centroid`` the whole chunk's."""
 
     span_entropy: np.ndarray
     seg_entropy: np.ndarray
@@ -328,12 +329,13 @@ def chunk_stats(vectors: np.ndarray, bounds: np.ndarray, breaks: np.ndarray, win
     segment breaks, in float64 over the chunk alone: the values depend on nothing but the chunk, whatever
     call it comes with and whether they come from the memo.
 
-    Semantic entropy H = Tr(Cov) = mean ||h||^2 - ||mean h||^2 of a range (clamped at 0), from prefix sums.
+    Semantic entropy H = Tr(Cov) = mean ||h||^2 - ||mean h||^2 of a range (clamped at 0), from the
+    range's own sums.
 
     >>> v = np.array([[1., 0], [1., 0], [0., 1]], dtype=np.float16)
     >>> s = chunk_stats(v, np.array([0, 2, 3]), np.array([False, True, True]), 5)
     >>> [round(float(x), 3) for x in s.span_entropy], s.seg_entropy.tolist(), s.centroids.tolist()
-    ([0.444, 0.444], [0.0, 0.0], [[1.0, 0.0], [0.0, 1.0]])
+    ([0.444, nan], [0.0, 0.0], [[1.0, 0.0], [0.0, 1.0]])
     """
     return chunk_stats_many([vectors], [bounds], [breaks], window_units)[0]
 
@@ -341,73 +343,92 @@ def chunk_stats(vectors: np.ndarray, bounds: np.ndarray, breaks: np.ndarray, win
 def chunk_stats_many(vectors: Sequence[np.ndarray], bounds: Sequence[np.ndarray],
                      breaks: Sequence[np.ndarray], window_units: int) -> list[ChunkStats]:
     """:func:`chunk_stats` of several chunks in one vectorised pass, the same numbers as one at a time:
-    each chunk's prefix sums start from zero and run down its own rows alone (a padded ``(chunks, k + 1,
-    d)`` cumsum), and every later step works row by row. Chunks go in groups of similar length, so that
-    padding never much exceeds what the chunks hold (one huge chunk among short ones is a group alone)."""
-    groups: list[list[int]] = []
-    held = 0  # rows (with the empty prefix) the last group's chunks hold
-    for i in sorted(range(len(vectors)), key=lambda i: len(vectors[i])):  # the newest is a group's longest
-        rows = len(vectors[i]) + 1
-        if not groups or (len(groups[-1]) + 1) * rows > 2 * (held + rows) + 4096:
-            groups.append([])
-            held = 0
-        groups[-1].append(i)
-        held += rows
-    out: list[ChunkStats | None] = [None] * len(vectors)
-    for g in groups:
-        done = _stats_group([vectors[j] for j in g], [bounds[j] for j in g], [breaks[j] for j in g], window_units)
-        for j, stats in zip(g, done):
-            out[j] = stats
-    return out  # type: ignore[return-value]
-
-
-def _stats_group(vectors: Sequence[np.ndarray], bounds: Sequence[np.ndarray], breaks: Sequence[np.ndarray],
-                 window_units: int) -> list[ChunkStats]:
+    every sum runs over one segment's or one window's rows alone, in order, so no number depends on
+    another chunk. Segment sums are one ``index_add_`` over the call's rows (float64); only the windows of
+    spans of several units (a few in a call) are summed, row by row of the window."""
     n = len(vectors)
-    ks = [len(v) for v in vectors]
-    d = int(np.shape(vectors[0])[1])
-    kmax = max(ks)
-    padded = torch.zeros((n, kmax + 1, d), dtype=torch.float64)  # row 0 of each chunk: the empty prefix
-    for i, v in enumerate(vectors):
-        if len(v):
-            padded[i, 1:len(v) + 1] = torch.from_numpy(np.asarray(v))  # (converted by torch: faster)
-    rows = padded.numpy().reshape(n * (kmax + 1), d)
-    sq = np.cumsum(np.einsum("ij,ij->i", rows, rows).reshape(n, kmax + 1), axis=1).reshape(-1)
-    sums = torch.cumsum(padded, 1).numpy().reshape(n * (kmax + 1), d)  # (sequential down each chunk's rows)
-    # every chunk's spans, windows and segments, as rows of the flattened prefix sums
-    span_a, span_b, seg_a, seg_b, n_spans, n_segs = [], [], [], [], [], []
-    for i, (k, bd, br) in enumerate(zip(ks, bounds, breaks)):
-        base = i * (kmax + 1)
-        starts, ends = bd[:-1], bd[1:]
-        ws, we = sp.window_ranges(starts, ends, np.zeros_like(starts), np.full_like(starts, k), window_units)
-        segs = sp.segment_bounds(br)
-        span_a.append(ws + base)
-        span_b.append(we + base)
-        seg_a.append(segs[:-1] + base)
-        seg_b.append(segs[1:] + base)
-        n_spans.append(len(starts))
-        n_segs.append(len(segs) - 1)
-    span_a, span_b = np.concatenate(span_a), np.concatenate(span_b)
-    seg_a, seg_b = np.concatenate(seg_a), np.concatenate(seg_b)
-    ends_k = np.arange(n) * (kmax + 1) + np.asarray(ks)
-
-    def entropy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        count = np.maximum(b - a, 1)
-        mean = sums[b]  # (in place from here: the same arithmetic without two more temporaries)
-        mean -= sums[a]
-        mean /= count[:, None]
-        return np.maximum((sq[b] - sq[a]) / count - np.einsum("ij,ij->i", mean, mean), 0.0).astype(np.float32)
-
-    def unit(x: np.ndarray) -> np.ndarray:  # as torch.nn.functional.normalize: x / max(||x||, 1e-12)
-        return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
-
-    span_h, seg_h = entropy(span_a, span_b), entropy(seg_a, seg_b)
-    cents = unit((sums[seg_b] - sums[seg_a]) / np.maximum(seg_b - seg_a, 1)[:, None])
-    chunk_cents = unit(sums[ends_k] / np.maximum(np.asarray(ks), 1)[:, None])
-    sp_cut = np.cumsum([0, *n_spans])
-    sg_cut = np.cumsum([0, *n_segs])
+    if n == 0:
+        return []
+    arrs = [np.asarray(v) for v in vectors]
+    d = int(arrs[0].shape[1])
+    ks = np.fromiter((len(v) for v in arrs), dtype=np.int64, count=n)
+    off = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(ks, out=off[1:])
+    x16 = np.concatenate(arrs) if off[-1] else np.zeros((0, d), dtype=np.float16)
+    x = torch.from_numpy(x16).double()
+    # segments (each chunk's last unit is a break: none crosses a chunk end)
+    brk = np.concatenate([np.asarray(b, dtype=bool) for b in breaks])
+    seg_b = np.flatnonzero(brk) + 1
+    seg_a = np.concatenate([[0], seg_b[:-1]]).astype(np.int64) if len(seg_b) else seg_b
+    n_seg = len(seg_b)
+    seg_of = torch.from_numpy(np.repeat(np.arange(n_seg), seg_b - seg_a))
+    sums = torch.zeros((n_seg, d), dtype=torch.float64).index_add_(0, seg_of, x)  # (row after row)
+    sq = torch.zeros(n_seg, dtype=torch.float64).index_add_(0, seg_of, torch.linalg.vecdot(x, x))
+    seg_n = np.maximum(seg_b - seg_a, 1)
+    seg_h = _entropy(sums.numpy(), sq.numpy(), seg_n)
+    cents = _unit(sums.numpy() / seg_n[:, None])
+    seg_chunk = np.searchsorted(off, seg_a, side="right") - 1
+    n_segs = np.bincount(seg_chunk, minlength=n)
+    chunk_sums = torch.zeros((n, d), dtype=torch.float64).index_add_(0, torch.from_numpy(seg_chunk), sums)
+    chunk_cents = _unit(chunk_sums.numpy() / np.maximum(ks, 1)[:, None])
+    # the windows of spans of several units
+    n_spans = np.fromiter((len(b) - 1 for b in bounds), dtype=np.int64, count=n)
+    span_chunk = np.repeat(np.arange(n), n_spans)
+    starts = np.concatenate([np.asarray(b[:-1], dtype=np.int64) for b in bounds]) + off[span_chunk]
+    ends = np.concatenate([np.asarray(b[1:], dtype=np.int64) for b in bounds]) + off[span_chunk]
+    span_h = np.full(len(starts), np.nan, dtype=np.float32)
+    wide = np.flatnonzero(ends - starts > 1)
+    if len(wide):
+        c = span_chunk[wide]
+        ws, we = sp.window_ranges(starts[wide], ends[wide], off[c], off[c + 1], window_units)
+        span_h[wide] = _window_entropy(x16, ws, we)
+    sp_cut = np.concatenate([[0], np.cumsum(n_spans)]).tolist()
+    sg_cut = np.concatenate([[0], np.cumsum(n_segs)]).tolist()
     return [ChunkStats(span_h[sp_cut[i]:sp_cut[i + 1]].copy(), seg_h[sg_cut[i]:sg_cut[i + 1]].copy(),
                        cents[sg_cut[i]:sg_cut[i + 1]].copy(), chunk_cents[i].copy()) for i in range(n)]
+
+
+def window_entropy(vectors: np.ndarray, bounds: np.ndarray, window_units: int) -> np.ndarray:
+    """The semantic entropy of every span's local window (float32), of one chunk's unit vectors
+    (``(k, d)``) and span bounds: what :class:`ChunkStats` holds for spans of several units, and for
+    single units too (a result's spans report it when read).
+
+    >>> v = np.array([[1., 0], [1., 0], [0., 1]], dtype=np.float16)
+    >>> [round(float(x), 3) for x in window_entropy(v, np.array([0, 2, 3]), 5)]
+    [0.444, 0.444]
+    """
+    x16 = np.asarray(vectors)
+    bounds = np.asarray(bounds, dtype=np.int64)
+    k = len(x16)
+    starts, ends = bounds[:-1], bounds[1:]
+    ws, we = sp.window_ranges(starts, ends, np.zeros_like(starts), np.full_like(starts, k), window_units)
+    return _window_entropy(x16, ws, we)
+
+
+def _window_entropy(x16: np.ndarray, ws: np.ndarray, we: np.ndarray) -> np.ndarray:
+    """Entropy of rows ``[ws[i], we[i])`` of ``x16``, each window summed in float64 row by row."""
+    if len(ws) == 0:
+        return np.zeros(0, dtype=np.float32)
+    x = torch.from_numpy(np.ascontiguousarray(x16))
+    width = we - ws
+    sums = torch.zeros((len(ws), x.shape[1]), dtype=torch.float64)
+    sq = torch.zeros(len(ws), dtype=torch.float64)
+    for j in range(int(width.max())):  # the j-th row of every window that has one
+        has = torch.from_numpy(np.flatnonzero(width > j))
+        rows = x.index_select(0, torch.from_numpy(ws[has.numpy()] + j)).double()
+        sums.index_add_(0, has, rows)
+        sq.index_add_(0, has, torch.linalg.vecdot(rows, rows))
+    return _entropy(sums.numpy(), sq.numpy(), np.maximum(width, 1))
+
+
+def _entropy(sums: np.ndarray, sq: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """mean ||h||^2 - ||mean h||^2 from a range's sums (clamped at 0), float32."""
+    mean = sums / count[:, None]
+    return np.maximum(sq / count - np.einsum("ij,ij->i", mean, mean), 0.0).astype(np.float32)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:  # as torch.nn.functional.normalize: v / max(||v||, 1e-12)
+    return (v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def call_stats(memo: AnalysisMemo, spec: AnalysisSpec, chunks: Sequence[str], vectors: Sequence[Any],

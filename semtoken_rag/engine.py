@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import numbers
@@ -513,7 +514,13 @@ class SemToken:
         span_status = np.where(collapsed & keep_units[starts], "collapsed", np.where(
             keep_units[starts], "kept", np.where(repeat[span_seg], "repeat", "dropped")))
         span_rel = None if seg_rel_np is None else seg_rel_np[span_seg]
-        return self._result(state, span_status, span_entropy, span_rel, chunk_rel_np, texts, slices, out_counts,
+        # every span's window entropy, worked out for a chunk only when its spans are read (selection reads
+        # the spans of several units alone)
+        span_bounds = [e.bounds for e in ana.chunks] if cfg.use_clustering else \
+            [np.arange(len(u) + 1, dtype=np.int64) for u in call.units]
+        entropy = [functools.partial(_window_entropy, fp.vectors, b, cfg.window_units)
+                   for fp, b in zip(fps, span_bounds)]
+        return self._result(state, span_status, entropy, span_rel, chunk_rel_np, texts, slices, out_counts,
                             hits, encoder_calls)
 
     def _best_partial(self, chunks, call, segs, keep_units, score, allowed, unit_cost, group, q_tokens,
@@ -662,7 +669,7 @@ class SemToken:
                 return texts, slices, np.zeros_like(out_counts), keep_units
             keep[kept_idx[np.argmin(score[kept_idx])]] = False
 
-    def _result(self, state: _State, status: np.ndarray, entropy: np.ndarray, span_rel: np.ndarray | None,
+    def _result(self, state: _State, status: np.ndarray, entropy: list[Any], span_rel: np.ndarray | None,
                 chunk_rel_np: np.ndarray | None, texts: list[str], slices: list[list[tuple[int, int]]],
                 out_counts: np.ndarray, hits: int, encoder_calls: int) -> CompressionResult:
         chunks, counts, call, starts, ends = state.chunks, state.counts, state.call, state.starts, state.ends
@@ -675,7 +682,7 @@ class SemToken:
         out = []
         for i, text in enumerate(chunks):
             a, b = per_chunk[i], per_chunk[i + 1]
-            infos = SpanList(char_start[a:b], char_end[a:b], status[a:b], entropy[a:b],
+            infos = SpanList(char_start[a:b], char_end[a:b], status[a:b], entropy[i],
                              None if span_rel is None else span_rel[a:b], score[a:b])
             rep = tuple(zip(char_start[a:b][is_repeat[a:b]].tolist(), char_end[a:b][is_repeat[a:b]].tolist()))
             out.append(CompressedChunk(
@@ -715,6 +722,11 @@ def choose_repeat_search(device: torch.device) -> str:
     if device.type == "cuda":
         return "faiss-gpu" if faiss_gpu_available() else "torch"
     return "faiss-cpu"
+
+
+def _window_entropy(vectors: torch.Tensor, bounds: np.ndarray, window_units: int) -> np.ndarray:
+    """Window entropy of each span of one chunk (:func:`semtoken_rag.analysis.window_entropy`)."""
+    return an.window_entropy(vectors.cpu().numpy(), bounds, window_units)
 
 
 def _concat(fps: list[Fingerprints], device: torch.device) -> _Call:

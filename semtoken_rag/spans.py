@@ -41,12 +41,15 @@ def sentence_break_after(text: str, units: np.ndarray) -> np.ndarray:
     return out
 
 
-def local_clusters(vectors: torch.Tensor, break_after: np.ndarray, tau: float, max_units: int) -> np.ndarray:
+def local_clusters(vectors: torch.Tensor, break_after: np.ndarray, tau: float, max_units: int, *,
+                   full_band: bool | None = None) -> np.ndarray:
     """Algorithm 1 (span formation): greedy runs of adjacent units similar to the run's anchor.
 
     A unit joins the current span while cos(anchor, unit) > ``tau``, the span has fewer than
     ``max_units`` units and no break lies between. Returns span boundaries ``b`` (spans are
-    ``[b[k], b[k+1])``), ``b[0] == 0`` and ``b[-1] == n``. One O(n) scan over precomputed similarities.
+    ``[b[k], b[k+1])``), ``b[0] == 0`` and ``b[-1] == n``. One O(n) scan over precomputed similarities:
+    on a GPU the full band of them (``full_band``, the default there), on the CPU only those the scan
+    can read.
 
     >>> import torch, numpy as np
     >>> v = torch.tensor([[1., 0], [1, 0.01], [0, 1], [0, 1]])
@@ -58,24 +61,32 @@ def local_clusters(vectors: torch.Tensor, break_after: np.ndarray, tau: float, m
         return np.zeros(1, dtype=np.int64)
     k = max(1, min(max_units, n))
     normed = torch.nn.functional.normalize(vectors.float(), dim=-1)
-    if normed.device.type == "cpu":
-        band = _band_read(normed, break_after, tau, k)
+    if not (normed.device.type != "cpu" if full_band is None else full_band):
+        ok = _band_read(normed, break_after, tau, k) > tau  # (entries it reads are within a sentence)
     else:
         padded = torch.cat([normed, torch.zeros((k, normed.shape[1]), device=normed.device)])
         # band[i, j] = cos(unit i, unit i + j + 1), for j < k - 1
         band = torch.stack([(normed * padded[j + 1:j + 1 + n]).sum(-1) for j in range(k - 1)], dim=1) \
             if k > 1 else torch.zeros((n, 0))
-        band = band.cpu().numpy()
-    bounds = [0]
-    t = 0
-    breaks = break_after
-    while t < n:
-        j = t + 1
-        while j < n and j - t < k and not breaks[j - 1] and band[t, j - t - 1] > tau:
-            j += 1
-        bounds.append(j)
-        t = j
-    return np.asarray(bounds, dtype=np.int64)
+        ok = band.cpu().numpy() > tau
+        if ok.shape[1]:  # unit t + j + 1 joins only within the text and with no break after t .. t + j
+            at = np.arange(n)[:, None] + np.arange(ok.shape[1])[None, :]
+            ok &= at + 1 < n
+            ok &= ~np.asarray(break_after, dtype=bool)[np.minimum(at, n - 1)]
+    # run[t]: how many units a span anchored at t takes (1 + the leading columns of its row that pass)
+    run = np.ones(n, dtype=np.int64)
+    if ok.shape[1]:
+        rows = np.flatnonzero(ok[:, 0])
+        run[rows] += np.cumprod(ok[rows], axis=1).sum(axis=1)
+    # the greedy scan from unit 0 steps one unit at a time except at anchors of longer runs; only those
+    # are visited (a run anchored inside an earlier span is never reached)
+    start = np.ones(n + 1, dtype=bool)
+    reached = 0
+    for t in np.flatnonzero(run > 1).tolist():
+        if t >= reached:
+            reached = t + int(run[t])
+            start[t + 1:reached] = False
+    return np.flatnonzero(start).astype(np.int64)
 
 
 def _band_read(normed: torch.Tensor, break_after: np.ndarray, tau: float, k: int) -> np.ndarray:
@@ -93,8 +104,11 @@ def _band_read(normed: torch.Tensor, break_after: np.ndarray, tau: float, k: int
     for m in range(k - 1):
         if len(rows) == 0:
             break
-        r = torch.as_tensor(rows)
-        vals = (normed.index_select(0, r) * normed.index_select(0, r + m + 1)).sum(-1).numpy()
+        if m == 0:  # most rows: every adjacent pair, as contiguous slices
+            vals = (normed[:-1] * normed[1:]).sum(-1).numpy()[rows]
+        else:
+            r = torch.as_tensor(rows)
+            vals = (normed.index_select(0, r) * normed.index_select(0, r + m + 1)).sum(-1).numpy()
         band[rows, m] = vals
         rows = rows[vals > tau]
         rows = rows[rows + m + 2 < n]
@@ -123,12 +137,21 @@ def cap_segment_costs(break_after: np.ndarray, costs: np.ndarray, max_cost: int)
     [False, True, False, True]
     """
     out = break_after.copy()
-    running = 0
-    for u, cost in enumerate(costs.tolist()):
-        if running and running + cost > max_cost:
-            out[u - 1] = True
-            running = 0
-        running = 0 if out[u] else running + cost
+    n = len(out)
+    if n == 0:
+        return out
+    bounds = segment_bounds(break_after)
+    if bounds[-1] != n:
+        bounds = np.append(bounds, n)
+    over = np.flatnonzero(np.add.reduceat(costs, bounds[:-1]) > max_cost) if len(bounds) > 1 else []
+    for k in over.tolist():  # only a segment costing more than max_cost is cut, unit by unit
+        a, b = int(bounds[k]), int(bounds[k + 1])
+        running = 0
+        for u, cost in enumerate(costs[a:b].tolist(), start=a):
+            if running and running + cost > max_cost:
+                out[u - 1] = True
+                running = 0
+            running += cost
     return out
 
 

@@ -115,7 +115,7 @@ def test_chunk_stats_depend_on_the_chunk_alone(tiny_encoder):
 
     a, b = stats(together, CHUNKS[3]), stats(alone, CHUNKS[3])
     for name in ("span_entropy", "seg_entropy", "centroids", "centroid"):
-        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+        assert getattr(a, name).tobytes() == getattr(b, name).tobytes(), name  # (bit for bit, nan too)
     # and a warm call on the chunks equals a fresh engine's cold one
     warm = together.compress(CHUNKS, "where was the banana prize awarded", rate=0.3)
     cold = _engine(tiny_encoder, **LEVERS).compress(CHUNKS, "where was the banana prize awarded", rate=0.3)
@@ -227,3 +227,23 @@ def test_local_clusters_reads_the_band_it_needs_only():
         brk[-1] = True
         tau, mu = float(rng.choice([0.9, 0.5, -1.0])), int(rng.choice([1, 2, 5, 16]))
         assert sp.local_clusters(v, brk, tau, mu).tolist() == _full_band_clusters(v, brk, tau, mu)
+
+
+def test_result_spans_report_every_window_entropy(tiny_encoder):
+    """Selection reads the window entropy of spans of several units only; a result's spans still report
+    every span's, worked out when read, equal to the statistics selection used."""
+    engine = _engine(tiny_encoder, tau=0.0)  # (spans of several units and single ones)
+    res = engine.compress(CHUNKS, "who awarded the first prize in 1901", rate=0.5)
+    fps = engine.encoder.fingerprint(CHUNKS)
+    for text, chunk, fp in zip(CHUNKS, res.chunks, fps):
+        entry = engine.analyses._lru.get((engine._spec.key, text))
+        every = an.window_entropy(fp.vectors.numpy(), entry.bounds, engine.config.window_units)
+        assert len(chunk.spans) == len(every)
+        assert [s.entropy for s in chunk.spans] == [float(h) for h in every]
+        assert all(np.isfinite(s.entropy) for s in chunk.spans)
+        stats = next(v for k, v in entry.extras.items() if isinstance(k, tuple) and k[0] == "stats")
+        wide = np.diff(entry.bounds) > 1
+        assert np.array_equal(stats.span_entropy[wide], every[wide])
+        assert np.isnan(stats.span_entropy[~wide]).all()
+    widths = np.concatenate([np.diff(engine.analyses._lru.get((engine._spec.key, t)).bounds) for t in CHUNKS])
+    assert (widths > 1).any() and (widths == 1).any()

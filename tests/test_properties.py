@@ -129,6 +129,18 @@ def test_split_units_equals_the_regex_loop(text, max_chars):
     assert got.dtype == want.dtype == np.int64 and got.shape == want.shape and np.array_equal(got, want)
 
 
+@given(st.lists(st.one_of(st.text(max_size=40), _ODD, st.sampled_from(["ΟΔΟΣ", "İ", "ß", "ǅ", "Σ."])),
+                max_size=12).map("".join))
+@settings(max_examples=300, deadline=None)
+def test_unit_words_equal_each_word_normalised_alone(text):
+    """The words of a chunk, from the text lower-cased once, are each unit's own :func:`_normal` (letters
+    whose lower case is longer, a context-dependent capital sigma, surrogates)."""
+    from semtoken_rag.evidence import _normal, unit_words
+
+    units = split_units(text)
+    assert unit_words(text, units) == [_normal(text[a:b]) for a, b in units.tolist()]
+
+
 @given(st.lists(st.lists(st.one_of(st.text(max_size=30), _ODD), max_size=6).map("".join), max_size=600),
        st.integers(1, 30))
 @settings(max_examples=100, deadline=None)
@@ -168,12 +180,29 @@ def test_clusters_partition_and_respect_breaks(n, max_units, tau, seed):
     assert b[0] == 0 and b[-1] == n and (np.diff(b) >= 1).all() and (np.diff(b) <= max_units).all()
     for s, e in itertools.pairwise(b):
         assert not breaks[s:e - 1].any()  # no break inside a span
+    # both ways of finding the runs (the band's readable entries, the full band as on a GPU) are
+    # Algorithm 1's greedy scan, unit by unit
+    assert b.tolist() == sp.local_clusters(v, breaks, tau, max_units, full_band=True).tolist() \
+        == _greedy_scan(v, breaks, tau, max_units)
+
+
+def _greedy_scan(v: torch.Tensor, breaks: np.ndarray, tau: float, max_units: int) -> list[int]:
+    """Algorithm 1 as written: a unit joins while its cosine with the anchor exceeds tau."""
+    normed = torch.nn.functional.normalize(v.float(), dim=-1)
+    n, bounds, t = len(v), [0], 0
+    while t < n:
+        j = t + 1
+        while j < n and j - t < max_units and not breaks[j - 1] and float((normed[t] * normed[j]).sum()) > tau:
+            j += 1
+        bounds.append(j)
+        t = j
+    return bounds
 
 
 @given(st.integers(1, 25), st.integers(0, 10_000), st.integers(1, 7))
 @settings(max_examples=100, deadline=None)
 def test_chunk_stats_match_covariance_trace_and_means(n, seed, window):
-    from semtoken_rag.analysis import chunk_stats
+    from semtoken_rag.analysis import chunk_stats, window_entropy
 
     rng = np.random.default_rng(seed)
     v = (rng.standard_normal((n, 5)) * 3).astype(np.float16)
@@ -195,8 +224,13 @@ def test_chunk_stats_match_covariance_trace_and_means(n, seed, window):
         assert np.allclose(got.centroids[k], mean / max(np.linalg.norm(mean), 1e-12), atol=1e-6)
     ws, we = sp.window_ranges(bounds[:-1], bounds[1:], np.zeros(len(bounds) - 1, np.int64),
                               np.full(len(bounds) - 1, n), window)
+    every = window_entropy(v, bounds, window)
     for k in range(len(bounds) - 1):
-        assert abs(got.span_entropy[k] - trace_cov(ws[k], we[k])) <= 1e-4 * max(1.0, trace_cov(ws[k], we[k]))
+        assert abs(every[k] - trace_cov(ws[k], we[k])) <= 1e-4 * max(1.0, trace_cov(ws[k], we[k]))
+        if bounds[k + 1] - bounds[k] > 1:  # selection reads the windows of spans of several units
+            assert got.span_entropy[k] == every[k]
+        else:
+            assert np.isnan(got.span_entropy[k])
     assert np.allclose(got.centroid, x.mean(0) / max(np.linalg.norm(x.mean(0)), 1e-12), atol=1e-6)
 
 
@@ -215,3 +249,23 @@ def test_cluster_example_from_algorithm_one():
     v = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99], [1.0, 1.0]])
     b = sp.local_clusters(v, np.array([False, False, False, False, True]), tau=0.9, max_units=10)
     assert b.tolist() == [0, 2, 4, 5]
+
+
+def _cap_costs_loop(break_after: np.ndarray, costs: np.ndarray, max_cost: int) -> np.ndarray:
+    """cap_segment_costs as one loop over every unit (what the segment-wise version must equal)."""
+    out = break_after.copy()
+    running = 0
+    for u, cost in enumerate(costs.tolist()):
+        if running and running + cost > max_cost:
+            out[u - 1] = True
+            running = 0
+        running = 0 if out[u] else running + cost
+    return out
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 40)), max_size=60), st.integers(1, 60))
+@settings(max_examples=300, deadline=None)
+def test_cap_segment_costs_equals_the_unit_loop(units, max_cost):
+    breaks = np.array([b for b, _ in units], dtype=bool)
+    costs = np.array([c for _, c in units], dtype=np.int64)
+    assert sp.cap_segment_costs(breaks, costs, max_cost).tolist() == _cap_costs_loop(breaks, costs, max_cost).tolist()
