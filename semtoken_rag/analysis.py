@@ -37,6 +37,7 @@ __all__ = ["AnalysisMemo", "AnalysisSpec", "CallAnalysis", "CallStats", "ChunkAn
            "chunk_stats", "chunk_stats_many", "tokenizer_identity", "window_entropy"]
 
 _ENTRY_OVERHEAD = 512  # the entry object, its dict and its LRU slot, roughly
+_STR_OVERHEAD = sys.getsizeof("")  # a str object's own bytes besides its characters (ASCII)
 
 
 def tokenizer_identity(tokenizer: BudgetTokenizer) -> Hashable:
@@ -185,7 +186,7 @@ def _sizeof(value: Any) -> int:
         return value.nbytes
     if isinstance(value, (list, tuple, set, frozenset)):
         if type(next(iter(value), "")) is str:  # search terms, candidate words: the usual case, in C
-            return sys.getsizeof(value) + sum(map(sys.getsizeof, value))
+            return sys.getsizeof(value) + sum(map(len, value)) + _STR_OVERHEAD * len(value)  # (as if ASCII)
         return sys.getsizeof(value) + sum(_sizeof(v) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return sys.getsizeof(value) + sum(_sizeof(getattr(value, f.name)) for f in dataclasses.fields(value))

@@ -173,21 +173,24 @@ def type_hits(text: str, units: np.ndarray, kind: str | None, exclude: frozenset
     >>> [t[s:e] for (s, e), h in zip(u.tolist(), type_hits(t, u, "name", frozenset({"paris"}))) if h]
     ['Gustave', 'Eiffel.']
     """
-    if kind is None:
-        return np.zeros(len(units), dtype=bool)
-    raws = [text[s:e] for s, e in units.tolist()]
-    words = [_normal(r) for r in raws] if words is None else words
-    if kind == "date":
-        hits = [bool(w) and w not in exclude and (w in _MONTHS or _YEAR.match(w) is not None) for w in words]
+    out = np.zeros(len(units), dtype=bool)
+    if kind is None or len(units) == 0:
+        return out
+    spans = units.tolist()
+    words = [_normal(text[s:e]) for s, e in spans] if words is None else words
+    if kind == "date":  # (a year starts with a digit)
+        hits = [i for i, w in enumerate(words) if w in _MONTHS or (w[:1].isdigit() and _YEAR.match(w))]
     elif kind == "number":
-        hits = [bool(w) and w not in exclude and (w in _NUMBER_WORDS or _DIGITS.search(w) is not None)
-                for w in words]
+        hits = [i for i, w in enumerate(words) if w in _NUMBER_WORDS or _DIGITS.search(w)]
     else:  # a capitalised word that does not start a sentence (the first word of a text starts one)
-        starts = [True] + [r.rstrip("\"')]»”’").endswith((".", "!", "?", ":", "\n")) or not r.strip()
-                           for r in raws[:-1]]
-        hits = [bool(w) and w not in exclude and r[:1].isupper() and not first and w not in _STOP
-                and not w.isdigit() for r, w, first in zip(raws, words, starts)]
-    return np.asarray(hits, dtype=bool).reshape(len(units))
+        hits = [i for i in range(1, len(spans)) if text[spans[i][0]].isupper() and not _ends_sentence(
+            text[spans[i - 1][0]:spans[i - 1][1]]) and words[i] not in _STOP and not words[i].isdigit()]
+    out[[i for i in hits if words[i] and words[i] not in exclude]] = True
+    return out
+
+
+def _ends_sentence(raw: str) -> bool:
+    return raw.rstrip("\"')]»”’").endswith((".", "!", "?", ":", "\n")) or not raw.strip()
 
 
 def facts(text: str, units: np.ndarray) -> frozenset[str]:

@@ -215,6 +215,25 @@ def test_cuda_graphs_from_threads():
     assert all(torch.equal(x.vectors, y.vectors) for g, w in zip(got, want * 4) for x, y in zip(g, w))
 
 
+def test_clusters_on_the_device_equal_the_host_scan():
+    """Local clustering on CUDA (the full band of cosines) finds the spans the CPU's read-only-what-the-
+    scan-reads path finds, from the same vectors."""
+    from semtoken_rag import spans as sp
+
+    enc = cuda_engine().encoder
+    same, total = 0, 0
+    for q in sample():
+        for fp, text in zip(enc.fingerprint(list(q.chunks)), q.chunks):
+            v = fp.vectors.float()
+            breaks = sp.sentence_break_after(text, fp.units)
+            on_gpu = sp.local_clusters(v.to("cuda"), breaks, 0.9, 16)
+            on_cpu = sp.local_clusters(v.cpu(), breaks, 0.9, 16)
+            same += int(np.array_equal(on_gpu, on_cpu))
+            total += 1
+    print(f"clusters on CUDA equal to the CPU's: {same} of {total} chunks")
+    assert same >= total - 1  # a cosine within rounding of tau may fall either way on another device
+
+
 def _run_plain() -> int:
     if not HAS_CUDA:
         print("no CUDA device: GPU tests skipped")

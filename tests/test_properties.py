@@ -269,3 +269,35 @@ def test_cap_segment_costs_equals_the_unit_loop(units, max_cost):
     breaks = np.array([b for b, _ in units], dtype=bool)
     costs = np.array([c for _, c in units], dtype=np.int64)
     assert sp.cap_segment_costs(breaks, costs, max_cost).tolist() == _cap_costs_loop(breaks, costs, max_cost).tolist()
+
+
+def _type_hits_per_word(text: str, units: np.ndarray, kind: str, exclude: frozenset[str]) -> list[bool]:
+    """evidence.type_hits as one rule per word, every word tested (what the indexed version must equal)."""
+    from semtoken_rag import evidence as ev
+
+    raws = [text[s:e] for s, e in units.tolist()]
+    words = [ev._normal(r) for r in raws]
+    if kind == "date":
+        return [bool(w) and w not in exclude and (w in ev._MONTHS or ev._YEAR.match(w) is not None) for w in words]
+    if kind == "number":
+        return [bool(w) and w not in exclude and (w in ev._NUMBER_WORDS or ev._DIGITS.search(w) is not None)
+                for w in words]
+    starts = [True] + [r.rstrip("\"')]»”’").endswith((".", "!", "?", ":", "\n")) or not r.strip() for r in raws[:-1]]
+    return [bool(w) and w not in exclude and r[:1].isupper() and not first and w not in ev._STOP
+            and not w.isdigit() for r, w, first in zip(raws, words, starts)]
+
+
+_WORDS = st.sampled_from(["April", "may", "1917", "1917s", "2050", "²", "٣", "twenty", "The", "Paris.", "Paris",
+                          "Eiffel", "(Gustave", "IBM's", "said:", "“Quoted.”", "x", "3rd", "\n", ". ", "É", "ǅ"])
+
+
+@given(st.lists(st.one_of(_WORDS, st.text(max_size=8)), max_size=40).map(" ".join),
+       st.sampled_from(["date", "number", "name"]), st.sets(st.sampled_from(["paris", "1917", "april", "the"])))
+@settings(max_examples=300, deadline=None)
+def test_type_hits_equal_the_rule_for_each_word(text, kind, exclude):
+    from semtoken_rag import evidence as ev
+
+    units = split_units(text)
+    want = _type_hits_per_word(text, units, kind, frozenset(exclude))
+    assert ev.type_hits(text, units, kind, frozenset(exclude)).tolist() == want
+    assert ev.type_hits(text, units, kind, frozenset(exclude), words=ev.unit_words(text, units)).tolist() == want
