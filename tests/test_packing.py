@@ -136,8 +136,9 @@ def test_real_encoder_query_rides_with_chunks_exactly(engine):
     _same_queries(queries, enc.embed_queries(questions))
 
 
-def test_chunk_stats_many_a_huge_chunk_among_short_ones():
-    """One long chunk among short and empty ones: each chunk's numbers are still those of the chunk alone."""
+def test_chunk_stats_many_a_huge_chunk_among_short_ones(monkeypatch):
+    """One long chunk among short and empty ones: each chunk's numbers are still those of the chunk alone,
+    and the same when the rows go to float64 a few at a time (a segment's sum runs across blocks)."""
     rng = np.random.default_rng(7)
     sizes = [3, 40, 9000, 0, 25, 12]
     vectors = [rng.standard_normal((n, 8)).astype(np.float16) for n in sizes]
@@ -147,7 +148,9 @@ def test_chunk_stats_many_a_huge_chunk_among_short_ones():
             br[-1] = True
     bounds = [np.unique(np.concatenate([[0, n], np.arange(0, n, 3)])).astype(np.int64) for n in sizes]
     many = an.chunk_stats_many(vectors, bounds, breaks, 5)
-    for got, v, b, br in zip(many, vectors, bounds, breaks):
+    monkeypatch.setattr(an, "_ROWS_AT_ONCE", 5)
+    blocked = an.chunk_stats_many(vectors, bounds, breaks, 5)
+    for got, again, v, b, br in zip(many, blocked, vectors, bounds, breaks):
         one = an.chunk_stats(v, b, br, 5)
         for name in ("span_entropy", "seg_entropy", "centroids", "centroid"):
-            assert getattr(got, name).tobytes() == getattr(one, name).tobytes(), name
+            assert getattr(got, name).tobytes() == getattr(one, name).tobytes() == getattr(again, name).tobytes(), name
