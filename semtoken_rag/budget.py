@@ -140,6 +140,7 @@ def _model_encoding(name: str):
 # of all pairs above the threshold was the alternative: on the 1M-character benchmark chunk its
 # all-pairs product alone took as long as this whole selection, and its memory grows with the pairs.
 _FRESH_ROWS = 128
+_EXACT_COPY_VALUES = 1 << 22  # segments x dim up to which the vectors are copied to float64 once (32 MiB)
 _PAIRS_AT_ONCE = 512
 
 
@@ -173,6 +174,8 @@ class _KeptOverlap:
         if vecs.ndim != 2 or len(vecs) != n:
             raise ValueError(f"vectors must have one row per segment ({n}), got shape {vecs.shape}")
         self.vecs = vecs
+        # the float64 copy pair_cosines would make of each row, made once (small calls: every call's)
+        self.vecs64 = vecs.astype(np.float64) if vecs.size <= _EXACT_COPY_VALUES else None
         finite = np.isfinite(vecs).all(axis=1)
         norms = np.einsum("ij,ij->i", vecs, vecs, dtype=np.float64)[finite]
         # |float32 dot - exact| <= d * 2^-24 * |a| |b|; twice that, and the float64 sum's own error
@@ -196,8 +199,14 @@ class _KeptOverlap:
             top = float(sims.max())
             if top > self.cut and top + self.margin > self.best[i]:  # else no fresh row can beat best
                 near = self.fresh[:self.n_fresh][sims > max(self.cut, top - 2 * self.margin)]
-                self.best[i] = max(self.best[i], float(pair_cosines(self.vecs, near, i).max()))
+                self.best[i] = max(self.best[i], float(self._exact(near, i).max()))
         return self.best[i]
+
+    def _exact(self, a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:
+        """:func:`pair_cosines` of rows ``a`` and ``b``, the same floats (from the float64 copy when made)."""
+        if self.vecs64 is None:
+            return pair_cosines(self.vecs, a, b)
+        return (self.vecs64[a] * self.vecs64[b]).sum(axis=-1)
 
     def done(self, i: int) -> None:
         """Segment ``i`` is decided (kept or dropped): its best cosine no longer matters."""
@@ -233,7 +242,7 @@ class _KeptOverlap:
                 who, whom = self.rows[hit[r]], self.fresh[c]
                 for k in range(0, len(who), _PAIRS_AT_ONCE):  # bounded float64 temporaries
                     part = slice(k, k + _PAIRS_AT_ONCE)
-                    np.maximum.at(self.best, who[part], pair_cosines(self.vecs, who[part], whom[part]))
+                    np.maximum.at(self.best, who[part], self._exact(who[part], whom[part]))
         self.n_fresh = 0
 
 

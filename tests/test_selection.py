@@ -101,8 +101,9 @@ def test_exact_ties_match_reference(seed, fresh_rows, monkeypatch):
 
 @pytest.mark.parametrize("seed", range(10))
 def test_batching_never_changes_the_mask(seed, monkeypatch):
-    """Real-valued vectors with near repeats: folding after every keep, every 7 keeps or every 128 gives
-    the same mask (each cosine that counts is computed the same way, whatever the batch)."""
+    """Real-valued vectors with near repeats: folding after every keep, every 7 keeps or every 128, from
+    a float64 copy of the vectors or without one, gives the same mask (each cosine that counts is
+    computed the same way, whatever the batch)."""
     rng = np.random.default_rng(seed)
     n = 1500
     vectors = rng.normal(size=(n // 3, 24)).astype(np.float32)
@@ -112,10 +113,11 @@ def test_batching_never_changes_the_mask(seed, monkeypatch):
     scores, costs = rng.random(n), rng.integers(1, 20, n)
     groups, budget = np.sort(rng.integers(0, 30, n)), int(costs.sum() * rng.choice([0.2, 0.5, 0.9]))
     masks = []
-    for rows in (1, 7, 128):
+    for rows, copy in ((1, 1 << 22), (7, 1 << 22), (128, 1 << 22), (7, 0)):  # (0: no float64 copy)
         monkeypatch.setattr(budget_module, "_FRESH_ROWS", rows)
+        monkeypatch.setattr(budget_module, "_EXACT_COPY_VALUES", copy)
         masks.append(select_under_budget(scores, costs, groups, budget, 1, None, vectors, 0.5, 0.4))
-    assert np.array_equal(masks[0], masks[1]) and np.array_equal(masks[0], masks[2])
+    assert all(np.array_equal(masks[0], m) for m in masks[1:])
     assert masks[0].sum() > 50  # a real selection, with many folds
 
 
@@ -156,3 +158,13 @@ def test_non_finite_vectors_neither_take_nor_give():
     alone[bad, 6 + np.arange(len(bad))] = 1
     assert np.array_equal(got, select_under_budget(scores, costs, groups, 300, 1, None, alone, 1.0, 0.3))
     assert got.sum() > 0
+
+
+def test_exact_cosines_from_the_copy_are_pair_cosines():
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(60, 384)).astype(np.float32)
+    overlap = budget_module._KeptOverlap(vectors, np.ones(60, bool), np.zeros(60, np.int64), 0.5)
+    assert overlap.vecs64 is not None
+    a, b = rng.integers(0, 60, 200), rng.integers(0, 60, 200)
+    assert overlap._exact(a, b).tobytes() == budget_module.pair_cosines(vectors, a, b).tobytes()
+    assert overlap._exact(a, 7).tobytes() == budget_module.pair_cosines(vectors, a, 7).tobytes()
