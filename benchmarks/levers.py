@@ -55,12 +55,17 @@ TUNING: dict[str, dict] = {
 
 
 def variant_engine(base, overrides: dict):
-    """An engine that shares ``base``'s encoder, caches and tokenizer, with scoring knobs overridden
-    (valid only for knobs read per call: weights, switches, thresholds)."""
+    """An engine that shares ``base``'s encoder, caches and tokenizer, with knobs overridden: those read per
+    call (weights, switches, thresholds) and those of the per-chunk analysis (``max_segment_units``,
+    ``tau``, ``max_span_units``: a spec of its own, so the shared analysis memo keeps them apart)."""
     from semtoken_rag import SemTokenConfig
+    from semtoken_rag.analysis import AnalysisSpec
 
     eng = copy.copy(base)
-    eng.config = SemTokenConfig(**{**base.config.model_dump(), **overrides})
+    eng.config = cfg = SemTokenConfig(**{**base.config.model_dump(), **overrides})
+    old = base._spec
+    eng._spec = AnalysisSpec(old.tokenizer, old.patterns, cfg.max_segment_units, old.max_segment_tokens, cfg.tau,
+                             cfg.max_span_units, old.namespace)
     return eng
 
 
