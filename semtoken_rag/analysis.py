@@ -420,10 +420,10 @@ def _window_entropy(x16: np.ndarray, ws: np.ndarray, we: np.ndarray) -> np.ndarr
     sums = torch.zeros((len(ws), x.shape[1]), dtype=torch.float64)
     sq = torch.zeros(len(ws), dtype=torch.float64)
     for j in range(int(width.max())):  # the j-th row of every window that has one
-        has = torch.from_numpy(np.flatnonzero(width > j))
-        rows = x.index_select(0, torch.from_numpy(ws[has.numpy()] + j)).double()
-        sums.index_add_(0, has, rows)
-        sq.index_add_(0, has, torch.linalg.vecdot(rows, rows))
+        has = np.flatnonzero(width > j)
+        rows = x.index_select(0, torch.from_numpy(ws[has] + j)).double()
+        sums.index_add_(0, torch.from_numpy(has), rows)
+        sq.index_add_(0, torch.from_numpy(has), torch.linalg.vecdot(rows, rows))
     return _entropy(sums.numpy(), sq.numpy(), np.maximum(width, 1))
 
 

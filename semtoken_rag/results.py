@@ -29,7 +29,9 @@ class SpanInfo:
 class SpanList(Sequence[SpanInfo]):
     """The spans of one chunk, built as :class:`SpanInfo` objects only when read (a call judges
     thousands of spans; most callers never look at them). Immutable; equal to any sequence of the
-    same spans. A column may be given as a function that makes it, called on first read.
+    same spans. A column may be given as a function that makes it, called on first read (the engine
+    gives the entropies so: until the spans are read, the list holds a reference to its chunk's cached
+    fingerprints, which costs memory only once the cache has evicted them).
 
     >>> import numpy as np
     >>> spans = SpanList(np.array([0, 6]), np.array([5, 12]), np.array(["kept", "dropped"]),
@@ -46,7 +48,8 @@ class SpanList(Sequence[SpanInfo]):
 
     def _build(self) -> tuple[SpanInfo, ...]:
         if self._items is None:
-            start, end, status, entropy, relevance, score = (c() if callable(c) else c for c in self._cols)
+            self._cols = tuple(c() if callable(c) else c for c in self._cols)  # (what a function held goes)
+            start, end, status, entropy, relevance, score = self._cols
             rel = [None] * len(start) if relevance is None else [float(x) for x in relevance.tolist()]
             self._items = tuple(SpanInfo(a, b, str(st), float(h), r, float(sc)) for a, b, st, h, r, sc in zip(
                 start.tolist(), end.tolist(), status.tolist(), entropy.tolist(), rel, score.tolist()))

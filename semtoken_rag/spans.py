@@ -61,7 +61,9 @@ def local_clusters(vectors: torch.Tensor, break_after: np.ndarray, tau: float, m
         return np.zeros(1, dtype=np.int64)
     k = max(1, min(max_units, n))
     normed = torch.nn.functional.normalize(vectors.float(), dim=-1)
-    if not (normed.device.type != "cpu" if full_band is None else full_band):
+    if full_band is None:
+        full_band = normed.device.type != "cpu"
+    if not full_band:
         ok = _band_read(normed, break_after, tau, k) > tau  # (entries it reads are within a sentence)
     else:
         padded = torch.cat([normed, torch.zeros((k, normed.shape[1]), device=normed.device)])
@@ -143,7 +145,7 @@ def cap_segment_costs(break_after: np.ndarray, costs: np.ndarray, max_cost: int)
     bounds = segment_bounds(break_after)
     if bounds[-1] != n:
         bounds = np.append(bounds, n)
-    over = np.flatnonzero(np.add.reduceat(costs, bounds[:-1]) > max_cost) if len(bounds) > 1 else []
+    over = np.flatnonzero(np.add.reduceat(costs, bounds[:-1]) > max_cost)  # (bounds: 0 ... n, n > 0)
     for k in over.tolist():  # only a segment costing more than max_cost is cut, unit by unit
         a, b = int(bounds[k]), int(bounds[k + 1])
         running = 0
