@@ -38,6 +38,7 @@ VARIANTS: dict[str, dict] = {
     "no_neighbour": {"neighbour_weight": 0.0},
     "no_titles": {"keep_titles": False},
     "no_repeat_guard": {"repeat_guard": False},
+    "no_exact_repeats": {"exact_repeats": False},
     "partial_fit": {"partial_fit": True},
 }
 # what was tried on the tuning split (questions 0-149) to choose the defaults, each lever alone on top of
@@ -57,7 +58,7 @@ TUNING: dict[str, dict] = {
 def variant_engine(base, overrides: dict):
     """An engine that shares ``base``'s encoder, caches and tokenizer, with knobs overridden: those read per
     call (weights, switches, thresholds) and those of the per-chunk analysis (``max_segment_units``,
-    ``tau``, ``max_span_units``: a spec of its own, so the shared analysis memo keeps them apart)."""
+    ``tau``, ``max_span_units``, ``language``: a spec of its own, so the shared analysis memo keeps them apart)."""
     from semtoken_rag import SemTokenConfig
     from semtoken_rag.analysis import AnalysisSpec
 
@@ -65,7 +66,7 @@ def variant_engine(base, overrides: dict):
     eng.config = cfg = SemTokenConfig(**{**base.config.model_dump(), **overrides})
     old = base._spec
     eng._spec = AnalysisSpec(old.tokenizer, old.patterns, cfg.max_segment_units, old.max_segment_tokens, cfg.tau,
-                             cfg.max_span_units, old.namespace)
+                             cfg.max_span_units, old.namespace, cfg.language)
     return eng
 
 

@@ -19,6 +19,7 @@ per call, and a chunk's clustering never looks past its last unit.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -58,13 +59,14 @@ class AnalysisSpec:
     tau: float
     max_span_units: int
     namespace: str  # the encoder's identity: the fingerprints a chunk's text gets
+    language: str = "en"  # sentence segmentation's language (spans.sentence_ends)
     key: Hashable = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", (
             tokenizer_identity(self.tokenizer), tuple((p.pattern, p.flags) for p in self.patterns),
             self.max_segment_units, self.max_segment_tokens, float(self.tau), self.max_span_units,
-            self.namespace))
+            self.namespace, self.language))
 
 
 @dataclass
@@ -208,9 +210,10 @@ def _analyse_chunks(spec: AnalysisSpec, texts: list[str], units: list[np.ndarray
     breaks_all, groups = [], []
     for k, (text, u) in enumerate(zip(texts, units)):
         costs = all_costs[cuts[k]:cuts[k + 1]]
-        br = st.structure_break_after(text, u, sp.sentence_break_after(text, u))
+        br = st.structure_break_after(text, u, sp.sentence_break_after(text, u, spec.language))
         group = st.protected_groups(text, u, spec.patterns)
-        br = sp.cap_segment_costs(sp.cap_segments(br, spec.max_segment_units), costs, spec.max_segment_tokens)
+        br = sp.cap_segment_costs(sp.cap_segments(br, spec.max_segment_units, sp.clause_ends(text, u)), costs,
+                                  spec.max_segment_tokens)
         breaks_all.append(st.join_groups(br, group))
         groups.append(group)
     # local clustering of all new chunks in one pass: a chunk's last unit is a break, so no span and
@@ -272,6 +275,22 @@ def unit_terms(memo: AnalysisMemo, spec: AnalysisSpec, chunks: Sequence[str], un
         out.extend(memo.extra(spec, text, e, "terms",
                               lambda t=text, x=u, e=e: ev.unit_terms(t, x, _words(memo, spec, t, x, e))))
     return out
+
+
+def segment_keys(memo: AnalysisMemo, spec: AnalysisSpec, chunks: Sequence[str], units: Sequence[np.ndarray],
+                 call: CallAnalysis) -> np.ndarray:
+    """Per segment of the call (chunk after chunk), a hash of its normalised words
+    (:func:`semtoken_rag.evidence.unit_words`: case and punctuation aside), memoised per chunk: segments with
+    equal keys say the same words. (Python's string hash: equal within a process, which is all the memo
+    lives for.)"""
+    parts = [memo.extra(spec, text, e, "segment_keys", lambda t=text, x=u, e=e: _segment_keys(
+        _words(memo, spec, t, x, e), e.breaks)) for text, u, e in zip(chunks, units, call.chunks)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _segment_keys(words: list[str], breaks: np.ndarray) -> np.ndarray:
+    bounds = np.concatenate([[0], np.flatnonzero(breaks) + 1]).tolist()
+    return np.array([hash(" ".join(words[a:b])) for a, b in itertools.pairwise(bounds)], dtype=np.int64)
 
 
 def type_hits(memo: AnalysisMemo, spec: AnalysisSpec, chunks: Sequence[str], units: Sequence[np.ndarray],

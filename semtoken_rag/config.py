@@ -89,6 +89,12 @@ class SemTokenConfig(BaseModel):
         0.9, ge=-1.0, le=1.0,
         description="Local clustering threshold (Algorithm 1): an adjacent word joins a span while its "
                     "cosine similarity to the span's anchor exceeds tau.")
+    language: str = Field(
+        "en", min_length=1, max_length=16, pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]+)*$",
+        description="Language of the chunks for sentence segmentation (sentencex): an ISO 639 code such as "
+                    "'en', 'de', 'ja'. Its rules know the language's abbreviations and initials ('Dr. Smith', "
+                    "'Robert E. Lee' stay one sentence); a code without rules of its own falls back to a related "
+                    "language's or English's. Line breaks always end a sentence.")
     max_span_units: int = Field(
         16, ge=1, description="Upper bound on the words in one span.")
     max_segment_units: int = Field(
@@ -124,6 +130,11 @@ class SemTokenConfig(BaseModel):
     dedup: bool = Field(
         True, description="Drop segments that repeat a better-ranked segment, in another chunk or the same "
                           "one (FAISS), and report them as repeats; also switches redundancy-aware selection.")
+    exact_repeats: bool = Field(
+        True, description="With dedup: a segment that says the same words as a better-ranked one (case and "
+                          "punctuation aside; at least min_repeat_units words), in another chunk or the same one, "
+                          "is a repeat whatever its vectors (a sentence copied into two passages has other "
+                          "contexts, so its centroid can fall under repeat_threshold).")
     repeat_threshold: float = Field(
         0.95, gt=0.0, le=1.0, description="Cosine similarity at or above which a segment is a repeat.")
     min_repeat_units: int = Field(

@@ -33,7 +33,7 @@ from .keys import cache_key
 from .lru import ByteLRU
 from .prepare import Prepared, Preparer
 from .render import join_slices, kept_slices
-from .repeats import ConversationMemory, faiss_gpu_available, find_repeats
+from .repeats import ConversationMemory, exact_repeats, faiss_gpu_available, find_repeats
 from .results import CompressedChunk, CompressionResult, SpanList
 from .store import CacheStats, LayeredCache, MemoryStore
 from .store_url import open_store
@@ -149,7 +149,7 @@ class SemToken:
         # per-chunk, query-independent host work (unit token costs, structure, clustering, evidence terms)
         self.analyses = an.AnalysisMemo(cfg.analysis_memo_max_bytes)
         self._spec = an.AnalysisSpec(self.tokenizer, self._protect, cfg.max_segment_units, _MAX_SEGMENT_TOKENS,
-                                     cfg.tau, cfg.max_span_units, self._namespace)
+                                     cfg.tau, cfg.max_span_units, self._namespace, cfg.language)
 
     # -- public API -----------------------------------------------------------------------------
     def count_tokens(self, text: str) -> int:
@@ -583,6 +583,12 @@ class SemToken:
             for i in np.flatnonzero(found >= 0).tolist():
                 if facts(i) - facts(int(found[i])):  # (ev.carries_new_facts)
                     found[i] = -1
+        # the same words as a better-ranked segment (case and punctuation aside), whatever their vectors (a
+        # sentence copied into two passages sits in other contexts, so its centroids can differ) and
+        # whatever the repeat guard says (they hold the same words)
+        if cfg.exact_repeats:
+            keys = an.segment_keys(self.analyses, self._spec, chunks, call.units, ana)
+            found = np.where(found < 0, exact_repeats(keys, order, eligible), found)
         repeat = found >= 0
         if conversation_id is not None:
             on_device = self.repeat_search == "torch"
@@ -802,3 +808,4 @@ def _check_query(query: Any) -> str | None:
     if not isinstance(query, str):
         raise TypeError(f"query must be str or None, got {type(query).__name__}")
     return query if query.strip() else None
+

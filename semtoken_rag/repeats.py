@@ -79,6 +79,31 @@ def _neighbors(x: np.ndarray, threshold: float, use_gpu: bool) -> tuple[np.ndarr
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
 
 
+def exact_repeats(keys: np.ndarray, order: np.ndarray, eligible: np.ndarray | None = None) -> np.ndarray:
+    """For each span, the index of the first span in ``order`` (best first) with the same ``key``, when
+    that is another span; else -1. Ineligible spans are never marked and never used as originals.
+
+    >>> exact_repeats(np.array([7, 3, 7, 7]), order=np.array([2, 0, 1, 3])).tolist()
+    [2, -1, -1, 2]
+    >>> exact_repeats(np.array([7, 3, 7]), order=np.array([2, 0, 1]), eligible=np.array([1, 1, 0], bool)).tolist()
+    [-1, -1, -1]
+    """
+    keys, order = np.asarray(keys), np.asarray(order)
+    n = len(keys)
+    out = np.full(n, -1, dtype=np.int64)
+    ok = np.ones(n, dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
+    if n < 2 or ok.sum() < 2:
+        return out
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    idx = np.flatnonzero(ok)
+    by = idx[np.lexsort((rank[idx], keys[idx]))]  # by key, best first within a key
+    first = np.concatenate([[True], keys[by[1:]] != keys[by[:-1]]])
+    head = by[np.maximum.accumulate(np.where(first, np.arange(len(by)), 0))]
+    out[by[~first]] = head[~first]
+    return out
+
+
 def find_repeats(centroids: np.ndarray, groups: np.ndarray, order: np.ndarray, threshold: float,
                  eligible: np.ndarray | None = None, *, use_gpu: bool | None = None) -> np.ndarray:
     """For each span, the index of a higher-priority span it repeats, else -1.

@@ -3,6 +3,8 @@ later calls, bounded in bytes and reported, and keyed by everything the analysis
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -58,7 +60,8 @@ def test_call_analysis_equals_the_per_call_computation(tiny_encoder):
     pieces = [t[a:e] for t, u in zip(CHUNKS, units) if len(u)
               for a, e in zip(np.concatenate([[u[0, 0]], u[:-1, 1]]).tolist(), u[:, 1].tolist())]
     costs = engine.tokenizer.count_many(pieces)
-    breaks = st.join_groups(sp.cap_segment_costs(sp.cap_segments(struct.breaks, 6), costs, 96), struct.group)
+    clauses = np.concatenate([sp.clause_ends(t, u) for t, u in zip(CHUNKS, units)])
+    breaks = st.join_groups(sp.cap_segment_costs(sp.cap_segments(struct.breaks, 6, clauses), costs, 96), struct.group)
     assert got.costs.tolist() == costs.tolist()
     assert got.breaks.tolist() == breaks.tolist()
     assert got.group.tolist() == struct.group.tolist() and (got.group >= 0).sum() >= 3
@@ -73,6 +76,10 @@ def test_call_analysis_equals_the_per_call_computation(tiny_encoder):
     # evidence, memoised per chunk, equals evidence.py's per call
     terms = an.unit_terms(memo, engine._spec, CHUNKS, units, got)
     assert terms == [t for c, u in zip(CHUNKS, units) for t in ev.unit_terms(c, u)]
+    words = [w for c, u in zip(CHUNKS, units) for w in ev.unit_words(c, u)]
+    segs = sp.segment_bounds(got.breaks).tolist()
+    assert an.segment_keys(memo, engine._spec, CHUNKS, units, got).tolist() == [
+        hash(" ".join(words[a:b])) for a, b in itertools.pairwise(segs)]
     for kind in ev.ANSWER_TYPES:
         for exclude in (frozenset(), frozenset({"paris", "1999", "ann"})):
             hits = an.type_hits(memo, engine._spec, CHUNKS, units, got, kind, exclude)
