@@ -26,7 +26,7 @@ def contexts(start: int, n: int, rate: float, data_dir: str | None) -> dict:
     from .data import load_nq, resolve_data_dir
     from .levers import BEFORE
 
-    recs = load_nq(n, resolve_data_dir(data_dir), start=start)
+    recs = load_nq(n, "random", resolve_data_dir(data_dir), start=start)
     new, old = SemToken(SemTokenConfig(device="cpu")), SemToken(SemTokenConfig(device="cpu", **BEFORE))
     ctx: dict[str, dict[int, list[str]]] = {"full context": {}, "gold passage only": {}, "semtoken-rag": {},
                                             "semtoken w/o recall levers": {}}
