@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker:
         worker(args.worker, args.threads, args.data, args.warm_only, args.cache_dir)
         return {}
+    # the workers run in a temporary folder: paths given relative to here must not change meaning there
+    data = str(Path(args.data).resolve()) if args.data else None
+    cache_dir = str(Path(args.cache_dir).resolve()) if args.cache_dir else None
     sides = {"this": sys.executable}
     if args.baseline_python:
         sides = {"baseline": args.baseline_python, **sides}
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     code: dict[str, str] = {}
     for r in range(args.rounds):
         for name, python in sides.items():
-            got = run(python, args.threads, args.data, args.warm_only, args.cache_dir)
+            got = run(python, args.threads, data, args.warm_only, cache_dir)
             rows[name] += got["rows"]
             code[name] = got["code"]
             print(f"round {r + 1}/{args.rounds} {name}: {json.dumps(summary(got['rows']))}", flush=True)
