@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="budget tokenizer: llama3 (default), cl100k_base, o200k_base, qwen3, or a model "
                         "name such as gpt-4o")
     p.add_argument("--gap-marker", default=None, help="text between kept slices of a chunk (default ' … ')")
+    p.add_argument("--language", default=None,
+                   help="language of the chunks for sentence boundaries, an ISO 639 code (default en)")
     p.add_argument("--json", action="store_true", help="print the whole result as JSON instead of text")
     p.add_argument("--spans", action="store_true", help="with --json: include every span's judgement")
     p.add_argument("--html", metavar="OUT", type=Path, default=None,
@@ -259,7 +261,7 @@ def _preview(text: str, answers: Sequence[str], width: int = 110) -> str:
 
 # -- commands ------------------------------------------------------------------------------------------
 def _cmd_compress(args: argparse.Namespace) -> int:
-    config = _config(args, tokenizer=args.tokenizer, gap_marker=args.gap_marker)
+    config = _config(args, tokenizer=args.tokenizer, gap_marker=args.gap_marker, language=args.language)
     chunks = _read_chunks(args.files)
     engine = _engine(config)
     res = engine.compress(chunks, args.query, rate=args.rate, target_tokens=args.target_tokens)

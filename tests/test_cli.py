@@ -185,6 +185,8 @@ def test_invalid_option_value_is_a_user_error_before_any_input_is_read(run):
     assert code == 2 and out == ""
     assert re.search(r"semtoken-rag: error: invalid option value: tokenizer='no-such-tokenizer' is unknown", err), err
     assert "not UTF-8" not in err  # options are validated first
+    code, out, err = run("--language", "not a language", stdin=b"\xff never read")
+    assert code == 2 and out == "" and "invalid option value: language:" in err, err
 
 
 def test_engine_bug_is_not_reported_as_a_user_error(run, files, monkeypatch):
@@ -204,6 +206,8 @@ def test_engines_come_from_the_core_registry(run, files):
     assert registered_engines() == engines and len(engines) >= 1
     assert run("--gap-marker", " [...] ", "--quiet", files[1])[0] == 0  # other settings: another engine
     assert len(registered_engines()) == len(engines) + 1
+    assert run("--language", "de", "--quiet", files[1])[0] == 0  # --language reaches the configuration
+    assert len(registered_engines()) == len(engines) + 2
 
 
 def _script() -> list[str]:
