@@ -808,4 +808,3 @@ def _check_query(query: Any) -> str | None:
     if not isinstance(query, str):
         raise TypeError(f"query must be str or None, got {type(query).__name__}")
     return query if query.strip() else None
-
