@@ -289,7 +289,7 @@ def segment_keys(memo: AnalysisMemo, spec: AnalysisSpec, chunks: Sequence[str], 
 
 
 def _segment_keys(words: list[str], breaks: np.ndarray) -> np.ndarray:
-    bounds = np.concatenate([[0], np.flatnonzero(breaks) + 1]).tolist()
+    bounds = sp.segment_bounds(breaks).tolist()
     return np.array([hash(" ".join(words[a:b])) for a, b in itertools.pairwise(bounds)], dtype=np.int64)
 
 
