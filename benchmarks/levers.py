@@ -79,12 +79,13 @@ def paired(ref: list[int], other: list[int]) -> tuple[int, int, float]:
     return plus, minus, (binomtest(plus, plus + minus).pvalue if plus + minus else 1.0)
 
 
-def run(records, variants: dict[str, dict], rates: list[float], log=print, cache_dir: str | None = None) -> dict:
+def run(records, variants: dict[str, dict], rates: list[float], log=print, cache_dir: str | None = None,
+        dtype: str = "auto") -> dict:
     from semtoken_rag import SemToken, SemTokenConfig
 
     counter = TokenCounter("llama3")
     disk = {"cache_dir": cache_dir, "cache_max_disk_bytes": None} if cache_dir else {}
-    base = SemToken(SemTokenConfig(**BASE, **disk))
+    base = SemToken(SemTokenConfig(**BASE, **disk, dtype=dtype))
     engines = {name: variant_engine(base, ov) for name, ov in variants.items()}
     out = {name: {str(r): {"hit": [], "tokens": [], "over": 0, "ms": []} for r in rates} for name in variants}
     cold_ms, t0 = [], time.perf_counter()
@@ -202,6 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", nargs="*", default=[], metavar="LEVERS_JSON[:VARIANT]")
     p.add_argument("--cost", action="store_true",
                    help="no recall run: cold-call cost of the variants side by side (first variant = 1.0)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the encoder's precision for every variant (their fingerprints are cached apart)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--name", default="levers")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
@@ -238,11 +241,12 @@ def main(argv=None) -> int:
              "machine": machine_info(), "questions": split, "variants": variants, **cost}, indent=1))
         return 0
     t0 = time.time()
-    result = run(records, variants, args.rates, cache_dir=args.cache_dir)
+    result = run(records, variants, args.rates, cache_dir=args.cache_dir, dtype=args.dtype)
     result = {"name": args.name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "python -m benchmarks.levers " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
               "machine": machine_info(), "wall_s": round(time.time() - t0, 1),
               "config": {"questions": split, "rates": args.rates, "variants": variants, "ref": args.ref,
+                         "dtype": args.dtype,
                          "gold_position": "random.Random(1234 + question_index).randrange(20)",
                          "budget_rule": "floor(rate * sum of chunk Llama 3 tokens)"},
               **result}
