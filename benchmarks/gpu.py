@@ -1,12 +1,13 @@
 """Serving cost of semtoken-rag on one device (CUDA or CPU): the figures of issue 10.
 
-    python -m benchmarks.gpu [--device cuda|cpu] [--n 291] [--encoder PATH] [--data DIR] [--name gpu]
+    python -m benchmarks.gpu [--device cuda|cpu] [--n 291] [--encoder PATH] [--data DIR] [--dtype auto] [--name gpu]
 
 On NQ questions 150-440 (the held-out part; 20 passages each) it measures the encoder forward alone,
 a cold and a warm ``compress`` (median, p95), ``compress_many`` throughput at 1/8/64/256 queries a
 call with all chunks new and all cached, 32 concurrent ``acompress`` calls, fingerprinting tokens/s at
 batch 32/128/512 (8/16/32/128 on CPU), answer recall at rates 0.5/0.33/0.2 (answer in the kept context) with the budget
-checked, and on CUDA the agreement of fp16 and fp32 kept contexts. Writes
+checked, and, when the encoder runs below float32 (float16 on CUDA by default, ``--dtype bfloat16`` on a
+CPU with AMX), the agreement of its kept contexts with float32's. Writes
 ``benchmarks/results/<name>.json`` and ``<name>.md`` with the device, torch and CUDA versions, the
 date, the command and the load average.
 
@@ -48,7 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
                     help="folder holding the NQ file (default ../shared/data; GPU box: .gpu/data)")
     ap.add_argument("--rate", type=float, default=0.33, help="rate of the latency and throughput runs")
-    ap.add_argument("--fp32-n", type=int, default=60, help="questions for fp16-vs-fp32 agreement (CUDA only)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                    help="encoder precision (default auto: float16 on CUDA, float32 on CPU)")
+    ap.add_argument("--fp32-n", type=int, default=60,
+                    help="questions for the agreement with float32 (when the encoder runs below it)")
     ap.add_argument("--name", default="gpu", help="results file stem (e.g. gpu_cpu for the CPU run)")
     args = ap.parse_args(argv)
     if not 1 <= args.n <= 291:
@@ -203,7 +207,7 @@ def recall(engine: SemToken, qs) -> dict:
 
 
 def precision_agreement(engine: SemToken, args, qs, rate: float) -> dict | None:
-    if engine.encoder.device.type != "cuda":
+    if engine.encoder.dtype == torch.float32:
         return None
     other = SemToken(engine.config.model_copy(update={"dtype": "float32"}))
     same = sum(engine.compress(list(q.chunks), q.question, rate=rate).texts
@@ -280,8 +284,9 @@ def markdown(r: dict) -> str:
     for rate, x in r["recall"].items():
         lines.append(f"| {rate} | {x['recall']:.3f} | {x['kept_fraction']:.3f} | {x['over_budget_calls']} |")
     p = r.get("fp16_vs_fp32")
-    lines += ["", f"fp16 vs fp32: identical kept contexts in {p['identical_contexts']} of {p['questions']} "
-                  "questions" if p else "fp16 vs fp32: not measured (CPU runs float32 only)",
+    low = r["env"]["dtype"].replace("torch.", "")
+    lines += ["", f"{low} vs float32: identical kept contexts in {p['identical_contexts']} of {p['questions']} "
+                  "questions" if p else "precision: float32 (no agreement to measure)",
               "", f"Whole run: {r['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 
@@ -296,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     # memory bounds that hold the largest compress_many call's 5,120 chunks (256 queries x 20), so that its
     # second, "cached" run finds them all; at the defaults (256 MiB of fingerprints, 64 MiB of analyses:
     # about 3,000 and 2,200 NQ chunks) it would re-encode and re-analyse the evicted ones
-    engine = SemToken(SemTokenConfig(encoder=args.encoder, device=args.device, cache_max_bytes=1 << 30,
+    engine = SemToken(SemTokenConfig(encoder=args.encoder, device=args.device, dtype=args.dtype, cache_max_bytes=1 << 30,
                                      analysis_memo_max_bytes=512 << 20))
     for q in warmup:  # one-off allocation and kernel selection costs
         engine.compress(list(q.chunks), q.question, rate=args.rate)
