@@ -58,11 +58,10 @@ class SemTokenConfig(BaseModel):
     device: str | None = Field(
         None, description="Torch device ('cpu', 'cuda', 'cuda:1'...). None: CUDA when present, else CPU.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="Encoder precision. 'auto': float16 on CUDA, float32 on CPU. On a CPU with "
-                           "bfloat16 matrix units (Intel AMX), 'bfloat16' encodes about 2.6x faster with the same "
-                           "answers on NQ (README), but a chunk's fingerprints then vary with the batch it is "
-                           "encoded in (bfloat16 rounding): compress_many of 8 kept the text of 8 single calls "
-                           "in 39 of 40 NQ questions (float32: 40 of 40).")
+        "auto", description="Encoder precision. 'auto': float16 on CUDA; on CPU bfloat16 where the cores "
+                           "multiply it in hardware (Intel AMX: 2.6x faster passes, the same answers on NQ), "
+                           "else float32 (semtoken_rag.encoder.auto_dtype). Fingerprints are cached per "
+                           "precision: pin one for replicas that share a store across hardware.")
     max_length: int = Field(
         256, ge=16, le=8192,
         description="Encoder window in tokens (special tokens included); longer chunks are split "

@@ -15,7 +15,7 @@ def test_precision_agreement_is_measured_below_float32_only(tiny_encoder):
                                   "The Seine flows through Paris. Berlin is in Germany."),
                           question="capital of France")]
     cfg = {"encoder": str(tiny_encoder), "device": "cpu", "max_length": 32, "window_overlap": 8}
-    full = SemToken(SemTokenConfig(**cfg))
+    full = SemToken(SemTokenConfig(**cfg, dtype="float32"))
     assert full.encoder.dtype == torch.float32
     assert precision_agreement(full, None, qs, 0.5) is None
     low = SemToken(SemTokenConfig(**cfg, dtype="bfloat16"))

@@ -1,0 +1,87 @@
+"""Encoder precision on CPU: what dtype="auto" picks, and bfloat16's fixed-shape down-projections, which keep
+a chunk's fingerprints independent of what it is batched with (as float32's are)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import NOBEL
+
+import semtoken_rag.encoder as enc_mod
+from semtoken_rag import SemToken, SemTokenConfig
+from semtoken_rag.encoder import Encoder, _row_block_down_projections, _RowBlockedLinear, auto_dtype
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_row_blocked_linear_computes_the_linear_layer(bias, rows):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 8, bias=bias)
+    blocked = _RowBlockedLinear(lin, rows)
+    for shape in [(1, 24), (3, 5, 24), (64, 24), (2, 65, 24), (0, 24)]:
+        x = torch.randn(shape)
+        got = blocked(x)
+        assert got.shape == (*shape[:-1], 8)
+        torch.testing.assert_close(got, lin(x), rtol=1e-5, atol=1e-6)
+
+
+def test_row_blocked_rows_do_not_depend_on_their_neighbours():
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(1536, 384).to(torch.bfloat16)
+    blocked = _RowBlockedLinear(lin, 1024)
+    x = torch.randn(4096, 1536).to(torch.bfloat16)
+    full = blocked(x)
+    for m in (1, 64, 160, 320, 1024, 1500):  # oneDNN splits plain products of 64-320 rows otherwise
+        assert torch.equal(blocked(x[:m]), full[:m])
+        assert torch.equal(blocked(x[100:100 + m]), full[100:100 + m])
+
+
+def test_only_the_narrowing_projections_are_replaced():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.GELU(), torch.nn.Linear(16, 4),
+                                torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(8, 2)))
+    assert _row_block_down_projections(model, 32) == 2
+    kinds = [type(m).__name__ for m in (model[0], model[2], model[3][0], model[3][1])]
+    assert kinds == ["Linear", "_RowBlockedLinear", "Linear", "_RowBlockedLinear"]
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_dtype_on_cpu_follows_the_matrix_units(amx, monkeypatch, tiny_encoder):
+    monkeypatch.setattr(enc_mod, "cpu_has_amx", lambda: amx)
+    assert auto_dtype(torch.device("cpu")) == ("bfloat16" if amx else "float32")
+    assert auto_dtype(torch.device("cuda")) == "float16"
+    enc = Encoder(str(tiny_encoder), device="cpu", max_length=32, window_overlap=8)
+    assert enc.dtype == (torch.bfloat16 if amx else torch.float32)
+    assert bool(enc.row_blocked) == amx and ("|rows-" in enc.identity) == amx
+    assert next(enc.model.parameters()).dtype == enc.dtype
+    pinned = Encoder(str(tiny_encoder), device="cpu", dtype="float32", max_length=32, window_overlap=8)
+    assert pinned.dtype == torch.float32 and not pinned.row_blocked
+    assert (pinned.identity != enc.identity) == amx  # fingerprints of the two precisions are cached apart
+
+
+def test_cpu_has_amx_is_a_bool_even_without_torch_support(monkeypatch):
+    assert isinstance(enc_mod.cpu_has_amx(), bool)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert enc_mod.cpu_has_amx() is False
+
+
+@pytest.mark.slow
+def test_bfloat16_fingerprints_do_not_depend_on_batch_composition():
+    """The real encoder in bfloat16 (on any CPU: slower without AMX, the same rounding rule): each text's
+    fingerprints alone equal its fingerprints in batches of any make-up, and compress_many equals single
+    calls."""
+    engine = SemToken(SemTokenConfig(device="cpu", dtype="bfloat16"))
+    assert engine.encoder.row_blocked == 6  # MiniLM: one down-projection a layer
+    # texts of many lengths (16-170 tokens): batches of several widths and row counts
+    texts = [*NOBEL, *(NOBEL[i] + " " + NOBEL[j] for i, j in [(0, 1), (2, 3), (1, 2)]),
+             *(t[:n] for t in NOBEL[:2] for n in (40, 120, 250)), "Short one.", "Two words"]
+    alone = [engine.encoder.fingerprint([t])[0].vectors for t in texts]
+    for size in (3, 7, len(texts)):
+        for k in range(0, len(texts), size):
+            batch = texts[k:k + size][::-1]
+            for t, fp in zip(batch, engine.encoder.fingerprint(batch)):
+                assert torch.equal(fp.vectors, alone[texts.index(t)])
+    requests = [texts[:8], texts[4:12], texts[10:]]
+    queries = ["who won the prize", "river in england", None]
+    many = engine.compress_many(requests, queries, rate=0.4)
+    single = SemToken(SemTokenConfig(device="cpu", dtype="bfloat16"))
+    assert [r.texts for r in many] == [single.compress(c, q, rate=0.4).texts for c, q in zip(requests, queries)]
