@@ -54,8 +54,8 @@ def cpu_has_amx() -> bool:
 
 def auto_dtype(device: torch.device) -> str:
     """The encoder precision ``dtype="auto"`` picks: float16 on CUDA; bfloat16 on a CPU with AMX, where the
-    encoder pass of 20 NQ passages took 108 ms against float32's 278 ms on 2 cores (2026-12-01) with the
-    same answers on NQ questions 150-440 (README); float32 on other CPUs, whose bfloat16 products are
+    encoder pass of 20 NQ passages took 129.9 ms against float32's 295.3 ms on 2 cores, side by side
+    (2026-12-01, down-projections row-blocked), with the same answers on NQ questions 150-440 (README); float32 on other CPUs, whose bfloat16 products are
     emulated and slower.
 
     >>> auto_dtype(torch.device("cuda"))
@@ -69,7 +69,8 @@ def auto_dtype(device: torch.device) -> str:
 
 
 # rows per matrix product of a bfloat16 down-projection on CPU (_RowBlockedLinear). On the 2-core Xeon with
-# AMX, 20 NQ passages: 108 ms a pass at 1024 rows, 121 at 512, 120 at 384, 105 unblocked (2026-12-01)
+# AMX, 20 NQ passages, one experiment (2026-12-01): 1024 rows the fastest of 384 / 512 / 1024 (about 120,
+# 121 and 108 ms a pass against 105 unblocked); side by side in the engine, 129.9 ms against 108.6 unblocked
 _ROW_BLOCK = 1024
 
 
@@ -80,8 +81,8 @@ class _RowBlockedLinear(torch.nn.Module):
     (1536 -> 384) a product of 64-320 rows sums each output in another order than one of 8,192, so a token's
     vector moved by up to 0.05 with the number of rows it was batched with, and compress_many differed from
     single calls. A product of a fixed shape rounds every row the same way, wherever it sits: the
-    fingerprints are again those of the chunk alone. (float32 and the other projections, 384 -> 384 and
-    384 -> 1536, gave the same rows for every count; on CUDA nothing is changed.)
+    fingerprints are again those of the chunk alone. (The other bfloat16 projections, 384 -> 384 and
+    384 -> 1536, gave the same rows for every count on this 2-thread CPU; float32 and CUDA are not changed.)
     """
 
     def __init__(self, linear: torch.nn.Linear, rows: int) -> None:
