@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="folder holding the NQ file (default ../shared/data; GPU box: .gpu/data)")
     ap.add_argument("--rate", type=float, default=0.33, help="rate of the latency and throughput runs")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                    help="encoder precision (default auto: float16 on CUDA, float32 on CPU)")
+                    help="encoder precision (default auto: float16 on CUDA; bfloat16 on a CPU with AMX, else float32)")
     ap.add_argument("--fp32-n", type=int, default=60,
                     help="questions for the agreement with float32 (when the encoder runs below it)")
     ap.add_argument("--name", default="gpu", help="results file stem (e.g. gpu_cpu for the CPU run)")
