@@ -277,6 +277,14 @@ def unit_terms(memo: AnalysisMemo, spec: AnalysisSpec, chunks: Sequence[str], un
     return out
 
 
+def unit_term_codes(memo: AnalysisMemo, spec: AnalysisSpec, chunks: Sequence[str], units: Sequence[np.ndarray],
+                    call: CallAnalysis) -> np.ndarray:
+    """:func:`semtoken_rag.evidence.term_codes` of :func:`unit_terms`, memoised per chunk with them."""
+    parts = [memo.extra(spec, text, e, "term_codes", lambda t=text, x=u, e=e: ev.term_codes(
+        ev.unit_terms(t, x, _words(memo, spec, t, x, e)))) for text, u, e in zip(chunks, units, call.chunks)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def segment_keys(memo: AnalysisMemo, spec: AnalysisSpec, chunks: Sequence[str], units: Sequence[np.ndarray],
                  call: CallAnalysis) -> np.ndarray:
     """Per segment of the call (chunk after chunk), a hash of its normalised words

@@ -142,6 +142,10 @@ def _model_encoding(name: str):
 _FRESH_ROWS = 128
 _EXACT_COPY_VALUES = 1 << 22  # segments x dim up to which the vectors are copied to float64 once (32 MiB)
 _PAIRS_AT_ONCE = 512
+# up to this many segments, a kept segment is compared with every pending one at once (one product of a
+# vector) and the best cosines are exact at every step; above, kept rows are folded _FRESH_ROWS at a time.
+# The same cosines and mask either way; eagerly, 125 segments (20 NQ passages): 0.8 ms against 1.2 ms
+_EAGER_ROWS = 512
 
 
 def pair_cosines(vectors: np.ndarray, a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:
@@ -188,6 +192,7 @@ class _KeptOverlap:
         self.best = np.full(n, -np.inf)
         self.rows = np.flatnonzero(self.pending)
         self.rows_vecs = vecs if len(self.rows) == n else vecs[self.rows]  # no copy when all are pending
+        self.eager = n <= _EAGER_ROWS
         self.fresh = np.empty(_FRESH_ROWS, dtype=np.int64)
         self.fresh_vecs = np.empty((_FRESH_ROWS, vecs.shape[1]), dtype=np.float32)
         self.n_fresh = 0
@@ -218,6 +223,12 @@ class _KeptOverlap:
         """Segment ``j`` is kept and ``room`` tokens are left: ``j`` counts for every pending segment
         from now on, and those that can no longer fit are decided (dropped)."""
         if not self.linked[j]:
+            return
+        if self.eager:  # as a fold of this one row (see _fold): every pending best is exact again
+            sims = (self.vecs @ self.vecs[j]).astype(np.float64)
+            hit = np.flatnonzero(self.pending & (sims > self.cut) & (sims + self.margin > self.best))
+            if len(hit):
+                self.best[hit] = np.maximum(self.best[hit], self._exact(hit, j))
             return
         self.fresh[self.n_fresh] = j
         self.fresh_vecs[self.n_fresh] = self.vecs[j]

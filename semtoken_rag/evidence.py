@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["ANSWER_TYPES", "answer_type", "carries_new_facts", "facts", "lexical_scores", "query_terms",
-           "query_words", "type_hits", "unit_terms"]
+__all__ = ["ANSWER_TYPES", "answer_type", "carries_new_facts", "facts", "lexical_scores",
+           "lexical_scores_of_codes", "query_terms", "query_words", "term_codes", "type_hits", "unit_terms"]
 
 # function words and question words: never evidence on their own
 _STOP = frozenset(["a", "about", "above", "after", "again", "against", "all", "also", "am", "an", "and", "any", "are", "as", "at", "be", "because", "been", "before", "being", "below", "between", "both", "but", "by", "can", "could", "did", "do", "does", "doing", "down", "during", "each", "few", "for", "from", "further", "had", "has", "have", "having", "he", "her", "here", "hers", "him", "his", "how", "i", "if", "in", "into", "is", "it", "its", "itself", "just", "me", "more", "most", "my", "no", "nor", "not", "now", "of", "off", "on", "once", "only", "or", "other", "our", "out", "over", "own", "same", "she", "should", "so", "some", "such", "than", "that", "the", "their", "theirs", "them", "then", "there", "these", "they", "this", "those", "through", "to", "too", "under", "until", "up", "very", "was", "we", "were", "what", "when", "where", "which", "while", "who", "whom", "whose", "why", "will", "with", "would", "you", "your", "yours", "many", "much"])
@@ -108,16 +108,34 @@ def lexical_scores(terms: Sequence[str], q_terms: Sequence[str], segs: np.ndarra
     >>> lexical_scores(terms, ["nobel", "physic"], np.array([0, 4, 6, 10])).round(3).tolist()
     [1.0, 0.0, 0.514]
     """
+    return lexical_scores_of_codes(term_codes(terms), q_terms, segs, k1=k1, b=b)
+
+
+def term_codes(terms: Sequence[str]) -> np.ndarray:
+    """The int64 codes :func:`lexical_scores_of_codes` reads: each term's hash (Python's string hash,
+    equal for equal terms within a process, which is all a memo of them lives for)."""
+    return np.fromiter(map(hash, terms), dtype=np.int64, count=len(terms))
+
+
+def lexical_scores_of_codes(codes: np.ndarray, q_terms: Sequence[str], segs: np.ndarray, *, k1: float = 1.2,
+                            b: float = 0.75) -> np.ndarray:
+    """:func:`lexical_scores` of the units' :func:`term_codes` (integers compare faster than strings: a
+    call's 3,000 units; two different terms with one 64-bit hash would count as one).
+
+    >>> terms = ["nobel", "prize", "", "physic", "banana", "", "nobel", "", "", ""]
+    >>> lexical_scores_of_codes(term_codes(terms), ["nobel", "physic"], np.array([0, 4, 6, 10])).round(3).tolist()
+    [1.0, 0.0, 0.514]
+    """
     n_seg = len(segs) - 1
     out = np.zeros(n_seg)
     if n_seg == 0 or not q_terms:
         return out
-    arr = np.asarray(terms, dtype=object)
-    content = np.add.reduceat((arr != "").astype(np.float64), segs[:-1])
+    arr = np.asarray(codes, dtype=np.int64)
+    content = np.add.reduceat((arr != hash("")).astype(np.float64), segs[:-1])
     length = np.maximum(content, 1.0)
     norm = k1 * (1.0 - b + b * length / max(length.mean(), 1.0))
     for t in q_terms:
-        tf = np.add.reduceat((arr == t).astype(np.float64), segs[:-1])
+        tf = np.add.reduceat((arr == hash(t)).astype(np.float64), segs[:-1])
         df = int((tf > 0).sum())
         if df == 0:
             continue

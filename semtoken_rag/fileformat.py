@@ -80,6 +80,7 @@ class CacheEntry:
         if not isinstance(self.arrays, Mapping):
             raise TypeError(f"arrays must map names to numpy arrays, got {type(self.arrays).__name__}")
         frozen: dict[str, np.ndarray] = {}
+        bases: dict[str, np.ndarray] = {}  # the same memory, writable: see shared_array
         for name, value in self.arrays.items():
             if not isinstance(name, str) or not name or len(name.encode("utf-8", "surrogatepass")) > 255:
                 raise ValueError(f"array names must be non-empty str of at most 255 bytes, got {name!r}")
@@ -90,14 +91,17 @@ class CacheEntry:
                                 "allowed: bool/int/uint/float, ndim <= 32")
             if name == "fingerprints" and value.dtype != np.float16:
                 raise TypeError(f"fingerprints must be float16, got {value.dtype}; use .astype(np.float16)")
-            arr = np.array(value, dtype=value.dtype.newbyteorder("<"), order="C", copy=True)
+            base = np.array(value, dtype=value.dtype.newbyteorder("<"), order="C", copy=True)
+            arr = base.view()
             arr.flags.writeable = False
             frozen[name] = arr
+            bases[name] = base
         seconds = float(self.encode_seconds)
         if not math.isfinite(seconds) or seconds < 0:
             raise ValueError(f"encode_seconds must be a finite number >= 0, got {self.encode_seconds!r}")
         object.__setattr__(self, "arrays", MappingProxyType(frozen))
         object.__setattr__(self, "encode_seconds", seconds)
+        object.__setattr__(self, "_bases", bases)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name]
@@ -108,6 +112,18 @@ class CacheEntry:
     def get(self, name: str) -> np.ndarray | None:
         """The array called ``name``, or ``None`` when the entry has none."""
         return self.arrays.get(name)
+
+    def shared_array(self, name: str) -> np.ndarray | None:
+        """The array called ``name`` as a writable alias of the same memory, for code that wraps it without a
+        copy (a torch tensor of cached fingerprints) and never writes to it; ``None`` when the entry has no
+        such array or was decoded from bytes (its arrays are views of a read-only buffer).
+
+        >>> e = CacheEntry({"fingerprints": np.zeros((2, 3), np.float16)})
+        >>> shared = e.shared_array("fingerprints")
+        >>> bool(np.shares_memory(shared, e["fingerprints"])), shared.flags.writeable
+        (True, True)
+        """
+        return self.__dict__.get("_bases", {}).get(name)
 
     @property
     def nbytes(self) -> int:

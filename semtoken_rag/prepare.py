@@ -90,8 +90,7 @@ class Preparer:
             entries = self.cache.get_many([cache_key(t, self.namespace) for t in asked], valid=fits)
             for text, entry in zip(asked, entries):
                 if entry is not None:
-                    out.fingerprints[text] = Fingerprints(entry["units"].astype(np.int64),
-                                                          torch.from_numpy(np.array(entry["fingerprints"])))
+                    out.fingerprints[text] = Fingerprints(entry["units"].astype(np.int64), _vectors(entry))
                     out.cached.add(text)
                 else:
                     out.missed.add(text)
@@ -134,6 +133,14 @@ class Preparer:
         logger.debug("prepared %d requests: %d chunks encoded in %d batches, %d queries embedded",
                      len(requests), len(missing), out.encoder_calls, len(new_queries))
         return out
+
+
+def _vectors(entry: CacheEntry) -> torch.Tensor:
+    """A cached entry's fingerprints as a tensor: the cache's own memory where the entry has a writable alias
+    of it (entries made in this process; nothing downstream writes to fingerprints), else a copy (entries
+    decoded from a store's bytes). The copy cost 0.6 ms of a 6 ms call on cached chunks (20 passages)."""
+    shared = entry.shared_array("fingerprints")
+    return torch.from_numpy(shared if shared is not None else np.array(entry["fingerprints"]))
 
 
 def _blank(dim: int) -> Fingerprints:

@@ -26,6 +26,32 @@ def kept_slices(units: np.ndarray, keep: np.ndarray) -> list[tuple[int, int]]:
     return [(int(units[s, 0]), int(units[e, 1])) for s, e in zip(starts, ends)]
 
 
+def kept_slices_many(units: np.ndarray, keep: np.ndarray, offsets: np.ndarray) -> list[list[tuple[int, int]]]:
+    """:func:`kept_slices` of every chunk of a call in one vectorised pass: ``units`` and ``keep`` are the
+    chunks' units concatenated, chunk ``i`` owning rows ``offsets[i]:offsets[i + 1]`` (no run crosses a
+    chunk's end).
+
+    >>> kept_slices_many(np.array([[0, 3], [4, 7], [0, 2], [3, 5]]), np.array([True, True, True, False]),
+    ...                  np.array([0, 2, 2, 4]))
+    [[(0, 7)], [], [(0, 2)]]
+    """
+    n, m = len(keep), len(offsets) - 1
+    if n == 0 or not keep.any():
+        return [[] for _ in range(m)]
+    lo, hi = np.asarray(offsets[:-1]), np.asarray(offsets[1:])
+    present = hi > lo
+    first, last = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    first[lo[present]] = True
+    last[hi[present] - 1] = True
+    prev = np.concatenate([[False], keep[:-1]])
+    nxt = np.concatenate([keep[1:], [False]])
+    s = np.flatnonzero(keep & (first | ~prev))  # each run's first and last unit, in order
+    e = np.flatnonzero(keep & (last | ~nxt))
+    pairs = list(zip(units[s, 0].tolist(), units[e, 1].tolist()))
+    cuts = np.searchsorted(s, offsets).tolist()
+    return [pairs[cuts[i]:cuts[i + 1]] for i in range(m)]
+
+
 def join_slices(text: str, slices: Sequence[tuple[int, int]], gap_marker: str) -> str:
     """The output text of a chunk: its kept slices in order, joined by ``gap_marker``.
 

@@ -76,6 +76,9 @@ def test_call_analysis_equals_the_per_call_computation(tiny_encoder):
     # evidence, memoised per chunk, equals evidence.py's per call
     terms = an.unit_terms(memo, engine._spec, CHUNKS, units, got)
     assert terms == [t for c, u in zip(CHUNKS, units) for t in ev.unit_terms(c, u)]
+    codes = an.unit_term_codes(memo, engine._spec, CHUNKS, units, got)
+    assert codes.tolist() == ev.term_codes(terms).tolist()
+    assert codes.tolist() == an.unit_term_codes(memo, engine._spec, CHUNKS, units, got).tolist()  # from the memo
     words = [w for c, u in zip(CHUNKS, units) for w in ev.unit_words(c, u)]
     segs = sp.segment_bounds(got.breaks).tolist()
     assert an.segment_keys(memo, engine._spec, CHUNKS, units, got).tolist() == [

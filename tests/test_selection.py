@@ -83,12 +83,17 @@ def dyadic_problem(rng, n, dim=16):
     return scores, costs, groups, budget, int(rng.integers(0, 3)), allowed, vectors
 
 
-@pytest.mark.parametrize("fresh_rows", [1, 3, 128])
+@pytest.mark.parametrize("fresh_rows", [1, 3, 128, "eager"])
 @pytest.mark.parametrize("seed", range(30))
 def test_exact_ties_match_reference(seed, fresh_rows, monkeypatch):
     """Duplicates and ties everywhere; the kept rows are folded into the pending ones every
-    ``fresh_rows`` keeps: the masks equal the reference's exactly."""
-    monkeypatch.setattr(budget_module, "_FRESH_ROWS", fresh_rows)
+    ``fresh_rows`` keeps, or each kept row is compared with all pending ones at once (eager): the masks
+    equal the reference's exactly."""
+    if fresh_rows == "eager":
+        monkeypatch.setattr(budget_module, "_EAGER_ROWS", 1 << 30)
+    else:
+        monkeypatch.setattr(budget_module, "_EAGER_ROWS", 0)
+        monkeypatch.setattr(budget_module, "_FRESH_ROWS", fresh_rows)
     rng = np.random.default_rng(1000 + seed)
     scores, costs, groups, budget, gap, allowed, vectors = dyadic_problem(rng, int(rng.integers(1, 200)))
     weight = float(rng.choice([0.25, 0.5, 1.0, 2.0]))
@@ -113,9 +118,11 @@ def test_batching_never_changes_the_mask(seed, monkeypatch):
     scores, costs = rng.random(n), rng.integers(1, 20, n)
     groups, budget = np.sort(rng.integers(0, 30, n)), int(costs.sum() * rng.choice([0.2, 0.5, 0.9]))
     masks = []
-    for rows, copy in ((1, 1 << 22), (7, 1 << 22), (128, 1 << 22), (7, 0)):  # (0: no float64 copy)
+    for rows, copy, eager in ((1, 1 << 22, 0), (7, 1 << 22, 0), (128, 1 << 22, 0), (7, 0, 0),  # (0: no float64
+                              (128, 1 << 22, n), (128, 0, n)):  # copy; eager: each kept row at once)
         monkeypatch.setattr(budget_module, "_FRESH_ROWS", rows)
         monkeypatch.setattr(budget_module, "_EXACT_COPY_VALUES", copy)
+        monkeypatch.setattr(budget_module, "_EAGER_ROWS", eager)
         masks.append(select_under_budget(scores, costs, groups, budget, 1, None, vectors, 0.5, 0.4))
     assert all(np.array_equal(masks[0], m) for m in masks[1:])
     assert masks[0].sum() > 50  # a real selection, with many folds

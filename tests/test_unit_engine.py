@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 from conftest import TINY_WORDS
 from hypothesis import HealthCheck, given, settings
@@ -144,3 +145,24 @@ def test_input_kinds_and_errors(tiny_engine):
         tiny_engine.compress(list(chunks), "q", rate=0.0)
     with pytest.raises(ValueError, match="target_tokens must be a positive int"):
         tiny_engine.compress(list(chunks), "q", target_tokens=-1)
+
+
+def test_warm_calls_share_the_cached_fingerprints_and_never_write_them(tiny_encoder):
+    """A memory hit wraps the cache's own float16 rows (no copy per call); no step of a call writes to
+    them, so the cached bytes after many warm calls are those first stored."""
+    from semtoken_rag import SemTokenConfig
+    from semtoken_rag.keys import cache_key
+
+    engine = SemToken(SemTokenConfig(encoder=str(tiny_encoder), device="cpu", max_length=32, window_overlap=8))
+    chunks = ["the nobel prize in physics was first awarded in 1901.", "the river was first in the war.",
+              "a banana is a fruit. the banana is yellow."]
+    engine.compress(chunks, "nobel prize", rate=0.5)
+    entries = [engine.cache.get_many([cache_key(c, engine.preparer.namespace)])[0] for c in chunks]
+    before = [e["fingerprints"].tobytes() for e in entries]
+    prepared = engine.preparer.lookup(chunks, None)
+    for c, e in zip(chunks, entries):
+        assert np.shares_memory(prepared.fingerprints[c].vectors.numpy(), e["fingerprints"])
+    for rate in (0.2, 0.5, 0.9):
+        engine.compress(chunks, "nobel prize", rate=rate)
+        engine.compress_many([chunks, chunks[::-1]], ["banana", None], rate=rate)
+    assert [e["fingerprints"].tobytes() for e in entries] == before

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from semtoken_rag import spans as sp
 from semtoken_rag.budget import select_under_budget
-from semtoken_rag.render import join_slices, kept_slices
+from semtoken_rag.render import join_slices, kept_slices, kept_slices_many
 
 # -- spans.local_clusters ---------------------------------------------------------------------------
 
@@ -221,6 +221,18 @@ def test_kept_slices_are_the_runs_of_kept_units(problem):
             i += 1
     assert slices == want
     assert all(isinstance(x, int) for s in slices for x in s)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(units_and_mask(), min_size=0, max_size=6))
+def test_kept_slices_many_equal_kept_slices_chunk_by_chunk(problems):
+    """A call's chunks (empty ones included) in one pass: each chunk's slices as kept_slices gives them."""
+    units = np.concatenate([u for u, _ in problems]) if problems else np.zeros((0, 2), dtype=np.int64)
+    keep = np.concatenate([k for _, k in problems]) if problems else np.zeros(0, dtype=bool)
+    offsets = np.concatenate([[0], np.cumsum([len(k) for _, k in problems])]).astype(np.int64)
+    got = kept_slices_many(units, keep, offsets)
+    assert got == [kept_slices(u, k) for u, k in problems]
+    assert all(type(x) is int for chunk in got for s in chunk for x in s)
 
 
 def test_kept_slices_edges_and_join():
