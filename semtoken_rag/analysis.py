@@ -151,18 +151,24 @@ class AnalysisMemo:
         return out
 
     def analyse(self, spec: AnalysisSpec, chunks: Sequence[str], units: Sequence[np.ndarray],
-                vectors: torch.Tensor, offsets: np.ndarray, totals: np.ndarray | None = None) -> CallAnalysis:
+                vectors: torch.Tensor, offsets: np.ndarray, totals: np.ndarray | None = None,
+                normed: torch.Tensor | None = None) -> CallAnalysis:
         """The call's analysis: ``units[i]`` are chunk ``i``'s char spans, ``vectors`` the call's unit
         vectors (float32, chunks concatenated, ``offsets`` the unit offset of each chunk); ``totals``
-        the whole texts' budget tokens when known (kept with new entries for :meth:`counts`)."""
+        the whole texts' budget tokens when known (kept with new entries for :meth:`counts`); ``normed``
+        the vectors L2-normalised when the caller has them (else normalised here, the same rows)."""
         entries: list[ChunkAnalysis | None] = [self._lru.get((spec.key, t)) for t in chunks]
         todo = [i for i, e in enumerate(entries) if e is None]
         self.hits += len(chunks) - len(todo)
         self.misses += len(todo)
         if todo:
-            parts = [vectors] if len(todo) == len(chunks) else \
-                [vectors[int(offsets[i]):int(offsets[i + 1])] for i in todo]
-            fresh = _analyse_chunks(spec, [chunks[i] for i in todo], [units[i] for i in todo], parts)
+            def rows(v: torch.Tensor | None) -> list[torch.Tensor] | None:
+                if v is None:
+                    return None
+                return [v] if len(todo) == len(chunks) else [v[int(offsets[i]):int(offsets[i + 1])] for i in todo]
+
+            fresh = _analyse_chunks(spec, [chunks[i] for i in todo], [units[i] for i in todo], rows(vectors),
+                                    rows(normed))
             for i, entry in zip(todo, fresh):
                 if totals is not None:
                     entry.total = int(totals[i])
@@ -197,7 +203,7 @@ def _sizeof(value: Any) -> int:
 
 
 def _analyse_chunks(spec: AnalysisSpec, texts: list[str], units: list[np.ndarray],
-                    vectors: list[torch.Tensor]) -> list[ChunkAnalysis]:
+                    vectors: list[torch.Tensor], normed: list[torch.Tensor] | None = None) -> list[ChunkAnalysis]:
     # budget tokens of each unit with the whitespace before it: one tokenizer call for every chunk
     pieces: list[str] = []
     for text, u in zip(texts, units):
@@ -212,16 +218,19 @@ def _analyse_chunks(spec: AnalysisSpec, texts: list[str], units: list[np.ndarray
         costs = all_costs[cuts[k]:cuts[k + 1]]
         br = st.structure_break_after(text, u, sp.sentence_break_after(text, u, spec.language))
         group = st.protected_groups(text, u, spec.patterns)
-        br = sp.cap_segment_costs(sp.cap_segments(br, spec.max_segment_units, sp.clause_ends(text, u)), costs,
-                                  spec.max_segment_tokens)
+        if len(u) > spec.max_segment_units and np.diff(sp.segment_bounds(br)).max() > spec.max_segment_units:
+            br = sp.cap_segments(br, spec.max_segment_units, sp.clause_ends(text, u))  # (else: nothing to cut)
+        br = sp.cap_segment_costs(br, costs, spec.max_segment_tokens)
         breaks_all.append(st.join_groups(br, group))
         groups.append(group)
     # local clustering of all new chunks in one pass: a chunk's last unit is a break, so no span and
     # no similarity that counts crosses into the next chunk
     joined = torch.cat(vectors) if len(vectors) > 1 else (vectors[0] if vectors else torch.zeros((0, 1)))
+    joined_normed = None if normed is None else (torch.cat(normed) if len(normed) > 1 else normed[0])
     n = int(joined.shape[0])
     bounds = sp.local_clusters(joined, np.concatenate(breaks_all) if breaks_all else np.zeros(0, bool),
-                               spec.tau, spec.max_span_units) if n else np.zeros(1, dtype=np.int64)
+                               spec.tau, spec.max_span_units, normed=joined_normed) if n \
+        else np.zeros(1, dtype=np.int64)
     # units whose vector copies the previous unit's (same chunk)
     same = np.zeros(n, dtype=bool)
     if n > 1:  # (rows equal in their first column are few: only those are compared whole)

@@ -67,6 +67,11 @@ class _Call:
     chunk_of: np.ndarray  # (n,) chunk index of each unit
     all_units: np.ndarray  # (n, 2) the char spans of ``units`` concatenated
 
+    @functools.cached_property
+    def normed(self) -> torch.Tensor:
+        """``vectors`` L2-normalised (row by row: each row as it would be alone), made once per call."""
+        return torch.nn.functional.normalize(self.vectors, dim=-1)
+
 
 @dataclass
 class _State:
@@ -405,7 +410,9 @@ class SemToken:
         # max_segment_units words and to _MAX_SEGMENT_TOKENS tokens (pieces of text without spaces cost
         # many tokens each); structure.py: a table row, a code line, a list item is one segment;
         # protected text is one piece; the spans of local clustering (Algorithm 1) inside segments
-        ana = self.analyses.analyse(self._spec, chunks, call.units, call.vectors, call.offsets, counts)
+        q_wanted = query is not None and cfg.use_query  # (maxsim reads the normalised rows too: made once)
+        ana = self.analyses.analyse(self._spec, chunks, call.units, call.vectors, call.offsets, counts,
+                                    call.normed if q_wanted else None)
         unit_cost = ana.costs
         breaks = ana.breaks
         numbers = st.query_numbers(query) if query else frozenset()
@@ -433,7 +440,8 @@ class SemToken:
             q_np = q.float().cpu().numpy()
             seg_rel_np, chunk_rel_np = centroids @ q_np, cs.chunk_centroids @ q_np
             # the only device work of a call: each query token's best cosine with a unit (one transfer back)
-            rel = cfg.maxsim_weight * sp.maxsim(q_tokens, call.vectors, seg_of_unit, len(segs) - 1).cpu().numpy()
+            rel = cfg.maxsim_weight * sp.maxsim(q_tokens, call.vectors, seg_of_unit, len(segs) - 1,
+                                                normed=call.normed).cpu().numpy()
             terms = an.unit_term_codes(self.analyses, self._spec, chunks, call.units, ana) \
                 if cfg.lexical_weight > 0 or cfg.chunk_lexical_weight > 0 else None
             if cfg.lexical_weight > 0:  # (evidence.py) exact words of the query, BM25 over the call's segments

@@ -70,14 +70,15 @@ def sentence_break_after(text: str, units: np.ndarray, language: str = "en") -> 
 
 
 def local_clusters(vectors: torch.Tensor, break_after: np.ndarray, tau: float, max_units: int, *,
-                   full_band: bool | None = None) -> np.ndarray:
+                   full_band: bool | None = None, normed: torch.Tensor | None = None) -> np.ndarray:
     """Algorithm 1 (span formation): greedy runs of adjacent units similar to the run's anchor.
 
     A unit joins the current span while cos(anchor, unit) > ``tau``, the span has fewer than
     ``max_units`` units and no break lies between. Returns span boundaries ``b`` (spans are
     ``[b[k], b[k+1])``), ``b[0] == 0`` and ``b[-1] == n``. One O(n) scan over precomputed similarities:
     on a GPU the full band of them (``full_band``, the default there), on the CPU only those the scan
-    can read.
+    can read. ``normed``: ``torch.nn.functional.normalize(vectors.float(), dim=-1)`` when the caller has
+    it already (the same rows: a call normalises its units once for this and for maxsim).
 
     >>> import torch, numpy as np
     >>> v = torch.tensor([[1., 0], [1, 0.01], [0, 1], [0, 1]])
@@ -88,7 +89,8 @@ def local_clusters(vectors: torch.Tensor, break_after: np.ndarray, tau: float, m
     if n == 0:
         return np.zeros(1, dtype=np.int64)
     k = max(1, min(max_units, n))
-    normed = torch.nn.functional.normalize(vectors.float(), dim=-1)
+    if normed is None:
+        normed = torch.nn.functional.normalize(vectors.float(), dim=-1)
     if full_band is None:
         full_band = normed.device.type != "cpu"
     if not full_band:
@@ -219,9 +221,10 @@ def segment_bounds(break_after: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.flatnonzero(break_after) + 1]).astype(np.int64)
 
 
-def maxsim(query_tokens: torch.Tensor, vectors: torch.Tensor, segment_of: np.ndarray, n_segments: int
-           ) -> torch.Tensor:
-    """Late interaction: for each segment, the mean over query tokens of their best cosine with a unit.
+def maxsim(query_tokens: torch.Tensor, vectors: torch.Tensor, segment_of: np.ndarray, n_segments: int, *,
+           normed: torch.Tensor | None = None) -> torch.Tensor:
+    """Late interaction: for each segment, the mean over query tokens of their best cosine with a unit
+    (``normed``: the units' vectors L2-normalised, when the caller has them already).
 
     >>> import torch, numpy as np
     >>> q = torch.tensor([[1., 0], [0, 1]])
@@ -229,7 +232,7 @@ def maxsim(query_tokens: torch.Tensor, vectors: torch.Tensor, segment_of: np.nda
     >>> maxsim(q, v, np.array([0, 0, 1]), 2).tolist()
     [0.5, 0.5]
     """
-    normed = torch.nn.functional.normalize(vectors.float(), dim=-1)
+    normed = torch.nn.functional.normalize(vectors.float(), dim=-1) if normed is None else normed
     sims = query_tokens.to(normed.device) @ normed.T  # (t, n)
     index = torch.as_tensor(segment_of, device=normed.device).expand_as(sims)
     best = torch.full((sims.shape[0], n_segments), -1.0, device=normed.device)

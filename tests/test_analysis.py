@@ -69,6 +69,10 @@ def test_call_analysis_equals_the_per_call_computation(tiny_encoder):
     assert got.fence.tolist() == struct.fence.tolist()
     assert got.bounds.tolist() == sp.local_clusters(vectors, breaks, engine.config.tau,
                                                     engine.config.max_span_units).tolist()
+    # the call's rows normalised once by the caller (as the engine does for maxsim): the same analysis
+    again = an.AnalysisMemo(1 << 20).analyse(engine._spec, CHUNKS, units, vectors, offsets,
+                                             normed=torch.nn.functional.normalize(vectors.float(), dim=-1))
+    assert again.bounds.tolist() == got.bounds.tolist() and again.breaks.tolist() == got.breaks.tolist()
     chunk_of = np.repeat(np.arange(len(CHUNKS)), np.diff(offsets))
     blind = np.zeros(len(chunk_of), dtype=bool)
     blind[1:] = (vectors[1:] == vectors[:-1]).all(dim=-1).numpy() & (chunk_of[1:] == chunk_of[:-1])
