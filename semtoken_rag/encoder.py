@@ -601,9 +601,12 @@ class Encoder:
         """Token ids of queries (no specials; truncated to one window, as the Hugging Face call does)."""
         if not queries:
             return []
-        enc = self.tokenizer([without_surrogates(q) for q in queries], add_special_tokens=False, truncation=True,
-                             max_length=self.max_length - 2, verbose=False)
-        return [list(ids) for ids in enc["input_ids"]]
+        # the Rust tokenizer itself, as for chunks: the Hugging Face call's ids (it keeps the first tokens)
+        # without its Python wrapping (0.3 of a cold call's 4 ms of tokenizing, 20 passages)
+        texts = [without_surrogates(q) for q in queries]
+        encodings = self._chunk_tokenizer.encode_batch(texts, add_special_tokens=False) if len(texts) > 1 else \
+            [self._chunk_tokenizer.encode(texts[0], add_special_tokens=False)]
+        return [e.ids[:self.max_length - 2] for e in encodings]
 
     def _query_vectors(self, hidden: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = []

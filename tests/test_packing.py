@@ -154,3 +154,17 @@ def test_chunk_stats_many_a_huge_chunk_among_short_ones(monkeypatch):
         one = an.chunk_stats(v, b, br, 5)
         for name in ("span_entropy", "seg_entropy", "centroids", "centroid"):
             assert getattr(got, name).tobytes() == getattr(one, name).tobytes() == getattr(again, name).tobytes(), name
+
+
+def test_query_ids_are_those_of_the_hugging_face_call(tiny):
+    """Queries go to the Rust tokenizer itself: the ids the Hugging Face tokenizer gives with truncation to
+    one window (its first tokens), one query or many, odd text and long text included."""
+    from semtoken_rag.text import without_surrogates
+
+    queries = QUERIES + [" ", "Röntgen's prize (1901)?", "\ud800 bad \x00\x07 e\u0301 ﬁ", "prize " * 100]
+    for q in queries:
+        want = tiny.tokenizer([without_surrogates(q)], add_special_tokens=False, truncation=True,
+                              max_length=tiny.max_length - 2, verbose=False)["input_ids"][0]
+        assert tiny._query_ids([q]) == [list(want)]
+    assert tiny._query_ids(queries) == [tiny._query_ids([q])[0] for q in queries]
+    assert len(tiny._query_ids(["prize " * 100])[0]) == tiny.max_length - 2
