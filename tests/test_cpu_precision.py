@@ -9,7 +9,7 @@ from conftest import NOBEL
 
 import semtoken_rag.encoder as enc_mod
 from semtoken_rag import SemToken, SemTokenConfig
-from semtoken_rag.encoder import Encoder, _row_block_down_projections, _RowBlockedLinear, auto_dtype
+from semtoken_rag.encoder import Encoder, _row_block_down_projections, _RowBlockedLinear, _same_rows, auto_dtype
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -34,6 +34,48 @@ def test_row_blocked_rows_do_not_depend_on_their_neighbours():
     for m in (1, 64, 160, 320, 1024, 1500):  # oneDNN splits plain products of 64-320 rows otherwise
         assert torch.equal(blocked(x[:m]), full[:m])
         assert torch.equal(blocked(x[100:100 + m]), full[100:100 + m])
+
+
+@pytest.mark.parametrize("tails", [(), (2,), (2, 5), (5, 200)])
+def test_row_blocked_tails_compute_the_linear_layer(tails):
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(24, 8)
+    blocked = _RowBlockedLinear(lin, 16, tails)
+    assert blocked.tails == tuple(t for t in sorted(tails) if t < 16)
+    for n in (0, 1, 2, 3, 5, 6, 15, 16, 17, 18, 21, 40):
+        x = torch.randn(n, 24)
+        torch.testing.assert_close(blocked(x), lin(x), rtol=1e-5, atol=1e-6)
+
+
+def test_probed_tails_keep_every_row_independent_of_its_neighbours():
+    """The tails the probe accepts (on this machine) give each row the bits of a full block's product: a
+    query alone (a 32-row product) equals that query inside a long batch."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(1536, 384)).to(torch.bfloat16)
+    assert _row_block_down_projections(model, 1024) == 1
+    blocked = model[0]
+    assert all(_same_rows(torch.nn.Linear(1536, 384).to(torch.bfloat16), 1024, t) for t in blocked.tails)
+    x = torch.randn(3000, 1536).to(torch.bfloat16)
+    full = blocked(x)
+    for m in (1, 12, 32, 33, 160, 512, 513, 700, 1024, 1500, 2100):
+        assert torch.equal(blocked(x[:m]), full[:m]), m
+        assert torch.equal(blocked(x[200:200 + m]), full[200:200 + m]), m
+
+
+def test_a_tail_that_rounds_otherwise_is_not_used(monkeypatch):
+    """The probe rejects a row count whose products differ from the full block's (here made to differ)."""
+    lin = torch.nn.Linear(64, 16).to(torch.bfloat16)
+    real = _RowBlockedLinear.padded
+
+    def off_by_a_bit(self, x, size):
+        out = real(self, x, size)
+        return out + 1 if size == 8 else out
+
+    monkeypatch.setattr(_RowBlockedLinear, "padded", off_by_a_bit)
+    assert not _same_rows(lin, 32, 8)
+    model = torch.nn.Sequential(lin)
+    _row_block_down_projections(model, 32, tails=(4, 8, 64))
+    assert 8 not in model[0].tails and set(model[0].tails) <= {4}  # (64: not below the full block)
 
 
 def test_only_the_narrowing_projections_are_replaced():
