@@ -276,19 +276,10 @@ def _join(entries: list[ChunkAnalysis], offsets: np.ndarray) -> CallAnalysis:
                         cat("fence", bool), cat("blind", bool), np.concatenate(bounds), entries)
 
 
-def unit_terms(memo: AnalysisMemo, spec: AnalysisSpec, chunks: Sequence[str], units: Sequence[np.ndarray],
-               call: CallAnalysis) -> list[str]:
-    """The search term of each unit of the call (:func:`semtoken_rag.evidence.unit_terms`), memoised."""
-    out: list[str] = []
-    for text, u, e in zip(chunks, units, call.chunks):
-        out.extend(memo.extra(spec, text, e, "terms",
-                              lambda t=text, x=u, e=e: ev.unit_terms(t, x, _words(memo, spec, t, x, e))))
-    return out
-
-
 def unit_term_codes(memo: AnalysisMemo, spec: AnalysisSpec, chunks: Sequence[str], units: Sequence[np.ndarray],
                     call: CallAnalysis) -> np.ndarray:
-    """:func:`semtoken_rag.evidence.term_codes` of :func:`unit_terms`, memoised per chunk with them."""
+    """The search term of each unit of the call (:func:`semtoken_rag.evidence.unit_terms`) as its
+    :func:`semtoken_rag.evidence.term_codes`, memoised per chunk (what BM25 reads)."""
     parts = [memo.extra(spec, text, e, "term_codes", lambda t=text, x=u, e=e: ev.term_codes(
         ev.unit_terms(t, x, _words(memo, spec, t, x, e)))) for text, u, e in zip(chunks, units, call.chunks)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)

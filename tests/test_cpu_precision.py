@@ -9,7 +9,13 @@ from conftest import NOBEL
 
 import semtoken_rag.encoder as enc_mod
 from semtoken_rag import SemToken, SemTokenConfig
-from semtoken_rag.encoder import Encoder, _row_block_down_projections, _RowBlockedLinear, _same_rows, auto_dtype
+from semtoken_rag.encoder import (
+    Encoder,
+    _row_block_down_projections,
+    _RowBlockedLinear,
+    _same_rows,
+    auto_dtype,
+)
 
 
 @pytest.mark.parametrize("bias", [True, False])
