@@ -27,6 +27,7 @@ if [ -d "$carry/whl" ]; then
   export PYTHONPATH=/tmp/site:$PWD:$PWD/integrations
   encoder=$carry/model
   data=$carry/data
+  export SEMTOKEN_GPU_ENCODER=$PWD/$encoder  # (the GPU tests' encoder)
 else
   export PYTHONPATH=$PWD:$PWD/integrations
   encoder=all-MiniLM-L6-v2
