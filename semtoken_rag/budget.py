@@ -144,7 +144,7 @@ _EXACT_COPY_VALUES = 1 << 22  # segments x dim up to which the vectors are copie
 _PAIRS_AT_ONCE = 512
 # up to this many segments, a kept segment is compared with every pending one at once (one product of a
 # vector) and the best cosines are exact at every step; above, kept rows are folded _FRESH_ROWS at a time.
-# The same cosines and mask either way; eagerly, 125 segments (20 NQ passages): 0.8 ms against 1.2 ms
+# The same cosines and mask either way; eagerly, 125 segments (20 NQ passages): 0.90 ms against 1.18 ms (the same 40 calls' inputs)
 _EAGER_ROWS = 512
 
 
