@@ -280,8 +280,8 @@ def unit_term_codes(memo: AnalysisMemo, spec: AnalysisSpec, chunks: Sequence[str
                     call: CallAnalysis) -> np.ndarray:
     """The search term of each unit of the call (:func:`semtoken_rag.evidence.unit_terms`) as its
     :func:`semtoken_rag.evidence.term_codes`, memoised per chunk (what BM25 reads)."""
-    parts = [memo.extra(spec, text, e, "term_codes", lambda t=text, x=u, e=e: ev.term_codes(
-        ev.unit_terms(t, x, _words(memo, spec, t, x, e)))) for text, u, e in zip(chunks, units, call.chunks)]
+    parts = [memo.extra(spec, text, e, "term_codes", lambda t=text, x=u, e=e: ev.word_term_codes(
+        _words(memo, spec, t, x, e))) for text, u, e in zip(chunks, units, call.chunks)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 

@@ -21,12 +21,16 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = ["ANSWER_TYPES", "answer_type", "carries_new_facts", "facts", "lexical_scores",
-           "lexical_scores_of_codes", "query_terms", "query_words", "term_codes", "type_hits", "unit_terms"]
+           "lexical_scores_of_codes", "query_terms", "query_words", "term_codes", "type_hits", "unit_terms", "word_term_codes"]
 
 # function words and question words: never evidence on their own
 _STOP = frozenset(["a", "about", "above", "after", "again", "against", "all", "also", "am", "an", "and", "any", "are", "as", "at", "be", "because", "been", "before", "being", "below", "between", "both", "but", "by", "can", "could", "did", "do", "does", "doing", "down", "during", "each", "few", "for", "from", "further", "had", "has", "have", "having", "he", "her", "here", "hers", "him", "his", "how", "i", "if", "in", "into", "is", "it", "its", "itself", "just", "me", "more", "most", "my", "no", "nor", "not", "now", "of", "off", "on", "once", "only", "or", "other", "our", "out", "over", "own", "same", "she", "should", "so", "some", "such", "than", "that", "the", "their", "theirs", "them", "then", "there", "these", "they", "this", "those", "through", "to", "too", "under", "until", "up", "very", "was", "we", "were", "what", "when", "where", "which", "while", "who", "whom", "whose", "why", "will", "with", "would", "you", "your", "yours", "many", "much"])
 _WORD = re.compile(r"\w+")
 _local = threading.local()  # a Snowball stemmer is not safe to share between threads
+# word -> its term's code (word_term_codes): a language's words recur, so a new chunk's are mostly known;
+# at most this many, then it starts afresh (about 6 MB when full)
+_CODE_MEMO: dict[str, int] = {}
+_CODE_MEMO_MAX = 1 << 16
 
 
 def _stemmer():
@@ -115,6 +119,28 @@ def term_codes(terms: Sequence[str]) -> np.ndarray:
     """The int64 codes :func:`lexical_scores_of_codes` reads: each term's hash (Python's string hash,
     equal for equal terms within a process, which is all a memo of them lives for)."""
     return np.fromiter(map(hash, terms), dtype=np.int64, count=len(terms))
+
+
+def word_term_codes(words: Sequence[str]) -> np.ndarray:
+    """``term_codes(unit_terms(text, units, words))`` of a chunk's :func:`unit_words`, the same codes,
+    through a process-wide memo of the words met before (stemming a word costs more than looking it up;
+    thread-safe: a lookup or an insertion is one dict operation, stemming uses the thread's stemmer).
+
+    >>> from semtoken_rag.text import split_units
+    >>> t = "The Prizes were awarded (1901) to Röntgen."
+    >>> word_term_codes(unit_words(t, split_units(t))).tolist() == term_codes(unit_terms(t, split_units(t))).tolist()
+    True
+    """
+    memo = _CODE_MEMO
+    codes = list(map(memo.get, words))
+    todo = [i for i, c in enumerate(codes) if c is None]
+    if todo:
+        new = [words[i] for i in todo]
+        if len(memo) + len(new) > _CODE_MEMO_MAX:
+            memo.clear()
+        for i, w, s in zip(todo, new, _stemmer().stemWords(new)):
+            codes[i] = memo[w] = hash("" if (not w or w in _STOP) else s)
+    return np.fromiter(codes, dtype=np.int64, count=len(codes))
 
 
 def lexical_scores_of_codes(codes: np.ndarray, q_terms: Sequence[str], segs: np.ndarray, *, k1: float = 1.2,

@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 
 from semtoken_rag import SemToken, SemTokenConfig
 from semtoken_rag import evidence as ev
@@ -48,6 +50,29 @@ def test_terms_stem_and_drop_stop_words():
     text = "Who received the Prizes? Röntgen received them in 1901."
     assert ev.query_terms("who received the prizes") == ["receiv", "prize"]
     assert [t for t in ev.unit_terms(text, split_units(text)) if t] == ["receiv", "prize", "röntgen", "receiv", "1901"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(hst.lists(hst.text(alphabet=hst.characters(categories=("L", "N", "P", "Zs")), max_size=12), max_size=40),
+       hst.integers(min_value=1, max_value=8))
+def test_word_term_codes_equal_the_terms_codes_through_the_memo(words, memo_max):
+    """The memoised codes are those of the stemmed terms, for new and known words, stop words and empty
+    words, and when the memo starts afresh (a small bound, so it fills within one call)."""
+    words = words + ["the", "", "Prizes".lower(), "röntgen"] + words[:3]
+    text = " ".join(w or "x" for w in words)
+    want = ev.term_codes(ev.unit_terms(text, np.zeros((0, 2), np.int64), words)).tolist()
+    saved = dict(ev._CODE_MEMO)
+    old = ev._CODE_MEMO_MAX
+    try:
+        ev._CODE_MEMO_MAX = memo_max
+        ev._CODE_MEMO.clear()
+        assert ev.word_term_codes(words).tolist() == want  # some new, then some known
+        assert ev.word_term_codes(words).tolist() == want
+        assert len(ev._CODE_MEMO) <= max(memo_max, len(set(words)))
+    finally:
+        ev._CODE_MEMO_MAX = old
+        ev._CODE_MEMO.clear()
+        ev._CODE_MEMO.update(saved)
 
 
 @pytest.mark.parametrize(("query", "kind"), [
