@@ -245,6 +245,43 @@ class Fingerprints:
     vectors: torch.Tensor  # (n, d) float16 on CPU (the cached form)
 
 
+_WORD_MEMO = 1 << 16  # words whose ids Encoder._tokenize keeps (then it starts afresh; ~10 MB when full)
+_APART = frozenset(" \t\n\r")  # characters that end a BERT pre-token whatever surrounds them
+
+
+def _splits_at_whitespace(tokenizer) -> bool:
+    """True for a BERT tokenizer (``BertNormalizer``, ``BertPreTokenizer``, ``WordPiece``): it normalises
+    character by character, splits at whitespace and tokenizes each piece alone, so whitespace-separated
+    words tokenize the same on their own as in their text."""
+    spec = json.loads(tokenizer.to_str())
+    kind = lambda part: (spec.get(part) or {}).get("type")
+    return kind("normalizer") == "BertNormalizer" and kind("pre_tokenizer") == "BertPreTokenizer" \
+        and kind("model") == "WordPiece"
+
+
+def _units_apart(text: str, units: np.ndarray) -> bool:
+    """Between any two consecutive units of ``text``, at least one of ``_APART``'s characters."""
+    if len(units) < 2:
+        return True
+    gaps = [text[a:b] for a, b in zip(units[:-1, 1].tolist(), units[1:, 0].tolist())]
+    return all(g == " " or not _APART.isdisjoint(g) for g in gaps)
+
+
+def token_units(units: np.ndarray, offsets: list[tuple[int, int]]) -> np.ndarray:
+    """The unit of each token of a text from the tokens' character offsets: the unit its first character
+    lies in, ``-1`` for a token outside every unit.
+
+    >>> token_units(np.array([[0, 5], [6, 11]]), [(0, 2), (2, 5), (6, 11)]).tolist()
+    [0, 0, 1]
+    """
+    starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
+    if not len(units):
+        return np.full(len(starts), -1, dtype=np.int64)
+    unit_of = np.searchsorted(units[:, 0], starts, side="right") - 1
+    valid = (unit_of >= 0) & (starts < units[np.clip(unit_of, 0, None), 1])
+    return np.where(valid, unit_of, -1)
+
+
 class _Pooling:
     """Mean pooling of token vectors into unit vectors, batch by batch as the encoder gives them: one
     scatter-add per batch on the device into float32 sums (tokens that belong to no unit go to a spare
@@ -328,6 +365,9 @@ class Encoder:
         self._chunk_tokenizer = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
         self._chunk_tokenizer.no_truncation()
         self._chunk_tokenizer.no_padding()
+        # a BERT WordPiece tokenizer splits words at whitespace and normalises character by character, so a
+        # text's ids are its words' ids one after the other: those come from a memo of words (see _tokenize)
+        self._word_ids: dict[str, list[int]] | None = {} if _splits_at_whitespace(self._chunk_tokenizer) else None
         with _quiet_loading():
             self.model = AutoModel.from_pretrained(self.path, local_files_only=True, dtype=self.dtype)
         self.model.to(self.device).eval()
@@ -505,21 +545,82 @@ class Encoder:
                 alone.append(g)
         return placed, sorted(alone)
 
-    def _plan(self, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int, int, int, int]]], dict]:
-        """Tokenize ``texts`` (offsets included) and cut them into windows: the sequences to encode and,
-        per text, its windows as (sequence, start, end, keep_from, keep_to)."""
-        encodings = self._chunk_tokenizer.encode_batch([without_surrogates(t) for t in texts],
-                                                       add_special_tokens=False)
-        enc = {"input_ids": [e.ids for e in encodings], "offset_mapping": [e.offsets for e in encodings]}
+    def _plan(self, texts: list[str], units: list[np.ndarray] | None = None
+              ) -> tuple[list[list[int]], list[list[tuple[int, int, int, int, int]]], list[np.ndarray]]:
+        """Tokenize ``texts`` (:meth:`_tokenize`; ``units``: their :func:`split_units_many`) and cut them into
+        windows: the sequences to encode, per text its windows as (sequence, start, end, keep_from,
+        keep_to), and per text the unit of each token (:meth:`_tokenize`)."""
+        if units is None:
+            units = split_units_many(texts)
+        token_ids, token_units = self._tokenize(texts, units)
         sequences: list[list[int]] = []
         plan: list[list[tuple[int, int, int, int, int]]] = []
-        for ids in enc["input_ids"]:
+        for ids in token_ids:
             windows = []
             for s, e, keep_from, keep_to in self._windows(len(ids)) if ids else []:
                 windows.append((len(sequences), s, e, keep_from, keep_to))
                 sequences.append(ids[s:e])
             plan.append(windows)
-        return sequences, plan, enc
+        return sequences, plan, token_units
+
+    def _tokenize(self, texts: list[str], units: list[np.ndarray]) -> tuple[list[list[int]], list[np.ndarray]]:
+        """Per text, the ids of the Rust tokenizer's call on the whole text (no special tokens) and the unit
+        of each token (the unit its first character lies in; ``-1`` for none).
+
+        With a BERT tokenizer (see :func:`_splits_at_whitespace`), a text whose units are all apart (some
+        whitespace between any two, ``' '``, ``'\\t'``, ``'\\n'`` or ``'\\r'``) has the ids of its units one
+        after the other, each unit's from a memo of words (at most ``_WORD_MEMO`` of them; the missing ones
+        tokenized in one call), and its tokens belong to their own unit: no offsets are made or read. The
+        other texts (CJK, words cut in pieces, units glued by characters the tokenizer drops, any other
+        tokenizer) are tokenized whole and their tokens placed by their offsets. Medians over 20 questions of
+        20 NQ passages (2026-12-02, 2 cores; ids and units equal on all 9,261 texts of the NQ file): new
+        questions with the memo filled by 150 others, 2.7 ms against 3.1-3.9 ms for whole texts (placing
+        included); words all known, 1.3 against 2.9 ms; an empty memo, 3.1 against 2.9 ms.
+        """
+        clean = [without_surrogates(t) for t in texts]
+        ids: list[list[int] | None] = [None] * len(texts)
+        owners: list[np.ndarray | None] = [None] * len(texts)
+        memo = self._word_ids
+        words_of: dict[int, list[str]] = {}
+        if memo is not None:
+            for i, (t, u) in enumerate(zip(clean, units)):
+                if len(u) and _units_apart(t, u):
+                    words_of[i] = [t[a:b] for a, b in u.tolist()]
+            pieces_of = {i: list(map(memo.get, words)) for i, words in words_of.items()}
+            missing = list({w for i, words in words_of.items() for w, p in zip(words, pieces_of[i]) if p is None})
+            if missing:  # (looked up before the memo may start afresh below)
+                fresh = self._words_ids(missing)
+                if len(memo) + len(fresh) > _WORD_MEMO:
+                    memo.clear()
+                memo.update(fresh)
+                for i, pieces in pieces_of.items():
+                    if None in pieces:
+                        words = words_of[i]
+                        pieces_of[i] = [fresh[w] if p is None else p for w, p in zip(words, pieces)]
+            for i, pieces in pieces_of.items():
+                ids[i] = list(itertools.chain.from_iterable(pieces))
+                owners[i] = np.repeat(np.arange(len(pieces), dtype=np.int64),
+                                      np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)))
+        whole = [i for i in range(len(texts)) if ids[i] is None]  # (and those _units_apart turned down)
+        if whole:
+            encodings = self._chunk_tokenizer.encode_batch([clean[i] for i in whole], add_special_tokens=False)
+            for i, e in zip(whole, encodings):
+                ids[i] = e.ids
+                owners[i] = token_units(units[i], e.offsets)
+        return ids, owners  # type: ignore[return-value]
+
+    def _words_ids(self, words: list[str]) -> dict[str, list[int]]:
+        """The ids of each of ``words`` (whitespace-free) alone: one call on them joined by spaces (one
+        encoding, not one per word), its tokens split by their offsets."""
+        sizes = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        ends = np.cumsum(sizes + 1) - 1
+        encoding = self._chunk_tokenizer.encode(" ".join(words), add_special_tokens=False)
+        owner = token_units(np.stack([ends - sizes, ends], axis=1), encoding.offsets)
+        if len(owner) and (owner[0] < 0 or (np.diff(owner) < 0).any()):  # (a token of no word, or out of order)
+            return {w: e.ids for w, e in zip(words, self._chunk_tokenizer.encode_batch(words, add_special_tokens=False))}
+        cuts = np.cumsum(np.bincount(owner, minlength=len(words)))[:-1].tolist()
+        ids = encoding.ids
+        return {w: ids[a:b] for w, a, b in zip(words, [0, *cuts], [*cuts, len(ids)])}
 
     def forward_seconds(self, texts: list[str]) -> float:
         """Seconds of the encoder's forward pass alone over ``texts`` (the floor of a cold call):
@@ -529,7 +630,7 @@ class Encoder:
         >>> enc.forward_seconds(["Paris is the capital of France."]) > 0
         True
         """
-        sequences, _plan, _enc = self._plan(texts)
+        sequences, _plan, _owners = self._plan(texts)
         if not sequences:
             return 0.0
         if self.device.type == "cuda":
@@ -577,8 +678,8 @@ class Encoder:
         for start in range(0, max(len(texts), 1), max(step, 1)):
             part = texts[start:start + step]
             units = split_units_many(part)
-            sequences, plan, enc = self._plan(part)
-            owners, total = self._owners(units, enc["offset_mapping"], plan, len(sequences))
+            sequences, plan, token_owners = self._plan(part, units)
+            owners, total = self._owners(units, token_owners, plan, len(sequences))
             pool = _Pooling(owners, total, self.dim, self.device)
             riders = guests if start == 0 else []
             if sequences or riders:
@@ -591,24 +692,18 @@ class Encoder:
         return fingerprints, self._query_vectors(guest_hidden), EncodeStats(batches, seconds)
 
     @staticmethod
-    def _owners(units: list[np.ndarray], offsets: list[list[tuple[int, int]]],
+    def _owners(units: list[np.ndarray], token_owners: list[np.ndarray],
                 plans: list[list[tuple[int, int, int, int, int]]], n_sequences: int) -> tuple[list[np.ndarray], int]:
         """Per sequence, the unit (numbered over all texts) that each of its tokens is pooled into, ``-1``
         for a token outside its window's own range or outside every unit (characters the units skip);
-        and the count of units."""
+        and the count of units. ``token_owners``: per text, each token's unit in the text (``-1``: none)."""
         sizes = np.asarray([len(u) for u in units], dtype=np.int64)
         base = np.concatenate([[0], np.cumsum(sizes)])
         owners: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * n_sequences
-        for t, (text_units, offs, windows) in enumerate(zip(units, offsets, plans)):
+        for t, (own_t, windows) in enumerate(zip(token_owners, plans)):
             if not windows:
                 continue
-            starts = np.fromiter((o[0] for o in offs), dtype=np.int64, count=len(offs))
-            if len(text_units):
-                unit_of = np.searchsorted(text_units[:, 0], starts, side="right") - 1
-                valid = (unit_of >= 0) & (starts < text_units[np.clip(unit_of, 0, None), 1])
-                owner = np.where(valid, unit_of + base[t], -1)
-            else:
-                owner = np.full(len(starts), -1, dtype=np.int64)
+            owner = np.where(own_t >= 0, own_t + base[t], -1) if t else own_t
             for w, s, e, keep_from, keep_to in windows:
                 own = owner[s:e].copy()
                 own[:keep_from - s] = -1

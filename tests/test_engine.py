@@ -125,20 +125,29 @@ def test_empty_and_whitespace_chunks(engine, nobel):
 
 
 def test_chunk_tokenizer_matches_the_hugging_face_call(engine, nobel):
-    """The encoder tokenizes chunks with a private copy of the Rust tokenizer: ids and character offsets
-    equal the Hugging Face call's (whose truncation, set by a query call, must not leak in)."""
-    from semtoken_rag.text import without_surrogates
+    """The encoder tokenizes chunks with a private copy of the Rust tokenizer, most of them word by word from
+    a memo (Encoder._tokenize): ids equal the Hugging Face call's (whose truncation, set by a query call,
+    must not leak in) and each token goes to the unit its Hugging Face offsets put it in, on texts that
+    take the word path and texts that do not (CJK, a word cut in pieces, words glued by a dropped
+    character, odd whitespace)."""
+    from semtoken_rag.encoder import token_units
+    from semtoken_rag.text import split_units_many, without_surrogates
 
     enc = engine.encoder
+    assert enc._word_ids is not None  # MiniLM's tokenizer is a BERT one: the word path is on
     enc.embed_queries(["a question " * 200])  # the Hugging Face call truncates queries
-    texts = [*nobel, "", "  ", "naïve café 東京 🙂 e\u0301", "\ud800 lone", "A\u200bB", "word " * 600]
-    ours = enc._plan(texts)[2]
-    hf = enc.tokenizer([without_surrogates(t) for t in texts], add_special_tokens=False,
-                       return_offsets_mapping=True, verbose=False)
-    assert [list(x) for x in ours["input_ids"]] == [list(x) for x in hf["input_ids"]]
-    offsets = [[tuple(o) for o in x] for x in ours["offset_mapping"]]
-    assert offsets == [[tuple(o) for o in x] for x in hf["offset_mapping"]]
-    assert len(ours["input_ids"][-1]) > enc.max_length  # not truncated: long chunks are windowed
+    texts = [*nobel, "", "  ", "naïve café 東京 🙂 e\u0301", "\ud800 lone", "A\u200bB", "word " * 600,
+             "glued\x0bby a dropped\x1fcontrol", "no\u00a0break space", "x" * 80 + " long words " + "y" * 30,
+             " lead and trail \n", "tabs\tand\r\nreturns, (brackets) and—dashes…"]
+    units = split_units_many(texts)
+    for _ in range(2):  # words new, then from the memo
+        ids, owners = enc._tokenize(texts, units)
+        hf = enc.tokenizer([without_surrogates(t) for t in texts], add_special_tokens=False,
+                           return_offsets_mapping=True, verbose=False)
+        assert [list(x) for x in ids] == [list(x) for x in hf["input_ids"]]
+        assert [o.tolist() for o in owners] == [token_units(u, [tuple(o) for o in offs]).tolist()
+                                                for u, offs in zip(units, hf["offset_mapping"])]
+    assert len(ids[len(nobel) + 5]) > enc.max_length  # not truncated: long chunks are windowed
 
 
 def test_odd_unicode(engine):

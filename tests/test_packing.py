@@ -14,8 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from semtoken_rag import analysis as an
+from semtoken_rag import encoder as encoder_module
 from semtoken_rag import spans as sp
-from semtoken_rag.encoder import _BUCKET, Encoder
+from semtoken_rag.encoder import _BUCKET, Encoder, token_units
+from semtoken_rag.text import split_units_many
 
 TEXTS = [" ".join(TINY_WORDS[i % len(TINY_WORDS)] for i in range(n)) + "." for n in (3, 11, 40, 7, 90, 19)]
 TEXTS += ["", "   ", "\u200b\ud800 odd é 東京 🚀"]
@@ -168,3 +170,38 @@ def test_query_ids_are_those_of_the_hugging_face_call(tiny):
         assert tiny._query_ids([q]) == [list(want)]
     assert tiny._query_ids(queries) == [tiny._query_ids([q])[0] for q in queries]
     assert len(tiny._query_ids(["prize " * 100])[0]) == tiny.max_length - 2
+
+
+_ODD = "abcé ,.;:-()'\"\u0301\u00a0\u200b\x0b\x1f\t\n\r東京🚀—…$€Σς\ufb01İ0123"
+
+
+@given(st.lists(st.lists(st.sampled_from([*_ODD, " ", " ", *TINY_WORDS]), max_size=40).map("".join), min_size=1,
+                max_size=6),
+       st.sampled_from([1 << 16, 3]))
+@settings(max_examples=150, deadline=None)
+def test_word_by_word_tokenizing_equals_the_whole_texts(tiny, texts, memo_max):
+    """Encoder._tokenize (ids from a memo of words where the text allows it, else the whole text's call)
+    gives the ids of the tokenizer's call on each whole text and each token's unit by its offsets; with a
+    memo small enough to start afresh within a call too."""
+    units = split_units_many(texts)
+    want = tiny._chunk_tokenizer.encode_batch(texts, add_special_tokens=False)
+    old = encoder_module._WORD_MEMO
+    try:
+        encoder_module._WORD_MEMO = memo_max
+        for _ in range(2):
+            ids, owners = tiny._tokenize(texts, units)
+            assert [list(x) for x in ids] == [w.ids for w in want]
+            assert [o.tolist() for o in owners] == [token_units(u, w.offsets).tolist() for u, w in zip(units, want)]
+    finally:
+        encoder_module._WORD_MEMO = old
+
+
+def test_only_a_bert_tokenizer_goes_word_by_word(tiny):
+    """A tokenizer that does not split at whitespace and normalise character by character (a byte-level
+    BPE: a word's ids depend on the space before it) always tokenizes whole texts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    assert not encoder_module._splits_at_whitespace(bpe)
+    assert encoder_module._splits_at_whitespace(tiny._chunk_tokenizer)
