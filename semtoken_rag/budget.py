@@ -94,11 +94,12 @@ class BudgetTokenizer:
         todo = [i for i, c in enumerate(found) if c is None]
         if todo:
             fresh = self.count_many([pieces[i] for i in todo]).tolist()
-            if len(memo) + len(todo) > _PIECE_MEMO:
+            keep = len(todo) <= _PIECE_MEMO  # (a huge text's pieces are not kept: the memo stays bounded)
+            if keep and len(memo) + len(todo) > _PIECE_MEMO:
                 memo.clear()
             for i, c in zip(todo, fresh):
                 found[i] = c
-                if len(pieces[i]) <= _PIECE_CHARS:
+                if keep and len(pieces[i]) <= _PIECE_CHARS:
                     memo[pieces[i]] = c
         return np.asarray(found, dtype=np.int64).reshape(len(pieces))
 

@@ -590,9 +590,10 @@ class Encoder:
             missing = list({w for i, words in words_of.items() for w, p in zip(words, pieces_of[i]) if p is None})
             if missing:  # (looked up before the memo may start afresh below)
                 fresh = self._words_ids(missing)
-                if len(memo) + len(fresh) > _WORD_MEMO:
-                    memo.clear()
-                memo.update(fresh)
+                if len(fresh) <= _WORD_MEMO:  # (a huge chunk's words are not kept: the memo stays bounded)
+                    if len(memo) + len(fresh) > _WORD_MEMO:
+                        memo.clear()
+                    memo.update(fresh)
                 for i, pieces in pieces_of.items():
                     if None in pieces:
                         words = words_of[i]

@@ -136,10 +136,13 @@ def word_term_codes(words: Sequence[str]) -> np.ndarray:
     todo = [i for i, c in enumerate(codes) if c is None]
     if todo:
         new = [words[i] for i in todo]
-        if len(memo) + len(new) > _CODE_MEMO_MAX:
+        keep = len(new) <= _CODE_MEMO_MAX  # (a huge chunk's words are not kept: the memo stays bounded)
+        if keep and len(memo) + len(new) > _CODE_MEMO_MAX:
             memo.clear()
         for i, w, s in zip(todo, new, _stemmer().stemWords(new)):
-            codes[i] = memo[w] = hash("" if (not w or w in _STOP) else s)
+            codes[i] = c = hash("" if (not w or w in _STOP) else s)
+            if keep:
+                memo[w] = c
     return np.fromiter(codes, dtype=np.int64, count=len(codes))
 
 

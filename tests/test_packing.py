@@ -188,10 +188,12 @@ def test_word_by_word_tokenizing_equals_the_whole_texts(tiny, texts, memo_max):
     old = encoder_module._WORD_MEMO
     try:
         encoder_module._WORD_MEMO = memo_max
+        tiny._word_ids.clear()
         for _ in range(2):
             ids, owners = tiny._tokenize(texts, units)
             assert [list(x) for x in ids] == [w.ids for w in want]
             assert [o.tolist() for o in owners] == [token_units(u, w.offsets).tolist() for u, w in zip(units, want)]
+            assert len(tiny._word_ids) <= memo_max  # bounded, even when one call brings more new words
     finally:
         encoder_module._WORD_MEMO = old
 
