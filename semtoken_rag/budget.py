@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from .lru import remember
 from .text import without_surrogates
 
 logger = logging.getLogger(__name__)
@@ -94,13 +95,10 @@ class BudgetTokenizer:
         todo = [i for i, c in enumerate(found) if c is None]
         if todo:
             fresh = self.count_many([pieces[i] for i in todo]).tolist()
-            keep = len(todo) <= _PIECE_MEMO  # (a huge text's pieces are not kept: the memo stays bounded)
-            if keep and len(memo) + len(todo) > _PIECE_MEMO:
-                memo.clear()
             for i, c in zip(todo, fresh):
                 found[i] = c
-                if keep and len(pieces[i]) <= _PIECE_CHARS:
-                    memo[pieces[i]] = c
+            remember(memo, {pieces[i]: c for i, c in zip(todo, fresh) if len(pieces[i]) <= _PIECE_CHARS},
+                     _PIECE_MEMO)
         return np.asarray(found, dtype=np.int64).reshape(len(pieces))
 
     def count(self, text: str) -> int:

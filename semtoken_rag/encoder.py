@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .graphs import GraphedForward, group_mask
+from .lru import remember
 from .text import split_units_many, without_surrogates
 
 logger = logging.getLogger(__name__)
@@ -590,10 +591,7 @@ class Encoder:
             missing = list({w for i, words in words_of.items() for w, p in zip(words, pieces_of[i]) if p is None})
             if missing:  # (looked up before the memo may start afresh below)
                 fresh = self._words_ids(missing)
-                if len(fresh) <= _WORD_MEMO:  # (a huge chunk's words are not kept: the memo stays bounded)
-                    if len(memo) + len(fresh) > _WORD_MEMO:
-                        memo.clear()
-                    memo.update(fresh)
+                remember(memo, fresh, _WORD_MEMO)
                 for i, pieces in pieces_of.items():
                     if None in pieces:
                         words = words_of[i]

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .lru import remember
+
 __all__ = ["ANSWER_TYPES", "answer_type", "carries_new_facts", "facts", "lexical_scores",
            "lexical_scores_of_codes", "query_terms", "query_words", "term_codes", "type_hits", "unit_terms", "word_term_codes"]
 
@@ -136,13 +138,10 @@ def word_term_codes(words: Sequence[str]) -> np.ndarray:
     todo = [i for i, c in enumerate(codes) if c is None]
     if todo:
         new = [words[i] for i in todo]
-        keep = len(new) <= _CODE_MEMO_MAX  # (a huge chunk's words are not kept: the memo stays bounded)
-        if keep and len(memo) + len(new) > _CODE_MEMO_MAX:
-            memo.clear()
-        for i, w, s in zip(todo, new, _stemmer().stemWords(new)):
-            codes[i] = c = hash("" if (not w or w in _STOP) else s)
-            if keep:
-                memo[w] = c
+        fresh = {w: hash("" if (not w or w in _STOP) else s) for w, s in zip(new, _stemmer().stemWords(new))}
+        for i, w in zip(todo, new):
+            codes[i] = fresh[w]
+        remember(memo, fresh, _CODE_MEMO_MAX)
     return np.fromiter(codes, dtype=np.int64, count=len(codes))
 
 

@@ -1,7 +1,8 @@
 """A thread-safe least-recently-used map bounded in bytes (storage layer).
 
 Used for the in-memory fingerprint store and the engine's query memo: the caller says what one value
-costs, the map evicts the least recently used values until the total is under the bound.
+costs, the map evicts the least recently used values until the total is under the bound. And
+:func:`remember`, the policy of the plain dict memos of words and pieces (bounded in entries).
 """
 
 from __future__ import annotations
@@ -9,12 +10,34 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
 V = TypeVar("V")
+K = TypeVar("K")
+
+
+def remember(memo: dict[K, V], fresh: Mapping[K, V], limit: int) -> None:
+    """Add ``fresh`` to ``memo``, a dict of at most ``limit`` entries: when they would not fit, the memo
+    starts afresh; more new entries than it can hold at all (a huge text's words) are not kept. For memos
+    of what recurs (a language's words), where recency matters less than the cost of an LRU per lookup;
+    one dict operation each, so threads may share a memo.
+
+    >>> memo = {"a": 1}
+    >>> remember(memo, {"b": 2}, 2); sorted(memo)
+    ['a', 'b']
+    >>> remember(memo, {"c": 3}, 2); sorted(memo)
+    ['c']
+    >>> remember(memo, {"x": 0, "y": 0, "z": 0}, 2); sorted(memo)
+    ['c']
+    """
+    if len(fresh) > limit:
+        return
+    if len(memo) + len(fresh) > limit:
+        memo.clear()
+    memo.update(fresh)
 
 
 class ByteLRU(Generic[V]):
