@@ -70,6 +70,18 @@ def test_sentence_ends_are_sorted_characters_of_the_text(pieces):
         assert len(text.rstrip()) - 1 in ends
 
 
+@pytest.mark.parametrize("space", ["\u00a0", "\u2009", "\u3000"])
+def test_a_wide_space_before_a_full_stop_is_no_crash(space, tiny_engine):
+    """sentencex panics on a space that is not ASCII before a full stop; such texts are segmented with
+    plain spaces there (the same sentences as a plain space gives), and a call over one compresses."""
+    text = f"Robert E{space}. Lee won the battle. Then he left."
+    assert sentence_ends(text).tolist() == sentence_ends(text.replace(space, " ")).tolist()
+    assert len(text.rstrip()) - 1 in sentence_ends(text).tolist()
+    chunks = [text, "Another passage about the war."]
+    res = tiny_engine.compress(chunks, "who won the battle", rate=0.5)
+    assert len(res.chunks) == 2 and res.compressed_tokens <= res.budget
+
+
 def brute_exact_repeats(keys, order, eligible):
     out = [-1] * len(keys)
     for pos, i in enumerate(order):
