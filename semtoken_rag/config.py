@@ -5,12 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from .structure import compile_patterns
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 STORE_SCHEMES = ("redis", "rediss", "unix", "file")
+
+
+def tokenizer_label(tokenizer: Any) -> str:
+    """A budget tokenizer as JSON holds it: a name as it is; a tiktoken ``Encoding`` its name (which loads
+    back); a Hugging Face tokenizer its ``name_or_path``; a function ``<module.name>``, any other object
+    ``<module.Type>`` (a config made from such a label fails to build an engine, naming it).
+
+    >>> tokenizer_label("cl100k_base"), tokenizer_label(len)
+    ('cl100k_base', '<builtins.len>')
+    """
+    if isinstance(tokenizer, str):
+        return tokenizer
+    name = getattr(tokenizer, "name", None)
+    if isinstance(name, str) and type(tokenizer).__module__.split(".")[0] in ("tiktoken", "quicktok"):
+        return name
+    path = getattr(tokenizer, "name_or_path", None)
+    if isinstance(path, str) and path:
+        return path
+    named = tokenizer if hasattr(tokenizer, "__qualname__") else type(tokenizer)  # a function, else its type
+    return f"<{getattr(named, '__module__', None) or '?'}.{named.__qualname__}>"
 
 
 class SemTokenConfig(BaseModel):
@@ -232,6 +252,10 @@ class SemTokenConfig(BaseModel):
         raise ValueError(
             f"tokenizer={value!r} is not supported: give a name such as 'llama3', a tiktoken Encoding, "
             "a Hugging Face tokenizer or a callable text -> int")
+
+    @field_serializer("tokenizer", when_used="json")
+    def _tokenizer_json(self, value: Any) -> str:
+        return tokenizer_label(value)
 
     @field_validator("protect", mode="before")
     @classmethod

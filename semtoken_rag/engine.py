@@ -709,8 +709,7 @@ class SemToken:
 
     def _empty(self, chunks, counts, query, budget, started) -> CompressionResult:
         """No chunk has a word (whitespace only) and the budget is short: every chunk comes back ""."""
-        out = tuple(CompressedChunk(i, "", (), int(c), 0, None) for i, c in enumerate(counts))
-        return CompressionResult(out, query, budget, int(counts.sum()), 0, 0, 0, time.perf_counter() - started)
+        return CompressionResult.nothing_kept(counts.tolist(), query, budget, time.perf_counter() - started)
 
     def _identity(self, chunks, counts, query, budget, started, overhead) -> CompressionResult:
         """Everything fits, overheads included: chunks come back unchanged."""

@@ -128,6 +128,19 @@ class CompressionResult:
     seconds: float = 0.0
     overhead_tokens: int = 0
 
+    @classmethod
+    def nothing_kept(cls, counts: Sequence[int], query: str | None, budget: int = 0,
+                     seconds: float = 0.0) -> CompressionResult:
+        """The result that keeps nothing of chunks of ``counts`` tokens: every chunk ``""`` (a budget
+        too small for any text, or chunks without words).
+
+        >>> res = CompressionResult.nothing_kept([3, 0], "q")
+        >>> res.texts, res.original_tokens, res.compressed_tokens
+        (['', ''], 3, 0)
+        """
+        out = tuple(CompressedChunk(i, "", (), int(c), 0, None) for i, c in enumerate(counts))
+        return cls(out, query, int(budget), sum(int(c) for c in counts), 0, 0, 0, seconds)
+
     @property
     def ratio(self) -> float:
         """Compressed tokens over original tokens (1.0 for empty input)."""

@@ -388,3 +388,63 @@ def test_batch_and_abatch_go_through_the_micro_batcher(retriever, records, engin
     assert [[d.page_content for d in docs] for docs in got] == \
         [[d.page_content for d in plain.invoke(q + "?")] for q in queries]
     batched.close()
+
+
+def test_the_engine_follows_the_settings_after_copy_or_assignment(engine):
+    """A copy with other settings, or a field assigned later (validated), gets the engine of its own
+    settings, not the one its original resolved first."""
+    first = SemTokenCompressor(device="cpu", tokenizer="cl100k_base")
+    assert first.get_engine().config.tokenizer == "cl100k_base"
+    other = first.model_copy(update={"tokenizer": "o200k_base"})
+    assert other.get_engine().config.tokenizer == "o200k_base"
+    assert first.get_engine().config.tokenizer == "cl100k_base"
+    first.tokenizer = "o200k_base"
+    assert first.get_engine() is other.get_engine()
+    with pytest.raises(ValueError, match="rate"):
+        first.rate = 1.5
+    mine = SemTokenCompressor(engine=engine)
+    with pytest.raises(ValueError, match="either engine= or tokenizer="):
+        mine.tokenizer = "llama3"
+    with pytest.raises(ValueError, match="either engine= or tokenizer="):
+        mine.model_copy(update={"tokenizer": "llama3"}).get_engine()
+
+
+def test_event_inside_a_run_without_callbacks_passed_on(engine, records):
+    """Called in a step of a chain that does not pass its callbacks on, the compressor still emits
+    its event to the run's handlers (as LangChain's dispatch_custom_event finds them)."""
+    comp, docs, query = SemTokenCompressor(engine=engine, rate=RATE), as_docs(records[1]), records[1]["question"]
+    rec = Recorder()
+    out = RunnableLambda(lambda q: comp.compress_documents(docs, q)).invoke(query, config={"callbacks": [rec]})
+    [(name, data)] = rec.events
+    assert name == "semtoken_compression" and data["documents_out"] == len(out) > 0
+    arec = Recorder()
+
+    async def step(q):
+        return await comp.acompress_documents(docs, q)
+
+    aout = asyncio.run(RunnableLambda(step).ainvoke(query, config={"callbacks": [arec]}))
+    assert aout == out and [n for n, _ in arec.events] == ["semtoken_compression"]
+    assert comp.compress_documents(docs, query) == out  # outside a run: no handlers, no error
+
+
+def test_json_dump_with_a_tokenizer_object():
+    """model_dump_json works with every documented tokenizer type: an object is written as its name
+    (a tiktoken-style Encoding, a Hugging Face tokenizer) or its type."""
+    def words(text: str) -> int:
+        return len(text.split())
+
+    comp = SemTokenCompressor(tokenizer=words, rate=0.5)
+    dumped = json.loads(comp.model_dump_json())
+    assert dumped["tokenizer"].endswith(".words>") and dumped["rate"] == 0.5
+    cfg = json.loads(SemTokenCompressor(config=SemTokenConfig(tokenizer=words)).model_dump_json())
+    assert cfg["config"]["tokenizer"] == dumped["tokenizer"]
+    assert comp.model_dump()["tokenizer"] is words  # (python mode keeps the object)
+
+
+def test_rate_one_keeps_every_document_as_it_is(engine, records):
+    """rate=1.0 is no compression, although each text and separator is charged on its own and that
+    charge passes the joined context's count by a few tokens on these passages."""
+    docs = as_docs(records[0])
+    out = SemTokenCompressor(engine=engine, rate=1.0).compress_documents(docs, records[0]["question"])
+    assert [d.page_content for d in out] == [d.page_content for d in docs]
+    assert [d.id for d in out] == [d.id for d in docs]

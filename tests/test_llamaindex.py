@@ -418,3 +418,135 @@ def test_char_offsets_point_into_the_source_document(engine, records):
         pieces = [doc.text[a:b] for a, b in info["source_spans"]]
         assert pieces == [src.text[a:b] for a, b in info["kept_spans"]]
         assert all(p in o.node.text for p in pieces)
+
+
+def test_nodes_without_text_pass_through_in_place(engine, records):
+    """An ImageNode and a node of metadata only have nothing to compress: they come back in their
+    place (at rate 1.0 everything comes back unchanged); their header is paid from the budget first."""
+    from llama_index.core.schema import ImageNode
+
+    image = NodeWithScore(node=ImageNode(id_="img", image_url="https://example.com/eiffel.png"), score=0.9)
+    titled = NodeWithScore(node=TextNode(id_="title", text="", metadata={"title": "Eiffel Tower"}), score=0.7)
+    blank = NodeWithScore(node=TextNode(id_="blank", text=" \n"), score=0.6)
+    nodes = [image, *as_nodes(records[0])[:6], titled, blank]
+    before = copy.deepcopy(nodes)
+    post = SemTokenNodePostprocessor(engine=engine, rate=1.0)
+    whole = post.postprocess_nodes(nodes, query_str=records[0]["question"])
+    assert [o.node.node_id for o in whole] == [n.node.node_id for n in nodes]
+    assert [o.node.get_content(metadata_mode=MetadataMode.LLM) for o in whole] == \
+        [n.node.get_content(metadata_mode=MetadataMode.LLM) for n in nodes]
+    assert whole[0].node.image_url == image.node.image_url and whole[0].score == 0.9
+    events = []
+
+    class Events(BaseEventHandler):
+        def handle(self, event: Any, **kwargs: Any) -> None:
+            events.append(event)
+
+    dispatcher = instrumentation.get_dispatcher("llama_index.postprocessor.semtoken.base")
+    handler = Events()
+    dispatcher.add_event_handler(handler)
+    try:
+        out = SemTokenNodePostprocessor(engine=engine, rate=RATE).postprocess_nodes(
+            nodes, query_str=records[0]["question"])
+    finally:
+        dispatcher.event_handlers = [h for h in dispatcher.event_handlers if h is not handler]
+    ids = [o.node.node_id for o in out]
+    assert ids[0] == "img" and "title" in ids and "blank" not in ids and 2 < len(ids) < len(nodes) - 1
+    assert ids == [n.node.node_id for n in nodes if n.node.node_id in ids]  # input order
+    assert nodes == before
+    [event] = [e for e in events if e.class_name() == "SemTokenCompressionEvent"]
+    header = engine.count_tokens(titled.node.get_content(metadata_mode=MetadataMode.LLM).strip())
+    sep = engine.count_tokens("\n\n")
+    assert event.compressed_tokens + event.overhead_tokens + header + sep <= event.budget
+    shown = "\n\n".join(o.node.get_content(metadata_mode=MetadataMode.LLM).strip() for o in out
+                        if o.node.get_content(metadata_mode=MetadataMode.LLM).strip())
+    assert engine.count_tokens(shown) <= event.budget
+
+
+def test_a_budget_of_zero_keeps_no_text(engine, records, caplog):
+    nodes = [NodeWithScore(node=TextNode(text="Paris is nice"))]
+    with caplog.at_level("WARNING", logger="llama_index.postprocessor.semtoken"):
+        out = SemTokenNodePostprocessor(engine=engine, rate=0.3).postprocess_nodes(nodes, query_str="capital")
+        aout = asyncio.run(SemTokenNodePostprocessor(engine=engine, rate=0.3).apostprocess_nodes(
+            nodes, query_str="capital"))
+    assert out == [] and aout == []
+    assert "kept nothing of 1 nodes (budget 0 tokens)" in caplog.records[0].getMessage()
+
+
+def test_the_engine_follows_the_settings_and_pickles_with_its_config(engine):
+    import pickle
+
+    first = SemTokenNodePostprocessor(device="cpu", tokenizer="cl100k_base")
+    assert first.get_engine().config.tokenizer == "cl100k_base"
+    other = first.model_copy(update={"tokenizer": "o200k_base"})
+    assert other.get_engine().config.tokenizer == "o200k_base"
+    assert first.get_engine().config.tokenizer == "cl100k_base"
+    first.tokenizer = "o200k_base"
+    assert first.get_engine() is other.get_engine()
+    with pytest.raises(ValueError, match="rate"):
+        first.rate = 0.0
+    with pytest.raises(TypeError, match="engine must be a semtoken_rag.SemToken"):
+        SemTokenNodePostprocessor(engine="x")
+    own = SemToken(SemTokenConfig(tokenizer="cl100k_base", device="cpu"))
+    mine = SemTokenNodePostprocessor(engine=own, rate=0.5)
+    with pytest.raises(ValueError, match="either engine= or tokenizer="):
+        mine.model_copy(update={"tokenizer": "llama3"}).get_engine()
+    back = pickle.loads(pickle.dumps(mine))
+    assert back.get_engine().config == own.config and back.rate == 0.5
+    assert mine.get_engine() is own  # (pickling leaves the original alone)
+
+
+def test_to_json_with_a_tokenizer_object():
+    def words(text: str) -> int:
+        return len(text.split())
+
+    post = SemTokenNodePostprocessor(tokenizer=words, rate=0.5)
+    data = json.loads(post.to_json())
+    assert data["tokenizer"].endswith(".words>") and data["class_name"] == "SemTokenNodePostprocessor"
+    assert SemTokenNodePostprocessor.from_dict({"rate": 0.2, "metadata_mode": "llm"}).rate == 0.2
+
+
+def test_settings_tokenizer_of_another_tiktoken_encoding_is_the_users():
+    """Only cl100k_base as partial(encode, allowed_special="all") is taken for LlamaIndex's default;
+    another tiktoken encoding wrapped the same way is the user's choice."""
+    import functools
+
+    import llama_index.core
+
+    saved = llama_index.core.global_tokenizer
+    try:
+        llama_index.core.global_tokenizer = None
+        try:
+            llama_index.core.utils.get_tokenizer()  # LlamaIndex's tiktoken default (ships its cache)
+        except Exception as e:  # noqa: BLE001 - offline without the cached vocabulary
+            pytest.skip(f"LlamaIndex's default tokenizer cannot load here: {e}")
+        import tiktoken
+
+        base = llama_index.core.global_tokenizer.func.__self__
+        mine = tiktoken.Encoding(name="my_vocab", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
+                                 special_tokens=base._special_tokens)
+        llama_index.core.global_tokenizer = functools.partial(mine.encode, allowed_special="all")
+        engine = SemTokenNodePostprocessor(device="cpu").get_engine()
+        assert engine.config.tokenizer is not None and engine.config.tokenizer != "llama3"
+        assert engine.count_tokens("one two three") == len(mine.encode("one two three"))
+    finally:
+        llama_index.core.global_tokenizer = saved
+
+
+def test_fingerprinter_warns_in_a_worker_without_a_shared_store(engine, tmp_path, caplog, monkeypatch):
+    """In an IngestionPipeline worker process the fingerprints only reach the caller through a shared
+    store; without one the fingerprinter says so."""
+    import multiprocessing
+
+    from llama_index.postprocessor.semtoken import SemTokenFingerprinter
+
+    nodes = [TextNode(text="The Eiffel Tower in Paris was completed in 1889.")]
+    monkeypatch.setattr(multiprocessing, "parent_process", lambda: object())  # as in a worker
+    with caplog.at_level("WARNING", logger="llama_index.postprocessor.semtoken"):
+        assert SemTokenFingerprinter(engine=engine)(nodes) == nodes
+        stored = SemTokenFingerprinter(engine=SemToken(SemTokenConfig(device="cpu", cache_dir=tmp_path)))
+        assert stored(nodes) == nodes and stored.last_encoded == 1
+    [warning] = caplog.records
+    assert "worker process" in warning.getMessage() and "store=" in warning.getMessage()
+    with pytest.raises(TypeError, match="engine must be"):
+        SemTokenFingerprinter(engine="x")

@@ -11,7 +11,7 @@ from langchain_core.callbacks import BaseCallbackManager
 from langchain_core.documents import Document
 from langchain_core.runnables.config import ensure_config
 
-from semtoken_rag import CompressedChunk, CompressionResult, SemToken, SemTokenConfig
+from semtoken_rag import CompressionResult, SemToken, SemTokenConfig
 
 EVENT_NAME = "semtoken_compression"
 CONVERSATION_KEY = "semtoken_conversation_id"  # namespaced: LangSmith groups threads by "conversation_id"
@@ -29,20 +29,31 @@ def plan(engine: SemToken, docs: list[Document], separator: str, rate: float | N
     """Texts, per-document overheads (one separator per kept document but the first: charging every
     document but document 0 is never short) and the budget of one call."""
     full = separator.join(d.page_content for d in docs)
-    return {"texts": [d.page_content for d in docs],
-            "overheads": [0] + [engine.count_tokens(separator)] * (len(docs) - 1),
-            "budget": budget(engine, full, rate, target), "conversation_id": conversation_id,
-            "context_tokens": engine.count_tokens(full)}
+    texts = [d.page_content for d in docs]
+    overheads = [0] + [engine.count_tokens(separator)] * (len(docs) - 1)
+    return {"texts": texts, "overheads": overheads,
+            "budget": budget(engine, full, rate, target, sum(map(engine.count_tokens, texts)) + sum(overheads)),
+            "conversation_id": conversation_id, "context_tokens": engine.count_tokens(full)}
 
 
-def budget(engine: SemToken, full_context: str, rate: float | None, target: int | None) -> int:
-    """``target`` (or the engine's ``target_tokens``), else ``floor(rate * tokens of full_context)``."""
+def budget(engine: SemToken, full_context: str, rate: float | None, target: int | None, everything: int) -> int:
+    """``target`` (or the engine's ``target_tokens``), else ``floor(rate * tokens of full_context)``; a
+    rate of 1.0 keeps everything (``everything``: what the texts and overheads are charged, which can
+    pass the joined context's own count by a few tokens)."""
     cfg = engine.config
     if target is None and rate is None:
         target = cfg.target_tokens
     if target is not None:
         return int(target)
-    return math.floor((rate if rate is not None else cfg.rate) * engine.count_tokens(full_context) + 1e-9)
+    rate = rate if rate is not None else cfg.rate
+    share = math.floor(rate * engine.count_tokens(full_context) + 1e-9)
+    return max(share, everything) if rate >= 1.0 else share
+
+
+def run_callbacks(callbacks: Any) -> Any:
+    """``callbacks``, else those of the run this call is made in (a step of a chain that called the
+    compressor without passing them on), as LangChain's ``dispatch_custom_event`` finds them."""
+    return callbacks if callbacks is not None else ensure_config().get("callbacks")
 
 
 def call_conversation(callbacks: Any) -> str | None:
@@ -96,6 +107,4 @@ async def acompress(engine: SemToken, plan: dict[str, Any], query: str | None) -
 
 def nothing(engine: SemToken, plan: dict[str, Any], query: str | None) -> CompressionResult:
     """The result of a budget of 0 tokens: every chunk empty."""
-    counts = [engine.count_tokens(t) for t in plan["texts"]]
-    chunks = tuple(CompressedChunk(i, "", (), c, 0, None) for i, c in enumerate(counts))
-    return CompressionResult(chunks, query, 0, sum(counts), 0)
+    return CompressionResult.nothing_kept([engine.count_tokens(t) for t in plan["texts"]], query)

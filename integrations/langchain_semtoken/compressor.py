@@ -10,10 +10,11 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManager, CallbackManager, Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
-from pydantic import ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_serializer, model_validator
 
 from langchain_semtoken import _support as sup
 from semtoken_rag import CompressionResult, SemToken, SemTokenConfig
+from semtoken_rag.config import tokenizer_label
 from semtoken_rag.registry import shared_engine
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ class SemTokenCompressor(BaseDocumentCompressor):
     (``original_tokens``, ``compressed_tokens``, ``kept_spans`` as ``[start, end]`` character offsets
     into the input text, ``relevance``). Documents with nothing kept are left out (a warning is logged
     when nothing at all is kept); the others keep their order. Inputs are never modified. Every call
-    with callbacks (inside a run or ``callbacks=`` given directly) emits the custom callback event
-    ``"semtoken_compression"`` with the token counts.
+    with callbacks (``callbacks=`` given directly, else those of the run it is called in) emits the
+    custom callback event ``"semtoken_compression"`` with the token counts.
 
     ``conversation_id`` (a field, or per call ``config={"metadata": {"semtoken_conversation_id": ...}}``; a
     ``configurable`` entry works when the retriever is a step of a chain) drops text this conversation
@@ -54,7 +55,7 @@ class SemTokenCompressor(BaseDocumentCompressor):
         ('a', ['compressed_tokens', 'kept_spans', 'original_tokens', 'relevance'])
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", validate_assignment=True)
 
     rate: float | None = Field(
         default=None, gt=0.0, le=1.0,
@@ -75,7 +76,7 @@ class SemTokenCompressor(BaseDocumentCompressor):
     engine: SemToken | None = Field(
         default=None, exclude=True, description="An existing engine to use; not serialized.")
 
-    _resolved: SemToken | None = PrivateAttr(default=None)
+    _resolved: tuple[tuple[Any, ...], SemToken] | None = PrivateAttr(default=None)  # (settings, engine)
 
     @model_validator(mode="after")
     def _one_engine_source(self) -> SemTokenCompressor:
@@ -84,14 +85,30 @@ class SemTokenCompressor(BaseDocumentCompressor):
             raise ValueError(f"give either engine= or {'/'.join(given)}=, not both (the engine has its own)")
         return self
 
+    @field_serializer("tokenizer", when_used="json")
+    def _tokenizer_json(self, value: Any) -> str | None:
+        return None if value is None else tokenizer_label(value)
+
     def get_engine(self) -> SemToken:
-        """The engine this compressor uses: the given one, else the registry's for these settings."""
-        if self.engine is not None:
-            return self.engine
-        if self._resolved is None:
-            self._resolved = shared_engine(sup.engine_config(
+        """The engine this compressor uses: the given one, else the registry's for the current settings
+        (a copy with other settings, or a setting assigned later, gets the engine of those)."""
+        engine = self._loaded()
+        if engine is None:
+            settings = (self.config, self.tokenizer, self.device, self.encoder)
+            engine = shared_engine(sup.engine_config(
                 self.config, tokenizer=self.tokenizer, device=self.device, encoder=self.encoder))
-        return self._resolved
+            self._resolved = (settings, engine)
+        return engine
+
+    def _loaded(self) -> SemToken | None:
+        """The engine when it needs no loading: the given one, or the one resolved for these settings."""
+        if self.engine is not None:
+            if any(v is not None for v in (self.config, self.tokenizer, self.device, self.encoder)):
+                self._one_engine_source()  # (raises: model_copy(update=...) skips validation)
+            return self.engine
+        held = self._resolved
+        return held[1] if held is not None and held[0] == (self.config, self.tokenizer, self.device,
+                                                            self.encoder) else None
 
     def __deepcopy__(self, memo: dict[int, Any] | None = None) -> SemTokenCompressor:
         fields = {k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k != "engine"}
@@ -118,6 +135,7 @@ class SemTokenCompressor(BaseDocumentCompressor):
         docs = list(documents)
         if not docs:
             return []
+        callbacks = sup.run_callbacks(callbacks)
         engine = self.get_engine()
         p = sup.plan(engine, docs, self.document_separator, self.rate, self.target_tokens,
                      sup.call_conversation(callbacks) or self.conversation_id)
@@ -134,7 +152,8 @@ class SemTokenCompressor(BaseDocumentCompressor):
         docs = list(documents)
         if not docs:
             return []
-        engine = self.engine or self._resolved or await asyncio.to_thread(self.get_engine)
+        callbacks = sup.run_callbacks(callbacks)
+        engine = self._loaded() or await asyncio.to_thread(self.get_engine)  # (loads off the event loop)
         p = await asyncio.to_thread(sup.plan, engine, docs, self.document_separator, self.rate, self.target_tokens,
                                     sup.call_conversation(callbacks) or self.conversation_id)
         result = await sup.acompress(engine, p, query or None)

@@ -64,9 +64,12 @@ def settings_tokenizer() -> TokenListLength | None:
 
 
 def _is_llamaindex_default(tok: Any) -> bool:
+    """Whether ``tok`` is what ``llama_index.core.utils.get_tokenizer()`` installs: gpt-3.5's tiktoken
+    encoding (cl100k_base) as ``partial(enc.encode, allowed_special="all")`` (the same set by hand is
+    taken for it; another encoding wrapped so is the user's)."""
     owner = getattr(getattr(tok, "func", None), "__self__", None)
     return (isinstance(tok, functools.partial) and tok.keywords == {"allowed_special": "all"}
-            and type(owner).__module__.startswith("tiktoken"))
+            and type(owner).__module__.startswith("tiktoken") and getattr(owner, "name", None) == "cl100k_base")
 
 
 def engine_config(config: SemTokenConfig | None, **overrides: Any) -> SemTokenConfig:
@@ -78,7 +81,9 @@ def engine_config(config: SemTokenConfig | None, **overrides: Any) -> SemTokenCo
 
 def plan(engine: SemToken, nodes: list[NodeWithScore], mode: MetadataMode, rate: float | None,
          target: int | None) -> dict[str, Any]:
-    """Texts, per-node overheads (header in ``mode`` + separator) and the budget of one call."""
+    """Texts, per-node overheads (header in ``mode`` + separator) and the budget of one call; the nodes
+    that pass through (no text, but media or a metadata header), and what is left of the budget for
+    the texts once what the LLM reads of those (header and separator) is taken from it."""
     texts = [n.node.get_content(metadata_mode=MetadataMode.NONE) for n in nodes]
     shown = [n.node.get_content(metadata_mode=mode).strip() for n in nodes]
     counts = [engine.count_tokens(t) for t in texts]
@@ -91,7 +96,20 @@ def plan(engine: SemToken, nodes: list[NodeWithScore], mode: MetadataMode, rate:
     if target is None and rate is None:
         target = cfg.target_tokens
     budget = target if target is not None else math.floor((rate or cfg.rate) * context + 1e-9)
-    return {"texts": texts, "overheads": overheads, "budget": int(budget), "context_tokens": context}
+    if target is None and (rate or cfg.rate) >= 1.0:  # keeps everything: the charges above may pass the
+        budget = max(budget, sum(counts) + sum(overheads))  # joined context's own count by a few tokens
+    passed = [not t.strip() and bool(s or _has_media(n.node)) for t, s, n in zip(texts, shown, nodes)]
+    reserved = sum(o for o, p, s in zip(overheads, passed, shown) if p and s)
+    return {"texts": texts, "overheads": overheads, "budget": int(budget), "context_tokens": context,
+            "counts": counts, "passed": passed, "text_budget": int(budget) - reserved}
+
+
+_MEDIA = ("image", "image_path", "image_url", "image_resource", "audio_resource", "video_resource")
+
+
+def _has_media(node: Any) -> bool:
+    """Whether a node holds content other than text (an ``ImageNode``'s image, a ``Node``'s media)."""
+    return any(getattr(node, name, None) is not None for name in _MEDIA)
 
 
 def event(result: CompressionResult, p: dict[str, Any], n_in: int, n_out: int) -> SemTokenCompressionEvent:
@@ -105,8 +123,9 @@ def _excluded(keys: list[str]) -> list[str]:
     return [*keys] if METADATA_KEY in keys else [*keys, METADATA_KEY]
 
 
-def rebuild(nodes: list[NodeWithScore], result: CompressionResult) -> list[NodeWithScore]:
-    """Copies of the nodes that kept something, text replaced, in input order; inputs untouched.
+def rebuild(nodes: list[NodeWithScore], result: CompressionResult, passed: list[bool]) -> list[NodeWithScore]:
+    """Copies of the nodes that kept something, text replaced, and of the ``passed`` ones (no text),
+    content untouched, in input order; inputs untouched.
 
     ``start_char_idx``/``end_char_idx`` stay: they locate the node's original text in its source
     document. The kept slices are ``metadata["semtoken"]["kept_spans"]`` (offsets into the node's
@@ -114,8 +133,8 @@ def rebuild(nodes: list[NodeWithScore], result: CompressionResult) -> list[NodeW
     into the source document).
     """
     out = []
-    for nws, chunk in zip(nodes, result.chunks):
-        if chunk.is_empty:
+    for nws, chunk, through in zip(nodes, result.chunks, passed):
+        if chunk.is_empty and not through:
             continue
         node = nws.node
         info = chunk.to_dict()
@@ -128,6 +147,7 @@ def rebuild(nodes: list[NodeWithScore], result: CompressionResult) -> list[NodeW
             "excluded_embed_metadata_keys": _excluded(node.excluded_embed_metadata_keys),
             "relationships": dict(node.relationships),
         })
-        new.set_content(chunk.text)
+        if not through:  # (an image node's content is its image)
+            new.set_content(chunk.text)
         out.append(nws.model_copy(update={"node": new}))
     return out

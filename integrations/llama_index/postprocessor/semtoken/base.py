@@ -7,13 +7,14 @@ import copy
 import logging
 from typing import Any
 
-from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr, field_serializer
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 from llama_index.postprocessor.semtoken import _support as sup
 
 from semtoken_rag import CompressionResult, SemToken, SemTokenConfig
+from semtoken_rag.config import tokenizer_label
 from semtoken_rag.registry import shared_engine
 
 logger = logging.getLogger(__name__)
@@ -34,16 +35,23 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
     node's original text, ``relevance``, and ``source_spans``, the same slices as offsets into the
     source document when the node has ``start_char_idx``), which the LLM and the embedder do not see.
     ``start_char_idx``/``end_char_idx`` keep pointing at the node's original span in its source
-    document. Nodes with nothing kept are left out (one warning is logged when nothing at all is
-    kept); the others keep their order. Inputs are never modified. Each call emits a
-    ``SemTokenCompressionEvent`` (token counts) through LlamaIndex's instrumentation dispatcher.
+    document. Nodes with nothing kept are left out (one warning is logged when no text at all is
+    kept); the others keep their order. Nodes without text but with media or a metadata header (an
+    ``ImageNode``, a node of metadata only) have nothing to compress: they pass through in their
+    place, as copies with ``metadata["semtoken"]``, and what the LLM reads of them (their metadata
+    header) is taken from the budget first; the texts get what is left (nothing, when those headers
+    alone fill the budget). Inputs are never modified. Each call emits a ``SemTokenCompressionEvent`` (token counts) through
+    LlamaIndex's instrumentation dispatcher.
 
     ``conversation_id`` drops text this conversation already received: only while that text is still
     in the LLM's view (LlamaIndex's context and condense chat engines rebuild the context each turn and
     must not use it; see the README). ``tokenizer``, ``device``, ``encoder`` override ``config``;
     without a tokenizer, one the user set through ``Settings.tokenizer`` is used (LlamaIndex's own
-    tiktoken default is not). Same settings share one engine (``semtoken_rag.registry``);
-    ``engine=SemToken(...)`` uses yours and ``copy.deepcopy`` shares it. Unknown arguments raise.
+    tiktoken default is not). Same settings share one engine (``semtoken_rag.registry``), looked up
+    for the settings of each call (a copy with other settings, or a setting assigned later, gets the
+    engine of those); ``engine=SemToken(...)`` uses yours and ``copy.deepcopy`` shares it; a pickle
+    leaves it out and, unpickled, uses the registry's engine for its settings. Unknown arguments
+    raise.
 
     Example:
         >>> from llama_index.core.schema import NodeWithScore, TextNode
@@ -57,7 +65,7 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
         ('a', 0.8, True)
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", validate_assignment=True)
 
     rate: float | None = Field(
         default=None, gt=0.0, le=1.0,
@@ -75,15 +83,29 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
     config: SemTokenConfig | None = Field(
         default=None, description="Engine configuration (the top-level knobs above override it).")
 
-    _engine: SemToken | None = PrivateAttr(default=None)
+    _engine: SemToken | None = PrivateAttr(default=None)  # the given engine, or the last resolved
     _given: bool = PrivateAttr(default=False)
+    _settings: tuple[Any, ...] | None = PrivateAttr(default=None)  # what the resolved engine was for
 
     def __init__(self, *, engine: SemToken | None = None, **data: Any) -> None:
+        if engine is not None and not isinstance(engine, SemToken):
+            raise TypeError(f"engine must be a semtoken_rag.SemToken, got {type(engine).__name__}")
         super().__init__(**data)
-        given = [k for k in ("config", "tokenizer", "device", "encoder") if getattr(self, k) is not None]
-        if engine is not None and given:
-            raise ValueError(f"give either engine= or {'/'.join(given)}=, not both (the engine has its own)")
         self._engine, self._given = engine, engine is not None
+        self._check_one_source()
+
+    def _check_one_source(self) -> None:
+        given = [k for k in ("config", "tokenizer", "device", "encoder") if getattr(self, k) is not None]
+        if self._given and given:
+            raise ValueError(f"give either engine= or {'/'.join(given)}=, not both (the engine has its own)")
+
+    @field_serializer("tokenizer", when_used="json")
+    def _tokenizer_json(self, value: Any) -> str | None:
+        return None if value is None else tokenizer_label(value)
+
+    def to_dict(self, **kwargs: Any) -> dict[str, Any]:
+        """LlamaIndex's ``to_dict``, JSON-able (``to_json`` works with a tokenizer object too)."""
+        return super().to_dict(**{"mode": "json", **kwargs})
 
     @classmethod
     def class_name(cls) -> str:
@@ -91,13 +113,27 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
 
     def get_engine(self) -> SemToken:
         """The engine this postprocessor uses: the given one, else the registry's for these settings."""
-        if self._engine is None:
-            tokenizer = self.tokenizer
-            if tokenizer is None and (self.config is None or "tokenizer" not in self.config.model_fields_set):
-                tokenizer = sup.settings_tokenizer()
-            self._engine = shared_engine(sup.engine_config(
-                self.config, tokenizer=tokenizer, device=self.device, encoder=self.encoder))
-        return self._engine
+        engine = self._loaded()
+        if engine is None:
+            settings = self._current()
+            engine = shared_engine(sup.engine_config(
+                self.config, tokenizer=settings[1], device=self.device, encoder=self.encoder))
+            self._engine, self._settings = engine, settings
+        return engine
+
+    def _current(self) -> tuple[Any, ...]:
+        """The settings an engine is made for (``Settings.tokenizer`` when no tokenizer is given)."""
+        tokenizer = self.tokenizer
+        if tokenizer is None and (self.config is None or "tokenizer" not in self.config.model_fields_set):
+            tokenizer = sup.settings_tokenizer()
+        return (self.config, tokenizer, self.device, self.encoder)
+
+    def _loaded(self) -> SemToken | None:
+        """The engine when it needs no loading: the given one, or the one resolved for these settings."""
+        if self._given:
+            self._check_one_source()  # (model_copy(update=...) skips validation)
+            return self._engine
+        return self._engine if self._engine is not None and self._settings == self._current() else None
 
     @property
     def engine(self) -> SemToken:
@@ -111,17 +147,40 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
         new._engine, new._given = (self._engine, True) if self._given else (None, False)
         return new
 
+    def __getstate__(self) -> dict[str, Any]:
+        # not BaseComponent's, which drops what cannot be pickled (the engine, a tokenizer object)
+        # with a warning and a silent change of settings: the engine is left out and, when it was
+        # given, its config goes in its place; a field that cannot be pickled raises
+        fields, fields_set = dict(self.__dict__), set(self.model_fields_set)
+        if self._given:
+            fields["config"] = self._engine.config
+            fields_set.add("config")
+        return {"__dict__": fields, "__pydantic_extra__": self.__pydantic_extra__,
+                "__pydantic_fields_set__": fields_set,
+                "__pydantic_private__": {"_engine": None, "_given": False, "_settings": None}}
+
     def _finish(self, nodes: list[NodeWithScore], result: CompressionResult, p: dict) -> list[NodeWithScore]:
-        out = sup.rebuild(nodes, result)
-        if not out:
-            logger.warning("semtoken-rag kept nothing of %d nodes (budget %d tokens)", len(nodes), p["budget"])
+        out = sup.rebuild(nodes, result, p["passed"])
+        if len(out) == sum(p["passed"]) < len(nodes):
+            logger.warning("semtoken-rag kept nothing of %d nodes (budget %d tokens)",
+                           len(nodes) - len(out), p["budget"])
         dispatcher.event(sup.event(result, p, len(nodes), len(out)))
         return out
 
     def _call(self, p: dict, query_bundle: QueryBundle | None) -> dict[str, Any]:
         query = query_bundle.query_str if query_bundle is not None else None
-        return {"chunks": p["texts"], "query": query or None, "target_tokens": max(p["budget"], 1),
+        return {"chunks": p["texts"], "query": query or None, "target_tokens": p["text_budget"],
                 "chunk_overheads": p["overheads"], "conversation_id": self.conversation_id}
+
+    def _compress(self, engine: SemToken, p: dict, query_bundle: QueryBundle | None) -> CompressionResult:
+        if p["text_budget"] <= 0:  # (the engine takes a positive budget; 0 keeps no text)
+            return CompressionResult.nothing_kept(p["counts"], self._call(p, query_bundle)["query"])
+        return engine.compress(**self._call(p, query_bundle))
+
+    async def _acompress(self, engine: SemToken, p: dict, query_bundle: QueryBundle | None) -> CompressionResult:
+        if p["text_budget"] <= 0:
+            return CompressionResult.nothing_kept(p["counts"], self._call(p, query_bundle)["query"])
+        return await engine.acompress(**self._call(p, query_bundle))
 
     @dispatcher.span
     def _postprocess_nodes(
@@ -131,7 +190,7 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
             return []
         engine = self.get_engine()
         p = sup.plan(engine, nodes, self.metadata_mode, self.rate, self.target_tokens)
-        return self._finish(nodes, engine.compress(**self._call(p, query_bundle)), p)
+        return self._finish(nodes, self._compress(engine, p, query_bundle), p)
 
     @dispatcher.span
     async def _apostprocess_nodes(
@@ -139,6 +198,6 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
     ) -> list[NodeWithScore]:
         if not nodes:
             return []
-        engine = self._engine or await asyncio.to_thread(self.get_engine)  # loads off the event loop
+        engine = self._loaded() or await asyncio.to_thread(self.get_engine)  # loads off the event loop
         p = await asyncio.to_thread(sup.plan, engine, nodes, self.metadata_mode, self.rate, self.target_tokens)
-        return self._finish(nodes, await engine.acompress(**self._call(p, query_bundle)), p)
+        return self._finish(nodes, await self._acompress(engine, p, query_bundle), p)

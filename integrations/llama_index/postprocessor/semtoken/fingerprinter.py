@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import multiprocessing
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +13,8 @@ from llama_index.core.schema import BaseNode, MetadataMode, TransformComponent
 
 from semtoken_rag import SemToken, SemTokenConfig
 from semtoken_rag.registry import shared_engine
+
+logger = logging.getLogger(__name__)
 
 
 def node_text(node: BaseNode) -> str:
@@ -26,6 +30,10 @@ class SemTokenFingerprinter(TransformComponent):
     :class:`~llama_index.postprocessor.semtoken.SemTokenNodePostprocessor` finds their fingerprints (in
     the same engine, or in a store shared by every replica, e.g. ``SemTokenConfig(store="redis://...")``)
     and encodes only the query. Nodes whose text is blank, repeated or already stored are not encoded.
+
+    With ``IngestionPipeline.run(num_workers=N)`` each worker process has its own engine: what it stores
+    reaches the caller only through a shared store (``store=`` or ``cache_dir=`` in the config); without
+    one a warning says the fingerprints stay in the worker.
 
     Example:
         >>> from llama_index.core.ingestion import IngestionPipeline
@@ -46,6 +54,8 @@ class SemTokenFingerprinter(TransformComponent):
     _encoded: int = PrivateAttr(default=0)
 
     def __init__(self, *, engine: SemToken | None = None, **data: Any) -> None:
+        if engine is not None and not isinstance(engine, SemToken):
+            raise TypeError(f"engine must be a semtoken_rag.SemToken, got {type(engine).__name__}")
         super().__init__(**data)
         if engine is not None and self.config is not None:
             raise ValueError("give either engine= or config=, not both (the engine has its own config)")
@@ -71,7 +81,13 @@ class SemTokenFingerprinter(TransformComponent):
         for i, n in enumerate(nodes):
             if not isinstance(n, BaseNode):
                 raise TypeError(f"nodes[{i}] must be a llama_index BaseNode, got {type(n).__name__}")
-        self._encoded = self.engine.prewarm([node_text(n) for n in nodes], batch_size=self.batch_size)
+        engine = self.engine
+        cfg = engine.config
+        if multiprocessing.parent_process() is not None and cfg.store is None and cfg.cache_dir is None:
+            logger.warning("SemTokenFingerprinter runs in a worker process (IngestionPipeline num_workers > 1?) "
+                           "with no shared store: its fingerprints stay in that process. Give the config a "
+                           "store= or cache_dir=, or run the pipeline with num_workers=1")
+        self._encoded = engine.prewarm([node_text(n) for n in nodes], batch_size=self.batch_size)
         return nodes
 
     async def acall(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
