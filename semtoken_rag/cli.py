@@ -8,8 +8,9 @@
     semtoken-rag bench --quick                                        # python -m benchmarks (a clone)
 
 Exit status: 0 on success; 2 for a user error (bad option value, unreadable or non-UTF-8 input, a
-device torch cannot use), printed as one line; 1 (or 141) when the reader of stdout goes away
-(``| head``). Anything else is a bug and ends with a traceback.
+device torch cannot use), printed as one line; 1 when ``prewarm``'s store failed during the run (its
+fingerprints may be missing), or 141 when the reader of stdout goes away (``| head``). Anything else is
+a bug and ends with a traceback.
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ PROG = "semtoken-rag"
 
 class CLIError(Exception):
     """A user-facing failure: printed as ``semtoken-rag: error: ...``, exit status 2."""
+
+
+def option_error(e: ValidationError) -> CLIError:
+    """A configuration built from the options failed validation: one line naming each bad value."""
+    problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'option'}: {err['msg']} "
+                         f"(got {err.get('input')!r})" for err in e.errors())
+    return CLIError(f"invalid option value: {problems}")
 
 
 # -- argument types ------------------------------------------------------------------------------------
@@ -149,9 +157,7 @@ def _config(args: argparse.Namespace, **extra) -> SemTokenConfig:
     try:
         config = SemTokenConfig(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'option'}: {err['msg']} "
-                             f"(got {err.get('input')!r})" for err in e.errors())
-        raise CLIError(f"invalid option value: {problems}") from None
+        raise option_error(e) from None
     try:
         BudgetTokenizer(config.tokenizer)  # a name is resolved here, before any input is read
     except ValueError as e:

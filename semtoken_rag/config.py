@@ -275,6 +275,13 @@ class SemTokenConfig(BaseModel):
             raise ValueError("gap_marker must not contain NUL characters")
         return value
 
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _check_cache_dir(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():  # (an unset variable: not the working directory)
+            raise ValueError("cache_dir must be a directory path, got an empty string (None: memory only)")
+        return value
+
     @field_validator("store")
     @classmethod
     def _check_store(cls, value: str | None) -> str | None:

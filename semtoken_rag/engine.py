@@ -253,11 +253,9 @@ class SemToken:
         checked = []
         for i, (chunks, query, conv) in enumerate(zip(chunk_lists, queries, conversation_ids)):
             try:
-                checked.append((_check_chunks(chunks), _check_query(query), conv))
+                checked.append((_check_chunks(chunks), _check_query(query), _check_conversation(conv)))
             except (TypeError, ValueError) as e:
                 raise type(e)(f"request {i}: {e}") from e
-            if conv is not None and not isinstance(conv, str):
-                raise TypeError(f"request {i}: conversation id must be str or None, got {type(conv).__name__}")
         started = time.perf_counter()
         return [self._plan(chunks, query, budget_rate, target, np.zeros(len(chunks), dtype=np.int64), conv, started)
                 for chunks, query, conv in checked]
@@ -278,8 +276,9 @@ class SemToken:
         0
         """
         texts = _check_chunks(texts)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = int(batch_size)
         by_key = {cache_key(t, self._namespace): t for t in texts if t.strip()}
         todo = [k for k, there in zip(by_key, self.cache.contains_many(list(by_key))) if not there]
         with torch.inference_mode():
@@ -331,6 +330,7 @@ class SemToken:
         with self._session() as session:  # announced first: concurrent callers batch their encoding
             chunks = _check_chunks(chunks)
             query = _check_query(query)
+            conversation_id = _check_conversation(conversation_id)
             budget_rate, target = self._budget_args(rate, target_tokens)
             overheads = _check_overheads(chunk_overheads, len(chunks))
             plan = self._plan(chunks, query, budget_rate, target, overheads, conversation_id, started)
@@ -345,7 +345,7 @@ class SemToken:
         """Token counts and budget of one request; the result itself when no encoding is needed."""
         counts = self.analyses.counts(self._spec, chunks)
         total = int(counts.sum())
-        full_overhead = int(overheads[[bool(c) for c in chunks]].sum()) if len(chunks) else 0
+        full_overhead = int(overheads[[bool(c.strip()) for c in chunks]].sum()) if len(chunks) else 0
         budget = target if target is not None else math.floor(budget_rate * (total + full_overhead) + 1e-9)
         done = None
         if budget >= total + full_overhead:
@@ -490,7 +490,7 @@ class SemToken:
         allowed = ~repeat & ~seg_fence
         # titles (structure.py) come with their chunk's kept text: selection pays them as chunk overheads
         titles, sel_overheads = self._titles(chunks, call, segs, seg_chunk, seg_cost, overheads, ana)
-        allowed &= ~titles
+        allowed &= ~titles & (overheads[seg_chunk] < budget)  # (no text of such a chunk can fit, even a part)
         keep = select_under_budget(
             score_np, seg_cost, seg_chunk, budget, self._gap_cost, allowed, centroids,
             cfg.redundancy_weight if cfg.dedup else 0.0, cfg.redundancy_threshold,
@@ -519,8 +519,9 @@ class SemToken:
                 out_counts = self._count(texts, counted)
         if conversation_id is not None:
             self._remember(conversation_id, centroids, segs, keep)
+        span_kept = np.add.reduceat(keep_units, starts) > 0  # (partial fit can keep some of a span's units)
         span_status = np.where(collapsed & keep_units[starts], "collapsed", np.where(
-            keep_units[starts], "kept", np.where(repeat[span_seg], "repeat", "dropped")))
+            span_kept, "kept", np.where(repeat[span_seg], "repeat", "dropped")))
         span_rel = None if seg_rel_np is None else seg_rel_np[span_seg]
         # every span's window entropy, worked out for a chunk only when its spans are read (selection reads
         # the spans of several units alone)
@@ -712,10 +713,10 @@ class SemToken:
         return CompressionResult.nothing_kept(counts.tolist(), query, budget, time.perf_counter() - started)
 
     def _identity(self, chunks, counts, query, budget, started, overhead) -> CompressionResult:
-        """Everything fits, overheads included: chunks come back unchanged."""
-        out = tuple(CompressedChunk(i, t, ((0, len(t)),) if t else (), int(c), int(c), None)
-                    for i, (t, c) in enumerate(zip(chunks, counts)))
-        return CompressionResult(out, query, budget, int(counts.sum()), int(counts.sum()),
+        """Everything fits, overheads included: chunks come back unchanged (blank ones as "")."""
+        out = tuple(CompressedChunk(i, t, ((0, len(t)),), int(c), int(c), None) if t.strip() else
+                    CompressedChunk(i, "", (), int(c), 0, None) for i, (t, c) in enumerate(zip(chunks, counts)))
+        return CompressionResult(out, query, budget, int(counts.sum()), sum(c.compressed_tokens for c in out),
                                  0, 0, time.perf_counter() - started, overhead)
 
 
@@ -786,6 +787,9 @@ def _neighbour_best(rel: np.ndarray, seg_chunk: np.ndarray) -> np.ndarray:
     return np.where(np.isinf(best), rel, best).astype(rel.dtype, copy=False)
 
 
+_MAX_TOKENS = 2 ** 53  # the most tokens an overhead (or all of a call's) may be
+
+
 def _check_chunks(chunks: Any) -> list[str]:
     if isinstance(chunks, (str, bytes)):
         raise TypeError("chunks must be a sequence of str, not a single string: wrap it in a list")
@@ -811,9 +815,18 @@ def _check_overheads(overheads: Any, n: int) -> np.ndarray:
     if len(overheads) != n:
         raise ValueError(f"chunk_overheads has {len(overheads)} values for {n} chunks: give one per chunk")
     for i, x in enumerate(overheads):
-        if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 0:
-            raise ValueError(f"chunk_overheads[{i}] must be an int >= 0, got {x!r}")
-    return np.asarray([int(x) for x in overheads], dtype=np.int64)
+        if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or not 0 <= int(x) <= _MAX_TOKENS:
+            raise ValueError(f"chunk_overheads[{i}] must be an int in [0, 2**53], got {x!r}")
+    values = [int(x) for x in overheads]
+    if sum(values) > _MAX_TOKENS:  # (budgets are worked out in int64 and float64: exact up to here)
+        raise ValueError(f"chunk_overheads sum to {sum(values)} tokens, more than 2**53")
+    return np.asarray(values, dtype=np.int64)
+
+
+def _check_conversation(conversation_id: Any) -> str | None:
+    if conversation_id is not None and not isinstance(conversation_id, str):
+        raise TypeError(f"conversation id must be str or None, got {type(conversation_id).__name__}")
+    return conversation_id
 
 
 def _check_query(query: Any) -> str | None:

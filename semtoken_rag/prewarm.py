@@ -36,12 +36,14 @@ class CorpusError(ValueError):
 
 @dataclass(frozen=True)
 class PrewarmReport:
-    """What a pre-warm run did: ``passages`` read, ``encoded`` (the rest were stored already or blank)."""
+    """What a pre-warm run did: ``passages`` read, ``encoded`` (the rest were stored already or blank),
+    ``store_errors``: faults of the store while it ran (each a write or a lookup that may be missing)."""
 
     passages: int
     encoded: int
     seconds: float
     ray: bool
+    store_errors: int = 0
 
     @property
     def skipped(self) -> int:
@@ -94,25 +96,39 @@ def read_texts(path: str | os.PathLike[str], text_field: str = "text") -> Iterat
         raise FileNotFoundError(f"corpus {str(path)!r} does not exist")
     if _format(path) == "jsonl":
         opener = gzip.open if path.name.lower().endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise CorpusError(f"{path}:{n}: not JSON ({e.msg})") from None
-                    yield _text(record, text_field, f"{path}:{n}")
+        n = 0
+        try:
+            with opener(path, "rt", encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise CorpusError(f"{path}:{n}: not JSON ({e.msg})") from None
+                        yield _text(record, text_field, f"{path}:{n}")
+        except UnicodeDecodeError as e:
+            raise CorpusError(f"{path}: not UTF-8 text ({e.reason}) at or after line {n + 1}") from None
         return
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
         raise ImportError("reading parquet needs pyarrow: pip install 'semtoken-rag[ray]' (or pyarrow)") from e
-    dataset = pq.ParquetDataset(path)
-    if text_field not in dataset.schema.names:
-        raise CorpusError(f"{path}: no column {text_field!r} (columns: {', '.join(dataset.schema.names)}); "
+    import pyarrow as pa
+
+    try:
+        dataset = pq.ParquetDataset(path)
+        names = dataset.schema.names
+    except pa.ArrowException as e:
+        raise CorpusError(f"{path}: not a readable Parquet file or folder ({e})") from None
+    if text_field not in names:
+        raise CorpusError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); "
                          "choose it with --text-field")
     for piece in dataset.fragments:
-        for batch in piece.to_batches(columns=[text_field]):
+        try:
+            batches = list(piece.to_batches(columns=[text_field]))
+        except pa.ArrowException as e:
+            raise CorpusError(f"{piece.path}: not a readable Parquet file ({e})") from None
+        for batch in batches:
             for value in batch.column(0).to_pylist():
                 yield _text({text_field: value}, text_field, f"{path}: column {text_field!r}")
 
@@ -144,19 +160,20 @@ def prewarm_corpus(path: str | os.PathLike[str], config: SemTokenConfig, *, text
     _check_store(config, use_ray)
     started = time.perf_counter()
     if use_ray:
-        passages, encoded = _on_ray(path, config, text_field, ray_address, actors, batch_size, progress)
+        passages, encoded, errors = _on_ray(path, config, text_field, ray_address, actors, batch_size, progress)
     else:
-        passages, encoded = _in_process(path, config, text_field, batch_size, progress)
-    report = PrewarmReport(passages, encoded, time.perf_counter() - started, use_ray)
-    logger.info("pre-warmed %d passages (%d encoded, %d already stored) in %.1f s", report.passages,
-                report.encoded, report.skipped, report.seconds)
+        passages, encoded, errors = _in_process(path, config, text_field, batch_size, progress)
+    report = PrewarmReport(passages, encoded, time.perf_counter() - started, use_ray, errors)
+    logger.info("pre-warmed %d passages (%d encoded, %d already stored, %d store faults) in %.1f s",
+                report.passages, report.encoded, report.skipped, report.store_errors, report.seconds)
     return report
 
 
-def _in_process(path, config, text_field, batch_size, progress) -> tuple[int, int]:
+def _in_process(path, config, text_field, batch_size, progress) -> tuple[int, int, int]:
     from .registry import shared_engine
 
     engine = shared_engine(config)
+    errors_before = engine.cache_stats().store_errors
     passages = encoded = 0
     batch: list[str] = []
     for text in read_texts(path, text_field):
@@ -172,7 +189,7 @@ def _in_process(path, config, text_field, batch_size, progress) -> tuple[int, in
         passages += len(batch)
         if progress is not None:
             progress(len(batch))
-    return passages, encoded
+    return passages, encoded, engine.cache_stats().store_errors - errors_before
 
 
 class _Actor:
@@ -190,10 +207,13 @@ class _Actor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         texts = [str(t) for t in batch[self.field]]
-        return {"passages": [len(texts)], "encoded": [self.engine.prewarm(texts, batch_size=self.batch_size)]}
+        before = self.engine.cache_stats().store_errors
+        encoded = self.engine.prewarm(texts, batch_size=self.batch_size)
+        return {"passages": [len(texts)], "encoded": [encoded],
+                "store_errors": [self.engine.cache_stats().store_errors - before]}
 
 
-def _on_ray(path, config, text_field, address, actors, batch_size, progress) -> tuple[int, int]:
+def _on_ray(path, config, text_field, address, actors, batch_size, progress) -> tuple[int, int, int]:
     try:
         import ray
         import ray.data
@@ -218,16 +238,19 @@ def _on_ray(path, config, text_field, address, actors, batch_size, progress) -> 
         ds = ray.data.read_parquet(str(path), columns=[text_field])
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts passages
     # GPU actors when there are GPUs; config travels as JSON (device resolved in each actor)
-    config_json = config.model_copy(update={"device": None if gpus else "cpu"}).model_dump_json()
+    # (fingerprints do not depend on the budget tokenizer: an object that JSON cannot carry is left out)
+    config_json = config.model_copy(update={"device": None if gpus else "cpu", **(
+        {} if isinstance(config.tokenizer, str) else {"tokenizer": "llama3"})}).model_dump_json()
     out = ds.map_batches(
         _Actor, fn_constructor_kwargs={"config_json": config_json, "text_field": text_field,
                                        "batch_size": batch_size, "threads": threads},
         batch_size=batch_size, concurrency=n_actors, num_gpus=1 if gpus else 0,
         num_cpus=actor_cpus, batch_format="numpy")
-    passages = encoded = 0
+    passages = encoded = errors = 0
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
         done = int(batch["passages"].sum())
         passages, encoded = passages + done, encoded + int(batch["encoded"].sum())
+        errors += int(batch["store_errors"].sum())
         if progress is not None:
             progress(done)
-    return passages, encoded
+    return passages, encoded, errors

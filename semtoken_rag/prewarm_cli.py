@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``semtoken-rag prewarm`` with parsed ``args``; prints the report, returns the exit status."""
     from pydantic import ValidationError
 
-    from .cli import CLIError
+    from .cli import PROG, CLIError, option_error
     from .config import SemTokenConfig
     from .prewarm import CorpusError, prewarm_corpus
 
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = SemTokenConfig(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:  # a bad option value is a user error
-        raise CLIError(str(e)) from None
+        raise option_error(e) from None
     bar = None
     if not args.quiet:
         from tqdm.auto import tqdm
@@ -91,4 +91,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"pre-warmed {report.passages} passages into {config.store}: {report.encoded} encoded, "
               f"{report.skipped} already stored or blank, {report.seconds:.1f} s "
               f"({report.passages_per_second:.0f} passages/s{' on Ray' if report.ray else ''})")
+    if report.store_errors:  # the command's one job is the store: its faults fail the run
+        print(f"{PROG}: error: {report.store_errors} fault(s) of the store {config.store} during the run: "
+              "fingerprints may be missing from it (see the warnings above); run again once it works",
+              file=sys.stderr)
+        return 1
     return 0

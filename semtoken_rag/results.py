@@ -13,8 +13,9 @@ SpanStatus = Literal["kept", "collapsed", "dropped", "repeat"]
 class SpanInfo:
     """One span of a chunk as the engine judged it (character offsets into the original chunk).
 
-    ``status``: ``kept``; ``collapsed`` (coarse, low-density span of which only the first word was
-    kept); ``dropped`` (did not make the budget); ``repeat`` (repeats content kept from another chunk
+    ``status``: ``kept`` (all of it, or part of it when a segment too long for the budget gives its
+    best run of words: ``kept_spans`` say which characters); ``collapsed`` (coarse, low-density span
+    of which only the first word was kept); ``dropped`` (did not make the budget); ``repeat`` (repeats content kept from another chunk
     or already sent in the conversation).
     """
 

@@ -251,6 +251,9 @@ def test_config_validation():
         SemTokenConfig(not_a_knob=1)
     with pytest.raises(ValueError, match="tokenizer"):
         SemTokenConfig(tokenizer=3.5)
+    for blank in ("", "  "):  # (an unset variable would put the cache in the working directory)
+        with pytest.raises(ValueError, match="cache_dir must be a directory path, got an empty string"):
+            SemTokenConfig(cache_dir=blank)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             SemToken(device="cuda")
@@ -322,8 +325,8 @@ def test_chunk_overheads_count_in_rate_and_identity(engine, nobel):
 
 @pytest.mark.parametrize("bad, err, match", [
     ([1, 2], ValueError, "2 values for 4 chunks"),
-    ([1, 2, -1, 0], ValueError, r"chunk_overheads\[2\] must be an int >= 0, got -1"),
-    ([1, 2, 1.5, 0], ValueError, r"chunk_overheads\[2\] must be an int >= 0, got 1.5"),
+    ([1, 2, -1, 0], ValueError, r"chunk_overheads\[2\] must be an int in \[0, 2\*\*53\], got -1"),
+    ([1, 2, 1.5, 0], ValueError, r"chunk_overheads\[2\] must be an int in \[0, 2\*\*53\], got 1.5"),
     ([True, 0, 0, 0], ValueError, r"chunk_overheads\[0\]"),
     ("1234", TypeError, "chunk_overheads must be a sequence of ints"),
     (4, TypeError, "chunk_overheads must be a sequence of ints, got int"),

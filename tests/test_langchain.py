@@ -346,10 +346,16 @@ def test_event_when_called_directly_with_callbacks_and_warning_when_nothing_kept
     assert [name for name, _ in rec.events] == ["semtoken_compression"] * 2
     assert rec.events[0][1]["documents_out"] == len(out) and rec.events[0][1] == rec.events[1][1]
     caplog.clear()
+    # a budget of 1 token and a separator of 1 or more before every document but a blank first one:
+    # no text can fit
+    blank_first = [Document(id="blank", page_content=" "), *docs]
     with caplog.at_level("WARNING", logger="langchain_semtoken"):
-        assert SemTokenCompressor(engine=engine, target_tokens=1).compress_documents(docs, query) == []
+        assert SemTokenCompressor(engine=engine, target_tokens=1).compress_documents(blank_first, query) == []
     [warning] = caplog.records
-    assert "kept nothing of 20 documents" in warning.getMessage()
+    assert "kept nothing of 21 documents" in warning.getMessage()
+    # with a first document to keep from, the budget's one token goes to it
+    [one] = SemTokenCompressor(engine=engine, target_tokens=1).compress_documents(docs, query)
+    assert one.id == docs[0].id and one.metadata["semtoken"]["compressed_tokens"] == 1
 
 
 def test_deepcopy_and_pickle_after_the_engine_exists(engine, records):

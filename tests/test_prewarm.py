@@ -49,6 +49,12 @@ def test_read_texts_formats_and_errors(tmp_path, texts):
         list(read_texts(_jsonl(tmp_path / "c.csv", texts)))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list(read_texts(tmp_path / "missing.jsonl"))
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl: not UTF-8 text \(invalid continuation byte\)"):
+        list(read_texts(tmp_path / "latin1.jsonl"))
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match=r"bad\.parquet: not a readable Parquet file"):
+        list(read_texts(tmp_path / "bad.parquet"))
 
 
 def test_in_process_prewarm_resumes_and_serves_hits(tmp_path, redis_url, texts):
@@ -94,6 +100,20 @@ def test_cli_prewarm(tmp_path, redis_url, texts, capsys):
     assert main(["prewarm", str(corpus), "--store", redis_url, "--quiet", "--device", "cpu"]) == 2
     assert "no field 'text'" in capsys.readouterr().err
     assert main(["prewarm", str(corpus), "--store", "http://x", "--quiet"]) == 2
-    assert "not supported" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not supported" in err and err.count("\n") == 1  # one line
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    assert main(["prewarm", str(tmp_path / "latin1.jsonl"), "--store", redis_url, "--quiet"]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
+    plain = _jsonl(tmp_path / "plain.jsonl", texts[:2])
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory", encoding="utf-8")
+    # the store cannot be written (a file where its directory belongs; Redis refusing connections):
+    # the run fails, though each chunk was encoded
+    for store in (str(a_file), "redis://127.0.0.1:1/0"):
+        assert main(["prewarm", str(plain), "--store", store, "--quiet", "--device", "cpu", "--json"]) == 1
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["store_errors"] > 0
+        assert "fault(s) of the store" in captured.err and "fingerprints may be missing" in captured.err
     with pytest.raises(SystemExit):
         main(["prewarm", str(corpus)])  # --store is required

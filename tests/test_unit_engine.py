@@ -52,8 +52,8 @@ def check(res: CompressionResult, chunks: list[str], engine: SemToken, budget: i
     assert res.original_tokens == sum(c.original_tokens for c in res.chunks)
     assert res.compressed_tokens == sum(c.compressed_tokens for c in res.chunks)
     identity = budget >= res.original_tokens
-    if identity:
-        assert res.texts == chunks
+    if identity:  # everything fits: each chunk as it is (blank ones "")
+        assert res.texts == [t if t.strip() else "" for t in chunks]
     for c, text in zip(res.chunks, chunks):
         assert c.original_tokens == engine.count_tokens(text)
         assert c.compressed_tokens == engine.count_tokens(c.text)
@@ -63,11 +63,10 @@ def check(res: CompressionResult, chunks: list[str], engine: SemToken, budget: i
         assert all(0 <= s < e <= len(text) for s, e in c.kept_spans)
         assert all(a[1] < b[0] for a, b in zip(c.kept_spans, c.kept_spans[1:]))  # disjoint, not touching
         assert flat == sorted(flat)
-        if not identity:
-            # slices start and end on a word, never on whitespace; blank chunks give ""
+        if not text.strip():  # blank chunks give "", always
+            assert c.text == "" and c.kept_spans == () and c.compressed_tokens == 0
+        if not identity:  # slices start and end on a word, never on whitespace
             assert all(not text[s].isspace() and not text[e - 1].isspace() for s, e in c.kept_spans)
-            if not text.strip():
-                assert c.text == "" and c.kept_spans == ()
         # the span judgements cover words inside the chunk, in order; repeats are never kept
         for s in c.spans:
             assert 0 <= s.start < s.end <= len(text)
@@ -145,6 +144,58 @@ def test_input_kinds_and_errors(tiny_engine):
         tiny_engine.compress(list(chunks), "q", rate=0.0)
     with pytest.raises(ValueError, match="target_tokens must be a positive int"):
         tiny_engine.compress(list(chunks), "q", target_tokens=-1)
+
+
+def test_overheads_and_conversation_ids_that_cannot_be_used(tiny_engine):
+    """Overheads past 2**53 tokens (each or in all: budgets are worked out in int64 and float64) and a
+    conversation id that is not a str raise before any work."""
+    chunks = ["the first prize in physics.", "a banana fruit."]
+    for bad in ([2**62, 2**62], [2**63, 0], [np.uint64(2**64 - 1), 0], [2**53 + 1, 0]):
+        with pytest.raises(ValueError, match=r"chunk_overheads\[0\] must be an int in \[0, 2\*\*53\]"):
+            tiny_engine.compress(chunks, "prize", rate=0.5, chunk_overheads=bad)
+    with pytest.raises(ValueError, match=r"chunk_overheads sum to \d+ tokens, more than 2\*\*53"):
+        tiny_engine.compress(chunks, "prize", target_tokens=30, chunk_overheads=[2**53, 1])
+    for conv in (5, b"a", ("a",), ["a"]):
+        with pytest.raises(TypeError, match="conversation id must be str or None"):
+            tiny_engine.compress(chunks, "prize", conversation_id=conv)
+    assert tiny_engine.prewarm(["a banana fruit, again."], batch_size=np.int64(2)) in (0, 1)
+
+
+def test_blank_chunks_come_back_empty_and_buy_no_budget(tiny_engine):
+    """Whitespace-only chunks are "" even when everything fits, and their overheads are not in the budget."""
+    for blank in (" ", "  ", "\n\n\r\n", "\xa0\u202f\u2009\u3000"):
+        res = tiny_engine.compress([blank], None, rate=1.0)
+        assert res.texts == [""] and res.chunks[0].kept_spans == () and res.compressed_tokens == 0
+        res = tiny_engine.compress(["the first prize in physics.", blank], None, target_tokens=500)
+        assert res.texts == ["the first prize in physics.", ""] and res.chunks[1].compressed_tokens == 0
+    text = "the first nobel prize in physics went to a man in the year of the war, and he was glad."
+    alone = tiny_engine.compress([text], "prize", rate=0.5)
+    with_blank = tiny_engine.compress([text, "   "], "prize", rate=0.5, chunk_overheads=[0, 100])
+    # (its own tokens are in the original count, as every chunk's; its overhead is not)
+    assert with_blank.budget == math.floor(0.5 * (alone.original_tokens + tiny_engine.count_tokens("   ")))
+    assert with_blank.texts[1] == "" and with_blank.overhead_tokens == 0
+
+
+def test_an_overhead_over_the_budget_leaves_the_other_chunks_their_room(tiny_engine):
+    """A chunk whose overhead alone fills the budget can keep nothing; the others still get the budget."""
+    chunks = ["the first nobel prize in physics was given in the year of the war.", "a banana fruit."]
+    res = tiny_engine.compress(chunks, "nobel prize physics", target_tokens=20, chunk_overheads=[100, 0])
+    assert res.texts == ["", "a banana fruit."]
+    assert res.compressed_tokens + res.overhead_tokens <= 20
+
+
+def test_span_status_agrees_with_the_kept_text(tiny_engine):
+    """A span is "kept" when any of its characters are in kept_spans (a segment too long for the
+    budget gives its best run of words), and never "dropped" or "repeat" then."""
+    long_word = "Supercalifragilisticexpialidocious" * 3 + " is a long word in a sentence about nothing much."
+    engines = [tiny_engine, SemToken(tiny_engine.config.model_copy(update={"partial_fit": True}))]
+    for engine in engines:
+        for text in (long_word, "Daniel Tsui shared th\x1fe 1998 Nobel Prize in Physics with Horst Störmer."):
+            for target in range(1, 12):
+                chunk = engine.compress([text], None, target_tokens=target).chunks[0]
+                for span in chunk.spans:
+                    inside = any(a < span.end and span.start < b for a, b in chunk.kept_spans)
+                    assert (span.status in ("kept", "collapsed")) == inside, (target, span, chunk.kept_spans)
 
 
 def test_warm_calls_share_the_cached_fingerprints_and_never_write_them(tiny_encoder):
