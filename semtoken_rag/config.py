@@ -15,7 +15,7 @@ STORE_SCHEMES = ("redis", "rediss", "unix", "file")
 
 def tokenizer_label(tokenizer: Any) -> str:
     """A budget tokenizer as JSON holds it: a name as it is; a tiktoken ``Encoding`` its name (which loads
-    back); a Hugging Face tokenizer its ``name_or_path``; a function ``<module.name>``, any other object
+    back where quicktok knows it: cl100k_base, o200k_base); a Hugging Face tokenizer its ``name_or_path``; a function ``<module.name>``, any other object
     ``<module.Type>`` (a config made from such a label fails to build an engine, naming it).
 
     >>> tokenizer_label("cl100k_base"), tokenizer_label(len)

@@ -313,7 +313,8 @@ class SemToken:
             conversation_id: optional key; spans this conversation already received in earlier calls
                 are dropped as repeats.
             chunk_overheads: optional non-negative int per chunk: tokens the caller adds around a chunk
-                (a metadata header, a separator), paid once when anything of that chunk is kept.
+                (a metadata header, a separator), paid once when anything of that chunk is kept (at
+                most 2**53 in all). A chunk keeps nothing when its overhead leaves no room for a word.
 
         The budget is ``target_tokens`` or ``floor(rate * (original_tokens + overheads))`` (overheads of
         the non-empty chunks); ``compressed_tokens + overhead_tokens`` never exceeds it
@@ -490,7 +491,9 @@ class SemToken:
         allowed = ~repeat & ~seg_fence
         # titles (structure.py) come with their chunk's kept text: selection pays them as chunk overheads
         titles, sel_overheads = self._titles(chunks, call, segs, seg_chunk, seg_cost, overheads, ana)
-        allowed &= ~titles & (overheads[seg_chunk] < budget)  # (no text of such a chunk can fit, even a part)
+        # a segment of which not even its cheapest word fits beside its chunk's overhead can give nothing
+        # (and must not be the top-ranked one that the budget goes to)
+        allowed &= ~titles & (overheads[seg_chunk] + np.minimum.reduceat(unit_cost, segs[:-1]) <= budget)
         keep = select_under_budget(
             score_np, seg_cost, seg_chunk, budget, self._gap_cost, allowed, centroids,
             cfg.redundancy_weight if cfg.dedup else 0.0, cfg.redundancy_threshold,

@@ -181,3 +181,24 @@ def ray_cluster():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def array_eq_tokenizer() -> type:
+    """A word-count tokenizer class whose ``==`` answers an array, as numpy-backed objects do (code that
+    compares settings must not call it)."""
+    import numpy as np
+
+    class Words:
+        def __init__(self) -> None:
+            self.arr = np.arange(3)
+
+        def __call__(self, text: str) -> int:
+            return len(text.split())
+
+        def __eq__(self, other: object):  # (an array, not a bool)
+            return self.arr == getattr(other, "arr", None)
+
+        __hash__ = object.__hash__
+
+    return Words

@@ -454,3 +454,12 @@ def test_rate_one_keeps_every_document_as_it_is(engine, records):
     out = SemTokenCompressor(engine=engine, rate=1.0).compress_documents(docs, records[0]["question"])
     assert [d.page_content for d in out] == [d.page_content for d in docs]
     assert [d.id for d in out] == [d.id for d in docs]
+
+
+def test_a_tokenizer_with_a_numpy_style_eq_can_be_swapped(array_eq_tokenizer):
+    """Settings are compared by identity: a tokenizer whose __eq__ returns an array does not break it."""
+    Words = array_eq_tokenizer
+    comp = SemTokenCompressor(tokenizer=Words(), device="cpu")
+    first = comp.get_engine()
+    comp.tokenizer = Words()
+    assert comp.get_engine() is not first and comp.get_engine().count_tokens("a b c") == 3

@@ -541,12 +541,51 @@ def test_fingerprinter_warns_in_a_worker_without_a_shared_store(engine, tmp_path
     from llama_index.postprocessor.semtoken import SemTokenFingerprinter
 
     nodes = [TextNode(text="The Eiffel Tower in Paris was completed in 1889.")]
+    import llama_index.postprocessor.semtoken.fingerprinter as module
+
     monkeypatch.setattr(multiprocessing, "parent_process", lambda: object())  # as in a worker
+    monkeypatch.setattr(module, "_WARNED", False)
     with caplog.at_level("WARNING", logger="llama_index.postprocessor.semtoken"):
         assert SemTokenFingerprinter(engine=engine)(nodes) == nodes
+        assert SemTokenFingerprinter(engine=engine)(nodes) == nodes  # (warned once a process)
         stored = SemTokenFingerprinter(engine=SemToken(SemTokenConfig(device="cpu", cache_dir=tmp_path)))
         assert stored(nodes) == nodes and stored.last_encoded == 1
     [warning] = caplog.records
-    assert "worker process" in warning.getMessage() and "store=" in warning.getMessage()
+    assert "child process" in warning.getMessage() and "store=" in warning.getMessage()
     with pytest.raises(TypeError, match="engine must be"):
         SemTokenFingerprinter(engine="x")
+
+
+def test_whitespace_text_with_a_header_is_charged_in_full(engine, records):
+    """A pass-through node whose text is whitespace shows its header and that whitespace: all of it
+    is taken from the budget."""
+    meta = NodeWithScore(node=TextNode(id_="meta", text=" \t \n \t \n \t " * 3, metadata={"title": "Fruit"}))
+    nodes = [as_nodes(records[4])[0], meta, as_nodes(records[4])[1]]
+    for target in (18, 24, 40, 80):
+        out = SemTokenNodePostprocessor(engine=engine, target_tokens=target).postprocess_nodes(
+            nodes, query_str=records[4]["question"])
+        assert "meta" in [o.node.node_id for o in out]
+        shown = "\n\n".join(s for s in (o.node.get_content(metadata_mode=MetadataMode.LLM).strip() for o in out) if s)
+        assert engine.count_tokens(shown) <= target
+
+
+def test_settings_compared_by_identity_and_a_pickle_keeps_the_given_tokenizer(engine, array_eq_tokenizer):
+    """A tokenizer whose __eq__ is not a bool (numpy-style) can be swapped; a pickled postprocessor with
+    a given engine keeps that engine's tokenizer even when Settings.tokenizer is set."""
+    import pickle
+
+    import llama_index.core
+    from llama_index.core import Settings
+
+    Words = array_eq_tokenizer
+    post = SemTokenNodePostprocessor(tokenizer=Words(), device="cpu")
+    first = post.get_engine()
+    post.tokenizer = Words()
+    assert post.get_engine() is not first and post.get_engine().count_tokens("a b c") == 3
+    saved = llama_index.core.global_tokenizer
+    try:
+        Settings.tokenizer = str.split
+        back = pickle.loads(pickle.dumps(SemTokenNodePostprocessor(engine=engine, rate=0.5)))
+        assert back.get_engine().config.tokenizer == engine.config.tokenizer == "llama3"
+    finally:
+        llama_index.core.global_tokenizer = saved

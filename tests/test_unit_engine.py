@@ -177,11 +177,19 @@ def test_blank_chunks_come_back_empty_and_buy_no_budget(tiny_engine):
 
 
 def test_an_overhead_over_the_budget_leaves_the_other_chunks_their_room(tiny_engine):
-    """A chunk whose overhead alone fills the budget can keep nothing; the others still get the budget."""
+    """A chunk whose overhead leaves no room for a word of it keeps nothing; the others still get the budget."""
     chunks = ["the first nobel prize in physics was given in the year of the war.", "a banana fruit."]
     res = tiny_engine.compress(chunks, "nobel prize physics", target_tokens=20, chunk_overheads=[100, 0])
     assert res.texts == ["", "a banana fruit."]
     assert res.compressed_tokens + res.overhead_tokens <= 20
+    # an overhead that leaves room, but not for the cheapest word of the chunk (each Greek word here
+    # is several tokens): the chunk gives nothing and the other fits whole
+    greek, fruit = "Ελληνικά κείμενα εδώ", "Bananas are yellow berries grown in the tropics."
+    assert min(tiny_engine.count_tokens(" " + w) for w in greek.split()) > 1
+    target = tiny_engine.count_tokens(fruit) + 1
+    for overhead in (target - 1, target, 100):
+        res = tiny_engine.compress([greek, fruit], greek, target_tokens=target, chunk_overheads=[overhead, 0])
+        assert res.texts == ["", fruit], overhead
 
 
 def test_span_status_agrees_with_the_kept_text(tiny_engine):

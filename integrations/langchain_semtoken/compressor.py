@@ -107,8 +107,9 @@ class SemTokenCompressor(BaseDocumentCompressor):
                 self._one_engine_source()  # (raises: model_copy(update=...) skips validation)
             return self.engine
         held = self._resolved
-        return held[1] if held is not None and held[0] == (self.config, self.tokenizer, self.device,
-                                                            self.encoder) else None
+        now = (self.config, self.tokenizer, self.device, self.encoder)
+        same = held is not None and all(a is b for a, b in zip(held[0], now))  # (identity: no user __eq__)
+        return held[1] if same else None
 
     def __deepcopy__(self, memo: dict[int, Any] | None = None) -> SemTokenCompressor:
         fields = {k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k != "engine"}

@@ -99,7 +99,8 @@ def plan(engine: SemToken, nodes: list[NodeWithScore], mode: MetadataMode, rate:
     if target is None and (rate or cfg.rate) >= 1.0:  # keeps everything: the charges above may pass the
         budget = max(budget, sum(counts) + sum(overheads))  # joined context's own count by a few tokens
     passed = [not t.strip() and bool(s or _has_media(n.node)) for t, s, n in zip(texts, shown, nodes)]
-    reserved = sum(o for o, p, s in zip(overheads, passed, shown) if p and s)
+    # what the LLM reads of them: all of what they show (whitespace text included) and a separator
+    reserved = sum(engine.count_tokens(s) + (sep if i else 0) for i, (p, s) in enumerate(zip(passed, shown)) if p and s)
     return {"texts": texts, "overheads": overheads, "budget": int(budget), "context_tokens": context,
             "counts": counts, "passed": passed, "text_budget": int(budget) - reserved}
 

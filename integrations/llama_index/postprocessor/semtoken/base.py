@@ -133,7 +133,9 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
         if self._given:
             self._check_one_source()  # (model_copy(update=...) skips validation)
             return self._engine
-        return self._engine if self._engine is not None and self._settings == self._current() else None
+        held, now = self._settings, self._current()
+        same = held is not None and all(a is b for a, b in zip(held, now))  # (identity: no user __eq__)
+        return self._engine if self._engine is not None and same else None
 
     @property
     def engine(self) -> SemToken:
@@ -152,8 +154,8 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
         # with a warning and a silent change of settings: the engine is left out and, when it was
         # given, its config goes in its place; a field that cannot be pickled raises
         fields, fields_set = dict(self.__dict__), set(self.model_fields_set)
-        if self._given:
-            fields["config"] = self._engine.config
+        if self._given:  # (its tokenizer marked as set: unpickled, Settings.tokenizer does not replace it)
+            fields["config"] = self._engine.config.model_copy(update={"tokenizer": self._engine.config.tokenizer})
             fields_set.add("config")
         return {"__dict__": fields, "__pydantic_extra__": self.__pydantic_extra__,
                 "__pydantic_fields_set__": fields_set,

@@ -15,6 +15,7 @@ from semtoken_rag import SemToken, SemTokenConfig
 from semtoken_rag.registry import shared_engine
 
 logger = logging.getLogger(__name__)
+_WARNED = False  # the child-process warning, once a process
 
 
 def node_text(node: BaseNode) -> str:
@@ -33,7 +34,7 @@ class SemTokenFingerprinter(TransformComponent):
 
     With ``IngestionPipeline.run(num_workers=N)`` each worker process has its own engine: what it stores
     reaches the caller only through a shared store (``store=`` or ``cache_dir=`` in the config); without
-    one a warning says the fingerprints stay in the worker.
+    one a warning (once a process) says the fingerprints stay in the worker.
 
     Example:
         >>> from llama_index.core.ingestion import IngestionPipeline
@@ -81,12 +82,15 @@ class SemTokenFingerprinter(TransformComponent):
         for i, n in enumerate(nodes):
             if not isinstance(n, BaseNode):
                 raise TypeError(f"nodes[{i}] must be a llama_index BaseNode, got {type(n).__name__}")
+        global _WARNED
         engine = self.engine
         cfg = engine.config
-        if multiprocessing.parent_process() is not None and cfg.store is None and cfg.cache_dir is None:
-            logger.warning("SemTokenFingerprinter runs in a worker process (IngestionPipeline num_workers > 1?) "
-                           "with no shared store: its fingerprints stay in that process. Give the config a "
-                           "store= or cache_dir=, or run the pipeline with num_workers=1")
+        if multiprocessing.parent_process() is not None and cfg.store is None and cfg.cache_dir is None \
+                and not _WARNED:
+            _WARNED = True  # (once a process: a serving worker started by multiprocessing is fine as it is)
+            logger.warning("SemTokenFingerprinter runs in a child process with no shared store: its fingerprints "
+                           "serve this process only. In IngestionPipeline workers (num_workers > 1) they are "
+                           "lost: give the config a store= or cache_dir=, or run with num_workers=1")
         self._encoded = engine.prewarm([node_text(n) for n in nodes], batch_size=self.batch_size)
         return nodes
 
