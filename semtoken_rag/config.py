@@ -81,7 +81,8 @@ class SemTokenConfig(BaseModel):
         "auto", description="Encoder precision. 'auto': float16 on CUDA; on CPU bfloat16 where the cores "
                            "multiply it in hardware (Intel AMX: 2.6x faster passes, the same answers on NQ), "
                            "else float32 (semtoken_rag.encoder.auto_dtype). Fingerprints are cached per "
-                           "precision: pin one for replicas that share a store across hardware.")
+                           "precision: pin one for CPU replicas that share a store across machines with and "
+                           "without AMX (CPU and CUDA replicas never share: they pad differently).")
     max_length: int = Field(
         256, ge=16, le=8192,
         description="Encoder window in tokens (special tokens included); longer chunks are split "
@@ -241,8 +242,9 @@ class SemTokenConfig(BaseModel):
         None, gt=0, description="Redis entries expire this long after they are written (None: never).")
     store_timeout_seconds: float = Field(
         0.1, gt=0, le=10,
-        description="Connect and read timeout of each Redis command: the most a slow or dead store adds to "
-                    "a call before it encodes locally; after a fault the store is retried with back-off.")
+        description="Connect and read timeout of each Redis command (a call makes at most a read and a "
+                    "write: a slow or dead store adds at most twice this to a call, which then encodes "
+                    "locally); after a fault the store is retried with back-off.")
 
     @field_validator("tokenizer")
     @classmethod

@@ -202,20 +202,22 @@ class DirectoryStore(FingerprintStore):
         try:
             files = sorted(self._scan())
             total = sum(size for _, size, _ in files)
-            removed = 0
+            removed = gone = 0  # gone: files another process (a replica pruning too) deleted first
             if total > self.max_disk_bytes:
                 goal = int(self.max_disk_bytes * 0.9)
                 for _, size, path in files:
-                    if total - removed <= goal:
+                    if total - removed - gone <= goal:
                         break
                     try:
                         os.unlink(path)
                         removed += size
+                    except FileNotFoundError:  # (counted as freed, else replicas together empty the store)
+                        gone += size
                     except OSError:
                         pass
                 logger.debug("pruned %d bytes from %s", removed, self.path)
             with self._lock:
-                self._estimate = total - removed
+                self._estimate = total - removed - gone
             return removed
         finally:
             self._prune_lock.release()

@@ -355,10 +355,20 @@ class SemToken:
             done = self._empty(chunks, counts, query, budget, started)
         return _Plan(chunks, query, counts, budget, overheads, conversation_id, done)
 
+    @contextlib.contextmanager
     def _session(self):
-        if self.batcher is None or self.batcher.closed:
-            return contextlib.nullcontext()
-        return self.batcher.session()
+        """The micro-batcher's session for one call, else None (no batcher, or closed: even while
+        this call was joining, when the call encodes on its own as every call after close() does)."""
+        batcher = self.batcher
+        with contextlib.ExitStack() as stack:
+            ticket = None
+            if batcher is not None and not batcher.closed:
+                try:
+                    ticket = stack.enter_context(batcher.session())
+                except RuntimeError:
+                    if not batcher.closed:
+                        raise
+            yield ticket
 
     def _prepare_batch(self, requests: list[tuple[list[str], str | None, Prepared]]) -> list[Prepared]:
         """The micro-batcher's batch function: one shared preparation for all queued calls."""

@@ -208,3 +208,48 @@ def test_conversation_memory_is_bounded_in_bytes(nobel):
         assert 0 < s.conversation_bytes <= bound
     assert 1 <= s.conversations < 6
     assert eng.memory.max_bytes == bound
+
+
+def test_replicas_pruning_one_directory_together_keep_90_percent(tmp_path):
+    """Two replicas that scan the shared directory at the same time and then prune: the files the first
+    deleted count as freed for the second, so together they stop at 90% of the bound, not at nothing."""
+    first = DirectoryStore(tmp_path / "shared", max_disk_bytes=None)
+    first.put_many([(f"{i:064x}", CacheEntry({"v": np.full(2000, i, dtype=np.int32)})) for i in range(40)])
+    files = sorted(first._scan())
+    total = sum(size for _, size, _ in files)
+    a = DirectoryStore(tmp_path / "shared", max_disk_bytes=total // 2)
+    b = DirectoryStore(tmp_path / "shared", max_disk_bytes=total // 2)
+    b._scan = lambda: list(files)  # (b scanned before a deleted anything, as a concurrent process does)
+    assert a.prune() > 0
+    b.prune()
+    left = sum(size for _, size, _ in first._scan())
+    biggest = max(size for _, size, _ in files)
+    assert int(total // 2 * 0.9) - biggest <= left <= total // 2
+
+
+def test_encoder_identity_follows_the_model_files_not_their_path(tiny_encoder, tmp_path):
+    """Cache keys name the model by its files' contents: a copy elsewhere shares fingerprints, new
+    weights of the same size in the same folder never reuse the old ones."""
+    from safetensors.torch import load_file, save_file
+
+    from semtoken_rag.encoder import Encoder
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_encoder, a)
+    shutil.copytree(tiny_encoder, b)
+    assert Encoder(str(a), device="cpu").identity == Encoder(str(b), device="cpu").identity
+    chunks = ["The first Nobel Prize in Physics went to Röntgen.", "Bananas are berries."]
+    store = tmp_path / "store"
+    SemToken(SemTokenConfig(encoder=str(a), device="cpu", store=str(store))).compress(chunks, "nobel")
+    other_path = SemToken(SemTokenConfig(encoder=str(b), device="cpu", store=str(store)))
+    assert other_path.compress(chunks, "nobel").cache_hits == 2
+    [weights] = b.glob("*.safetensors")
+    size = weights.stat().st_size
+    tensors = load_file(weights)
+    name = next(k for k, v in tensors.items() if v.ndim == 2)
+    tensors[name] = tensors[name].flip(0).contiguous()  # fine-tuned, say: same shapes, same file size
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert weights.stat().st_size == size
+    retrained = SemToken(SemTokenConfig(encoder=str(b), device="cpu", store=str(store)))
+    assert retrained.encoder.identity != other_path.encoder.identity
+    assert retrained.compress(chunks, "nobel").cache_hits == 0

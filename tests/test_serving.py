@@ -178,3 +178,19 @@ def test_closed_engine_still_compresses():
     eng.close()
     res = eng.compress(NOBEL[:2], "nobel prize", rate=0.3)
     assert res.compressed_tokens <= res.budget
+
+
+def test_close_between_the_check_and_the_session_is_not_an_error():
+    """close() landing after compress saw the batcher open, before it joined a session: the call
+    encodes on its own, as every call after close() does (was RuntimeError('MicroBatcher is closed'))."""
+    eng = SemToken(SemTokenConfig(device="cpu", batch_window_ms=5))
+    batcher, session = eng.batcher, eng.batcher.session
+
+    def closed_meanwhile():
+        batcher.close()
+        return session()
+
+    batcher.session = closed_meanwhile
+    res = eng.compress(NOBEL[:2], "nobel prize", rate=0.3)
+    assert batcher.closed and res.compressed_tokens <= res.budget
+    assert res.texts == SemToken(SemTokenConfig(device="cpu")).compress(NOBEL[:2], "nobel prize", rate=0.3).texts
