@@ -103,7 +103,11 @@ def main(argv=None) -> int:
     machine = machine_info()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = resolve_data_dir(args.data_dir)
+    try:
+        data_dir = resolve_data_dir(args.data_dir)
+    except FileNotFoundError as e:  # the benchmarks need the NQ file (../shared/data in the dev checkout)
+        print(f"[bench] error: {e}", file=sys.stderr)
+        return 2
     encoder.set_device(args.device)
     counter = TokenCounter("llama3")
     records = load_nq(args.n, "random", data_dir, start=args.start)

@@ -215,3 +215,11 @@ def test_paired_table_counts_discordant_questions_on_shared_indices():
     assert lines[2] == f"| rerank (n=6) | +3/−1 ({binomtest(3, 4).pvalue:.2g}) |"
     assert lines[3] == f"| slow (n=3) | +1/−2 ({binomtest(1, 3).pvalue:.2g}) |"
     assert paired_table({"config": {"budgets": [0.33]}, "methods": {}, "per_question": {}}) == ""
+
+
+def test_benchmark_without_the_data_is_one_line_and_status_2(tmp_path, capsys):
+    from benchmarks.cli import main
+
+    assert main(["--quick", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("[bench] error:") and NQ_FILE in err and err.count("\n") == 1
