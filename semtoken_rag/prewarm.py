@@ -124,13 +124,12 @@ def read_texts(path: str | os.PathLike[str], text_field: str = "text") -> Iterat
         raise CorpusError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); "
                          "choose it with --text-field")
     for piece in dataset.fragments:
-        try:
-            batches = list(piece.to_batches(columns=[text_field]))
+        try:  # (batch by batch: a fragment is never read whole)
+            for batch in piece.to_batches(columns=[text_field]):
+                for value in batch.column(0).to_pylist():
+                    yield _text({text_field: value}, text_field, f"{path}: column {text_field!r}")
         except pa.ArrowException as e:
             raise CorpusError(f"{piece.path}: not a readable Parquet file ({e})") from None
-        for batch in batches:
-            for value in batch.column(0).to_pylist():
-                yield _text({text_field: value}, text_field, f"{path}: column {text_field!r}")
 
 
 def _check_store(config: SemTokenConfig, ray: bool) -> None:

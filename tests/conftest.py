@@ -202,3 +202,17 @@ def array_eq_tokenizer() -> type:
         __hash__ = object.__hash__
 
     return Words
+
+
+def assert_engine_follows_settings(component: type, bad_rate: float) -> None:
+    """An integration's component (``component(device=, tokenizer=)``): a copy with another tokenizer,
+    or one assigned later, gets the engine of its own settings; assignments are validated."""
+    first = component(device="cpu", tokenizer="cl100k_base")
+    assert first.get_engine().config.tokenizer == "cl100k_base"
+    other = first.model_copy(update={"tokenizer": "o200k_base"})
+    assert other.get_engine().config.tokenizer == "o200k_base"
+    assert first.get_engine().config.tokenizer == "cl100k_base"
+    first.tokenizer = "o200k_base"
+    assert first.get_engine() is other.get_engine()
+    with pytest.raises(ValueError, match="rate"):
+        first.rate = bad_rate

@@ -11,6 +11,7 @@ import sys
 from importlib.resources import files
 
 import pytest
+from conftest import assert_engine_follows_settings
 
 pytest.importorskip("langchain_core")
 pytest.importorskip("langchain_classic")
@@ -399,15 +400,7 @@ def test_batch_and_abatch_go_through_the_micro_batcher(retriever, records, engin
 def test_the_engine_follows_the_settings_after_copy_or_assignment(engine):
     """A copy with other settings, or a field assigned later (validated), gets the engine of its own
     settings, not the one its original resolved first."""
-    first = SemTokenCompressor(device="cpu", tokenizer="cl100k_base")
-    assert first.get_engine().config.tokenizer == "cl100k_base"
-    other = first.model_copy(update={"tokenizer": "o200k_base"})
-    assert other.get_engine().config.tokenizer == "o200k_base"
-    assert first.get_engine().config.tokenizer == "cl100k_base"
-    first.tokenizer = "o200k_base"
-    assert first.get_engine() is other.get_engine()
-    with pytest.raises(ValueError, match="rate"):
-        first.rate = 1.5
+    assert_engine_follows_settings(SemTokenCompressor, bad_rate=1.5)
     mine = SemTokenCompressor(engine=engine)
     with pytest.raises(ValueError, match="either engine= or tokenizer="):
         mine.tokenizer = "llama3"

@@ -12,6 +12,7 @@ from importlib.resources import files
 from typing import Any
 
 import pytest
+from conftest import assert_engine_follows_settings
 
 pytest.importorskip("llama_index.core")
 pytest.importorskip("llama_index.embeddings.huggingface")
@@ -476,15 +477,7 @@ def test_a_budget_of_zero_keeps_no_text(engine, records, caplog):
 def test_the_engine_follows_the_settings_and_pickles_with_its_config(engine):
     import pickle
 
-    first = SemTokenNodePostprocessor(device="cpu", tokenizer="cl100k_base")
-    assert first.get_engine().config.tokenizer == "cl100k_base"
-    other = first.model_copy(update={"tokenizer": "o200k_base"})
-    assert other.get_engine().config.tokenizer == "o200k_base"
-    assert first.get_engine().config.tokenizer == "cl100k_base"
-    first.tokenizer = "o200k_base"
-    assert first.get_engine() is other.get_engine()
-    with pytest.raises(ValueError, match="rate"):
-        first.rate = 0.0
+    assert_engine_follows_settings(SemTokenNodePostprocessor, bad_rate=0.0)
     with pytest.raises(TypeError, match="engine must be a semtoken_rag.SemToken"):
         SemTokenNodePostprocessor(engine="x")
     own = SemToken(SemTokenConfig(tokenizer="cl100k_base", device="cpu"))

@@ -4,7 +4,7 @@ settings from LangChain's config (internal)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from langchain_core.callbacks import BaseCallbackManager
@@ -28,26 +28,27 @@ def plan(engine: SemToken, docs: list[Document], separator: str, rate: float | N
          conversation_id: str | None) -> dict[str, Any]:
     """Texts, per-document overheads (one separator per kept document but the first: charging every
     document but document 0 is never short) and the budget of one call."""
-    full = separator.join(d.page_content for d in docs)
     texts = [d.page_content for d in docs]
     overheads = [0] + [engine.count_tokens(separator)] * (len(docs) - 1)
-    return {"texts": texts, "overheads": overheads,
-            "budget": budget(engine, full, rate, target, sum(map(engine.count_tokens, texts)) + sum(overheads)),
-            "conversation_id": conversation_id, "context_tokens": engine.count_tokens(full)}
+    context = engine.count_tokens(separator.join(texts))
+    return {"texts": texts, "overheads": overheads, "conversation_id": conversation_id, "context_tokens": context,
+            "budget": budget(engine, context, rate, target,
+                             lambda: sum(map(engine.count_tokens, texts)) + sum(overheads))}
 
 
-def budget(engine: SemToken, full_context: str, rate: float | None, target: int | None, everything: int) -> int:
-    """``target`` (or the engine's ``target_tokens``), else ``floor(rate * tokens of full_context)``; a
-    rate of 1.0 keeps everything (``everything``: what the texts and overheads are charged, which can
-    pass the joined context's own count by a few tokens)."""
+def budget(engine: SemToken, context_tokens: int, rate: float | None, target: int | None,
+           everything: Callable[[], int]) -> int:
+    """``target`` (or the engine's ``target_tokens``), else ``floor(rate * context_tokens)``; a rate of
+    1.0 keeps everything (``everything()``: what the texts and overheads are charged, which can pass the
+    joined context's own count by a few tokens)."""
     cfg = engine.config
     if target is None and rate is None:
         target = cfg.target_tokens
     if target is not None:
         return int(target)
     rate = rate if rate is not None else cfg.rate
-    share = math.floor(rate * engine.count_tokens(full_context) + 1e-9)
-    return max(share, everything) if rate >= 1.0 else share
+    share = math.floor(rate * context_tokens + 1e-9)
+    return max(share, everything()) if rate >= 1.0 else share
 
 
 def run_callbacks(callbacks: Any) -> Any:
