@@ -84,8 +84,11 @@ class _RowBlockedLinear(torch.nn.Module):
     (1536 -> 384) a product of 64-320 rows sums each output in another order than one of 8,192, so a token's
     vector moved by up to 0.05 with the number of rows it was batched with, and compress_many differed from
     single calls. A product of a fixed shape rounds every row the same way, wherever it sits: the
-    fingerprints are again those of the chunk alone. (The other bfloat16 projections, 384 -> 384 and
-    384 -> 1536, gave the same rows for every count on this 2-thread CPU; float32 and CUDA are not changed.)
+    fingerprints are again those of the chunk alone. MKL's float32 products do the same below 16 rows and,
+    for the down-projection, at 57-192 rows (on this Xeon, and with its AVX-512 or AVX2 kernels forced):
+    about 280 of a chunk's float16 values changed with its batch, and query vectors with the batch they
+    rode in, so float32 on CPU is row-blocked too. (The other projections, 384 -> 384 and 384 -> 1536, gave
+    the same rows for every count of 16 or more, which a pass always has; CUDA is not changed.)
 
     ``tails``: smaller row counts whose products were found, when the layer was made, to round every row as
     a ``rows``-row product does (:func:`_same_rows`); the rows left after the full blocks go to the smallest
@@ -128,9 +131,10 @@ class _RowBlockedLinear(torch.nn.Module):
 
 
 # row counts tried for the tail of a row-blocked product (_RowBlockedLinear.tails), each kept only where its
-# products round every row as the full block's do. On the 2-core Xeon with AMX (1536 -> 384, bfloat16): 1, 8,
-# 16, 32 and 512 rows did, 48-256 did not
-_TAIL_ROWS = (32, 512)
+# products round every row as the full block's do. On the 2-core Xeon with AMX (1536 -> 384): in bfloat16, 1,
+# 8, 16, 32 and 512 rows did, 48-256 did not; in float32, 32, 256 and 512 did (64 and 128 not); with MKL's
+# AVX2 kernels forced, 64-512 did and 32 not (a query alone then takes a 64-row product)
+_TAIL_ROWS = (32, 64, 128, 256, 512)
 
 
 def _same_rows(linear: torch.nn.Linear, rows: int, tail: int, probe_rows: int = 1024) -> bool:
@@ -411,10 +415,10 @@ class Encoder:
         with _quiet_loading():
             self.model = AutoModel.from_pretrained(self.path, local_files_only=True, dtype=self.dtype)
         self.model.to(self.device).eval()
-        # bfloat16 on CPU: the down-projections run in products of a fixed row count, so that no
-        # fingerprint depends on what its chunk is batched with (see _RowBlockedLinear)
+        # on CPU (bfloat16 and float32) the down-projections run in products of a fixed row count, so that no
+        # fingerprint or query vector depends on what it is batched with (see _RowBlockedLinear)
         self.row_blocked = _row_block_down_projections(self.model) \
-            if self.device.type == "cpu" and self.dtype == torch.bfloat16 else 0
+            if self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float32) else 0
         model_max = int(getattr(self.model.config, "max_position_embeddings", max_length))
         self.max_length = min(max_length, model_max)
         self.window_overlap = min(window_overlap, (self.max_length - 2) // 2 - 1)

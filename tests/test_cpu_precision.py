@@ -99,10 +99,10 @@ def test_auto_dtype_on_cpu_follows_the_matrix_units(amx, monkeypatch, tiny_encod
     assert auto_dtype(torch.device("cuda")) == "float16"
     enc = Encoder(str(tiny_encoder), device="cpu", max_length=32, window_overlap=8)
     assert enc.dtype == (torch.bfloat16 if amx else torch.float32)
-    assert bool(enc.row_blocked) == amx and ("|rows-" in enc.identity) == amx
+    assert enc.row_blocked and "|rows-" in enc.identity  # (both CPU precisions, see below)
     assert next(enc.model.parameters()).dtype == enc.dtype
     pinned = Encoder(str(tiny_encoder), device="cpu", dtype="float32", max_length=32, window_overlap=8)
-    assert pinned.dtype == torch.float32 and not pinned.row_blocked
+    assert pinned.dtype == torch.float32 and pinned.row_blocked == enc.row_blocked
     assert (pinned.identity != enc.identity) == amx  # fingerprints of the two precisions are cached apart
 
 
@@ -112,12 +112,23 @@ def test_cpu_has_amx_is_a_bool_even_without_torch_support(monkeypatch):
     assert enc_mod.cpu_has_amx() is False
 
 
+def _same_results(a, b) -> bool:
+    """Two results alike in what they kept and why: texts, counts, relevances (unrounded) and every span's
+    status, entropy, relevance and score, bit for bit (not timings or cache counters)."""
+    def judged(r):
+        return [r.budget, r.compressed_tokens, r.overhead_tokens] + [
+            (c.text, c.compressed_tokens, c.kept_spans, c.relevance, [vars(s) for s in c.spans]) for c in r.chunks]
+    return judged(a) == judged(b)
+
+
 @pytest.mark.slow
-def test_bfloat16_fingerprints_do_not_depend_on_batch_composition():
-    """The real encoder in bfloat16 (on any CPU: slower without AMX, the same rounding rule): each text's
-    fingerprints alone equal its fingerprints in batches of any make-up, and compress_many equals single
-    calls."""
-    engine = SemToken(SemTokenConfig(device="cpu", dtype="bfloat16"))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cpu_fingerprints_do_not_depend_on_batch_composition(dtype):
+    """The real encoder on CPU in either precision (bfloat16 on any CPU: slower without AMX, the same
+    rounding rule): each text's fingerprints alone equal its fingerprints in batches of any make-up, a
+    query's vectors are the same alone, with others or riding in a chunk's row, and compress_many equals
+    single calls in every figure of every span."""
+    engine = SemToken(SemTokenConfig(device="cpu", dtype=dtype))
     assert engine.encoder.row_blocked == 6  # MiniLM: one down-projection a layer
     # texts of many lengths (16-170 tokens): batches of several widths and row counts
     texts = [*NOBEL, *(NOBEL[i] + " " + NOBEL[j] for i, j in [(0, 1), (2, 3), (1, 2)]),
@@ -128,8 +139,14 @@ def test_bfloat16_fingerprints_do_not_depend_on_batch_composition():
             batch = texts[k:k + size][::-1]
             for t, fp in zip(batch, engine.encoder.fingerprint(batch)):
                 assert torch.equal(fp.vectors, alone[texts.index(t)])
+    queries = ["who won the prize", "river in england", "when was the first nobel prize in physics awarded"]
+    own = [engine.encoder.embed_queries([q])[0] for q in queries]
+    for got in (engine.encoder.embed_queries(queries), engine.encoder.encode(texts, queries)[1],
+                engine.encoder.encode(texts[:2], queries[::-1])[1][::-1]):
+        for (pooled, tokens), (pooled1, tokens1) in zip(got, own):
+            assert torch.equal(pooled, pooled1) and torch.equal(tokens, tokens1)
     requests = [texts[:8], texts[4:12], texts[10:]]
-    queries = ["who won the prize", "river in england", None]
-    many = engine.compress_many(requests, queries, rate=0.4)
-    single = SemToken(SemTokenConfig(device="cpu", dtype="bfloat16"))
-    assert [r.texts for r in many] == [single.compress(c, q, rate=0.4).texts for c, q in zip(requests, queries)]
+    many = engine.compress_many(requests, [*queries[:2], None], rate=0.4)
+    single = SemToken(SemTokenConfig(device="cpu", dtype=dtype))
+    for r, c, q in zip(many, requests, [*queries[:2], None]):
+        assert _same_results(r, single.compress(c, q, rate=0.4))
