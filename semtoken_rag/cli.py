@@ -27,7 +27,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="torch device: cpu, cuda, cuda:1... (default: CUDA if present, else CPU)")
     engine_opts.add_argument("--cache-dir", default=None, type=Path,
                              help="directory persisting fingerprints across runs (default: memory only)")
+    add_encoder_options(engine_opts)
 
     p = sub.add_parser(
         "compress", parents=[engine_opts], help="compress chunks from files or stdin",
@@ -138,6 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- helpers -------------------------------------------------------------------------------------------
+def add_encoder_options(parser: argparse.ArgumentParser) -> None:
+    """``--encoder`` and ``--dtype``: what fingerprints (and so cache and store keys) depend on."""
+    parser.add_argument("--encoder", default=None,
+                        help="encoder model: all-MiniLM-L6-v2 (bundled, the default), a local model folder, or an "
+                             "installed package that ships one")
+    parser.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                        help="encoder precision (default auto: float16 on CUDA, bfloat16 on CPUs with AMX, else "
+                             "float32); fingerprints are stored per encoder and precision, so give the replicas'")
+
+
+def encoder_fields(args: argparse.Namespace) -> dict[str, Any]:
+    return {"encoder": args.encoder, "dtype": args.dtype}
+
+
 def _engine(config: SemTokenConfig) -> SemToken:
     """The registry's engine for ``config``; a device or tokenizer the engine rejects is a user error."""
     from .registry import shared_engine  # torch loads with the engine, not for --help or --version
@@ -153,7 +168,7 @@ def _config(args: argparse.Namespace, **extra) -> SemTokenConfig:
     """The options as a validated configuration; an invalid value is a user error naming it."""
     from .budget import BudgetTokenizer
 
-    fields = {"device": args.device, "cache_dir": args.cache_dir, **extra}
+    fields = {"device": args.device, "cache_dir": args.cache_dir, **encoder_fields(args), **extra}
     try:
         config = SemTokenConfig(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:

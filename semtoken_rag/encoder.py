@@ -41,7 +41,7 @@ _BUNDLED_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 # order (2026-11-23): 16 took 0.944x the time of 32 over 100 NQ passages (7 of 8 rounds faster), 0.983x
 # for a single cold call of 20 (24 of 40 faster) and 0.955x for compress_many of 8 (4 of 5 faster); 128 and
 # 512 are slower. The batch size changes no fingerprint (each width depends on its own length alone).
-# On an H100: 80k tokens/s at 32, 281k at 128, 746k at 512.
+# On an H100 (2026-11-23, benchmarks/results/gpu.md): raw forward 3.0M tokens/s at 32, 3.2M at 128, 3.9M at 512.
 DEFAULT_BATCH_SIZE = {False: 16, True: 512}
 
 

@@ -44,6 +44,56 @@ DEFAULT_CUDA_WINDOW_MS = 2.0  # micro-batching window on CUDA when config.batch_
 _MAX_SEGMENT_TOKENS = 96  # prose segments (<= 48 words) stay under it; it bounds runs without spaces
 
 
+# the settings an engine's encoder, fingerprint cache and query memo depend on: engines that agree on them
+# may share those (:class:`EncoderParts`; the registry's engines do), whatever their budget settings
+ENCODER_FIELDS = ("encoder", "device", "dtype", "max_length", "window_overlap", "batch_size", "show_progress_bar",
+                  "cuda_graphs", "cache_dir", "cache_max_bytes", "cache_max_disk_bytes", "store", "store_ttl_seconds",
+                  "store_timeout_seconds", "query_memo_max_bytes")
+
+
+@dataclass(frozen=True, eq=False)
+class EncoderParts:
+    """What an engine holds for its encoder: the loaded model, the fingerprint cache (memory, and
+    ``cache_dir`` or ``store``), the query memo and the preparer over them. Engines built with the same
+    parts share one model in memory, and a chunk one of them fingerprinted is a cache hit for all, while
+    each keeps its own tokenizer, scoring, analyses and conversations.
+
+    >>> from semtoken_rag import SemToken, SemTokenConfig
+    >>> parts = EncoderParts.build(SemTokenConfig(device="cpu"))
+    >>> a = SemToken(SemTokenConfig(device="cpu"), parts=parts)
+    >>> b = SemToken(SemTokenConfig(device="cpu", tokenizer="cl100k_base"), parts=parts)
+    >>> a.encoder is b.encoder and a.cache is b.cache
+    True
+    """
+
+    config: SemTokenConfig
+    encoder: Encoder
+    cache: LayeredCache
+    queries: ByteLRU
+    preparer: Preparer
+
+    @classmethod
+    def build(cls, config: SemTokenConfig) -> EncoderParts:
+        cfg = config
+        encoder = Encoder(cfg.encoder, device=cfg.device, dtype=cfg.dtype, max_length=cfg.max_length,
+                          window_overlap=cfg.window_overlap, batch_size=cfg.batch_size,
+                          show_progress_bar=cfg.show_progress_bar, cuda_graphs=cfg.cuda_graphs)
+        disk = None if cfg.cache_dir is None else DirectoryStore(
+            cfg.cache_dir, max_disk_bytes=cfg.cache_max_disk_bytes, fsync=False)
+        if cfg.store is not None:  # Redis or a directory, shared by replicas
+            disk = open_store(cfg.store, namespace=encoder.identity, ttl_seconds=cfg.store_ttl_seconds,
+                              timeout_seconds=cfg.store_timeout_seconds, max_disk_bytes=cfg.cache_max_disk_bytes)
+        cache = LayeredCache(MemoryStore(cfg.cache_max_bytes), disk)
+        # query -> ((q, q_tokens), bytes charged)
+        queries: ByteLRU[tuple[tuple[torch.Tensor, torch.Tensor], int]] = ByteLRU(
+            cfg.query_memo_max_bytes, sizeof=lambda item: item[1])
+        return cls(cfg, encoder, cache, queries, Preparer(encoder, cache, encoder.identity, queries))
+
+    def fits(self, config: SemTokenConfig) -> bool:
+        """Whether an engine with ``config`` may use these parts (the same :data:`ENCODER_FIELDS`)."""
+        return all(getattr(config, f) == getattr(self.config, f) for f in ENCODER_FIELDS)
+
+
 @dataclass
 class _Plan:
     """One checked request: its token counts and budget, or its finished result (internal)."""
@@ -113,21 +163,24 @@ class SemToken:
         True
     """
 
-    def __init__(self, config: SemTokenConfig | None = None, **overrides: Any) -> None:
+    def __init__(self, config: SemTokenConfig | None = None, *, parts: EncoderParts | None = None,
+                 **overrides: Any) -> None:
+        """``parts``: an encoder, fingerprint cache and query memo to share with other engines (see
+        :class:`EncoderParts`); they must have been built with this configuration's :data:`ENCODER_FIELDS`."""
         config = config or SemTokenConfig()
         # overrides are validated (model_copy alone would not)
         self.config = SemTokenConfig(**{**config.model_dump(), **overrides}) if overrides else config
         cfg = self.config
-        self.encoder = Encoder(cfg.encoder, device=cfg.device, dtype=cfg.dtype, max_length=cfg.max_length,
-                               window_overlap=cfg.window_overlap, batch_size=cfg.batch_size,
-                               show_progress_bar=cfg.show_progress_bar, cuda_graphs=cfg.cuda_graphs)
+        if parts is None:
+            parts = EncoderParts.build(cfg)
+        elif not isinstance(parts, EncoderParts):
+            raise TypeError(f"parts must be EncoderParts or None, got {type(parts).__name__}")
+        elif not parts.fits(cfg):
+            differ = [f for f in ENCODER_FIELDS if getattr(cfg, f) != getattr(parts.config, f)]
+            raise ValueError(f"parts were built with other encoder settings ({', '.join(differ)})")
+        self.parts = parts
+        self.encoder, self.cache, self._queries, self.preparer = parts.encoder, parts.cache, parts.queries, parts.preparer
         self.tokenizer = BudgetTokenizer(cfg.tokenizer)
-        disk = None if cfg.cache_dir is None else DirectoryStore(
-            cfg.cache_dir, max_disk_bytes=cfg.cache_max_disk_bytes, fsync=False)
-        if cfg.store is not None:  # Redis or a directory, shared by replicas
-            disk = open_store(cfg.store, namespace=self.encoder.identity, ttl_seconds=cfg.store_ttl_seconds,
-                              timeout_seconds=cfg.store_timeout_seconds, max_disk_bytes=cfg.cache_max_disk_bytes)
-        self.cache = LayeredCache(MemoryStore(cfg.cache_max_bytes), disk)
         self.repeat_search = choose_repeat_search(self.encoder.device)
         logger.info("semtoken-rag repeat search: %s", self.repeat_search)
         self.memory: ConversationMemory | DeviceConversationMemory
@@ -138,10 +191,6 @@ class SemToken:
             self.memory = ConversationMemory(max_spans=cfg.conversation_max_spans,
                                              max_bytes=cfg.conversation_max_bytes)
         self._namespace = self.encoder.identity
-        # query -> ((q, q_tokens), bytes charged)
-        self._queries: ByteLRU[tuple[tuple[torch.Tensor, torch.Tensor], int]] = ByteLRU(
-            cfg.query_memo_max_bytes, sizeof=lambda item: item[1])
-        self.preparer = Preparer(self.encoder, self.cache, self._namespace, self._queries)
         window = cfg.batch_window_ms if cfg.batch_window_ms is not None else \
             (DEFAULT_CUDA_WINDOW_MS if self.encoder.device.type == "cuda" else 0.0)
         self.batcher: MicroBatcher[tuple[list[str], str | None, Prepared], Prepared] | None = None
@@ -167,7 +216,7 @@ class SemToken:
     def cache_stats(self) -> CacheStats:
         """What the caches hold and saved: fingerprint hits, misses, bytes, bad entries, store errors,
         encoder seconds saved, and the conversations, query embeddings and per-chunk analyses remembered
-        (entries, bytes).
+        (entries, bytes). Fingerprint and query figures count every engine that shares :attr:`parts`.
 
         >>> from semtoken_rag import SemToken
         >>> engine = SemToken()
@@ -181,7 +230,8 @@ class SemToken:
 
     def clear_caches(self, *, disk: bool = False) -> None:
         """Forget the fingerprints held in memory, the query memo, the per-chunk analyses and every
-        conversation.
+        conversation (the fingerprints and query memo of every engine that shares this one's
+        :attr:`parts`, such as the registry's engines with the same encoder settings).
 
         Entries in ``cache_dir`` stay (other processes may share them) unless ``disk=True``. Counters
         in :meth:`cache_stats` keep counting.

@@ -26,7 +26,7 @@ def _seconds(value: str) -> float:
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``prewarm`` to the sub-command parsers ``sub`` of ``semtoken-rag``."""
-    from .cli import _positive_int  # the command's own argument type (cli is loaded when this runs)
+    from .cli import _positive_int, add_encoder_options  # (cli is loaded when this runs)
 
     p = sub.add_parser(
         "prewarm", help="fingerprint a corpus into a shared store (in-process or on Ray)",
@@ -46,6 +46,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="Ray actors (default: one per GPU, else one per 2 CPUs)")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="texts per batch (default 256)")
     p.add_argument("--device", default=None, help="torch device for in-process runs (default: CUDA if present)")
+    add_encoder_options(p)
     p.add_argument("--store-ttl", type=_seconds, default=None, metavar="SECONDS",
                    help="Redis entries expire this long after they are written (default: never)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -57,11 +58,12 @@ def run(args: argparse.Namespace) -> int:
     """Run ``semtoken-rag prewarm`` with parsed ``args``; prints the report, returns the exit status."""
     from pydantic import ValidationError
 
-    from .cli import PROG, CLIError, option_error
+    from .cli import PROG, CLIError, encoder_fields, option_error
     from .config import SemTokenConfig
     from .prewarm import CorpusError, prewarm_corpus
 
-    fields = {"store": args.store, "device": args.device, "store_ttl_seconds": args.store_ttl}
+    fields = {"store": args.store, "device": args.device, "store_ttl_seconds": args.store_ttl,
+              **encoder_fields(args)}
     try:
         config = SemTokenConfig(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:  # a bad option value is a user error
@@ -80,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(e).strip("'\"")) from None
     except CorpusError as e:
         raise CLIError(str(e)) from None
+    except ValueError as e:  # the engine's constructor names the setting it cannot use (--encoder, --device)
+        raise CLIError(f"cannot pre-warm {args.corpus}: {e}") from None
     except (ImportError, OSError) as e:
         raise CLIError(f"cannot pre-warm {args.corpus}: {e}") from None
     finally:

@@ -3,7 +3,10 @@
 Loading an engine costs seconds (torch, the encoder's weights) and each engine holds its own
 fingerprint cache, so components built with the same settings share one. The registry is keyed by
 the validated configuration; a configuration that cannot be serialised (a tokenizer object, a
-callable) is keyed by that object's identity.
+callable) is keyed by that object's identity. Engines whose settings differ only in what they do
+with fingerprints (budget tokenizer, weights, rate) share one encoder, fingerprint cache and query
+memo (:class:`semtoken_rag.engine.EncoderParts`): one model in memory, and a chunk that one of them
+(or a fingerprinter) encoded is a cache hit for all.
 
 >>> from semtoken_rag import SemTokenConfig
 >>> from semtoken_rag.registry import config_key
@@ -23,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 from .config import SemTokenConfig
 
 if TYPE_CHECKING:
-    from .engine import SemToken
+    from .engine import EncoderParts, SemToken
 
 _LOCK = threading.Lock()
 _ENGINES: dict[str, SemToken] = {}
+_PARTS: dict[str, EncoderParts] = {}
 
 
 def _default(value: Any) -> str:
@@ -36,9 +40,10 @@ def _default(value: Any) -> str:
     return f"<{type(value).__qualname__} at {id(value):#x}>"
 
 
-def config_key(config: SemTokenConfig) -> str:
-    """A stable key for ``config``: equal settings give equal keys."""
-    return json.dumps(config.model_dump(mode="python"), sort_keys=True, default=_default)
+def config_key(config: SemTokenConfig, fields: tuple[str, ...] | None = None) -> str:
+    """A stable key for ``config`` (or for its ``fields`` alone): equal settings give equal keys."""
+    values = config.model_dump(mode="python", include=set(fields) if fields is not None else None)
+    return json.dumps(values, sort_keys=True, default=_default)
 
 
 def shared_engine(config: SemTokenConfig | None = None) -> SemToken:
@@ -50,9 +55,13 @@ def shared_engine(config: SemTokenConfig | None = None) -> SemToken:
     with _LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
-            from .engine import SemToken  # torch loads here, not on import
+            from .engine import ENCODER_FIELDS, EncoderParts, SemToken  # torch loads here, not on import
 
-            engine = _ENGINES[key] = SemToken(config)
+            parts_key = config_key(config, ENCODER_FIELDS)
+            parts = _PARTS.get(parts_key)
+            if parts is None:
+                parts = _PARTS[parts_key] = EncoderParts.build(config)
+            engine = _ENGINES[key] = SemToken(config, parts=parts)
         return engine
 
 
@@ -66,3 +75,4 @@ def clear_registry() -> None:
     """Forget every shared engine (the next :func:`shared_engine` call builds a new one)."""
     with _LOCK:
         _ENGINES.clear()
+        _PARTS.clear()

@@ -289,6 +289,33 @@ def test_registry_shares_one_engine_per_configuration():
     clear_registry()
 
 
+def test_registry_engines_with_other_budget_settings_share_the_encoder_and_its_cache(tiny_encoder):
+    """Engines that differ in what they do with fingerprints (tokenizer, rate) share one model, fingerprint
+    cache and query memo: a chunk one of them encoded is a hit for the other. Other encoder settings do not."""
+    from semtoken_rag.engine import EncoderParts
+    from semtoken_rag.registry import clear_registry, shared_engine
+
+    clear_registry()
+    base = {"encoder": str(tiny_encoder), "device": "cpu", "max_length": 32, "window_overlap": 8}
+    a = shared_engine(SemTokenConfig(**base))
+    b = shared_engine(SemTokenConfig(**base, tokenizer="cl100k_base", rate=0.3))
+    assert a is not b and a.encoder is b.encoder and a.cache is b.cache and a.parts is b.parts
+    assert a.tokenizer is not b.tokenizer and a.analyses is not b.analyses and a.memory is not b.memory
+    chunks = ["Paris is the capital of France.", "Bananas are berries."]
+    a.compress(chunks, "capital of france", rate=0.5)
+    res = b.compress(chunks, "capital of france", rate=0.5)
+    assert res.cache_hits == 2 and res.encoder_calls == 0 and b.cache_stats().queries == 1
+    other = shared_engine(SemTokenConfig(**{**base, "max_length": 24}))
+    assert other.encoder is not a.encoder and other.cache is not a.cache
+    with pytest.raises(ValueError, match="max_length"):
+        SemToken(SemTokenConfig(**{**base, "max_length": 24}), parts=a.parts)
+    with pytest.raises(TypeError, match="EncoderParts"):
+        SemToken(SemTokenConfig(**base), parts="shared")
+    own = SemToken(SemTokenConfig(**base), parts=EncoderParts.build(SemTokenConfig(**base)))
+    assert own.encoder is not a.encoder  # (outside the registry, parts are shared only when given)
+    clear_registry()
+
+
 def test_chunk_overheads_are_paid_once_per_kept_chunk(engine, nobel):
     overheads = [7, 3, 0, 12]
     for target in (5, 20, 40, 60, 90, 150):

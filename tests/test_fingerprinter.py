@@ -118,3 +118,64 @@ def test_llamaindex_fingerprinter_returns_nodes_unchanged(redis_url, passages):
     assert SemTokenFingerprinter.class_name() == "SemTokenFingerprinter"
     with pytest.raises(TypeError, match="BaseNode"):
         fingerprinter(["a string"])
+
+
+def test_without_a_store_the_default_fingerprinter_reaches_components_with_other_budget_settings(passages):
+    """In one process, the registry's engines share fingerprints across budget settings: chunks pre-warmed by
+    a default fingerprinter are hits for a compressor with another tokenizer and for a postprocessor that
+    follows LlamaIndex's Settings.tokenizer."""
+    import llama_index.core
+    from langchain_core.documents import Document
+    from langchain_semtoken import SemTokenCompressor
+    from langchain_semtoken import SemTokenFingerprinter as LCFingerprinter
+    from llama_index.core import Settings
+    from llama_index.core.schema import NodeWithScore, TextNode
+    from llama_index.postprocessor.semtoken import SemTokenFingerprinter as LIFingerprinter
+    from llama_index.postprocessor.semtoken import SemTokenNodePostprocessor
+
+    from semtoken_rag.registry import clear_registry
+
+    clear_registry()
+    try:
+        docs = [Document(page_content=p["text"]) for p in passages[:6]]
+        LCFingerprinter().transform_documents(docs)
+        compressor = SemTokenCompressor(tokenizer="cl100k_base")
+        engine = compressor.get_engine()
+        assert engine.config.tokenizer == "cl100k_base"
+        before = engine.cache_stats()
+        assert compressor.compress_documents(docs, QUERY)
+        after = engine.cache_stats()
+        assert after.hits - before.hits == 6 and after.misses == before.misses
+
+        nodes = [TextNode(text=p["text"]) for p in passages[6:10]]
+        LIFingerprinter()(nodes)
+        held = llama_index.core.global_tokenizer
+        Settings.tokenizer = str.split
+        try:
+            post = SemTokenNodePostprocessor(rate=0.5)
+            engine = post.get_engine()
+            before = engine.cache_stats()
+            assert post.postprocess_nodes([NodeWithScore(node=n, score=1.0) for n in nodes], query_str=QUERY)
+            after = engine.cache_stats()
+            assert after.hits - before.hits == 4 and after.misses == before.misses
+        finally:
+            llama_index.core.global_tokenizer = held
+    finally:
+        clear_registry()
+
+
+def test_fingerprinters_validate_assignment_and_name_their_engine():
+    from langchain_semtoken import SemTokenFingerprinter as LCFingerprinter
+    from llama_index.postprocessor.semtoken import SemTokenFingerprinter as LIFingerprinter
+    from pydantic import ValidationError
+
+    from semtoken_rag.registry import shared_engine
+
+    for cls in (LCFingerprinter, LIFingerprinter):
+        fingerprinter = cls()
+        with pytest.raises(ValidationError, match="batch_size"):
+            fingerprinter.batch_size = 0
+        fingerprinter.batch_size = 8
+        assert fingerprinter.batch_size == 8
+        assert fingerprinter.get_engine() is shared_engine(None)
+    assert LIFingerprinter().engine is LIFingerprinter().get_engine()

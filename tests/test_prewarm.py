@@ -117,3 +117,18 @@ def test_cli_prewarm(tmp_path, redis_url, texts, capsys):
         assert "fault(s) of the store" in captured.err and "fingerprints may be missing" in captured.err
     with pytest.raises(SystemExit):
         main(["prewarm", str(corpus)])  # --store is required
+
+
+def test_cli_prewarm_for_replicas_with_a_pinned_precision(tmp_path, texts, capsys):
+    """Store keys depend on the encoder and its precision: --dtype pre-warms for replicas that pin one."""
+    corpus, store = _jsonl(tmp_path / "c.jsonl", texts[:3]), str(tmp_path / "store")
+    assert main(["prewarm", str(corpus), "--store", store, "--quiet", "--device", "cpu", "--dtype", "float32"]) == 0
+    for dtype, hits in (("float32", 3), ("bfloat16", 0)):
+        engine = SemToken(SemTokenConfig(device="cpu", store=store, dtype=dtype))
+        assert engine.compress(texts[:3], "a question", rate=0.5).cache_hits == hits
+    capsys.readouterr()
+    assert main(["prewarm", str(corpus), "--store", store, "--quiet", "--encoder", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot pre-warm" in err and "never downloads weights" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main(["prewarm", str(corpus), "--store", store, "--dtype", "float8"])

@@ -17,9 +17,9 @@ class SemTokenFingerprinter(BaseDocumentTransformer, BaseModel):
     """Store the fingerprints of documents as they are indexed; the documents come back unchanged.
 
     Use it on the chunks you are about to add to a vector store. Later, when a retriever returns those
-    chunks, :class:`~langchain_semtoken.SemTokenCompressor` finds their fingerprints (in the same
-    engine, or in a store shared by every replica, e.g. ``SemTokenConfig(store="redis://...")``) and
-    encodes only the query. What is fingerprinted is ``page_content``, the text the compressor gets.
+    chunks, :class:`~langchain_semtoken.SemTokenCompressor` finds their fingerprints (in this process,
+    from any registry engine with the same encoder settings, whatever its tokenizer or rate; across
+    replicas, in a shared store, e.g. ``SemTokenConfig(store="redis://...")``) and encodes only the query. What is fingerprinted is ``page_content``, the text the compressor gets.
 
     Returns the same ``Document`` objects, in order, untouched. Blank and repeated texts are skipped;
     fingerprints already stored are not recomputed.
@@ -36,7 +36,7 @@ class SemTokenFingerprinter(BaseDocumentTransformer, BaseModel):
         >>> # vector_store.add_documents(fingerprinter.transform_documents(docs))
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", validate_assignment=True)
 
     config: SemTokenConfig | None = Field(
         default=None, description="Engine configuration (its store is where fingerprints go); None: the "

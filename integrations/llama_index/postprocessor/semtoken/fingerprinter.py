@@ -8,7 +8,7 @@ import multiprocessing
 from collections.abc import Sequence
 from typing import Any
 
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
 from llama_index.core.schema import BaseNode, MetadataMode, TransformComponent
 
 from semtoken_rag import SemToken, SemTokenConfig
@@ -29,8 +29,9 @@ class SemTokenFingerprinter(TransformComponent):
     Put it last in an ``IngestionPipeline``'s transformations (after the splitter, so that the texts
     are the chunks the retriever will return). At query time
     :class:`~llama_index.postprocessor.semtoken.SemTokenNodePostprocessor` finds their fingerprints (in
-    the same engine, or in a store shared by every replica, e.g. ``SemTokenConfig(store="redis://...")``)
-    and encodes only the query. Nodes whose text is blank, repeated or already stored are not encoded.
+    this process, from any registry engine with the same encoder settings, whatever its tokenizer or rate;
+    across replicas, in a shared store, e.g. ``SemTokenConfig(store="redis://...")``) and encodes only the
+    query. Nodes whose text is blank, repeated or already stored are not encoded.
 
     With ``IngestionPipeline.run(num_workers=N)`` each worker process has its own engine: what it stores
     reaches the caller only through a shared store (``store=`` or ``cache_dir=`` in the config); without
@@ -45,6 +46,8 @@ class SemTokenFingerprinter(TransformComponent):
         >>> [n.text for n in pipeline.run(nodes=nodes)]
         ['The Eiffel Tower in Paris was completed in 1889.']
     """
+
+    model_config = ConfigDict(validate_assignment=True)
 
     config: SemTokenConfig | None = Field(
         default=None, description="Engine configuration (its store is where fingerprints go); None: the "
@@ -66,10 +69,14 @@ class SemTokenFingerprinter(TransformComponent):
     def class_name(cls) -> str:
         return "SemTokenFingerprinter"
 
+    def get_engine(self) -> SemToken:
+        """The engine whose cache and store are filled (as the postprocessor's ``get_engine()``)."""
+        return self._engine if self._engine is not None else shared_engine(self.config)
+
     @property
     def engine(self) -> SemToken:
-        """The engine whose cache and store are filled."""
-        return self._engine if self._engine is not None else shared_engine(self.config)
+        """The engine whose cache and store are filled (:meth:`get_engine`)."""
+        return self.get_engine()
 
     @property
     def last_encoded(self) -> int:
