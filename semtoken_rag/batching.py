@@ -15,7 +15,9 @@ Guarantees: every submitted item gets exactly one result or exception; results k
 identity (``fn`` must return one result per item, in order); when ``fn`` raises on a batch of
 several items, each item is retried alone so that the exception reaches only the caller whose item
 raised it; the wait before a batch starts is bounded by ``window_ms``; :meth:`MicroBatcher.close`
-serves what was queued, then stops the worker; a submit after close raises ``RuntimeError``.
+serves what was queued, then stops the worker; a submit after close raises ``RuntimeError``. In a
+child process made by ``fork`` (``gunicorn --preload``, ``multiprocessing``), whose copy has no worker
+thread, every batcher is closed: callers there do their work on their own instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -34,6 +38,24 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+_LIVE: weakref.WeakSet[MicroBatcher] = weakref.WeakSet()  # every batcher of this process (see _after_fork)
+
+
+def _after_fork() -> None:
+    """In a forked child: the batchers' worker threads were not copied, and their locks may have been
+    held by a thread that does not exist here. Each batcher gets fresh ones and is closed, with nothing
+    queued (its queue belonged to the parent's callers)."""
+    for batcher in list(_LIVE):
+        batcher._cond = threading.Condition()
+        batcher._queue = deque()
+        batcher._announced = 0
+        batcher._closed = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 class _Session:
@@ -95,6 +117,7 @@ class MicroBatcher(Generic[T, R]):
         self.items = 0  # items served
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
+        _LIVE.add(self)
 
     # -- callers ----------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -112,6 +135,11 @@ class MicroBatcher(Generic[T, R]):
             yield ticket
         finally:
             self._withdraw(ticket)
+
+    def leave(self, session: _Session | None) -> None:
+        """Withdraw ``session``'s announcement early: its caller will not submit (it found everything
+        it needed elsewhere), so no batch waits for it. Idempotent; also what leaving the block does."""
+        self._withdraw(session)
 
     def _withdraw(self, ticket: _Session | None) -> None:
         if ticket is not None and ticket.open:
@@ -156,6 +184,11 @@ class MicroBatcher(Generic[T, R]):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def announced(self) -> int:
+        """Open sessions that have neither submitted nor left: the callers a batch would wait for."""
+        return self._announced
 
     def __enter__(self) -> MicroBatcher[T, R]:
         return self

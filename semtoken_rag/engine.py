@@ -10,10 +10,11 @@ import logging
 import math
 import numbers
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ from .repeats import ConversationMemory, exact_repeats, faiss_gpu_available, fin
 from .results import CompressedChunk, CompressionResult, SpanList
 from .store import CacheStats, LayeredCache, MemoryStore
 from .store_url import open_store
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 logger = logging.getLogger(__name__)
 
@@ -195,8 +199,19 @@ class SemToken:
             (DEFAULT_CUDA_WINDOW_MS if self.encoder.device.type == "cuda" else 0.0)
         self.batcher: MicroBatcher[tuple[list[str], str | None, Prepared], Prepared] | None = None
         if window > 0:
-            self.batcher = MicroBatcher(self._prepare_batch, window_ms=window, max_batch=cfg.max_batch_requests,
+            # the worker thread holds the engine weakly: an engine nobody uses any more is collected, and
+            # its collection stops the worker (close() and ``with SemToken() as engine`` stop it at once)
+            prepare_batch = weakref.WeakMethod(self._prepare_batch)
+
+            def batch(requests):
+                fn = prepare_batch()
+                if fn is None:
+                    raise RuntimeError("the engine of this micro-batcher was garbage-collected")
+                return fn(requests)
+
+            self.batcher = MicroBatcher(batch, window_ms=window, max_batch=cfg.max_batch_requests,
                                         name="semtoken-encoder-batcher")
+            weakref.finalize(self, self.batcher.close)
         logger.info("semtoken-rag micro-batching of concurrent calls: %s",
                     f"on, window {window:g} ms" if self.batcher else "off")
         self._gap_cost = self.tokenizer.count("a" + cfg.gap_marker + "b") - self.tokenizer.count("a b")
@@ -246,9 +261,18 @@ class SemToken:
         return self.memory.forget(conversation_id)
 
     def close(self) -> None:
-        """Stop the micro-batching worker thread, if any (calls after this encode on their own)."""
+        """Stop the micro-batching worker thread, if any, and close the store's connections (calls after
+        this still work: they encode on their own, and the store reconnects). Idempotent; ``with
+        SemToken(...) as engine:`` closes on leaving the block."""
         if self.batcher is not None:
             self.batcher.close()
+        self.cache.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def compress_many(self, chunk_lists: Sequence[Sequence[str]], queries: Sequence[str | None], *,
                       rate: float | None = None, target_tokens: int | None = None,
@@ -433,6 +457,8 @@ class SemToken:
             query = None
         prepared = self.preparer.lookup(chunks, query)
         if prepared.covers(chunks, query):
+            if session is not None:  # nothing to submit: no concurrent call's batch may wait for this one
+                self.batcher.leave(session)
             return prepared
         if self.batcher is not None and not self.batcher.closed:
             try:

@@ -72,7 +72,11 @@ def registered_engines() -> list[SemToken]:
 
 
 def clear_registry() -> None:
-    """Forget every shared engine (the next :func:`shared_engine` call builds a new one)."""
+    """Forget every shared engine, closing it (:meth:`SemToken.close`: components that still hold one keep
+    working, encoding on their own); the next :func:`shared_engine` call builds a new one."""
     with _LOCK:
+        engines = list(_ENGINES.values())
         _ENGINES.clear()
         _PARTS.clear()
+    for engine in engines:
+        engine.close()

@@ -36,6 +36,23 @@ def test_second_replica_encodes_only_the_query(redis_url, nobel):
     assert c.cache_hits == len(nobel) and second.cache_stats().disk_hits == len(nobel)
 
 
+def test_close_releases_the_connections_and_a_later_call_reconnects(redis_url, nobel):
+    import redis
+
+    monitor = redis.Redis.from_url(redis_url)
+    writer = _replica(redis_url)
+    writer.compress(nobel[:2], QUERY, rate=0.4)
+    before = len(monitor.client_list())
+    with _replica(redis_url) as reader:
+        assert reader.compress(nobel[:2], QUERY, rate=0.4).cache_hits == 2
+        assert len(monitor.client_list()) > before  # the reader's connection
+    assert len(monitor.client_list()) == before
+    writer.compress(nobel[2:], QUERY, rate=0.4)
+    reader.clear_caches()  # (memory only: the next hits come from Redis)
+    res = reader.compress(nobel, QUERY, rate=0.4)
+    assert res.cache_hits == len(nobel) and reader.cache_stats().store_errors == 0
+
+
 def test_redis_killed_mid_run_never_fails_nor_changes_output(redis_restartable, engine, nobel):
     reference = [_out(engine.compress(nobel[i:] + nobel[:i], QUERY, rate=0.4)) for i in range(4)]
     replica = _replica(redis_restartable.url, cache_max_bytes=0, store_timeout_seconds=0.05)

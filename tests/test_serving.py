@@ -194,3 +194,81 @@ def test_close_between_the_check_and_the_session_is_not_an_error():
     res = eng.compress(NOBEL[:2], "nobel prize", rate=0.3)
     assert batcher.closed and res.compressed_tokens <= res.budget
     assert res.texts == SemToken(SemTokenConfig(device="cpu")).compress(NOBEL[:2], "nobel prize", rate=0.3).texts
+
+
+def test_a_call_served_from_the_cache_does_not_hold_up_other_callers(fresh, monkeypatch):
+    """A call whose chunks and query are all cached submits nothing: it leaves its session before its own
+    pipeline runs, so a concurrent cold call's batch does not wait out the window for it (it did: 0.66 s
+    against 0.16 s with a 500 ms window and three cached callers)."""
+    chunks = [f"Cached {c}" for c in NOBEL]
+    fresh.compress(chunks, QUERIES[0], rate=0.3)  # now cached
+    seen = []
+    real = fresh._compress
+
+    def pipeline(*args, **kwargs):
+        seen.append(fresh.batcher.announced)  # open sessions that have not submitted, while it runs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fresh, "_compress", pipeline)
+    cached = fresh.compress(chunks, QUERIES[0], rate=0.3)
+    cold = fresh.compress([f"Cold {c}" for c in NOBEL], QUERIES[1], rate=0.3)
+    assert seen == [0, 0] and cached.encoder_calls == 0 and cold.encoder_calls > 0
+
+
+def test_an_engine_nobody_holds_is_collected_and_its_worker_stops():
+    """The micro-batcher's worker thread holds its engine weakly (a dropped engine kept its model, caches
+    and thread alive for good)."""
+    import gc
+    import weakref
+
+    eng = SemToken(SemTokenConfig(device="cpu", batch_window_ms=5))
+    assert eng.compress(NOBEL[:2], "nobel prize", rate=0.3).encoder_calls > 0  # the worker served it
+    worker, ref = eng.batcher._worker, weakref.ref(eng)
+    del eng
+    gc.collect()
+    assert ref() is None
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+
+
+def test_with_block_closes_the_engine_and_the_registry_closes_what_it_forgets():
+    from semtoken_rag.registry import clear_registry, shared_engine
+
+    with SemToken(SemTokenConfig(device="cpu", batch_window_ms=5)) as eng:
+        first = eng.compress(NOBEL[:2], "nobel prize", rate=0.3)
+        assert not eng.batcher.closed
+    assert eng.batcher.closed
+    assert eng.compress(NOBEL[:2], "nobel prize", rate=0.3).texts == first.texts  # still serves, on its own
+    clear_registry()
+    shared = shared_engine(SemTokenConfig(device="cpu", batch_window_ms=5))
+    clear_registry()
+    assert shared.batcher.closed and shared_engine(SemTokenConfig(device="cpu", batch_window_ms=5)) is not shared
+    clear_registry()
+
+
+def _forked_child(engine, chunks, out):  # (module level: the fork context runs it in the child)
+    import torch
+
+    torch.set_num_threads(1)  # (torch's own thread pool does not survive a fork: the usual first step)
+    out.put(engine.compress(chunks, "nobel prize", rate=0.3).texts)
+
+
+def test_a_forked_child_compresses_on_its_own():
+    """gunicorn --preload / multiprocessing with fork: the child has no batcher worker thread, so its
+    batcher is closed there and its calls encode on their own (they waited forever)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    eng = SemToken(SemTokenConfig(device="cpu", batch_window_ms=5))
+    eng.compress(NOBEL[:1], "nobel prize", rate=0.3)
+    chunks = [f"Forked {c}" for c in NOBEL[1:3]]
+    out = ctx.Queue()
+    child = ctx.Process(target=_forked_child, args=(eng, chunks, out))
+    child.start()
+    child.join(timeout=240)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0
+    assert out.get(timeout=10) == SemToken(SemTokenConfig(device="cpu")).compress(chunks, "nobel prize", rate=0.3).texts
+    assert not eng.batcher.closed  # (the parent's batcher is untouched)
+    eng.close()
