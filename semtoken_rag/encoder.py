@@ -90,18 +90,25 @@ class _RowBlockedLinear(torch.nn.Module):
     rode in, so float32 on CPU is row-blocked too. (The other projections, 384 -> 384 and 384 -> 1536, gave
     the same rows for every count of 16 or more, which a pass always has; CUDA is not changed.)
 
-    ``tails``: smaller row counts whose products were found, when the layer was made, to round every row as
-    a ``rows``-row product does (:func:`_same_rows`); the rows left after the full blocks go to the smallest
-    of them that holds them. A query (one row of 32 tokens) then costs a 32-row product, not a 1024-row one:
-    8.6 ms against 30.5 for one query's pass on the 2-core Xeon, the same vectors bit for bit. Full blocks
-    are computed on the input in place; only the tail is copied (padded).
+    ``tails``: smaller row counts whose products round every row as a ``rows``-row product does
+    (:func:`_same_rows`): fixed, or a :class:`_Tails` that probes them for each torch thread count (the
+    kernels split products by thread count too: tails found at 1 thread rounded otherwise at 2). The rows
+    left after the full blocks go to the smallest of them that holds them. A query (one row of 32 tokens)
+    then costs a 32-row product, not a 1024-row one: 8.6 ms against 30.5 for one query's pass on the 2-core
+    Xeon, the same vectors bit for bit. Full blocks are computed on the input in place; only the tail is
+    copied (padded).
     """
 
-    def __init__(self, linear: torch.nn.Linear, rows: int, tails: tuple[int, ...] = ()) -> None:
+    def __init__(self, linear: torch.nn.Linear, rows: int, tails: tuple[int, ...] | _Tails = ()) -> None:
         super().__init__()
         self.weight, self.bias, self.rows = linear.weight, linear.bias, rows
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.tails = tuple(sorted(t for t in tails if 0 < t < rows))
+        self._tails = tails if isinstance(tails, _Tails) else tuple(sorted(t for t in tails if 0 < t < rows))
+
+    @property
+    def tails(self) -> tuple[int, ...]:
+        """The tail sizes in use (at the current torch thread count, when probed)."""
+        return self._tails.get() if isinstance(self._tails, _Tails) else self._tails
 
     def _product(self, x: torch.Tensor, out: torch.Tensor) -> None:
         wt = self.weight.detach().t()  # (a frozen encoder: out= products take no autograd)
@@ -137,6 +144,33 @@ class _RowBlockedLinear(torch.nn.Module):
 _TAIL_ROWS = (32, 64, 128, 256, 512)
 
 
+class _Tails:
+    """The ``candidates`` whose products round every row of ``linear`` as a ``rows``-row product does, for
+    each torch thread count: probed (:func:`_same_rows`, about 30 ms for MiniLM's down-projection) the
+    first time a pass runs at that count, then remembered. Shared by the layers of one shape."""
+
+    def __init__(self, linear: torch.nn.Linear, rows: int, candidates: tuple[int, ...]) -> None:
+        self.linear, self.rows = linear, rows
+        self.candidates = tuple(sorted(t for t in candidates if 0 < t < rows))
+        self.by_threads: dict[int, tuple[int, ...]] = {}
+        self._lock = threading.Lock()
+
+    def get(self) -> tuple[int, ...]:
+        threads = torch.get_num_threads()
+        found = self.by_threads.get(threads)
+        if found is None:
+            with self._lock:
+                found = self.by_threads.get(threads)
+                if found is None:
+                    with torch.inference_mode():
+                        found = tuple(t for t in self.candidates if _same_rows(self.linear, self.rows, t))
+                    self.by_threads[threads] = found
+                    logger.debug("row-blocked %s -> %s (%s), %d threads: tails of %s rows round as %d-row "
+                                 "products", self.linear.in_features, self.linear.out_features,
+                                 self.linear.weight.dtype, threads, found, self.rows)
+        return found
+
+
 def _same_rows(linear: torch.nn.Linear, rows: int, tail: int, probe_rows: int = 1024) -> bool:
     """Whether products of ``tail`` rows give every row the same bits as products of ``rows`` rows, on
     random inputs in the layer's dtype (a kernel that sums in another order shows on a few percent of rows)."""
@@ -150,18 +184,17 @@ def _same_rows(linear: torch.nn.Linear, rows: int, tail: int, probe_rows: int = 
 def _row_block_down_projections(model: torch.nn.Module, rows: int = _ROW_BLOCK,
                                 tails: tuple[int, ...] = _TAIL_ROWS) -> int:
     """Replace every linear layer that narrows (more inputs than outputs) by a :class:`_RowBlockedLinear`
-    (with the ``tails`` found to round as full blocks do, probed once per layer shape); returns how many
-    were replaced."""
+    (with the ``tails`` found to round as full blocks do, probed per layer shape and thread count, now for
+    the current one); returns how many were replaced."""
     done = 0
-    agreed: dict[tuple[int, int, torch.dtype], tuple[int, ...]] = {}
+    agreed: dict[tuple[int, int, torch.dtype], _Tails] = {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear and child.in_features > child.out_features:
                 shape = (child.in_features, child.out_features, child.weight.dtype)
                 if shape not in agreed:
-                    with torch.inference_mode():
-                        agreed[shape] = tuple(t for t in tails if t < rows and _same_rows(child, rows, t))
-                    logger.debug("row-blocked %s: tails of %s rows round as %d-row products", shape, agreed[shape], rows)
+                    agreed[shape] = _Tails(child, rows, tails)
+                    agreed[shape].get()
                 setattr(parent, name, _RowBlockedLinear(child, rows, agreed[shape]))
                 done += 1
     return done

@@ -9,6 +9,7 @@ import functools
 import logging
 import math
 import numbers
+import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
@@ -28,7 +29,7 @@ from .budget import BudgetTokenizer, select_under_budget
 from .config import SemTokenConfig
 from .device_search import DeviceConversationMemory, find_repeats_torch
 from .diskstore import DirectoryStore
-from .encoder import Encoder, Fingerprints
+from .encoder import Encoder, Fingerprints, auto_dtype
 from .fileformat import CacheEntry
 from .keys import cache_key
 from .lru import ByteLRU
@@ -55,12 +56,28 @@ ENCODER_FIELDS = ("encoder", "device", "dtype", "max_length", "window_overlap", 
                   "store_timeout_seconds", "query_memo_max_bytes")
 
 
-@dataclass(frozen=True, eq=False)
+def encoder_settings(config: SemTokenConfig) -> dict[str, Any]:
+    """The :data:`ENCODER_FIELDS` of ``config`` as the encoder resolves them: ``device=None`` is the device
+    it picks, ``dtype="auto"`` the precision it picks there (so that equivalent settings compare equal)."""
+    values = {f: getattr(config, f) for f in ENCODER_FIELDS}
+    device = values["device"] if values["device"] is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:  # (the encoder names a bad device when it is built)
+        return values
+    values["device"] = str(resolved)
+    if values["dtype"] == "auto":
+        values["dtype"] = auto_dtype(resolved)
+    return values
+
+
+@dataclass(eq=False)
 class EncoderParts:
     """What an engine holds for its encoder: the loaded model, the fingerprint cache (memory, and
     ``cache_dir`` or ``store``), the query memo and the preparer over them. Engines built with the same
     parts share one model in memory, and a chunk one of them fingerprinted is a cache hit for all, while
-    each keeps its own tokenizer, scoring, analyses and conversations.
+    each keeps its own tokenizer, scoring, analyses and conversations. The store's connections are
+    closed when the last engine using the parts is closed.
 
     >>> from semtoken_rag import SemToken, SemTokenConfig
     >>> parts = EncoderParts.build(SemTokenConfig(device="cpu"))
@@ -75,6 +92,8 @@ class EncoderParts:
     cache: LayeredCache
     queries: ByteLRU
     preparer: Preparer
+    users: int = 0  # engines using these parts that are not closed
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def build(cls, config: SemTokenConfig) -> EncoderParts:
@@ -94,8 +113,22 @@ class EncoderParts:
         return cls(cfg, encoder, cache, queries, Preparer(encoder, cache, encoder.identity, queries))
 
     def fits(self, config: SemTokenConfig) -> bool:
-        """Whether an engine with ``config`` may use these parts (the same :data:`ENCODER_FIELDS`)."""
-        return all(getattr(config, f) == getattr(self.config, f) for f in ENCODER_FIELDS)
+        """Whether an engine with ``config`` may use these parts (the same :func:`encoder_settings`)."""
+        return encoder_settings(config) == encoder_settings(self.config)
+
+    def acquire(self) -> None:
+        """One more engine uses these parts."""
+        with self._lock:
+            self.users += 1
+
+    def release(self) -> None:
+        """An engine using these parts was closed; the last one closes the store's connections (a later
+        call through them reconnects)."""
+        with self._lock:
+            self.users -= 1
+            last = self.users <= 0
+        if last:
+            self.cache.close()
 
 
 @dataclass
@@ -180,9 +213,11 @@ class SemToken:
         elif not isinstance(parts, EncoderParts):
             raise TypeError(f"parts must be EncoderParts or None, got {type(parts).__name__}")
         elif not parts.fits(cfg):
-            differ = [f for f in ENCODER_FIELDS if getattr(cfg, f) != getattr(parts.config, f)]
+            mine, theirs = encoder_settings(cfg), encoder_settings(parts.config)
+            differ = [f for f in ENCODER_FIELDS if mine[f] != theirs[f]]
             raise ValueError(f"parts were built with other encoder settings ({', '.join(differ)})")
         self.parts = parts
+        self._closed = True  # (until the end: an engine that failed to build holds no share of the parts)
         self.encoder, self.cache, self._queries, self.preparer = parts.encoder, parts.cache, parts.queries, parts.preparer
         self.tokenizer = BudgetTokenizer(cfg.tokenizer)
         self.repeat_search = choose_repeat_search(self.encoder.device)
@@ -220,6 +255,8 @@ class SemToken:
         self.analyses = an.AnalysisMemo(cfg.analysis_memo_max_bytes)
         self._spec = an.AnalysisSpec(self.tokenizer, self._protect, cfg.max_segment_units, _MAX_SEGMENT_TOKENS,
                                      cfg.tau, cfg.max_span_units, self._namespace, cfg.language)
+        parts.acquire()
+        self._closed = False
 
     # -- public API -----------------------------------------------------------------------------
     def count_tokens(self, text: str) -> int:
@@ -261,12 +298,20 @@ class SemToken:
         return self.memory.forget(conversation_id)
 
     def close(self) -> None:
-        """Stop the micro-batching worker thread, if any, and close the store's connections (calls after
-        this still work: they encode on their own, and the store reconnects). Idempotent; ``with
-        SemToken(...) as engine:`` closes on leaving the block."""
+        """Stop the micro-batching worker thread, if any, and close the store's connections unless another
+        open engine shares them (:class:`EncoderParts`). Calls after this still work: they encode on their
+        own, and the store reconnects. Idempotent; ``with SemToken(...) as engine:`` closes on leaving."""
         if self.batcher is not None:
             self.batcher.close()
-        self.cache.close()
+        with self.parts._lock:
+            was_open, self._closed = not self._closed, True
+        if was_open:  # (the store closes with the last engine of its parts: others may be mid-call)
+            self.parts.release()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (the engine still serves, encoding on its own)."""
+        return self._closed
 
     def __enter__(self) -> Self:
         return self

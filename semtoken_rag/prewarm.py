@@ -159,6 +159,9 @@ def prewarm_corpus(path: str | os.PathLike[str], config: SemTokenConfig, *, text
     _check_store(config, use_ray)
     started = time.perf_counter()
     if use_ray:
+        from .encoder import resolve_model_path
+
+        resolve_model_path(config.encoder)  # here, not in every actor: a bad encoder is one clear ValueError
         passages, encoded, errors = _on_ray(path, config, text_field, ray_address, actors, batch_size, progress)
     else:
         passages, encoded, errors = _in_process(path, config, text_field, batch_size, progress)

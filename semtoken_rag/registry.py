@@ -40,10 +40,9 @@ def _default(value: Any) -> str:
     return f"<{type(value).__qualname__} at {id(value):#x}>"
 
 
-def config_key(config: SemTokenConfig, fields: tuple[str, ...] | None = None) -> str:
-    """A stable key for ``config`` (or for its ``fields`` alone): equal settings give equal keys."""
-    values = config.model_dump(mode="python", include=set(fields) if fields is not None else None)
-    return json.dumps(values, sort_keys=True, default=_default)
+def config_key(config: SemTokenConfig) -> str:
+    """A stable key for ``config``: equal settings give equal keys."""
+    return json.dumps(config.model_dump(mode="python"), sort_keys=True, default=_default)
 
 
 def shared_engine(config: SemTokenConfig | None = None) -> SemToken:
@@ -54,10 +53,10 @@ def shared_engine(config: SemTokenConfig | None = None) -> SemToken:
     key = config_key(config)
     with _LOCK:
         engine = _ENGINES.get(key)
-        if engine is None:
-            from .engine import ENCODER_FIELDS, EncoderParts, SemToken  # torch loads here, not on import
+        if engine is None or engine.closed:  # (one closed by its user: a new one, with micro-batching)
+            from .engine import EncoderParts, SemToken, encoder_settings  # torch loads here, not on import
 
-            parts_key = config_key(config, ENCODER_FIELDS)
+            parts_key = json.dumps(encoder_settings(config), sort_keys=True, default=_default)
             parts = _PARTS.get(parts_key)
             if parts is None:
                 parts = _PARTS[parts_key] = EncoderParts.build(config)

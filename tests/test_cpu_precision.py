@@ -130,23 +130,46 @@ def test_cpu_fingerprints_do_not_depend_on_batch_composition(dtype):
     single calls in every figure of every span."""
     engine = SemToken(SemTokenConfig(device="cpu", dtype=dtype))
     assert engine.encoder.row_blocked == 6  # MiniLM: one down-projection a layer
-    # texts of many lengths (16-170 tokens): batches of several widths and row counts
-    texts = [*NOBEL, *(NOBEL[i] + " " + NOBEL[j] for i, j in [(0, 1), (2, 3), (1, 2)]),
-             *(t[:n] for t in NOBEL[:2] for n in (40, 120, 250)), "Short one.", "Two words"]
+    _assert_independent_of_batches(engine)
+    requests = [_TEXTS[:8], _TEXTS[4:12], _TEXTS[10:]]
+    many = engine.compress_many(requests, [*_QUERIES[:2], None], rate=0.4)
+    single = SemToken(SemTokenConfig(device="cpu", dtype=dtype))
+    for r, c, q in zip(many, requests, [*_QUERIES[:2], None]):
+        assert _same_results(r, single.compress(c, q, rate=0.4))
+
+
+@pytest.mark.slow
+def test_row_blocking_follows_the_torch_thread_count():
+    """Tails are probed per thread count: an engine loaded at 1 thread and run at 2 stays independent of its
+    batches (the tails found at 1 thread, 64 and 128 rows among them, rounded otherwise at 2)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        engine = SemToken(SemTokenConfig(device="cpu", dtype="float32"))
+        torch.set_num_threads(2)
+        _assert_independent_of_batches(engine)
+        layer = next(m for m in engine.encoder.model.modules() if isinstance(m, _RowBlockedLinear))
+        assert set(layer._tails.by_threads) == {1, 2}
+    finally:
+        torch.set_num_threads(threads)
+
+
+# texts of many lengths (16-170 tokens): batches of several widths and row counts
+_TEXTS = [*NOBEL, *(NOBEL[i] + " " + NOBEL[j] for i, j in [(0, 1), (2, 3), (1, 2)]),
+          *(t[:n] for t in NOBEL[:2] for n in (40, 120, 250)), "Short one.", "Two words"]
+_QUERIES = ["who won the prize", "river in england", "when was the first nobel prize in physics awarded"]
+
+
+def _assert_independent_of_batches(engine) -> None:
+    texts, queries = _TEXTS, _QUERIES
     alone = [engine.encoder.fingerprint([t])[0].vectors for t in texts]
     for size in (3, 7, len(texts)):
         for k in range(0, len(texts), size):
             batch = texts[k:k + size][::-1]
             for t, fp in zip(batch, engine.encoder.fingerprint(batch)):
                 assert torch.equal(fp.vectors, alone[texts.index(t)])
-    queries = ["who won the prize", "river in england", "when was the first nobel prize in physics awarded"]
     own = [engine.encoder.embed_queries([q])[0] for q in queries]
     for got in (engine.encoder.embed_queries(queries), engine.encoder.encode(texts, queries)[1],
                 engine.encoder.encode(texts[:2], queries[::-1])[1][::-1]):
         for (pooled, tokens), (pooled1, tokens1) in zip(got, own):
             assert torch.equal(pooled, pooled1) and torch.equal(tokens, tokens1)
-    requests = [texts[:8], texts[4:12], texts[10:]]
-    many = engine.compress_many(requests, [*queries[:2], None], rate=0.4)
-    single = SemToken(SemTokenConfig(device="cpu", dtype=dtype))
-    for r, c, q in zip(many, requests, [*queries[:2], None]):
-        assert _same_results(r, single.compress(c, q, rate=0.4))

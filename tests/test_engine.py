@@ -313,6 +313,19 @@ def test_registry_engines_with_other_budget_settings_share_the_encoder_and_its_c
         SemToken(SemTokenConfig(**base), parts="shared")
     own = SemToken(SemTokenConfig(**base), parts=EncoderParts.build(SemTokenConfig(**base)))
     assert own.encoder is not a.encoder  # (outside the registry, parts are shared only when given)
+    # settings the encoder resolves alike share: dtype "auto" and the precision it picks here, and (on a
+    # machine without CUDA) device None and "cpu"
+    from semtoken_rag.encoder import auto_dtype
+
+    picked = shared_engine(SemTokenConfig(**base, dtype=auto_dtype(torch.device("cpu")), rate=0.4))
+    assert picked.parts is a.parts
+    if not torch.cuda.is_available():
+        assert shared_engine(SemTokenConfig(**{**base, "device": None}, rate=0.45)).parts is a.parts
+    # an engine closed by its user is not handed out again (a new one, same parts)
+    with shared_engine(SemTokenConfig(**base, rate=0.35)) as closed:
+        pass
+    again = shared_engine(SemTokenConfig(**base, rate=0.35))
+    assert closed.closed and again is not closed and not again.closed and again.parts is a.parts
     clear_registry()
 
 

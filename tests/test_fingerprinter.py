@@ -179,3 +179,14 @@ def test_fingerprinters_validate_assignment_and_name_their_engine():
         assert fingerprinter.batch_size == 8
         assert fingerprinter.get_engine() is shared_engine(None)
     assert LIFingerprinter().engine is LIFingerprinter().get_engine()
+    # an assignment that breaks "engine= or config=, not both" is refused, and is not half-made
+    engine = shared_engine(None)
+    lc = LCFingerprinter(config=SemTokenConfig())
+    with pytest.raises(ValidationError, match="not both"):
+        lc.engine = engine
+    with pytest.raises(ValueError, match="not both"):
+        lc.get_engine()  # (pydantic set the field before its check failed: the fingerprinter says so)
+    li = LIFingerprinter(engine=engine)
+    li.config = SemTokenConfig()
+    with pytest.raises(ValueError, match="not both"):
+        li.get_engine()

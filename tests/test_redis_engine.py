@@ -53,6 +53,30 @@ def test_close_releases_the_connections_and_a_later_call_reconnects(redis_url, n
     assert res.cache_hits == len(nobel) and reader.cache_stats().store_errors == 0
 
 
+def test_closing_one_of_the_engines_sharing_a_store_leaves_the_others_connected(redis_url, nobel):
+    """Registry engines that differ in their tokenizer share one store: closing one (or leaving its with
+    block) must not cut the others' connections mid-call; the last one closes them."""
+    import redis
+
+    from semtoken_rag.registry import clear_registry, shared_engine
+
+    clear_registry()
+    monitor = redis.Redis.from_url(redis_url)
+    a = shared_engine(SemTokenConfig(device="cpu", store=redis_url))
+    b = shared_engine(SemTokenConfig(device="cpu", store=redis_url, tokenizer="cl100k_base"))
+    assert a.cache is b.cache and a.parts.users == 2
+    a.compress(nobel, QUERY, rate=0.4)
+    before = len(monitor.client_list())
+    a.close()
+    a.close()  # (idempotent: one engine releases its share once)
+    assert len(monitor.client_list()) == before and b.parts.users == 1
+    b.clear_caches()
+    assert b.compress(nobel, QUERY, rate=0.4).cache_hits == len(nobel) and b.cache_stats().store_errors == 0
+    b.close()
+    assert len(monitor.client_list()) < before
+    clear_registry()
+
+
 def test_redis_killed_mid_run_never_fails_nor_changes_output(redis_restartable, engine, nobel):
     reference = [_out(engine.compress(nobel[i:] + nobel[:i], QUERY, rate=0.4)) for i in range(4)]
     replica = _replica(redis_restartable.url, cache_max_bytes=0, store_timeout_seconds=0.05)

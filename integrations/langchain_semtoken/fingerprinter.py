@@ -55,6 +55,7 @@ class SemTokenFingerprinter(BaseDocumentTransformer, BaseModel):
 
     def get_engine(self) -> SemToken:
         """The engine whose cache and store are filled."""
+        self._one_engine_source()  # (again: an assignment that failed validation has already been made)
         return self.engine if self.engine is not None else shared_engine(self.config)
 
     @property

@@ -71,6 +71,8 @@ class SemTokenFingerprinter(TransformComponent):
 
     def get_engine(self) -> SemToken:
         """The engine whose cache and store are filled (as the postprocessor's ``get_engine()``)."""
+        if self._engine is not None and self.config is not None:  # (config assigned after engine= was given)
+            raise ValueError("give either engine= or config=, not both (the engine has its own config)")
         return self._engine if self._engine is not None else shared_engine(self.config)
 
     @property
