@@ -29,7 +29,7 @@ from .budget import BudgetTokenizer, select_under_budget
 from .config import SemTokenConfig
 from .device_search import DeviceConversationMemory, find_repeats_torch
 from .diskstore import DirectoryStore
-from .encoder import Encoder, Fingerprints, auto_dtype
+from .encoder import DEFAULT_BATCH_SIZE, Encoder, Fingerprints, auto_dtype
 from .fileformat import CacheEntry
 from .keys import cache_key
 from .lru import ByteLRU
@@ -58,7 +58,8 @@ ENCODER_FIELDS = ("encoder", "device", "dtype", "max_length", "window_overlap", 
 
 def encoder_settings(config: SemTokenConfig) -> dict[str, Any]:
     """The :data:`ENCODER_FIELDS` of ``config`` as the encoder resolves them: ``device=None`` is the device
-    it picks, ``dtype="auto"`` the precision it picks there (so that equivalent settings compare equal)."""
+    it picks, ``dtype="auto"`` the precision and ``batch_size=None`` the batch size it picks there (so that
+    equivalent settings compare equal)."""
     values = {f: getattr(config, f) for f in ENCODER_FIELDS}
     device = values["device"] if values["device"] is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -68,6 +69,8 @@ def encoder_settings(config: SemTokenConfig) -> dict[str, Any]:
     values["device"] = str(resolved)
     if values["dtype"] == "auto":
         values["dtype"] = auto_dtype(resolved)
+    if values["batch_size"] is None:
+        values["batch_size"] = DEFAULT_BATCH_SIZE[resolved.type == "cuda"]
     return values
 
 

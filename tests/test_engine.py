@@ -317,8 +317,9 @@ def test_registry_engines_with_other_budget_settings_share_the_encoder_and_its_c
     # machine without CUDA) device None and "cpu"
     from semtoken_rag.encoder import auto_dtype
 
-    picked = shared_engine(SemTokenConfig(**base, dtype=auto_dtype(torch.device("cpu")), rate=0.4))
-    assert picked.parts is a.parts
+    picked = shared_engine(SemTokenConfig(**base, dtype=auto_dtype(torch.device("cpu")), batch_size=16, rate=0.4))
+    assert picked.parts is a.parts  # (16: the CPU's default batch size)
+    assert shared_engine(SemTokenConfig(**base, batch_size=8)).parts is not a.parts
     if not torch.cuda.is_available():
         assert shared_engine(SemTokenConfig(**{**base, "device": None}, rate=0.45)).parts is a.parts
     # an engine closed by its user is not handed out again (a new one, same parts)
