@@ -150,6 +150,7 @@ def add_encoder_options(parser: argparse.ArgumentParser) -> None:
 
 
 def encoder_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields of :func:`add_encoder_options` (None where not given)."""
     return {"encoder": args.encoder, "dtype": args.dtype}
 
 

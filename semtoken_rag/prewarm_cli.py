@@ -82,9 +82,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(e).strip("'\"")) from None
     except CorpusError as e:
         raise CLIError(str(e)) from None
-    except ValueError as e:  # the engine's constructor names the setting it cannot use (--encoder, --device)
-        raise CLIError(f"cannot pre-warm {args.corpus}: {e}") from None
-    except (ImportError, OSError) as e:
+    except (ValueError, ImportError, OSError) as e:  # (ValueError: the engine names a setting it cannot use)
         raise CLIError(f"cannot pre-warm {args.corpus}: {e}") from None
     finally:
         if bar is not None:

@@ -19,7 +19,8 @@ class SemTokenFingerprinter(BaseDocumentTransformer, BaseModel):
     Use it on the chunks you are about to add to a vector store. Later, when a retriever returns those
     chunks, :class:`~langchain_semtoken.SemTokenCompressor` finds their fingerprints (in this process,
     from any registry engine with the same encoder settings, whatever its tokenizer or rate; across
-    replicas, in a shared store, e.g. ``SemTokenConfig(store="redis://...")``) and encodes only the query. What is fingerprinted is ``page_content``, the text the compressor gets.
+    replicas, in a shared store, e.g. ``SemTokenConfig(store="redis://...")``) and encodes only the query.
+    What is fingerprinted is ``page_content``, the text the compressor gets.
 
     Returns the same ``Document`` objects, in order, untouched. Blank and repeated texts are skipped;
     fingerprints already stored are not recomputed.
