@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .data import TUNE, load_nq
+from .data import TUNE, load_nq, main_guard
 from .metrics import TokenCounter, budget_for, mean
 from .peers.frameworks import LlamaIndexOptimizer
 
@@ -74,4 +74,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main_guard(main))

@@ -7,16 +7,23 @@ NQ file (the bundled sample is far too small to benchmark on) and names the ques
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from semtoken_rag.datasets import DATA_ENV, NQ_FILE, GoldPosition, NQRecord, gold_position_for
 from semtoken_rag.datasets import load_nq as _load_nq
 
-__all__ = ["EVAL", "NQ_FILE", "TUNE", "NQRecord", "gold_position_for", "load_nq", "resolve_data_dir"]
+__all__ = ["EVAL", "NQ_FILE", "TUNE", "DataMissing", "NQRecord", "gold_position_for", "load_nq", "main_guard",
+           "resolve_data_dir"]
 
 # Questions 0-149 are for tuning; every figure the benchmarks report comes from questions 150-440.
 TUNE = range(150)
 EVAL = range(150, 441)
+
+
+class DataMissing(FileNotFoundError):
+    """The NQ evaluation file is not where a benchmark looked (it needs ``../shared/data`` or a path)."""
 
 
 def repo_root() -> Path:
@@ -36,7 +43,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
             return c.parent
         if (c / NQ_FILE).is_file():
             return c
-    raise FileNotFoundError(f"{NQ_FILE} not found in {', '.join(str(c) for c in candidates)}; "
+    raise DataMissing(f"{NQ_FILE} not found in {', '.join(str(c) for c in candidates)}; "
                             f"pass --data-dir or set {DATA_ENV}")
 
 
@@ -44,3 +51,18 @@ def load_nq(n: int | None = None, gold_position: GoldPosition = "random",
             data_dir: str | os.PathLike | None = None, start: int = 0) -> list[NQRecord]:
     """Up to ``n`` questions from ``start`` on, from the evaluation data (see :func:`resolve_data_dir`)."""
     return _load_nq(n, resolve_data_dir(data_dir) / NQ_FILE, gold_position, start)
+
+
+def main_guard(main: Callable[[], object]) -> int:
+    """Run a benchmark's ``main()`` as a command: a missing NQ file is one line on stderr and exit status 2.
+
+    The benchmarks need the full evaluation file (``../shared/data`` beside a checkout of the project, or
+    ``--data-dir`` / ``$SEMTOKEN_RAG_DATA``); without it they stop before any work, not with a traceback.
+    """
+    try:
+        status = main()
+    except DataMissing as e:
+        print(f"[bench] error: {e} (the benchmarks need the NQ evaluation file, ../shared/data in the "
+              f"project's checkout)", file=sys.stderr)
+        return 2
+    return status if isinstance(status, int) else 0

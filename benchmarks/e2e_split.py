@@ -19,6 +19,8 @@ import os
 import time
 from pathlib import Path
 
+from .data import main_guard
+
 
 def contexts(start: int, n: int, rate: float, data_dir: str | None) -> dict:
     from semtoken_rag import SemToken, SemTokenConfig
@@ -79,4 +81,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main_guard(main))

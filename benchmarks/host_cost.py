@@ -138,6 +138,13 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     # the workers run in a temporary folder: paths given relative to here must not change meaning there
     data = str(Path(args.data).resolve()) if args.data else None
+    from semtoken_rag.datasets import NQ_FILE
+    if data and not (Path(data).is_file() or (Path(data) / NQ_FILE).is_file()):
+        # before any worker starts (their traceback would hide this); the workers run this file by path,
+        # outside the package, so the check is here rather than benchmarks.data's guard
+        print(f"[bench] error: no NQ file at {data} (pass --data with the NQ file or its folder, "
+              f"../shared/data in the project's checkout)", file=sys.stderr)
+        raise SystemExit(2)
     cache_dir = str(Path(args.cache_dir).resolve()) if args.cache_dir else None
     sides = {"this": sys.executable}
     if args.baseline_python:

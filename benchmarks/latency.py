@@ -22,7 +22,7 @@ import torch
 
 from semtoken_rag import SemToken, SemTokenConfig
 
-from .data import EVAL, load_nq
+from .data import EVAL, load_nq, main_guard
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -102,4 +102,4 @@ def _chat(engine: SemToken, records, rate: float) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main_guard(main))

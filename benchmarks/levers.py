@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .cli import machine_info
-from .data import load_nq
+from .data import load_nq, main_guard
 from .metrics import TokenCounter, answer_in, budget_for, mean, median
 from .peers.base import join_context
 
@@ -263,4 +263,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main_guard(main))

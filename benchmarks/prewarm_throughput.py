@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from semtoken_rag import SemToken, SemTokenConfig
-from semtoken_rag.datasets import load_nq
+from semtoken_rag.datasets import load_nq, resolve_source
+
+from .data import DataMissing, main_guard
 
 
 def _sync(device: torch.device) -> None:
@@ -37,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="prewarm batch sizes (texts encoded and stored at a time) to compare, side by side")
     ap.add_argument("--n", type=int, default=None, help="first N passages only (default: all)")
     args = ap.parse_args(argv)
-    texts = sorted({p for r in load_nq(None, args.data) for p in r.chunks})[:args.n]
+    try:
+        source = resolve_source(args.data)
+    except FileNotFoundError as e:
+        raise DataMissing(str(e)) from None
+    texts = sorted({p for r in load_nq(None, source) for p in r.chunks})[:args.n]
     eng = SemToken(SemTokenConfig(encoder=args.encoder, device=args.device))
     device = eng.encoder.device
     eng.prewarm(texts[:512])  # warm-up: kernels, allocator
@@ -66,4 +72,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main_guard(main))

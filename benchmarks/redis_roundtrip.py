@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .data import load_nq
+from .data import load_nq, main_guard
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,4 +152,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main_guard(main))

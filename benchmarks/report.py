@@ -1,8 +1,22 @@
-"""Markdown tables from a results dict (the JSON the CLI writes)."""
+"""Markdown tables from a results dict (the JSON the CLI writes).
+
+    python -m benchmarks.report benchmarks/results/full.json --start 150      # its questions 150-440 only
+
+The command re-renders a committed results file over a range of its questions, from the per-question
+arrays it holds (hits, tokens, budgets, latencies): a run that covered the tuning split too reports its
+held-out part on its own. Setup time, peak memory and encoder tokens/s are the whole run's.
+"""
 
 from __future__ import annotations
 
+import argparse
+import copy
+import json
 import math
+import sys
+from pathlib import Path
+
+from .metrics import mean, median, percentile
 
 
 def _pct(x) -> str:
@@ -130,6 +144,8 @@ def markdown(results: dict) -> str:
            "= sum over kept pieces; \"kept\" = mean achieved ratio; over budget = questions above the budget"),
            "- recall: a normalized gold answer (SQuAD normalisation) is a substring of the normalized context",
            ""]
+    if results.get("restricted"):
+        out.insert(-1, f"- {results['restricted']}")
     out += ["## Answer recall and budget", "", quality_table(results), ""]
     subset = results.get("subset_comparison")
     if subset:
@@ -182,3 +198,94 @@ def _questions(part: dict) -> str:
     if not part.get("questions"):
         return f"first {part['n']} questions"
     return "questions " + str(part["questions"]).removeprefix("questions ")  # a draft wrote the word too
+
+
+def restrict(results: dict, start: int, stop: int | None = None) -> dict:
+    """``results`` with every method's summary recomputed over questions ``start <= i < stop`` only.
+
+    Recall, kept ratio, over-budget counts and latencies come from the per-question arrays. A method with
+    a cache (it has warm latencies) is cold at its first budget, as the runner times it, and warm at the
+    other budgets (the runner's repeat of the first call is not stored per question). Positions and e2e,
+    which ran on their own questions, are dropped.
+    """
+    per_q = results.get("per_question") or {}
+    if not per_q:
+        raise ValueError("these results hold no per-question arrays to restrict")
+    out = copy.deepcopy(results)
+    out.pop("positions", None)
+    out.pop("e2e", None)
+    out.pop("subset_comparison", None)
+    out.pop("reference", None)  # the MiniLM pass was timed over the whole run
+    budgets = [str(b) for b in results["config"]["budgets"]]
+    chosen_all: set[int] = set()
+    for name, q in per_q.items():
+        keep = [i for i, qi in enumerate(q["question_index"]) if qi >= start and (stop is None or qi < stop)]
+        chosen_all.update(q["question_index"][i] for i in keep)
+        m = out["methods"][name]
+        m["n_questions"] = len(keep)
+        original = [q["original_tokens"][i] for i in keep]
+        for b in budgets:
+            if b not in q:
+                continue
+            hit = [q[b]["hit"][i] for i in keep]
+            toks = [q[b]["tokens"][i] for i in keep]
+            buds = [q[b]["budget"][i] for i in keep]
+            over = [(t - u) / u for t, u in zip(toks, buds) if t > u]
+            m["budgets"][b].update({
+                "n": len(keep), "recall": mean(hit), "hits": int(sum(hit)),
+                "achieved_ratio_mean": mean([t / o for t, o in zip(toks, original) if o]),
+                "achieved_ratio_total": sum(toks) / max(1, sum(original)),
+                "tokens_mean": mean(toks), "over_budget": len(over),
+                "over_budget_excess_mean": mean(over) if over else 0.0,
+                "latency_median_s": median([q[b]["latency_s"][i] for i in keep]),
+                "latency_p95_s": percentile([q[b]["latency_s"][i] for i in keep], 95)})
+        lat = m["latency"]
+        if lat.get("warm_n"):
+            cold = [q[budgets[0]]["latency_s"][i] for i in keep]
+            warm = [q[b]["latency_s"][i] for b in budgets[1:] for i in keep]
+        else:
+            cold, warm = [q[b]["latency_s"][i] for b in budgets for i in keep], []
+        lat.update({"cold_median_s": median(cold), "cold_p95_s": percentile(cold, 95), "cold_n": len(cold),
+                    "warm_median_s": median(warm) if warm else None,
+                    "warm_p95_s": percentile(warm, 95) if warm else None, "warm_n": len(warm)})
+        q_out = out["per_question"][name]
+        q_out["question_index"] = [q["question_index"][i] for i in keep]
+        q_out["original_tokens"] = original
+        for b in budgets:
+            if b in q:
+                q_out[b] = {k: [v[i] for i in keep] for k, v in q[b].items()}
+    if not chosen_all:
+        raise ValueError(f"no questions in {start}-{'' if stop is None else stop - 1} in these results")
+    lo, hi = min(chosen_all), max(chosen_all)
+    out["config"]["questions"] = f"{lo}-{hi}"
+    out["config"]["n"] = len(chosen_all)
+    out["name"] = f"{results['name']} (questions {lo}-{hi})"
+    out["restricted"] = (f"re-rendered over questions {lo}-{hi} from the run's per-question arrays (`python -m "
+                         f"benchmarks.report`): a cached method's warm calls are those at the other budgets; setup, "
+                         f"memory and encoder tok/s are the whole run's")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", help="a results JSON written by python -m benchmarks")
+    ap.add_argument("--start", type=int, default=150, help="first question (default 150: the held-out split)")
+    ap.add_argument("--stop", type=int, default=None, help="one past the last question (default: all)")
+    ap.add_argument("--out", default=None, help="write the markdown here (default: print it)")
+    args = ap.parse_args(argv)
+    try:
+        restricted = restrict(json.loads(Path(args.results).read_text()), args.start, args.stop)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"[bench] error: {args.results}: {e}", file=sys.stderr)
+        return 2
+    text = markdown(restricted)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -32,7 +32,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from .cli import _write_json, machine_info
-from .data import load_nq
+from .data import load_nq, main_guard
 
 FIRST_HELD_OUT, LAST = 150, 440
 RATE = 0.33
@@ -298,4 +298,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main_guard(main))

@@ -28,7 +28,7 @@ import semtoken_rag.engine as engine_module
 from semtoken_rag import SemToken, SemTokenConfig
 from semtoken_rag.budget import select_under_budget
 
-from .data import load_nq, resolve_data_dir
+from .data import load_nq, main_guard, resolve_data_dir
 
 QUERY = "when was the song released"
 
@@ -188,4 +188,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main_guard(main))

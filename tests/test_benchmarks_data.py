@@ -223,3 +223,42 @@ def test_benchmark_without_the_data_is_one_line_and_status_2(tmp_path, capsys):
     assert main(["--quick", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("[bench] error:") and NQ_FILE in err and err.count("\n") == 1
+
+
+# --- a benchmark without its data stops with one line, before any work -----------------------------
+
+@pytest.mark.parametrize("module, argv", [
+    ("calibrate", ["--data-dir", "{missing}"]),
+    ("levers", ["--data-dir", "{missing}"]),
+    ("scale", ["--data-dir", "{missing}"]),
+    ("redis_roundtrip", ["--data-dir", "{missing}"]),
+    ("selection", ["--data-dir", "{missing}"]),
+    ("e2e_split", ["contexts", "--data-dir", "{missing}", "--out", "{missing}/ctx.json"]),
+    ("prewarm_throughput", ["--data", "{missing}"]),
+])
+def test_benchmark_without_data_is_one_line_and_status_2(module, argv, tmp_path, capsys):
+    import importlib
+
+    from benchmarks.data import main_guard
+
+    main = importlib.import_module(f"benchmarks.{module}").main
+    missing = str(tmp_path / "no-such-folder")
+    argv = [a.format(missing=missing) for a in argv]
+    assert main_guard(lambda: main(argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("[bench] error: ") and missing in err[0], err
+    assert not (tmp_path / "no-such-folder").exists()  # nothing written for the run
+
+
+def test_latency_and_host_cost_without_data_exit_2_without_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, DATA_ENV: str(tmp_path / "none")}
+    for argv in (["-m", "benchmarks.latency"], ["-m", "benchmarks.host_cost", "--data", str(tmp_path / "none")]):
+        p = subprocess.run([sys.executable, *argv], cwd=root, env=env, capture_output=True, text=True, timeout=120,
+                           check=False)
+        assert p.returncode == 2, (argv, p.stderr)
+        assert "Traceback" not in p.stderr and p.stderr.startswith("[bench] error: "), p.stderr
