@@ -282,7 +282,21 @@ def _preview(text: str, answers: Sequence[str], width: int = 110) -> str:
 
 
 # -- commands ------------------------------------------------------------------------------------------
+def _argument_text(value: str | None, option: str) -> str | None:
+    """A text argument as UTF-8 text: bytes that are not UTF-8 reach Python's argv as lone surrogates,
+    which no output (JSON, HTML) can encode."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CLIError(f"{option} is not UTF-8 text (a byte that is not UTF-8 at character {e.start})") from None
+    return value
+
+
 def _cmd_compress(args: argparse.Namespace) -> int:
+    args.query = _argument_text(args.query, "--query")
+    args.gap_marker = _argument_text(args.gap_marker, "--gap-marker")
     config = _config(args, tokenizer=args.tokenizer, gap_marker=args.gap_marker, language=args.language)
     chunks = _read_chunks(args.files)
     engine = _engine(config)

@@ -2,15 +2,53 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+import numpy as np
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from .structure import compile_patterns
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 STORE_SCHEMES = ("redis", "rediss", "unix", "file")
+
+
+def reject_bool(value: Any) -> Any:
+    """A pydantic before-validator for a number: a bool is none (pydantic's lax mode takes ``True`` as 1).
+
+    >>> reject_bool(0.5)
+    0.5
+    >>> reject_bool(True)
+    Traceback (most recent call last):
+    ...
+    ValueError: a number is needed, got the bool True
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"a number is needed, got the bool {value!r}")  # noqa: TRY004 (pydantic wants ValueError)
+    return value
+
+
+#: ``Annotated[int | None, NotBool]``: a number field that refuses bools (the integrations' knobs)
+NotBool = BeforeValidator(reject_bool)
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field's type admits int or float but not bool."""
+    args = set(typing.get_args(annotation)) if isinstance(annotation, types.UnionType) or \
+        typing.get_origin(annotation) is typing.Union else {annotation}
+    return bool(args & {int, float}) and bool not in args
 
 
 def tokenizer_label(tokenizer: Any) -> str:
@@ -245,6 +283,12 @@ class SemTokenConfig(BaseModel):
         description="Connect and read timeout of each Redis command (a call makes at most a read and a "
                     "write: a slow or dead store adds at most twice this to a call, which then encodes "
                     "locally); after a fault the store is retried with back-off.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_bools(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        return reject_bool(value) if field is not None and _numeric(field.annotation) else value
 
     @field_validator("tokenizer")
     @classmethod

@@ -12,7 +12,7 @@ import numbers
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -185,6 +185,7 @@ class _State:
     ends: np.ndarray
     collapsed: np.ndarray
     score: np.ndarray
+    context_excess: Callable[[list[str]], int] | None = None
 
 
 class SemToken:
@@ -416,14 +417,17 @@ class SemToken:
 
     async def acompress(self, chunks: Sequence[str], query: str | None = None, *, rate: float | None = None,
                         target_tokens: int | None = None, conversation_id: str | None = None,
-                        chunk_overheads: Sequence[int] | None = None) -> CompressionResult:
+                        chunk_overheads: Sequence[int] | None = None,
+                        context_excess: Callable[[list[str]], int] | None = None) -> CompressionResult:
         """:meth:`compress` in a worker thread, keeping the event loop free."""
         return await asyncio.to_thread(self.compress, chunks, query, rate=rate, target_tokens=target_tokens,
-                                       conversation_id=conversation_id, chunk_overheads=chunk_overheads)
+                                       conversation_id=conversation_id, chunk_overheads=chunk_overheads,
+                                       context_excess=context_excess)
 
     def compress(self, chunks: Sequence[str], query: str | None = None, *, rate: float | None = None,
                  target_tokens: int | None = None, conversation_id: str | None = None,
-                 chunk_overheads: Sequence[int] | None = None) -> CompressionResult:
+                 chunk_overheads: Sequence[int] | None = None,
+                 context_excess: Callable[[list[str]], int] | None = None) -> CompressionResult:
         """Compress ``chunks`` for ``query`` so that their downstream-LLM tokens fit the budget.
 
         Args:
@@ -437,6 +441,13 @@ class SemToken:
             chunk_overheads: optional non-negative int per chunk: tokens the caller adds around a chunk
                 (a metadata header, a separator), paid once when anything of that chunk is kept (at
                 most 2**53 in all). A chunk keeps nothing when its overhead leaves no room for a word.
+            context_excess: optional check of the context the caller builds from the output: called with
+                the compressed texts (one per chunk, ``""`` for those that kept nothing), it returns how
+                many tokens that context is over the caller's budget (0 or less: it fits). Overheads
+                charged per chunk are an estimate when the caller's tokenizer merges across what it
+                joins (a separator without a newline, a header); with this check the weakest kept
+                segments are dropped until the context itself fits, and only what is sent is remembered
+                for ``conversation_id``. The framework integrations pass it.
 
         The budget is ``target_tokens`` or ``floor(rate * (original_tokens + overheads))`` (overheads of
         the non-empty chunks); ``compressed_tokens + overhead_tokens`` never exceeds it
@@ -456,13 +467,17 @@ class SemToken:
             conversation_id = _check_conversation(conversation_id)
             budget_rate, target = self._budget_args(rate, target_tokens)
             overheads = _check_overheads(chunk_overheads, len(chunks))
+            if context_excess is not None and not callable(context_excess):
+                raise TypeError(f"context_excess must be callable (texts -> int), got {type(context_excess).__name__}")
             plan = self._plan(chunks, query, budget_rate, target, overheads, conversation_id, started)
-            if plan.done is not None:
+            if plan.done is not None and (context_excess is None or not plan.done.compressed_tokens
+                                          or _excess(context_excess, plan.done.texts) <= 0):
                 return plan.done
+            # (everything fits by the engine's counts but not as the caller joins it: select and trim)
             with torch.inference_mode():
                 prepared = self._prepare(chunks, query, session)
                 return self._compress(chunks, plan.counts, query, plan.budget, conversation_id, started,
-                                      overheads, prepared)
+                                      overheads, prepared, context_excess)
 
     def _plan(self, chunks, query, budget_rate, target, overheads, conversation_id, started) -> _Plan:
         """Token counts and budget of one request; the result itself when no encoding is needed."""
@@ -518,20 +533,21 @@ class SemToken:
 
     # -- pipeline -----------------------------------------------------------------------------------
     def _budget_args(self, rate: float | None, target: int | None) -> tuple[float, int | None]:
+        # both are checked whichever decides (target_tokens overrides rate: a bad rate beside it is still a bug)
+        if rate is not None and (isinstance(rate, (bool, np.bool_)) or not isinstance(rate, numbers.Real)
+                                 or math.isnan(rate) or not 0.0 < float(rate) <= 1.0):
+            raise ValueError(f"rate must be in (0, 1], got {rate!r}")
         if target is not None:
             if isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer)) or target <= 0:
                 raise ValueError(f"target_tokens must be a positive int, got {target!r}")
             return 1.0, int(target)
         if rate is None:
             return self.config.rate, self.config.target_tokens
-        if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, numbers.Real) or math.isnan(rate) \
-                or not 0.0 < float(rate) <= 1.0:
-            raise ValueError(f"rate must be in (0, 1], got {rate!r}")
         return float(rate), None
 
     def _compress(self, chunks: list[str], counts: np.ndarray, query: str | None, budget: int,
-                  conversation_id: str | None, started: float, overheads: np.ndarray, prepared: Prepared
-                  ) -> CompressionResult:
+                  conversation_id: str | None, started: float, overheads: np.ndarray, prepared: Prepared,
+                  context_excess: Callable[[list[str]], int] | None = None) -> CompressionResult:
         cfg = self.config
         fps = [prepared.fingerprints[c] for c in chunks]
         hits = sum(c in prepared.cached for c in chunks)
@@ -612,7 +628,7 @@ class SemToken:
             else np.zeros(len(starts), dtype=bool)
         collapsed &= ~(np.add.reduceat(ana.group >= 0, starts) > 0)  # protected text is never collapsed
         state = _State(chunks, counts, query, budget, started, overheads, call, segs, seg_of_unit, starts, ends,
-                       collapsed, score_np)
+                       collapsed, score_np, context_excess)
         # collapsed spans cost their anchor only
         kept_cost = np.where(_tails(starts, ends, collapsed, n), 0, unit_cost)
         cum = np.concatenate([[0], np.cumsum(kept_cost)])
@@ -644,18 +660,22 @@ class SemToken:
         counted: dict[str, int] = {}  # texts already counted by this call
         texts, slices, out_counts, keep_units = self._render(state, keep, fences, counted,
                                                              titles if titles.any() else None)
+        # what is remembered as received: the selected segments that were sent (render may trim some)
+        sent = keep & (np.add.reduceat(keep_units, segs[:-1]) > 0)
         if cfg.partial_fit or not keep_units.any():
             partial = self._best_partial(chunks, call, segs, keep_units, score_np, allowed,
                                          unit_cost, ana.group, q_tokens, overheads,
                                          budget - int(out_counts.sum()) - int(overheads[[bool(x) for x in slices]].sum()),
                                          counted)
             if partial is not None:
-                keep_units = keep_units | partial  # (a part of a segment is not remembered as received)
-                slices = kept_slices_many(call.all_units, keep_units, call.offsets)
-                texts = [join_slices(t, x, cfg.gap_marker) for t, x in zip(chunks, slices)]
-                out_counts = self._count(texts, counted)
+                with_part = keep_units | partial  # (a part of a segment is not remembered as received)
+                part_slices = kept_slices_many(call.all_units, with_part, call.offsets)
+                part_texts = [join_slices(t, x, cfg.gap_marker) for t, x in zip(chunks, part_slices)]
+                if context_excess is None or _excess(context_excess, part_texts) <= 0:
+                    keep_units, slices, texts = with_part, part_slices, part_texts
+                    out_counts = self._count(texts, counted)
         if conversation_id is not None:
-            self._remember(conversation_id, centroids, segs, keep)
+            self._remember(conversation_id, centroids, segs, sent)
         span_kept = np.add.reduceat(keep_units, starts) > 0  # (partial fit can keep some of a span's units)
         span_status = np.where(collapsed & keep_units[starts], "collapsed", np.where(
             span_kept, "kept", np.where(repeat[span_seg], "repeat", "dropped")))
@@ -810,6 +830,8 @@ class SemToken:
             out_counts = self._count(texts, counted if counted is not None else {})
             paid = int(overheads[[bool(s) for s in slices]].sum())
             excess = int(out_counts.sum()) + paid - budget
+            if excess <= 0 and state.context_excess is not None:  # the caller's own count of its context
+                excess = _excess(state.context_excess, texts)
             if excess <= 0:
                 return texts, slices, out_counts, keep_units
             # BPE merges across slice edges can cost a token or two more than estimated: drop the
@@ -855,6 +877,14 @@ class SemToken:
                     CompressedChunk(i, "", (), int(c), 0, None) for i, (t, c) in enumerate(zip(chunks, counts)))
         return CompressionResult(out, query, budget, int(counts.sum()), sum(c.compressed_tokens for c in out),
                                  0, 0, time.perf_counter() - started, overhead)
+
+
+def _excess(check: Callable[[list[str]], int], texts: list[str]) -> int:
+    """A caller's ``context_excess`` of ``texts``, checked: an int (a bool or a float is its bug)."""
+    got = check(list(texts))
+    if isinstance(got, bool) or not isinstance(got, (int, np.integer)):
+        raise TypeError(f"context_excess must return an int (tokens over the budget), got {type(got).__name__}")
+    return int(got)
 
 
 def choose_repeat_search(device: torch.device) -> str:

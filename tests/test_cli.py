@@ -171,6 +171,18 @@ def test_non_utf8_stdin_is_rejected_like_a_file(run):
     assert "cannot read stdin: not UTF-8 text (invalid start byte at byte 11)" in err
 
 
+def test_a_query_that_is_not_utf8_is_a_user_error(run, files, tmp_path):
+    """Bytes that are not UTF-8 in argv reach Python as lone surrogates: one line and status 2, not a
+    traceback from the JSON or HTML writer."""
+    bad = os.fsdecode(b"who got \xff the nobel")
+    for extra in (["--json"], ["--html", str(tmp_path / "o.html")], []):
+        code, out, err = run("--query", bad, *extra, files[0])
+        assert code == 2 and out == "" and "--query is not UTF-8 text" in err and "Traceback" not in err, extra
+    code, _, err = run("--query", QUERY, "--gap-marker", os.fsdecode(b" \xfe "), files[0])
+    assert code == 2 and "--gap-marker is not UTF-8 text" in err
+    assert not (tmp_path / "o.html").exists()
+
+
 def test_empty_input_prints_a_sensible_summary(run):
     code, out, err = run("--query", QUERY, stdin="\n  \n")
     assert code == 0 and out.strip() == ""

@@ -480,3 +480,47 @@ def test_per_call_encoder_counts_under_threads(nobel):
     assert eng.encoder.forward_calls - before == 2 * 16
     _, stats = eng.encoder.fingerprint_with_stats([f"{c} (copy 0)" for c in nobel])
     assert stats.batches == 2 and stats.seconds > 0
+
+
+def _overlaps(span, spans) -> bool:
+    return any(a < span[1] and span[0] < b for a, b in spans)
+
+
+def test_context_excess_trims_until_the_callers_context_fits(engine, nobel):
+    q = "who got the first nobel prize in physics"
+    budget = 80
+
+    def joined(texts):
+        return engine.count_tokens("".join(t for t in texts if t))
+
+    for cut in (0, 7, 25, 60):
+        res = engine.compress(nobel, q, target_tokens=budget, context_excess=lambda t, cut=cut: joined(t) + cut - budget)
+        check_result(res, nobel)
+        assert joined(res.texts) + cut <= budget and res.compressed_tokens <= budget
+    # everything fits by the engine's counts but not by the caller's: selection runs, and trims
+    total = sum(engine.count_tokens(c) for c in nobel)
+    res = engine.compress(nobel, q, target_tokens=total, context_excess=lambda t: joined(t) + 30 - total)
+    assert joined(res.texts) + 30 <= total and any(c.text for c in res.chunks)
+    with pytest.raises(TypeError, match="context_excess must be callable"):
+        engine.compress(nobel, q, target_tokens=budget, context_excess=5)
+    with pytest.raises(TypeError, match="must return an int"):
+        engine.compress(nobel, q, target_tokens=budget, context_excess=lambda t: 0.5)
+
+
+def test_a_conversation_remembers_only_what_was_sent(nobel):
+    """Segments the selection chose but the context check trimmed were never sent: the next turn of the
+    conversation must not drop them as already received."""
+    engine = SemToken(SemTokenConfig(device="cpu"))
+    q = "who got the first nobel prize in physics"
+    budget = 120
+    alone = engine.compress(nobel, q, target_tokens=budget)
+    sent = engine.compress(nobel, q, target_tokens=budget, conversation_id="c",
+                           context_excess=lambda t: sum(engine.count_tokens(x) for x in t) - budget // 3)
+    trimmed = [[s for s in a.kept_spans if not _overlaps(s, b.kept_spans)]
+               for a, b in zip(alone.chunks, sent.chunks)]
+    assert any(trimmed)  # the check did cut segments the selection had chosen
+    again = engine.compress(nobel, q, target_tokens=budget, conversation_id="c")
+    for i, chunk in enumerate(again.chunks):
+        for span in chunk.repeat_spans:
+            if not _overlaps(span, alone.chunks[i].repeat_spans):  # (repeats within the call stay repeats)
+                assert _overlaps(span, sent.chunks[i].kept_spans), (i, span, trimmed[i])

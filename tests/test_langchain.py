@@ -28,7 +28,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import PromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnableParallel, RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
-from langchain_semtoken import SemTokenCompressor
+from langchain_semtoken import SemTokenCompressor, SemTokenFingerprinter
 from langchain_text_splitters import CharacterTextSplitter
 
 from semtoken_rag import SemToken, SemTokenConfig
@@ -234,6 +234,22 @@ def test_knobs_validation_sharing_and_serialization(engine):
         SemTokenCompressor(engine=engine, config=SemTokenConfig())
     with pytest.raises(ValueError):
         SemTokenCompressor(rat=0.3)
+    for field in ("rate", "target_tokens"):  # (lax pydantic took True as 1: rate=True kept everything)
+        with pytest.raises(ValueError, match="got the bool"):
+            SemTokenCompressor(**{field: True})
+        with pytest.raises(ValueError, match="got the bool"):
+            SemTokenCompressor(rate=0.5).__setattr__(field, True)
+    with pytest.raises(ValueError, match="got the bool"):
+        SemTokenFingerprinter(batch_size=True)
+    doc = Document(id="a", page_content="Paris is the capital of France.")
+    for bad, message in ((doc, "a single Document"), (["a text"], r"documents\[0\] must be a Document, got str"),
+                         ([doc, None], r"documents\[1\] must be a Document, got NoneType")):
+        with pytest.raises(TypeError, match=message):
+            SemTokenCompressor(engine=engine).compress_documents(bad, "capital")
+        with pytest.raises(TypeError, match=message):
+            asyncio.run(SemTokenCompressor(engine=engine).acompress_documents(bad, "capital"))
+        with pytest.raises(TypeError, match=message):
+            SemTokenFingerprinter(engine=engine).transform_documents(bad)
     c = SemTokenCompressor(engine=engine, target_tokens=40)
     assert c.get_engine() is engine and "engine" not in c.model_dump()
     assert SemTokenCompressor().get_engine() is SemTokenCompressor(rate=0.2).get_engine()
@@ -456,3 +472,21 @@ def test_a_tokenizer_with_a_numpy_style_eq_can_be_swapped(array_eq_tokenizer):
     first = comp.get_engine()
     comp.tokenizer = Words()
     assert comp.get_engine() is not first and comp.get_engine().count_tokens("a b c") == 3
+
+
+@pytest.mark.parametrize("separator", ["", " ", "\n\n"])
+def test_the_joined_context_is_within_the_budget_when_the_separator_merges(engine, separator):
+    """Per-document charges are an estimate when the tokenizer merges across the separator: ``""`` joins
+    "…/a" and "word" into tokens the two texts alone do not have. The context as the chain joins it is
+    what is counted."""
+    docs = [Document(id="a", page_content="See http://x.com/a"), Document(id="b", page_content="word of the day")]
+    apart = sum(engine.count_tokens(d.page_content) for d in docs) + engine.count_tokens(separator)
+    for target in (apart, apart - 1, 6):
+        out = SemTokenCompressor(engine=engine, document_separator=separator, target_tokens=target) \
+            .compress_documents(docs, "what is the word of the day")
+        assert engine.count_tokens(separator.join(d.page_content for d in out)) <= target, (separator, target)
+        assert [d.id for d in out] == [d.id for d in docs if d.id in {o.id for o in out}]  # order kept
+    if engine.count_tokens(separator.join(d.page_content for d in docs)) <= apart:
+        out = SemTokenCompressor(engine=engine, document_separator=separator, target_tokens=apart) \
+            .compress_documents(docs, "what is the word of the day")
+        assert [d.page_content for d in out] == [d.page_content for d in docs]  # it fits: nothing cut

@@ -34,7 +34,7 @@ from llama_index.core.schema import (
     TextNode,
 )
 from llama_index.embeddings.huggingface import HuggingFaceEmbedding
-from llama_index.postprocessor.semtoken import SemTokenNodePostprocessor
+from llama_index.postprocessor.semtoken import SemTokenFingerprinter, SemTokenNodePostprocessor
 
 from semtoken_rag import SemToken, SemTokenConfig
 
@@ -229,6 +229,21 @@ def test_knobs_validation_sharing_and_serialization(engine):
     assert SemTokenNodePostprocessor().engine is SemTokenNodePostprocessor(rate=0.5).engine
     fields = SemTokenNodePostprocessor.model_fields
     assert all(fields[k].description for k in ("rate", "target_tokens", "config"))
+    for field in ("rate", "target_tokens"):  # (lax pydantic took True as 1)
+        with pytest.raises(ValueError, match="got the bool"):
+            SemTokenNodePostprocessor(**{field: True})
+    with pytest.raises(ValueError, match="got the bool"):
+        SemTokenFingerprinter(batch_size=True)
+    text = TextNode(id_="a", text="Paris is the capital of France.")
+    for bad, message in ((NodeWithScore(node=text), "a single NodeWithScore"),
+                         ([text], r"nodes\[0\] must be a NodeWithScore, got TextNode \(wrap it"),
+                         (["a text"], r"nodes\[0\] must be a NodeWithScore, got str")):
+        with pytest.raises(TypeError, match=message):
+            SemTokenNodePostprocessor(engine=engine).postprocess_nodes(bad, query_str="capital")
+        with pytest.raises(TypeError, match=message):
+            asyncio.run(SemTokenNodePostprocessor(engine=engine).apostprocess_nodes(bad, query_str="capital"))
+    with pytest.raises(TypeError, match="a single TextNode"):
+        SemTokenFingerprinter(engine=engine)(text)
 
 
 def test_target_tokens_budget(engine, records):
@@ -582,3 +597,22 @@ def test_settings_compared_by_identity_and_a_pickle_keeps_the_given_tokenizer(en
         assert back.get_engine().config.tokenizer == engine.config.tokenizer == "llama3"
     finally:
         llama_index.core.global_tokenizer = saved
+
+
+@pytest.mark.parametrize("edge", ["{}", "\n{}", "{}\n\n \n", "  \n{}\t\n"])
+def test_text_with_whitespace_at_its_edges_stays_within_the_budget(engine, records, edge):
+    """The LLM reads a node stripped, header first: a node text that begins or ends with whitespace
+    costs less there than alone, and the header's share was under-charged (2-5 tokens over the budget)."""
+    rec = records[0]
+    nodes = [NodeWithScore(node=TextNode(id_=f"n{i}", text=edge.format(p["text"]), metadata={"title": p["title"]}),
+                           score=1.0) for i, p in enumerate(rec["passages"][:6])]
+    before = copy.deepcopy(nodes)
+
+    def shown(ns):
+        return "\n\n".join(s for s in (n.node.get_content(metadata_mode=MetadataMode.LLM).strip() for n in ns) if s)
+
+    full = engine.count_tokens(shown(nodes))
+    for rate in (0.5, 0.33, 0.2):
+        out = SemTokenNodePostprocessor(engine=engine, rate=rate).postprocess_nodes(nodes, query_str=rec["question"])
+        assert engine.count_tokens(shown(out)) <= math.floor(rate * full + 1e-9), (edge, rate)
+    assert [n.model_dump() for n in nodes] == [n.model_dump() for n in before]

@@ -16,7 +16,7 @@ from conftest import TINY_WORDS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from semtoken_rag import CompressionResult, SemToken
+from semtoken_rag import CompressionResult, SemToken, SemTokenConfig
 
 GAP = " … "
 ODD = ["", " ", "\n", "\t", "  \n\t ", ".", "!", "?", "\u200b", "\ufeff", "\u00a0", "\x00", "\x07", "\x1b[31m",
@@ -144,6 +144,21 @@ def test_input_kinds_and_errors(tiny_engine):
         tiny_engine.compress(list(chunks), "q", rate=0.0)
     with pytest.raises(ValueError, match="target_tokens must be a positive int"):
         tiny_engine.compress(list(chunks), "q", target_tokens=-1)
+    for bad in (7, -1, float("nan"), "0.5", True):  # checked even where target_tokens decides the budget
+        with pytest.raises(ValueError, match="rate must be in"):
+            tiny_engine.compress(list(chunks), "q", rate=bad, target_tokens=5)
+        with pytest.raises(ValueError, match="rate must be in"):
+            tiny_engine.compress_many([list(chunks)], ["q"], rate=bad, target_tokens=5)
+
+
+@pytest.mark.parametrize("field", ["rate", "target_tokens", "batch_size", "tau", "batch_window_ms",
+                                   "store_ttl_seconds", "max_length"])
+def test_config_numbers_refuse_bools(field):
+    """pydantic's lax mode takes True as 1: SemTokenConfig(rate=True) kept everything without a word."""
+    for value in (True, False, np.bool_(True)):
+        with pytest.raises(ValueError, match="a number is needed, got the bool"):
+            SemTokenConfig(**{field: value})
+    assert SemTokenConfig(use_query=False, cuda_graphs=True, show_progress_bar=None).use_query is False
 
 
 def test_overheads_and_conversation_ids_that_cannot_be_used(tiny_engine):

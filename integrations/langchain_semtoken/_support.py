@@ -17,6 +17,17 @@ EVENT_NAME = "semtoken_compression"
 CONVERSATION_KEY = "semtoken_conversation_id"  # namespaced: LangSmith groups threads by "conversation_id"
 
 
+def documents_of(documents: Any) -> list[Document]:
+    """``documents`` as a list, each checked to be a ``Document`` (a clear error naming the first that is not)."""
+    if isinstance(documents, (Document, str, bytes)):
+        raise TypeError(f"documents must be a sequence of Document, got a single {type(documents).__name__}")
+    docs = list(documents)
+    for i, d in enumerate(docs):
+        if not isinstance(d, Document):
+            raise TypeError(f"documents[{i}] must be a Document, got {type(d).__name__}")
+    return docs
+
+
 def engine_config(config: SemTokenConfig | None, **overrides: Any) -> SemTokenConfig:
     """``config`` (default settings when None) with the non-None ``overrides`` applied, re-validated."""
     base = config if config is not None else SemTokenConfig()
@@ -31,9 +42,18 @@ def plan(engine: SemToken, docs: list[Document], separator: str, rate: float | N
     texts = [d.page_content for d in docs]
     overheads = [0] + [engine.count_tokens(separator)] * (len(docs) - 1)
     context = engine.count_tokens(separator.join(texts))
+    limit = budget(engine, context, rate, target, lambda: sum(map(engine.count_tokens, texts)) + sum(overheads))
     return {"texts": texts, "overheads": overheads, "conversation_id": conversation_id, "context_tokens": context,
-            "budget": budget(engine, context, rate, target,
-                             lambda: sum(map(engine.count_tokens, texts)) + sum(overheads))}
+            "budget": limit, "context_excess": context_excess(engine, separator, limit)}
+
+
+def context_excess(engine: SemToken, separator: str, limit: int) -> Callable[[list[str]], int]:
+    """The engine's check of what the LLM reads: the kept texts joined by ``separator`` (a stuff chain's
+    context), counted whole, minus the budget. The per-document charges are an estimate: a separator
+    that the tokenizer merges with the text beside it (``""``, ``" "``) can cost more joined."""
+    def excess(texts: list[str]) -> int:
+        return engine.count_tokens(separator.join(t for t in texts if t)) - limit
+    return excess
 
 
 def budget(engine: SemToken, context_tokens: int, rate: float | None, target: int | None,
@@ -88,7 +108,7 @@ def event(result: CompressionResult, plan: dict[str, Any], n_in: int, n_out: int
 
 def _args(plan: dict[str, Any]) -> dict[str, Any]:
     return {"target_tokens": plan["budget"], "chunk_overheads": plan["overheads"],
-            "conversation_id": plan["conversation_id"]}
+            "conversation_id": plan["conversation_id"], "context_excess": plan["context_excess"]}
 
 
 def compress(engine: SemToken, plan: dict[str, Any], query: str | None) -> CompressionResult:

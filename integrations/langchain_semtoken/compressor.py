@@ -6,7 +6,7 @@ import asyncio
 import copy
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 from langchain_core.callbacks import AsyncCallbackManager, CallbackManager, Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
@@ -14,7 +14,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, field_serializer, model_val
 
 from langchain_semtoken import _support as sup
 from semtoken_rag import CompressionResult, SemToken, SemTokenConfig
-from semtoken_rag.config import tokenizer_label
+from semtoken_rag.config import NotBool, tokenizer_label
 from semtoken_rag.registry import shared_engine
 
 logger = logging.getLogger(__name__)
@@ -57,10 +57,10 @@ class SemTokenCompressor(BaseDocumentCompressor):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", validate_assignment=True)
 
-    rate: float | None = Field(
+    rate: Annotated[float | None, NotBool] = Field(
         default=None, gt=0.0, le=1.0,
         description="Fraction of the context's downstream-LLM tokens kept, in (0, 1]. None: the engine's.")
-    target_tokens: int | None = Field(
+    target_tokens: Annotated[int | None, NotBool] = Field(
         default=None, gt=0,
         description="Absolute budget in downstream-LLM tokens for the whole context of a call (overrides rate).")
     document_separator: str = Field(
@@ -133,7 +133,7 @@ class SemTokenCompressor(BaseDocumentCompressor):
         self, documents: Sequence[Document], query: str, callbacks: Callbacks | None = None
     ) -> Sequence[Document]:
         """Compress ``documents`` for ``query`` (an empty query compresses by density alone)."""
-        docs = list(documents)
+        docs = sup.documents_of(documents)
         if not docs:
             return []
         callbacks = sup.run_callbacks(callbacks)
@@ -150,7 +150,7 @@ class SemTokenCompressor(BaseDocumentCompressor):
         self, documents: Sequence[Document], query: str, callbacks: Callbacks | None = None
     ) -> Sequence[Document]:
         """Async :meth:`compress_documents`: the engine works in a thread, the event loop stays free."""
-        docs = list(documents)
+        docs = sup.documents_of(documents)
         if not docs:
             return []
         callbacks = sup.run_callbacks(callbacks)

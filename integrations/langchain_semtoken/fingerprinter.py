@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 from langchain_core.documents import BaseDocumentTransformer, Document
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from semtoken_rag import SemToken, SemTokenConfig
+from semtoken_rag.config import NotBool
 from semtoken_rag.registry import shared_engine
+
+from ._support import documents_of
 
 
 class SemTokenFingerprinter(BaseDocumentTransformer, BaseModel):
@@ -44,7 +47,7 @@ class SemTokenFingerprinter(BaseDocumentTransformer, BaseModel):
                                   "process-wide default engine.")
     engine: SemToken | None = Field(
         default=None, exclude=True, description="An existing engine to fill (shares its cache and store).")
-    batch_size: int = Field(default=256, ge=1, description="Texts fingerprinted per encoder pass group.")
+    batch_size: Annotated[int, NotBool] = Field(default=256, ge=1, description="Texts fingerprinted per encoder pass group.")
 
     _encoded: int = PrivateAttr(default=0)
 
@@ -66,10 +69,7 @@ class SemTokenFingerprinter(BaseDocumentTransformer, BaseModel):
 
     def transform_documents(self, documents: Sequence[Document], **kwargs: Any) -> Sequence[Document]:
         """Fingerprint ``documents`` into the store and return them as they are."""
-        docs = list(documents)
-        for i, d in enumerate(docs):
-            if not isinstance(d, Document):
-                raise TypeError(f"documents[{i}] must be a Document, got {type(d).__name__}")
+        docs = documents_of(documents)
         self._encoded = self.get_engine().prewarm([d.page_content for d in docs], batch_size=self.batch_size)
         return docs
 

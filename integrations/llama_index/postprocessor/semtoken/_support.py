@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from llama_index.core.instrumentation.events import BaseEvent
-from llama_index.core.schema import MetadataMode, NodeWithScore
+from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore
 
 from semtoken_rag import CompressionResult, SemToken, SemTokenConfig
 
@@ -72,6 +72,18 @@ def _is_llamaindex_default(tok: Any) -> bool:
             and type(owner).__module__.startswith("tiktoken") and getattr(owner, "name", None) == "cl100k_base")
 
 
+def scored_nodes(nodes: Any) -> list[NodeWithScore]:
+    """``nodes`` as a list, each checked to be a ``NodeWithScore`` (what a postprocessor is given)."""
+    if isinstance(nodes, (NodeWithScore, BaseNode, str, bytes)):
+        raise TypeError(f"nodes must be a sequence of NodeWithScore, got a single {type(nodes).__name__}")
+    out = list(nodes)
+    for i, n in enumerate(out):
+        if not isinstance(n, NodeWithScore):
+            hint = " (wrap it: NodeWithScore(node=...))" if isinstance(n, BaseNode) else ""
+            raise TypeError(f"nodes[{i}] must be a NodeWithScore, got {type(n).__name__}{hint}")
+    return out
+
+
 def engine_config(config: SemTokenConfig | None, **overrides: Any) -> SemTokenConfig:
     """``config`` (default settings when None) with the non-None ``overrides`` applied, re-validated."""
     base = config if config is not None else SemTokenConfig()
@@ -88,9 +100,11 @@ def plan(engine: SemToken, nodes: list[NodeWithScore], mode: MetadataMode, rate:
     shown = [n.node.get_content(metadata_mode=mode).strip() for n in nodes]
     counts = [engine.count_tokens(t) for t in texts]
     sep = engine.count_tokens(SEPARATOR)
-    # header + one separator per kept node but the first (charging all but node 0 is never short)
+    # header + one separator per kept node but the first (charging all but node 0 is never short); the
+    # header is what the node shows beyond its text, which the LLM reads stripped (as compressed text is)
+    bare = [engine.count_tokens(t.strip()) if t != t.strip() else c for t, c in zip(texts, counts)]
     overheads = [max(engine.count_tokens(s) - c, 0) + (sep if i else 0)
-                 for i, (s, c) in enumerate(zip(shown, counts))]
+                 for i, (s, c) in enumerate(zip(shown, bare))]
     context = engine.count_tokens(SEPARATOR.join(s for s in shown if s))
     cfg = engine.config
     if target is None and rate is None:
@@ -102,7 +116,33 @@ def plan(engine: SemToken, nodes: list[NodeWithScore], mode: MetadataMode, rate:
     # what the LLM reads of them: all of what they show (whitespace text included) and a separator
     reserved = sum(engine.count_tokens(s) + (sep if i else 0) for i, (p, s) in enumerate(zip(passed, shown)) if p and s)
     return {"texts": texts, "overheads": overheads, "budget": int(budget), "context_tokens": context,
-            "counts": counts, "passed": passed, "text_budget": int(budget) - reserved}
+            "counts": counts, "passed": passed, "text_budget": int(budget) - reserved,
+            "context_excess": context_excess(engine, nodes, mode, passed, int(budget))}
+
+
+def context_excess(engine: SemToken, nodes: list[NodeWithScore], mode: MetadataMode, passed: list[bool],
+                   limit: int) -> Any:
+    """The engine's check of what the LLM reads: each node that keeps text as LlamaIndex shows it in
+    ``mode`` (its header and the kept text, stripped), the passed-through nodes as they are, joined by
+    :data:`SEPARATOR` and counted whole, minus the budget. The per-node charges are an estimate that a
+    header or text edges the tokenizer merges with can pass."""
+    through = {i: nodes[i].node.get_content(metadata_mode=mode).strip() for i, p in enumerate(passed) if p}
+
+    def excess(texts: list[str]) -> int:
+        parts = []
+        for i, (nws, text) in enumerate(zip(nodes, texts)):
+            if i in through:
+                shown = through[i]
+            elif not text:
+                continue
+            else:
+                node = nws.node.model_copy()  # (shallow: set_content assigns, the input is not touched)
+                node.set_content(text)
+                shown = node.get_content(metadata_mode=mode).strip()
+            if shown:
+                parts.append(shown)
+        return engine.count_tokens(SEPARATOR.join(parts)) - limit
+    return excess
 
 
 _MEDIA = ("image", "image_path", "image_url", "image_resource", "audio_resource", "video_resource")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr, field_serializer
 from llama_index.core.instrumentation import get_dispatcher
@@ -14,7 +14,7 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 from llama_index.postprocessor.semtoken import _support as sup
 
 from semtoken_rag import CompressionResult, SemToken, SemTokenConfig
-from semtoken_rag.config import tokenizer_label
+from semtoken_rag.config import NotBool, tokenizer_label
 from semtoken_rag.registry import shared_engine
 
 logger = logging.getLogger(__name__)
@@ -67,10 +67,10 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", validate_assignment=True)
 
-    rate: float | None = Field(
+    rate: Annotated[float | None, NotBool] = Field(
         default=None, gt=0.0, le=1.0,
         description="Fraction of the context's downstream-LLM tokens kept, in (0, 1]. None: the engine's.")
-    target_tokens: int | None = Field(
+    target_tokens: Annotated[int | None, NotBool] = Field(
         default=None, gt=0,
         description="Absolute budget in downstream-LLM tokens for the whole context of a call (overrides rate).")
     metadata_mode: MetadataMode = Field(
@@ -172,7 +172,8 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
     def _call(self, p: dict, query_bundle: QueryBundle | None) -> dict[str, Any]:
         query = query_bundle.query_str if query_bundle is not None else None
         return {"chunks": p["texts"], "query": query or None, "target_tokens": p["text_budget"],
-                "chunk_overheads": p["overheads"], "conversation_id": self.conversation_id}
+                "chunk_overheads": p["overheads"], "conversation_id": self.conversation_id,
+                "context_excess": p["context_excess"]}
 
     def _compress(self, engine: SemToken, p: dict, query_bundle: QueryBundle | None) -> CompressionResult:
         if p["text_budget"] <= 0:  # (the engine takes a positive budget; 0 keeps no text)
@@ -188,6 +189,7 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
     def _postprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
+        nodes = sup.scored_nodes(nodes)
         if not nodes:
             return []
         engine = self.get_engine()
@@ -198,6 +200,7 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
     async def _apostprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
+        nodes = sup.scored_nodes(nodes)
         if not nodes:
             return []
         engine = self._loaded() or await asyncio.to_thread(self.get_engine)  # loads off the event loop

@@ -6,12 +6,13 @@ import asyncio
 import logging
 import multiprocessing
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
 from llama_index.core.schema import BaseNode, MetadataMode, TransformComponent
 
 from semtoken_rag import SemToken, SemTokenConfig
+from semtoken_rag.config import NotBool
 from semtoken_rag.registry import shared_engine
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class SemTokenFingerprinter(TransformComponent):
     config: SemTokenConfig | None = Field(
         default=None, description="Engine configuration (its store is where fingerprints go); None: the "
                                   "process-wide default engine.")
-    batch_size: int = Field(default=256, ge=1, description="Texts fingerprinted per encoder pass group.")
+    batch_size: Annotated[int, NotBool] = Field(default=256, ge=1, description="Texts fingerprinted per encoder pass group.")
 
     _engine: SemToken | None = PrivateAttr(default=None)
     _encoded: int = PrivateAttr(default=0)
@@ -87,6 +88,8 @@ class SemTokenFingerprinter(TransformComponent):
 
     def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
         """Fingerprint ``nodes`` into the store and return them as they are."""
+        if isinstance(nodes, (BaseNode, str, bytes)):
+            raise TypeError(f"nodes must be a sequence of BaseNode, got a single {type(nodes).__name__}")
         nodes = list(nodes)
         for i, n in enumerate(nodes):
             if not isinstance(n, BaseNode):
