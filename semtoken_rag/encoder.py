@@ -57,9 +57,9 @@ def cpu_has_amx() -> bool:
 
 def auto_dtype(device: torch.device) -> str:
     """The encoder precision ``dtype="auto"`` picks: float16 on CUDA; bfloat16 on a CPU with AMX, where the
-    encoder pass of 20 NQ passages took 129.9 ms against float32's 295.3 ms on 2 cores, side by side
-    (2026-12-01, down-projections row-blocked), with the same answers on NQ questions 150-440 (README); float32 on other CPUs, whose bfloat16 products are
-    emulated and slower.
+    encoder pass of 20 NQ passages takes 0.38x float32's on 2 cores, both row-blocked (``python -m
+    benchmarks.precision``: 107.8 against 291.5 ms), with the same answers on NQ questions 150-440
+    (README); float32 on other CPUs, whose bfloat16 products are emulated and slower.
 
     >>> auto_dtype(torch.device("cuda"))
     'float16'
@@ -73,7 +73,8 @@ def auto_dtype(device: torch.device) -> str:
 
 # rows per matrix product of a bfloat16 down-projection on CPU (_RowBlockedLinear). On the 2-core Xeon with
 # AMX, 20 NQ passages, one experiment (2026-12-01): 1024 rows the fastest of 384 / 512 / 1024 (about 120,
-# 121 and 108 ms a pass against 105 unblocked); side by side in the engine, 129.9 ms against 108.6 unblocked
+# 121 and 108 ms a pass against 105 unblocked); python -m benchmarks.precision measures the cost (1.07x
+# unblocked in float32, 1.13x in bfloat16, 2026-12-02)
 _ROW_BLOCK = 1024
 
 
@@ -94,8 +95,8 @@ class _RowBlockedLinear(torch.nn.Module):
     (:func:`_same_rows`): fixed, or a :class:`_Tails` that probes them for each torch thread count (the
     kernels split products by thread count too: tails found at 1 thread rounded otherwise at 2). The rows
     left after the full blocks go to the smallest of them that holds them. A query (one row of 32 tokens)
-    then costs a 32-row product, not a 1024-row one: 8.6 ms against 30.5 for one query's pass on the 2-core
-    Xeon, the same vectors bit for bit. Full blocks are computed on the input in place; only the tail is
+    then costs a 32-row product, not a 1024-row one (a query's pass 7.3 ms in bfloat16 on the 2-core Xeon
+    against 6.9 unblocked, ``python -m benchmarks.precision``), the same vectors bit for bit. Full blocks are computed on the input in place; only the tail is
     copied (padded).
     """
 

@@ -173,3 +173,24 @@ def _assert_independent_of_batches(engine) -> None:
                 engine.encoder.encode(texts[:2], queries[::-1])[1][::-1]):
         for (pooled, tokens), (pooled1, tokens1) in zip(got, own):
             assert torch.equal(pooled, pooled1) and torch.equal(tokens, tokens1)
+
+
+@pytest.mark.slow
+def test_precision_benchmark_runs_and_its_blocked_variants_keep_batch_independence(tmp_path):
+    """``python -m benchmarks.precision`` on one held-out question: every variant timed, and the row-blocked
+    ones (the engine's default) give each passage the same fingerprints alone and in its batch."""
+    from benchmarks.data import resolve_data_dir
+    from benchmarks.precision import _unblocked, main
+
+    try:
+        resolve_data_dir()
+    except FileNotFoundError:
+        pytest.skip("NQ data not found (../shared/data next to the clone)")
+    plain = _unblocked(SemToken(SemTokenConfig(device="cpu", dtype="float32")))
+    assert not any(isinstance(m, enc_mod._RowBlockedLinear) for m in plain.encoder.model.modules())
+    out = main(["--n", "1", "--identity-n", "1", "--json", str(tmp_path / "p.json")])
+    assert out["questions"] == "150-150" and (tmp_path / "p.json").is_file()
+    for name, v in out["variants"].items():
+        assert v["pass_median_ms"] > 0 and v["query_pass_median_ms"] > 0
+        if name.endswith(" blocked"):
+            assert v["identical_alone_and_batched"] == "20/20", name
