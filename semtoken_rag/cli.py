@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine_opts = argparse.ArgumentParser(add_help=False)
     engine_opts.add_argument("--device", default=None,
                              help="torch device: cpu, cuda, cuda:1... (default: CUDA if present, else CPU)")
-    engine_opts.add_argument("--cache-dir", default=None, type=Path,
+    engine_opts.add_argument("--cache-dir", default=None, type=_cache_dir,
                              help="directory persisting fingerprints across runs (default: memory only)")
     add_encoder_options(engine_opts)
 
@@ -282,6 +282,13 @@ def _preview(text: str, answers: Sequence[str], width: int = 110) -> str:
 
 
 # -- commands ------------------------------------------------------------------------------------------
+def _cache_dir(value: str) -> Path:
+    """``--cache-dir``: a path, not empty (``Path("")`` is the working directory: an unset variable)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must be a directory path, got an empty string")
+    return Path(value)
+
+
 def _argument_text(value: str | None, option: str) -> str | None:
     """A text argument as UTF-8 text: bytes that are not UTF-8 reach Python's argv as lone surrogates,
     which no output (JSON, HTML) can encode."""

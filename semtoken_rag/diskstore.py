@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .fileformat import CacheEntry, CorruptEntry, decode_entry, encode_entry
+from .fileformat import CacheEntry, CorruptEntry, decode_entry, encode_entry, header_size, starts_entry
 from .keys import check_key
 from .store import FingerprintStore, StoreStats, WarnOnce
 
@@ -126,8 +126,20 @@ class DirectoryStore(FingerprintStore):
         return entry
 
     def has_many(self, keys: Sequence[str]) -> list[bool]:
-        """Which entry files exist (not read: a corrupt one is found when it is read)."""
-        return [self._file(check_key(k)).is_file() for k in keys]
+        """Which entry files hold an entry of this format for their key: only the header is read (an older
+        version's file or garbage is not stored, so a pre-warm rewrites it; a body damaged after its
+        header is found, counted and rewritten when it is read)."""
+        return [self._starts_entry(check_key(k)) for k in keys]
+
+    def _starts_entry(self, key: str) -> bool:
+        path = self._file(key)
+        try:
+            if not path.is_file():  # (missing, a directory; a FIFO would block open())
+                return False
+            with open(path, "rb") as f:
+                return starts_entry(f.read(header_size(key)), key)
+        except OSError:  # (unreadable, or gone meanwhile: not stored)
+            return False
 
     def put_many(self, items: Iterable[tuple[str, CacheEntry]]) -> None:
         for key, entry in items:

@@ -171,6 +171,30 @@ def encode_entry(key: str, entry: CacheEntry) -> bytes:
     return body + checksum(body)
 
 
+def header_size(key: str) -> int:
+    """Bytes at the start of an entry for ``key`` that :func:`starts_entry` reads (magic, header, key)."""
+    return _START + len(key)
+
+
+def starts_entry(data: bytes, key: str) -> bool:
+    """Whether ``data`` (an entry's first :func:`header_size` bytes, or more) begins an entry of this
+    format version for ``key``: what a store checks to tell a usable entry from one of an older version,
+    of another key or garbage without reading it all (the checksum is checked when it is read).
+
+    >>> import numpy as np
+    >>> data = encode_entry("abcd1234", CacheEntry({"units": np.zeros((1, 2), np.int32)}))
+    >>> starts_entry(data[:header_size("abcd1234")], "abcd1234"), starts_entry(data, "dcba4321")
+    (True, False)
+    >>> starts_entry(b"garbage", "abcd1234"), starts_entry(data[:10], "abcd1234")
+    (False, False)
+    """
+    kb = key.encode("ascii")
+    if len(data) < _START + len(kb) or data[:len(MAGIC)] != MAGIC:
+        return False
+    version, key_len, _, _, _ = _HEADER.unpack_from(data, len(MAGIC))
+    return version == FORMAT_VERSION and key_len == len(kb) and data[_START:_START + len(kb)] == kb
+
+
 def decode_entry(data: bytes, key: str) -> CacheEntry:
     """Parse bytes written by :func:`encode_entry` for ``key``; :class:`CorruptEntry` if they are not.
 

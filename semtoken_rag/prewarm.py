@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,6 +109,8 @@ def read_texts(path: str | os.PathLike[str], text_field: str = "text") -> Iterat
                         yield _text(record, text_field, f"{path}:{n}")
         except UnicodeDecodeError as e:
             raise CorpusError(f"{path}: not UTF-8 text ({e.reason}) at or after line {n + 1}") from None
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # (not OSErrors but BadGzipFile: a damaged .gz)
+            raise CorpusError(f"{path}: not a readable gzip file ({e}) at or after line {n + 1}") from None
         return
     try:
         import pyarrow.parquet as pq

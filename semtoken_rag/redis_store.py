@@ -24,7 +24,15 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .fileformat import FORMAT_VERSION, CacheEntry, CorruptEntry, decode_entry, encode_entry
+from .fileformat import (
+    FORMAT_VERSION,
+    CacheEntry,
+    CorruptEntry,
+    decode_entry,
+    encode_entry,
+    header_size,
+    starts_entry,
+)
 from .keys import check_key
 from .store import FingerprintStore, StoreStats
 
@@ -32,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 _PIPELINE_BYTES = 4 * 2**20  # flush a write pipeline past this many value bytes
 _SCAN_COUNT = 1000
+_SETUP_REFUSALS = frozenset({"NOAUTH", "WRONGPASS", "NOPERM"})  # replies that come before any command runs
 
 
 def _redis() -> Any:
@@ -104,7 +113,9 @@ class RedisStore(FingerprintStore):
         self.ttl_ms = None if ttl_seconds is None else max(1, round(ttl_seconds * 1000))
         self.timeout_seconds = float(timeout_seconds)
         self._backoff = (float(backoff_seconds), float(max_backoff_seconds))
-        self._faults = (redis.ConnectionError, redis.TimeoutError, OSError)
+        # faults open the back-off window: the store cannot be reached, or what answers is not a Redis that
+        # takes our commands (InvalidResponse: another service at the URL)
+        self._faults = (redis.ConnectionError, redis.TimeoutError, OSError, redis.exceptions.InvalidResponse)
         self._response_error = redis.ResponseError
         self.client = client if client is not None else redis.Redis.from_url(
             url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds,
@@ -164,7 +175,7 @@ class RedisStore(FingerprintStore):
             self._fault("get", e)
             return [None] * len(keys)
         except self._response_error as e:
-            self._count_error("response", "get", e)
+            self._refused("get", e)
             return [None] * len(keys)
         self._ok()
         if not isinstance(values, list) or len(values) != len(keys):
@@ -186,6 +197,15 @@ class RedisStore(FingerprintStore):
                             "rebuilt", self.prefix, key[:16], e)
             return None
 
+    def _refused(self, what: str, error: BaseException) -> None:
+        """A command refused: the connection's own set-up (no or wrong password, a database the server does
+        not have) fails every command alike, so it opens the back-off window as a fault does; any other
+        refusal (``OOM`` for a write) is counted and the next call asks again."""
+        if str(error).split(" ", 1)[0].upper() in _SETUP_REFUSALS or "DB index" in str(error):
+            self._fault(what, error)
+        else:
+            self._count_error("response", what, error)
+
     def _count_error(self, category: str, what: str, error: BaseException) -> None:
         with self._lock:
             self._errors += 1
@@ -193,20 +213,25 @@ class RedisStore(FingerprintStore):
                         self.url, what, type(error).__name__, error)
 
     def has_many(self, keys: Sequence[str]) -> list[bool]:
-        """Which keys the store holds (pipelined ``EXISTS``, no values sent); ``False`` on a fault."""
+        """Which keys hold an entry of this format for their key: pipelined ``GETRANGE`` of each value's
+        header (tens of bytes, not the value), so garbage or an entry another writer got wrong under our
+        key is not stored and a pre-warm rewrites it; ``False`` on a fault."""
         keys = [check_key(k) for k in keys]
         if not keys or not self._available():
             return [False] * len(keys)
         pipe = self.client.pipeline(transaction=False)
         for k in keys:
-            pipe.exists(self.prefix + k)
+            pipe.getrange(self.prefix + k, 0, header_size(k) - 1)
         try:
             found = pipe.execute(raise_on_error=False)
         except self._faults as e:
             self._fault("exists", e)
             return [False] * len(keys)
+        except self._response_error as e:
+            self._refused("exists", e)
+            return [False] * len(keys)
         self._ok()
-        return [f == 1 for f in found]
+        return [isinstance(f, (bytes, bytearray)) and starts_entry(bytes(f), k) for f, k in zip(found, keys)]
 
     def put_many(self, items: Iterable[tuple[str, CacheEntry]]) -> None:
         """``SET`` every entry in pipelines of a few MB; faults are counted, never raised."""
@@ -233,6 +258,9 @@ class RedisStore(FingerprintStore):
             results = pipe.execute(raise_on_error=False)
         except self._faults as e:
             self._fault("put", e)
+            return
+        except self._response_error as e:
+            self._refused("put", e)
             return
         self._ok()
         refused = [r for r in results if isinstance(r, Exception)]

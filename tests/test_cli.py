@@ -183,6 +183,16 @@ def test_a_query_that_is_not_utf8_is_a_user_error(run, files, tmp_path):
     assert not (tmp_path / "o.html").exists()
 
 
+def test_an_empty_cache_dir_is_refused_not_the_working_directory(run, files, tmp_path, monkeypatch):
+    """``--cache-dir "$UNSET"`` was ``Path("")``, the working directory, filled with shard folders."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["compress", "--device", "cpu", "--cache-dir", "", "-q", QUERY, files[0]])
+    assert exit_.value.code == 2 and list(work.iterdir()) == []
+
+
 def test_empty_input_prints_a_sensible_summary(run):
     code, out, err = run("--query", QUERY, stdin="\n  \n")
     assert code == 0 and out.strip() == ""

@@ -52,6 +52,14 @@ def test_read_texts_formats_and_errors(tmp_path, texts):
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"latin1\.jsonl: not UTF-8 text \(invalid continuation byte\)"):
         list(read_texts(tmp_path / "latin1.jsonl"))
+    whole = gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[:60])  # EOFError, not an OSError
+    damaged = bytearray(whole)
+    damaged[20:40] = bytes(20)  # zlib.error
+    (tmp_path / "damaged.jsonl.gz").write_bytes(bytes(damaged))
+    for name in ("cut.jsonl.gz", "damaged.jsonl.gz"):
+        with pytest.raises(ValueError, match=rf"{name.replace('.', r'[.]')}: not a readable gzip file"):
+            list(read_texts(tmp_path / name))
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(ValueError, match=r"bad\.parquet: not a readable Parquet file"):
         list(read_texts(tmp_path / "bad.parquet"))
@@ -105,6 +113,10 @@ def test_cli_prewarm(tmp_path, redis_url, texts, capsys):
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
     assert main(["prewarm", str(tmp_path / "latin1.jsonl"), "--store", redis_url, "--quiet"]) == 2
     assert "not UTF-8 text" in capsys.readouterr().err
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a chunk"}\n' * 50)[:40])
+    assert main(["prewarm", str(tmp_path / "cut.jsonl.gz"), "--store", redis_url, "--quiet"]) == 2  # (was 1,
+    err = capsys.readouterr().err  # a traceback: exit 1 is the status of a store fault)
+    assert "not a readable gzip file" in err and err.count("\n") == 1
     plain = _jsonl(tmp_path / "plain.jsonl", texts[:2])
     a_file = tmp_path / "a-file"
     a_file.write_text("not a directory", encoding="utf-8")

@@ -90,6 +90,9 @@ def test_garbage_values_are_counted_misses(redis_url, redis_server, caplog):
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1  # logged once
     store.put(_key(0), _entry(0))  # the engine re-encodes and overwrites
     assert _same(store.get(_key(0)), _entry(0))
+    # what a pre-warm skips: only entries of this format for their key (garbage, another key's bytes and a
+    # list were "stored" to EXISTS, so a pre-warm left them and replicas missed every time)
+    assert store.has_many([_key(i) for i in range(6)]) == [True, False, False, False, False, False]
 
 
 def test_down_at_start_never_raises_and_backs_off(caplog):
@@ -163,3 +166,42 @@ def test_bad_arguments_raise_clearly():
         store.put_many([(_key(1), b"bytes")])
     assert safe_url("redis://:hunter2@h:1/0") == "redis://:***@h:1/0"
     assert "hunter2" not in repr(RedisStore("redis://:hunter2@127.0.0.1:1/0", namespace="enc"))
+
+
+def test_something_else_at_the_url_or_a_missing_database_backs_off(redis_url, caplog):
+    """A server that is not Redis (InvalidResponse) or a database it does not have (a refusal before any
+    command runs) fails every call alike: one fault, then the back-off window, not two reconnects a call."""
+    import socket
+    import threading
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            with conn:
+                try:
+                    conn.recv(4096)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        host, port, _ = redis_url.removeprefix("redis://").replace("/", ":").split(":")
+        for url in (f"redis://127.0.0.1:{srv.getsockname()[1]}/0", f"redis://{host}:{port}/99"):
+            store = RedisStore(url, namespace="enc", timeout_seconds=0.5, backoff_seconds=5)
+            with caplog.at_level(logging.WARNING, logger="semtoken_rag.redis_store"):
+                for _ in range(5):
+                    assert store.get_many([_key(1)]) == [None]
+                    store.put(_key(1), _entry(1))
+                    assert store.has_many([_key(1)]) == [False]
+            assert store.stats().errors == 1 and store.skipped == 14 and not store.available, url
+        assert len(accepted) == 1
+    finally:
+        srv.close()
