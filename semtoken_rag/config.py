@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +43,31 @@ def reject_bool(value: Any) -> Any:
 
 #: ``Annotated[int | None, NotBool]``: a number field that refuses bools (the integrations' knobs)
 NotBool = BeforeValidator(reject_bool)
+
+
+def sequence_of(values: Any, kind: type, name: str, hint: Callable[[Any], str] | None = None) -> list:
+    """``values`` as a list of ``kind`` items (what the integrations are given: documents, nodes), or a
+    ``TypeError`` naming the first item that is not one (``hint(item)`` may add how to fix it), or saying
+    that a single item (or a string) came where the sequence belongs.
+
+    >>> sequence_of(("a", "b"), str, "ids")
+    ['a', 'b']
+    >>> sequence_of(["a", 2], str, "ids")
+    Traceback (most recent call last):
+    ...
+    TypeError: ids[1] must be a str, got int
+    """
+    if isinstance(values, (kind, str, bytes)):
+        raise TypeError(f"{name} must be a sequence of {kind.__name__}, got a single {type(values).__name__}")
+    try:
+        out = list(values)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of {kind.__name__}, got {type(values).__name__}") from None
+    for i, v in enumerate(out):
+        if not isinstance(v, kind):
+            raise TypeError(f"{name}[{i}] must be a {kind.__name__}, got {type(v).__name__}"
+                            + (hint(v) if hint is not None else ""))
+    return out
 
 
 def _numeric(annotation: Any) -> bool:

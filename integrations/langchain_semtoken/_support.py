@@ -12,6 +12,7 @@ from langchain_core.documents import Document
 from langchain_core.runnables.config import ensure_config
 
 from semtoken_rag import CompressionResult, SemToken, SemTokenConfig
+from semtoken_rag.config import sequence_of
 
 EVENT_NAME = "semtoken_compression"
 CONVERSATION_KEY = "semtoken_conversation_id"  # namespaced: LangSmith groups threads by "conversation_id"
@@ -19,13 +20,7 @@ CONVERSATION_KEY = "semtoken_conversation_id"  # namespaced: LangSmith groups th
 
 def documents_of(documents: Any) -> list[Document]:
     """``documents`` as a list, each checked to be a ``Document`` (a clear error naming the first that is not)."""
-    if isinstance(documents, (Document, str, bytes)):
-        raise TypeError(f"documents must be a sequence of Document, got a single {type(documents).__name__}")
-    docs = list(documents)
-    for i, d in enumerate(docs):
-        if not isinstance(d, Document):
-            raise TypeError(f"documents[{i}] must be a Document, got {type(d).__name__}")
-    return docs
+    return sequence_of(documents, Document, "documents")
 
 
 def engine_config(config: SemTokenConfig | None, **overrides: Any) -> SemTokenConfig:

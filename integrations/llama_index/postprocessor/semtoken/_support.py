@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore
 
 from semtoken_rag import CompressionResult, SemToken, SemTokenConfig
+from semtoken_rag.config import sequence_of
 
 METADATA_KEY = "semtoken"
 SEPARATOR = "\n\n"  # how LlamaIndex's synthesizers and chat engines join node contents
@@ -74,14 +76,10 @@ def _is_llamaindex_default(tok: Any) -> bool:
 
 def scored_nodes(nodes: Any) -> list[NodeWithScore]:
     """``nodes`` as a list, each checked to be a ``NodeWithScore`` (what a postprocessor is given)."""
-    if isinstance(nodes, (NodeWithScore, BaseNode, str, bytes)):
+    if isinstance(nodes, BaseNode):
         raise TypeError(f"nodes must be a sequence of NodeWithScore, got a single {type(nodes).__name__}")
-    out = list(nodes)
-    for i, n in enumerate(out):
-        if not isinstance(n, NodeWithScore):
-            hint = " (wrap it: NodeWithScore(node=...))" if isinstance(n, BaseNode) else ""
-            raise TypeError(f"nodes[{i}] must be a NodeWithScore, got {type(n).__name__}{hint}")
-    return out
+    return sequence_of(nodes, NodeWithScore, "nodes",
+                       lambda n: " (wrap it: NodeWithScore(node=...))" if isinstance(n, BaseNode) else "")
 
 
 def engine_config(config: SemTokenConfig | None, **overrides: Any) -> SemTokenConfig:
@@ -121,7 +119,7 @@ def plan(engine: SemToken, nodes: list[NodeWithScore], mode: MetadataMode, rate:
 
 
 def context_excess(engine: SemToken, nodes: list[NodeWithScore], mode: MetadataMode, passed: list[bool],
-                   limit: int) -> Any:
+                   limit: int) -> Callable[[list[str]], int]:
     """The engine's check of what the LLM reads: each node that keeps text as LlamaIndex shows it in
     ``mode`` (its header and the kept text, stripped), the passed-through nodes as they are, joined by
     :data:`SEPARATOR` and counted whole, minus the budget. The per-node charges are an estimate that a

@@ -12,7 +12,7 @@ from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
 from llama_index.core.schema import BaseNode, MetadataMode, TransformComponent
 
 from semtoken_rag import SemToken, SemTokenConfig
-from semtoken_rag.config import NotBool
+from semtoken_rag.config import NotBool, sequence_of
 from semtoken_rag.registry import shared_engine
 
 logger = logging.getLogger(__name__)
@@ -88,12 +88,7 @@ class SemTokenFingerprinter(TransformComponent):
 
     def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
         """Fingerprint ``nodes`` into the store and return them as they are."""
-        if isinstance(nodes, (BaseNode, str, bytes)):
-            raise TypeError(f"nodes must be a sequence of BaseNode, got a single {type(nodes).__name__}")
-        nodes = list(nodes)
-        for i, n in enumerate(nodes):
-            if not isinstance(n, BaseNode):
-                raise TypeError(f"nodes[{i}] must be a llama_index BaseNode, got {type(n).__name__}")
+        nodes = sequence_of(nodes, BaseNode, "nodes")
         global _WARNED
         engine = self.engine
         cfg = engine.config
