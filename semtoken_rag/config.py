@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from .redis_store import check_database
 from .structure import compile_patterns
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
@@ -303,7 +304,9 @@ class SemTokenConfig(BaseModel):
                     "directory (a path or file:// URL, as cache_dir). A store fault (down, slow, evicting, "
                     "garbage) is a miss: the call encodes locally. None: cache_dir, else memory only.")
     store_ttl_seconds: float | None = Field(
-        None, gt=0, description="Redis entries expire this long after they are written (None: never).")
+        None, ge=0.001,
+        description="Redis entries expire this long after they are written, at least 0.001 (Redis counts "
+                    "milliseconds; None: never).")
     store_timeout_seconds: float = Field(
         0.1, gt=0, le=10,
         description="Connect and read timeout of each Redis command (a call makes at most a read and a "
@@ -363,6 +366,8 @@ class SemTokenConfig(BaseModel):
         if not value.strip() or (scheme is not None and scheme not in STORE_SCHEMES):
             raise ValueError(f"store={value!r} is not supported: give redis://host:port/db, rediss://..., "
                              "unix:///path.sock, a directory path or a file:// URL")
+        if scheme in ("redis", "rediss", "unix"):
+            check_database(value)
         return value
 
     @model_validator(mode="after")

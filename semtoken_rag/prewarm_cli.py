@@ -87,15 +87,16 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    summary = (f"{report.passages} passages into {config.store}: {report.encoded} encoded, "
+               f"{report.skipped} already stored or blank, {report.seconds:.1f} s "
+               f"({report.passages_per_second:.0f} passages/s{' on Ray' if report.ray else ''})")
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
-    else:
-        print(f"pre-warmed {report.passages} passages into {config.store}: {report.encoded} encoded, "
-              f"{report.skipped} already stored or blank, {report.seconds:.1f} s "
-              f"({report.passages_per_second:.0f} passages/s{' on Ray' if report.ray else ''})")
-    if report.store_errors:  # the command's one job is the store: its faults fail the run
+    elif not report.store_errors:
+        print(f"pre-warmed {summary}")
+    if report.store_errors:  # the command's one job is the store: its faults fail the run (no success line)
         print(f"{PROG}: error: {report.store_errors} fault(s) of the store {config.store} during the run: "
-              "fingerprints may be missing from it (see the warnings above); run again once it works",
-              file=sys.stderr)
+              "fingerprints may be missing from it (see the warnings above); run again once it works "
+              f"(read {summary})", file=sys.stderr)
         return 1
     return 0

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .fileformat import (
     FORMAT_VERSION,
@@ -59,6 +60,25 @@ def safe_url(url: str) -> str:
     'redis://user:***@cache:6379/0'
     """
     return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def check_database(url: str) -> None:
+    """Refuse a database that is not a plain number (redis-py reads ``/abc`` as database 0 and ``/1/2``
+    as 12, so a typo silently shares another database).
+
+    >>> check_database("redis://cache:6379/3"), check_database("unix:///run/redis.sock?db=2")
+    (None, None)
+    >>> check_database("redis://cache:6379/cache")
+    Traceback (most recent call last):
+    ValueError: redis://cache:6379/cache: the database must be a number (redis://host:port/0), got 'cache'
+    """
+    parsed = urlsplit(url)
+    dbs = [v for k, v in parse_qsl(parsed.query, keep_blank_values=True) if k == "db"]
+    if parsed.scheme != "unix" and parsed.path not in ("", "/"):
+        dbs.append(unquote(parsed.path[1:]))
+    for db in dbs:
+        if not (db.isascii() and db.isdigit()):
+            raise ValueError(f"{safe_url(url)}: the database must be a number (redis://host:port/0), got {db!r}")
 
 
 def encoder_tag(namespace: str) -> str:
@@ -107,6 +127,7 @@ class RedisStore(FingerprintStore):
         if ttl_seconds is not None and (isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float))
                                         or not ttl_seconds >= 0.001):
             raise ValueError(f"ttl_seconds must be a number >= 0.001 or None, got {ttl_seconds!r}")
+        check_database(url)
         redis = _redis()
         self.url = safe_url(url)
         self.prefix = f"semtoken-rag:fp{FORMAT_VERSION}:{encoder_tag(namespace)}:"

@@ -127,6 +127,10 @@ def test_cli_prewarm(tmp_path, redis_url, texts, capsys):
         captured = capsys.readouterr()
         assert json.loads(captured.out)["store_errors"] > 0
         assert "fault(s) of the store" in captured.err and "fingerprints may be missing" in captured.err
+    # without --json a failed run prints no success line: its counts go into the error line
+    assert main(["prewarm", str(plain), "--store", str(a_file), "--quiet", "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    assert "pre-warmed" not in captured.out and "(read 2 passages into" in captured.err
     with pytest.raises(SystemExit):
         main(["prewarm", str(corpus)])  # --store is required
 

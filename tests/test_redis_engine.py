@@ -136,6 +136,14 @@ def test_store_config(tmp_path, redis_url):
         SemTokenConfig(store=redis_url, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="store_timeout_seconds"):
         SemTokenConfig(store=redis_url, store_timeout_seconds=0)
+    # Redis counts milliseconds: a shorter TTL was accepted here and refused when the store opened
+    with pytest.raises(ValueError, match="store_ttl_seconds"):
+        SemTokenConfig(store=redis_url, store_ttl_seconds=0.0005)
+    # redis-py reads a database that is not a number as 0 ("/1/2" as 12): another database, silently
+    for bad in ("redis://cache:6379/fingerprints", "redis://cache:6379/1/2", "unix:///run/r.sock?db=x"):
+        with pytest.raises(ValueError, match="database must be a number"):
+            SemTokenConfig(store=bad)
+    assert SemTokenConfig(store="unix:///run/r.sock?db=2").store == "unix:///run/r.sock?db=2"
     engine = SemToken(SemTokenConfig(device="cpu", store=(tmp_path / "fp").as_uri()))
     assert isinstance(engine.cache.backend, DirectoryStore) and engine.cache.backend.path == tmp_path / "fp"
     assert SemToken(SemTokenConfig(device="cpu", store=redis_url, store_ttl_seconds=60)).cache.backend.ttl_ms \

@@ -159,6 +159,8 @@ def test_bad_arguments_raise_clearly():
         RedisStore("redis://127.0.0.1:1/0", namespace="enc", timeout_seconds=0)
     with pytest.raises(ValueError, match="ttl_seconds"):
         RedisStore("redis://127.0.0.1:1/0", namespace="enc", ttl_seconds=-1)
+    with pytest.raises(ValueError, match="database must be a number.*'abc'"):
+        RedisStore("redis://:hunter2@127.0.0.1:1/abc", namespace="enc")
     store = RedisStore("redis://127.0.0.1:1/0", namespace="enc")
     with pytest.raises(ValueError, match="cache keys"):
         store.get_many(["../etc/passwd"])
