@@ -6,8 +6,8 @@ On NQ questions 150-440 (the held-out part; 20 passages each) it measures the en
 a cold and a warm ``compress`` (median, p95), ``compress_many`` throughput at 1/8/64/256 queries a
 call with all chunks new and all cached, 32 concurrent ``acompress`` calls, fingerprinting tokens/s at
 batch 32/128/512 (8/16/32/128 on CPU), answer recall at rates 0.5/0.33/0.2 (answer in the kept context) with the budget
-checked, and, when the encoder runs below float32 (float16 on CUDA by default, ``--dtype bfloat16`` on a
-CPU with AMX), the agreement of its kept contexts with float32's. Writes
+checked, and, when the encoder runs below float32 (float16 on CUDA by default, bfloat16 on a CPU with AMX
+or AVX-512 BF16), the agreement of its kept contexts with float32's. Writes
 ``benchmarks/results/<name>.json`` and ``<name>.md`` with the device, torch and CUDA versions, the
 date, the command and the load average.
 
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="folder holding the NQ file (default ../shared/data; GPU box: .gpu/data)")
     ap.add_argument("--rate", type=float, default=0.33, help="rate of the latency and throughput runs")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                    help="encoder precision (default auto: float16 on CUDA; bfloat16 on a CPU with AMX, else float32)")
+                    help="encoder precision (default auto: float16 on CUDA; bfloat16 on a CPU with AMX or AVX-512 BF16, else float32)")
     ap.add_argument("--fp32-n", type=int, default=60,
                     help="questions for the agreement with float32 (when the encoder runs below it)")
     ap.add_argument("--name", default="gpu", help="results file stem (e.g. gpu_cpu for the CPU run)")

@@ -4,8 +4,9 @@
 
 On NQ questions 150 on (20 passages each) it times, alternating the variants question by question:
 the encoder pass over a question's passages (``Encoder.forward_seconds``) and one query's own pass
-(``Encoder.embed_queries``), for float32 and, on a CPU with AMX, bfloat16, each row-blocked (the engine's
-default on CPU, ``_RowBlockedLinear``) and unblocked (plain ``torch.nn.Linear``). It also counts the
+(``Encoder.embed_queries``), for float32 and, on a CPU with bfloat16 matrix instructions (AMX or
+AVX-512 BF16), bfloat16, each row-blocked (the engine's default on CPU, ``_RowBlockedLinear``) and
+unblocked (plain ``torch.nn.Linear``). It also counts the
 passages whose fingerprints are bit-identical alone and inside their question's batch, the property row
 blocking is there for. Medians and medians of per-question ratios; needs ``../shared/data``.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from semtoken_rag import SemToken, SemTokenConfig
-from semtoken_rag.encoder import _RowBlockedLinear, auto_dtype
+from semtoken_rag.encoder import _RowBlockedLinear, auto_dtype, cpu_bf16_units
 
 from .data import EVAL, load_nq, main_guard
 
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m benchmarks.precision " + " ".join(shlex.quote(a) for a in
                                                               (sys.argv[1:] if argv is None else argv)),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg())},
+                    "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),
+                    "bf16_units": cpu_bf16_units()},
         "variants": {name: {
             "pass_median_ms": statistics.median(passes[name]) * 1000,
             "query_pass_median_ms": statistics.median(queries[name]) * 1000,

@@ -145,9 +145,9 @@ def add_encoder_options(parser: argparse.ArgumentParser) -> None:
                         help="encoder model: all-MiniLM-L6-v2 (bundled, the default), a local model folder, or an "
                              "installed package that ships one")
     parser.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
-                        help="encoder precision (default auto: float16 on CUDA, bfloat16 on CPUs with AMX, else "
-                             "float32); fingerprints are stored per encoder and precision, so pre-warm with the "
-                             "--encoder and --dtype the replicas run")
+                        help="encoder precision (default auto: float16 on CUDA, bfloat16 on CPUs with AMX or "
+                             "AVX-512 BF16, else float32); fingerprints are stored per encoder and precision, so "
+                             "pre-warm with the --encoder and --dtype the replicas run")
 
 
 def encoder_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -188,10 +188,11 @@ def _split_blocks(text: str) -> list[str]:
 
 
 def _decode(data: bytes, name: str) -> str:
-    try:
-        return data.decode("utf-8")
+    try:  # (a byte-order mark is the file's encoding, not text of a chunk: utf-8-sig drops it)
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise CLIError(f"cannot read {name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        at = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)  # (counted after the mark)
+        raise CLIError(f"cannot read {name}: not UTF-8 text ({e.reason} at byte {at})") from None
 
 
 def _read_stdin() -> str:
@@ -246,13 +247,21 @@ def _summary(res: CompressionResult) -> str:
 
 def _write_json(data: dict) -> None:
     """JSON as UTF-8 bytes whatever stdout's encoding (the input was checked to be valid UTF-8)."""
-    text = json.dumps(data, ensure_ascii=False, indent=1) + "\n"
+    _write(json.dumps(data, ensure_ascii=False, indent=1))
+
+
+def _write(line: str) -> None:
+    """``line`` and a newline to stdout as UTF-8 bytes whatever its encoding: the chunks' text, the gap
+    marker " … " and the demo's passages are Unicode, which an ASCII or Latin-1 stdout cannot encode."""
+    text = line + "\n"
     buffer = getattr(sys.stdout, "buffer", None)
     if buffer is None:
         sys.stdout.write(text)
         return
     sys.stdout.flush()
-    buffer.write(text.encode("utf-8"))
+    data = memoryview(text.encode("utf-8"))
+    while data:  # a reader that leaves mid-write ends a write early without an error: the next one raises
+        data = data[buffer.write(data):]
     buffer.flush()
 
 
@@ -316,7 +325,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     if args.json:
         _write_json(res.to_dict(spans=args.spans))
     else:
-        print("\n\n".join(c.text.strip() for c in res.chunks if not c.is_empty))
+        _write("\n\n".join(c.text.strip() for c in res.chunks if not c.is_empty))
     if not args.quiet:
         print(f"{PROG}: {_summary(res)}", file=sys.stderr)
     return 0
@@ -345,8 +354,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise CLIError(f"no questions in {label}")
     engine = _engine(config)
     rate = args.rate if args.rate is not None else engine.config.rate
-    print(f"{PROG} demo: {len(questions)} question(s) x {len(questions[0].chunks)} retrieved passages from "
-          f"{label}; keeping {rate:.0%} of {engine.tokenizer.name} tokens on {engine.encoder.device}\n")
+    _write(f"{PROG} demo: {len(questions)} question(s) x {len(questions[0].chunks)} retrieved passages from "
+           f"{label}; keeping {rate:.0%} of {engine.tokenizer.name} tokens on {engine.encoder.device}\n")
     seconds, before, after, found = [], 0, 0, 0
     for i, q in enumerate(questions, 1):
         res = engine.compress(q.chunks, q.question, rate=rate)
@@ -358,17 +367,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         before, after, found = before + res.original_tokens, after + res.compressed_tokens, found + ok
         # the passage that still holds the answer, else what is left of the gold passage
         holder = next((c for c in res.chunks if answer_in(q.answers, c.text)), res.chunks[q.gold_index])
-        print(f"[{i}] {q.question.rstrip('?')}?\n"
-              f"    gold answer: {' | '.join(q.answers)} (gold passage #{q.gold_index} of {len(q.chunks)})\n"
-              f"    {_summary(res)}\n"
-              f"    answer kept: {'yes' if ok else 'NO'}; passage #{holder.index} "
-              f"({holder.original_tokens} -> {holder.compressed_tokens} tokens) kept: "
-              + (f"\"{_preview(holder.text, q.answers)}\"" if holder.text else "nothing") + "\n")
+        _write(f"[{i}] {q.question.rstrip('?')}?\n"
+               f"    gold answer: {' | '.join(q.answers)} (gold passage #{q.gold_index} of {len(q.chunks)})\n"
+               f"    {_summary(res)}\n"
+               f"    answer kept: {'yes' if ok else 'NO'}; passage #{holder.index} "
+               f"({holder.original_tokens} -> {holder.compressed_tokens} tokens) kept: "
+               + (f"\"{_preview(holder.text, q.answers)}\"" if holder.text else "nothing") + "\n")
     fewer = f", {before / after:.1f}x fewer" if after else ""
-    print(f"total: {before} -> {after} tokens ({after / max(before, 1):.1%}{fewer}); answer kept "
-          f"in {found}/{len(questions)}; median latency {statistics.median(seconds):.2f} s per question")
+    _write(f"total: {before} -> {after} tokens ({after / max(before, 1):.1%}{fewer}); answer kept "
+           f"in {found}/{len(questions)}; median latency {statistics.median(seconds):.2f} s per question")
     if args.html is not None:
-        print(f"wrote {args.html} (question 1)")
+        _write(f"wrote {args.html} (question 1)")
     return 0
 
 

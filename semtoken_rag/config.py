@@ -124,7 +124,7 @@ class SemTokenConfig(BaseModel):
         description="Default fraction of downstream-LLM tokens kept, in (0, 1]. Ignored when "
                     "target_tokens is given.")
     target_tokens: int | None = Field(
-        default=None, gt=0, description="Default absolute budget in downstream-LLM tokens (overrides rate).")
+        default=None, gt=0, le=2**53, description="Default absolute budget in downstream-LLM tokens (overrides rate).")
     tokenizer: Any = Field(
         default="llama3",
         description="Budget tokenizer: the downstream LLM's tokens. A name ('llama3', 'cl100k_base', "
@@ -144,10 +144,11 @@ class SemTokenConfig(BaseModel):
         default=None, description="Torch device ('cpu', 'cuda', 'cuda:1'...). None: CUDA when present, else CPU.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="Encoder precision. 'auto': float16 on CUDA; on CPU bfloat16 where the cores "
-                           "multiply it in hardware (Intel AMX: about 2.3x faster passes, the same answers on NQ), "
-                           "else float32 (semtoken_rag.encoder.auto_dtype). Fingerprints are cached per "
-                           "precision: pin one for CPU replicas that share a store across machines with and "
-                           "without AMX (CPU and CUDA replicas never share: they pad differently).")
+                           "multiply it in hardware (Intel AMX, or AVX-512 BF16 as on AMD Zen 4 on: about "
+                           "2.4-2.7x faster passes, the same answers on NQ), else float32 "
+                           "(semtoken_rag.encoder.auto_dtype). Fingerprints are cached per precision: pin one "
+                           "for CPU replicas that share a store across machines with and without those "
+                           "instructions (CPU and CUDA replicas never share: they pad differently).")
     max_length: int = Field(
         default=256, ge=16, le=8192,
         description="Encoder window in tokens (special tokens included); longer chunks are split "

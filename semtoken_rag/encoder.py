@@ -45,30 +45,44 @@ _BUNDLED_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 DEFAULT_BATCH_SIZE = {False: 16, True: 512}
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX tiles: Xeon from the 4th
-    generation, Sapphire Rapids, on), as torch reports it; False where torch cannot tell."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # (private in torch, so probed, never required)
+def _torch_cpu_probe(name: str) -> bool:
+    probe = getattr(torch.cpu, name, None)  # (private in torch, so probed, never required)
     try:
         return bool(probe()) if callable(probe) else False
     except Exception:  # noqa: BLE001 - an unknown build or platform: the safe answer
         return False
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has Intel AMX tiles (Xeon from the 4th generation, Sapphire Rapids, on), as torch
+    reports it; False where torch cannot tell."""
+    return _torch_cpu_probe("_is_amx_tile_supported")
+
+
+def cpu_bf16_units() -> str | None:
+    """The bfloat16 matrix instructions of this CPU, as torch reports them: ``"amx"`` (Intel AMX tiles),
+    ``"avx512_bf16"`` (AVX-512 BF16 dot products: AMD EPYC and Ryzen from Zen 4, Intel Cooper Lake), else
+    ``None`` (bfloat16 products would be emulated in float32, slower than float32 itself)."""
+    if cpu_has_amx():
+        return "amx"
+    return "avx512_bf16" if _torch_cpu_probe("_is_avx512_bf16_supported") else None
+
+
 def auto_dtype(device: torch.device) -> str:
-    """The encoder precision ``dtype="auto"`` picks: float16 on CUDA; bfloat16 on a CPU with AMX, where the
-    encoder pass of 20 NQ passages takes 0.38x float32's on 2 cores, both row-blocked (``python -m
-    benchmarks.precision``: 107.8 against 291.5 ms), with the same answers on NQ questions 150-440
-    (README); float32 on other CPUs, whose bfloat16 products are emulated and slower.
+    """The encoder precision ``dtype="auto"`` picks: float16 on CUDA; bfloat16 on a CPU with bfloat16 matrix
+    instructions (:func:`cpu_bf16_units`), where the row-blocked encoder pass of 20 NQ passages takes about
+    0.4x float32's on 2 cores with the same answers on NQ questions 150-440 (README; ``python -m
+    benchmarks.precision``): with AMX on a Xeon 107.8 against 291.5 ms, with AVX-512 BF16 on an AMD EPYC
+    180.9 against 455.4 ms; float32 on other CPUs (their bfloat16 products are emulated, slower).
 
     >>> auto_dtype(torch.device("cuda"))
     'float16'
-    >>> auto_dtype(torch.device("cpu")) == ("bfloat16" if cpu_has_amx() else "float32")
+    >>> auto_dtype(torch.device("cpu")) == ("float32" if cpu_bf16_units() is None else "bfloat16")
     True
     """
     if device.type == "cuda":
         return "float16"
-    return "bfloat16" if device.type == "cpu" and cpu_has_amx() else "float32"
+    return "bfloat16" if device.type == "cpu" and cpu_bf16_units() is not None else "float32"
 
 
 # rows per matrix product of a bfloat16 down-projection on CPU (_RowBlockedLinear). On the 2-core Xeon with
@@ -430,7 +444,9 @@ class Encoder:
                              "use device=None (auto) or 'cpu'")
         if dtype == "auto":
             dtype = auto_dtype(self.device)
-            logger.info("semtoken-rag encoder precision: %s on %s", dtype, self.device)
+            units = cpu_bf16_units() if self.device.type == "cpu" else None
+            logger.info("semtoken-rag encoder precision: %s on %s%s", dtype, self.device,
+                        f" ({units})" if units else "")
         self.dtype = getattr(torch, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         if not getattr(self.tokenizer, "is_fast", False):

@@ -538,8 +538,9 @@ class SemToken:
                                  or math.isnan(rate) or not 0.0 < float(rate) <= 1.0):
             raise ValueError(f"rate must be in (0, 1], got {rate!r}")
         if target is not None:
-            if isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer)) or target <= 0:
-                raise ValueError(f"target_tokens must be a positive int, got {target!r}")
+            if isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer)) \
+                    or not 0 < target <= _MAX_TOKENS:
+                raise ValueError(f"target_tokens must be a positive int of at most 2**53, got {target!r}")
             return 1.0, int(target)
         if rate is None:
             return self.config.rate, self.config.target_tokens

@@ -245,18 +245,39 @@ def test_console_script_rejects_non_utf8_stdin(tmp_path):
                                    "continuation byte at byte 3)\n"
 
 
+def test_console_script_writes_utf8_to_an_ascii_stdout_and_drops_a_byte_order_mark(tmp_path):
+    """A console whose encoding cannot hold the text (ASCII, Latin-1; the gap marker is not ASCII) got a
+    UnicodeEncodeError traceback in the text output, which --json already wrote as UTF-8; and a file's
+    byte-order mark went into its first chunk."""
+    src = tmp_path / "bom.txt"
+    src.write_bytes("\ufeffLe café coûte 3 €. Un thé coûte 2 €.\n\nDer Kaffee kostet 3 €.".encode("utf-8"))
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    done = subprocess.run([*_script(), "compress", "--device", "cpu", "--rate", "1", "--quiet", str(src)],
+                          capture_output=True, timeout=300, check=False, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert done.stdout.decode("utf-8") == "Le café coûte 3 €. Un thé coûte 2 €.\n\nDer Kaffee kostet 3 €.\n"
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xef\xbb\xbfcaf\xe9 au lait")
+    done = subprocess.run([*_script(), "compress", "--device", "cpu", str(bad)], capture_output=True, timeout=300,
+                          check=False, cwd=tmp_path, env=env)
+    assert done.returncode == 2 and b"continuation byte at byte 6)" in done.stderr  # (counted in the file)
+
+
 def test_console_script_into_a_closed_pipe_exits_quietly(tmp_path):
     """``semtoken-rag compress ... | head -c 5``: no BrokenPipeError traceback, SIGPIPE-like status."""
     text = "\n\n".join(f"Passage {i}. The value of item {i} is {i * 7}, measured in {1900 + i % 100}."
                          for i in range(2500))  # > 150 KiB of output at rate 1: more than a pipe holds
     src = tmp_path / "in.txt"
     src.write_text(text, encoding="utf-8")
-    line = f"{' '.join(_script())} compress --device cpu --rate 1 --quiet < {src} | head -c 5; " \
-           'echo " ${PIPESTATUS[0]}"'
-    done = subprocess.run(["bash", "-c", line],
-                          capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
-    assert done.stdout == "Passa 141\n", done.stdout
-    assert done.stderr == "", done.stderr
+    # (written as UTF-8 bytes: a reader leaving mid-write cut the one write short without an error, and
+    # --json exited 0 with its output cut)
+    for flag, head in (("", "Passa"), ("--json", '{\n "q')):
+        line = f"{' '.join(_script())} compress --device cpu --rate 1 --quiet {flag} < {src} | head -c 5; " \
+               'echo " ${PIPESTATUS[0]}"'
+        done = subprocess.run(["bash", "-c", line],
+                              capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
+        assert done.stdout == f"{head} 141\n", done.stdout
+        assert done.stderr == "", done.stderr
 
 
 def test_version(capsys):

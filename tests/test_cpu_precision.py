@@ -92,24 +92,31 @@ def test_only_the_narrowing_projections_are_replaced():
     assert kinds == ["Linear", "_RowBlockedLinear", "Linear", "_RowBlockedLinear"]
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_auto_dtype_on_cpu_follows_the_matrix_units(amx, monkeypatch, tiny_encoder):
-    monkeypatch.setattr(enc_mod, "cpu_has_amx", lambda: amx)
-    assert auto_dtype(torch.device("cpu")) == ("bfloat16" if amx else "float32")
+@pytest.mark.parametrize("amx, avx512_bf16", [(True, False), (True, True), (False, True), (False, False)])
+def test_auto_dtype_on_cpu_follows_the_matrix_units(amx, avx512_bf16, monkeypatch, tiny_encoder):
+    probes = {"_is_amx_tile_supported": lambda: amx, "_is_avx512_bf16_supported": lambda: avx512_bf16}
+    for name, probe in probes.items():
+        monkeypatch.setattr(torch.cpu, name, probe, raising=False)
+    assert enc_mod.cpu_bf16_units() == ("amx" if amx else "avx512_bf16" if avx512_bf16 else None)
+    bf16 = amx or avx512_bf16  # (either unit: bfloat16)
+    assert auto_dtype(torch.device("cpu")) == ("bfloat16" if bf16 else "float32")
     assert auto_dtype(torch.device("cuda")) == "float16"
     enc = Encoder(str(tiny_encoder), device="cpu", max_length=32, window_overlap=8)
-    assert enc.dtype == (torch.bfloat16 if amx else torch.float32)
+    assert enc.dtype == (torch.bfloat16 if bf16 else torch.float32)
     assert enc.row_blocked and "|rows-" in enc.identity  # (both CPU precisions, see below)
     assert next(enc.model.parameters()).dtype == enc.dtype
     pinned = Encoder(str(tiny_encoder), device="cpu", dtype="float32", max_length=32, window_overlap=8)
     assert pinned.dtype == torch.float32 and pinned.row_blocked == enc.row_blocked
-    assert (pinned.identity != enc.identity) == amx  # fingerprints of the two precisions are cached apart
+    assert (pinned.identity != enc.identity) == bf16  # fingerprints of the two precisions are cached apart
 
 
-def test_cpu_has_amx_is_a_bool_even_without_torch_support(monkeypatch):
+def test_cpu_probes_answer_even_without_torch_support(monkeypatch):
     assert isinstance(enc_mod.cpu_has_amx(), bool)
+    assert enc_mod.cpu_bf16_units() in ("amx", "avx512_bf16", None)
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
-    assert enc_mod.cpu_has_amx() is False
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: 1 / 0, raising=False)  # (a broken probe)
+    assert enc_mod.cpu_has_amx() is False and enc_mod.cpu_bf16_units() is None
+    assert auto_dtype(torch.device("cpu")) == "float32"
 
 
 def _same_results(a, b) -> bool:

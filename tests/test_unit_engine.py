@@ -142,8 +142,10 @@ def test_input_kinds_and_errors(tiny_engine):
         tiny_engine.compress(["ok", b"bytes"], "q")
     with pytest.raises(ValueError, match="rate must be in"):
         tiny_engine.compress(list(chunks), "q", rate=0.0)
-    with pytest.raises(ValueError, match="target_tokens must be a positive int"):
-        tiny_engine.compress(list(chunks), "q", target_tokens=-1)
+    for bad in (-1, 2**53 + 1, 2**70):  # (budgets are worked out exactly up to 2**53, as overheads)
+        with pytest.raises(ValueError, match="target_tokens must be a positive int"):
+            tiny_engine.compress(list(chunks), "q", target_tokens=bad)
+    assert tiny_engine.compress(list(chunks), "q", target_tokens=2**53).budget == 2**53
     for bad in (7, -1, float("nan"), "0.5", True):  # checked even where target_tokens decides the budget
         with pytest.raises(ValueError, match="rate must be in"):
             tiny_engine.compress(list(chunks), "q", rate=bad, target_tokens=5)

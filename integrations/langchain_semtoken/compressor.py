@@ -61,7 +61,7 @@ class SemTokenCompressor(BaseDocumentCompressor):
         default=None, gt=0.0, le=1.0,
         description="Fraction of the context's downstream-LLM tokens kept, in (0, 1]. None: the engine's.")
     target_tokens: Annotated[int | None, NotBool] = Field(
-        default=None, gt=0,
+        default=None, gt=0, le=2**53,
         description="Absolute budget in downstream-LLM tokens for the whole context of a call (overrides rate).")
     document_separator: str = Field(
         default="\n\n", description="What joins documents in the prompt (create_stuff_documents_chain's "

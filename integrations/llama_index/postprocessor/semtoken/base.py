@@ -71,7 +71,7 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
         default=None, gt=0.0, le=1.0,
         description="Fraction of the context's downstream-LLM tokens kept, in (0, 1]. None: the engine's.")
     target_tokens: Annotated[int | None, NotBool] = Field(
-        default=None, gt=0,
+        default=None, gt=0, le=2**53,
         description="Absolute budget in downstream-LLM tokens for the whole context of a call (overrides rate).")
     metadata_mode: MetadataMode = Field(
         default=MetadataMode.LLM, description="How the LLM reads a node (its metadata header counts).")
