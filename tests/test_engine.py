@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 
 import numpy as np
 import pytest
@@ -524,3 +525,22 @@ def test_a_conversation_remembers_only_what_was_sent(nobel):
         for span in chunk.repeat_spans:
             if not _overlaps(span, alone.chunks[i].repeat_spans):  # (repeats within the call stay repeats)
                 assert _overlaps(span, sent.chunks[i].kept_spans), (i, span, trimmed[i])
+
+
+BEIJING_ZH = ("北京是中华人民共和国的首都，是全国的政治中心、文化中心、国际交往中心和科技创新中心。北京历史悠久，"
+              "有着三千多年的建城史和八百六十多年的建都史。元朝时称为大都，明朝永乐年间迁都北京。北京曾经被称为北平。")
+
+
+def test_text_the_encoder_cannot_read_is_warned_about_once(caplog, nobel):
+    """The bundled MiniLM is English: 41% of a Chinese paragraph's tokens are [UNK], so what it keeps of
+    such text is a guess. One warning per encoder says so and names the way out; English text says nothing."""
+    engine = SemToken(SemTokenConfig(device="cpu", cache_max_bytes=0, language="zh"))
+    with caplog.at_level(logging.WARNING, logger="semtoken_rag.encoder"):
+        engine.compress(list(nobel), "who got the first nobel prize in physics", rate=0.5)
+        assert not caplog.records
+        for _ in range(2):
+            res = engine.compress([BEIJING_ZH, BEIJING_ZH[::-1]], "北京以前叫什么名字？", rate=0.5)
+            assert res.compressed_tokens <= res.budget
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "unknown to the encoder all-MiniLM-L6-v2 ([UNK])" in warned[0], warned
+    assert "SemTokenConfig(encoder=...) a multilingual model" in warned[0]

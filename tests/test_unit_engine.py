@@ -242,3 +242,20 @@ def test_warm_calls_share_the_cached_fingerprints_and_never_write_them(tiny_enco
         engine.compress(chunks, "nobel prize", rate=rate)
         engine.compress_many([chunks, chunks[::-1]], ["banana", None], rate=rate)
     assert [e["fingerprints"].tobytes() for e in entries] == before
+
+
+def test_a_pass_of_mostly_unknown_tokens_is_warned_about_once(tiny_encoder, caplog):
+    """The tiny BERT knows ASCII letters, digits and punctuation alone: a Greek word is its unknown token."""
+    import logging
+
+    from semtoken_rag.encoder import _UNKNOWN_SHARE, Encoder
+
+    enc = Encoder(str(tiny_encoder), device="cpu", max_length=32, window_overlap=8)
+    known = " ".join(TINY_WORDS[i % len(TINY_WORDS)] for i in range(60))
+    unknown = " ".join(f"αβ{i}" for i in range(8)) + " " + known  # 8 of 68 words: under the share
+    with caplog.at_level(logging.WARNING, logger="semtoken_rag.encoder"):
+        enc.fingerprint([known, unknown])
+        assert not caplog.records and 8 / 68 < 2 * _UNKNOWN_SHARE
+        enc.fingerprint(["λόγος μῦθος ἔπος " * 20, known])
+        enc.fingerprint(["ψυχή " * 40])  # (once per encoder)
+    assert len(caplog.records) == 1 and "unknown to the encoder" in caplog.records[0].getMessage()
