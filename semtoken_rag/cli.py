@@ -77,6 +77,13 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _budget_tokens(value: str) -> int:
+    n = _positive_int(value)
+    if n > 2**53:  # (the engine works budgets out exactly up to here)
+        raise argparse.ArgumentTypeError(f"expected at most 2**53 tokens, got {value}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``semtoken-rag`` (sub-commands compress, demo, bench)."""
     default_rate = SemTokenConfig.model_fields["rate"].default
@@ -104,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("-r", "--rate", type=_rate, default=None,
                         help=f"fraction of tokens kept, in (0, 1] (default {default_rate})")
-    budget.add_argument("-t", "--target-tokens", type=_positive_int, default=None,
+    budget.add_argument("-t", "--target-tokens", type=_budget_tokens, default=None,
                         help="absolute budget in downstream-LLM tokens")
     p.add_argument("--tokenizer", default=None,
                    help="budget tokenizer: llama3 (default), cl100k_base, o200k_base, qwen3, or a model "

@@ -802,12 +802,12 @@ class Encoder:
         unknown = sum(s.count(unk) for s in sequences)
         if total >= _UNKNOWN_MIN_TOKENS and unknown > _UNKNOWN_SHARE * total:
             self._warned_unknown = True
-            logger.warning("%.0f%% of the chunk tokens in an encoder pass are unknown to the encoder %s (%s): "
-                           "it cannot tell those words apart, so what it keeps of such text is a guess. For "
-                           "text it was not trained on (the bundled all-MiniLM-L6-v2 is English: Chinese, "
-                           "Japanese, Korean, Thai...), give SemTokenConfig(encoder=...) a multilingual model "
-                           "folder. (Said once per encoder.)", 100 * unknown / total, self.name,
-                           self.tokenizer.unk_token)
+            logger.warning("%.0f%% of the chunk tokens in an encoder pass are unknown to the encoder %s (%s: "
+                           "characters it has no token for, such as many Chinese and Japanese ones, or emoji "
+                           "and symbols): it cannot tell those apart, so what it keeps of them is a guess. For "
+                           "text in a language it was not trained on (the bundled all-MiniLM-L6-v2 is "
+                           "English), give SemTokenConfig(encoder=...) a multilingual model folder. (Said once "
+                           "per encoder.)", 100 * unknown / total, self.name, self.tokenizer.unk_token)
 
     @staticmethod
     def _owners(units: list[np.ndarray], token_owners: list[np.ndarray],

@@ -64,9 +64,12 @@ def safe_url(url: str) -> str:
 
 def check_database(url: str) -> None:
     """Refuse a database that is not a plain number (redis-py reads ``/abc`` as database 0 and ``/1/2``
-    as 12, so a typo silently shares another database).
+    as 12, so a typo silently shares another database). Spaces around it, a trailing slash and an empty
+    ``?db=`` (database 0) mean what redis-py reads.
 
     >>> check_database("redis://cache:6379/3"), check_database("unix:///run/redis.sock?db=2")
+    (None, None)
+    >>> check_database("redis://cache:6379/0/"), check_database("redis://cache:6379?db=")
     (None, None)
     >>> check_database("redis://cache:6379/cache")
     Traceback (most recent call last):
@@ -75,9 +78,9 @@ def check_database(url: str) -> None:
     parsed = urlsplit(url)
     dbs = [v for k, v in parse_qsl(parsed.query, keep_blank_values=True) if k == "db"]
     if parsed.scheme != "unix" and parsed.path not in ("", "/"):
-        dbs.append(unquote(parsed.path[1:]))
+        dbs.append(unquote(parsed.path[1:]).removesuffix("/"))
     for db in dbs:
-        if not (db.isascii() and db.isdigit()):
+        if db.strip() and not (db.strip().isascii() and db.strip().isdigit()):
             raise ValueError(f"{safe_url(url)}: the database must be a number (redis://host:port/0), got {db!r}")
 
 
@@ -127,7 +130,8 @@ class RedisStore(FingerprintStore):
         if ttl_seconds is not None and (isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float))
                                         or not ttl_seconds >= 0.001):
             raise ValueError(f"ttl_seconds must be a number >= 0.001 or None, got {ttl_seconds!r}")
-        check_database(url)
+        if client is None:  # (with a client the URL is a label)
+            check_database(url)
         redis = _redis()
         self.url = safe_url(url)
         self.prefix = f"semtoken-rag:fp{FORMAT_VERSION}:{encoder_tag(namespace)}:"

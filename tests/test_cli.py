@@ -139,6 +139,7 @@ def test_html_page_shows_every_span_and_the_legend(run, files, nobel, tmp_path):
     (["--rate", "0"], r"rate must be in \(0, 1\]"),
     (["--rate", "lots"], r"rate must be a number"),
     (["--target-tokens", "0"], r"expected a positive integer"),
+    (["--target-tokens", str(2**53 + 1)], r"expected at most 2\*\*53 tokens"),  # (was a traceback, exit 1)
     (["--rate", "0.3", "--target-tokens", "9"], r"not allowed with argument"),
 ])
 def test_bad_budget_arguments_exit_2(run, files, argv, message):

@@ -143,7 +143,9 @@ def test_store_config(tmp_path, redis_url):
     for bad in ("redis://cache:6379/fingerprints", "redis://cache:6379/1/2", "unix:///run/r.sock?db=x"):
         with pytest.raises(ValueError, match="database must be a number"):
             SemTokenConfig(store=bad)
-    assert SemTokenConfig(store="unix:///run/r.sock?db=2").store == "unix:///run/r.sock?db=2"
+    # what redis-py reads as a number stays accepted: a trailing slash, spaces, an empty ?db= (database 0)
+    for good in ("unix:///run/r.sock?db=2", "redis://cache:6379/0/", "redis://cache:6379?db=", "redis://h/ 1"):
+        assert SemTokenConfig(store=good).store == good
     engine = SemToken(SemTokenConfig(device="cpu", store=(tmp_path / "fp").as_uri()))
     assert isinstance(engine.cache.backend, DirectoryStore) and engine.cache.backend.path == tmp_path / "fp"
     assert SemToken(SemTokenConfig(device="cpu", store=redis_url, store_ttl_seconds=60)).cache.backend.ttl_ms \
