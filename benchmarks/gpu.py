@@ -34,6 +34,7 @@ import torch
 
 from semtoken_rag import SemToken, SemTokenConfig
 from semtoken_rag.datasets import NQ_FILE, answer_in, load_nq
+from semtoken_rag.encoder import cpu_bf16_units
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIRST_HELD_OUT = 150
@@ -232,6 +233,7 @@ def environment(engine: SemToken) -> dict:
             "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "encoder": engine.config.encoder, "dtype": str(engine.encoder.dtype),
+            "cpu_bf16_units": cpu_bf16_units() if dev.type == "cpu" else None,
             "batch_size": engine.encoder.batch_size,
             "repeat_search": getattr(engine, "repeat_search", "faiss-cpu"),
             "batch_window_ms": getattr(engine.config, "batch_window_ms", None),
@@ -245,7 +247,8 @@ def environment(engine: SemToken) -> dict:
 def markdown(r: dict) -> str:
     e, lat = r["env"], r["latency"]
     lines = [f"# semtoken-rag serving cost on {e['device_name']} ({e['device']})", "",
-             (f"{e['date']}; torch {e['torch']}, CUDA {e['cuda']}; encoder {e['encoder']} ({e['dtype']}), "
+             (f"{e['date']}; torch {e['torch']}, CUDA {e['cuda']}; encoder {e['encoder']} ({e['dtype']}"
+             + (f", CPU bfloat16 units {e['cpu_bf16_units']}" if e.get("cpu_bf16_units") else "") + "), "
              f"batch size {e['batch_size']}, repeat search {e['repeat_search']}, "
              f"batch window {e['batch_window_ms']} ms, CUDA graphs {e.get('cuda_graphs', False)}; fingerprint "
              f"cache {e.get('cache_max_bytes', 256 << 20) >> 20} MiB and analysis memo "
