@@ -16,6 +16,7 @@ a bug and ends with a traceback.
 from __future__ import annotations
 
 import argparse
+import codecs
 import importlib.util
 import io
 import json
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from . import __version__, prewarm_cli
-from .config import SemTokenConfig
+from .config import MAX_TOKENS, SemTokenConfig
 from .datasets import DATA_ENV, NQ_FILE
 from .results import CompressionResult
 
@@ -79,7 +80,7 @@ def _positive_int(value: str) -> int:
 
 def _budget_tokens(value: str) -> int:
     n = _positive_int(value)
-    if n > 2**53:  # (the engine works budgets out exactly up to here)
+    if n > MAX_TOKENS:  # (the engine works budgets out exactly up to here)
         raise argparse.ArgumentTypeError(f"expected at most 2**53 tokens, got {value}")
     return n
 
@@ -198,7 +199,7 @@ def _decode(data: bytes, name: str) -> str:
     try:  # (a byte-order mark is the file's encoding, not text of a chunk: utf-8-sig drops it)
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        at = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)  # (counted after the mark)
+        at = e.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)  # (counted after it)
         raise CLIError(f"cannot read {name}: not UTF-8 text ({e.reason} at byte {at})") from None
 
 

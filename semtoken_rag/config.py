@@ -78,6 +78,10 @@ def _numeric(annotation: Any) -> bool:
     return bool(args & {int, float}) and bool not in args
 
 
+# the most tokens a budget or an overhead may be (budgets are worked out in int64 and float64: exact up to here)
+MAX_TOKENS = 2**53
+
+
 def tokenizer_label(tokenizer: Any) -> str:
     """A budget tokenizer as JSON holds it: a name as it is; a tiktoken ``Encoding`` its name (which loads
     back where quicktok knows it: cl100k_base, o200k_base); a Hugging Face tokenizer its ``name_or_path``; a function ``<module.name>``, any other object
@@ -124,7 +128,7 @@ class SemTokenConfig(BaseModel):
         description="Default fraction of downstream-LLM tokens kept, in (0, 1]. Ignored when "
                     "target_tokens is given.")
     target_tokens: int | None = Field(
-        default=None, gt=0, le=2**53, description="Default absolute budget in downstream-LLM tokens (overrides rate).")
+        default=None, gt=0, le=MAX_TOKENS, description="Default absolute budget in downstream-LLM tokens (overrides rate).")
     tokenizer: Any = Field(
         default="llama3",
         description="Budget tokenizer: the downstream LLM's tokens. A name ('llama3', 'cl100k_base', "
@@ -144,8 +148,8 @@ class SemTokenConfig(BaseModel):
         default=None, description="Torch device ('cpu', 'cuda', 'cuda:1'...). None: CUDA when present, else CPU.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="Encoder precision. 'auto': float16 on CUDA; on CPU bfloat16 where the cores "
-                           "multiply it in hardware (Intel AMX, or AVX-512 BF16 as on AMD Zen 4 on: about "
-                           "2.4-2.7x faster passes, the same answers on NQ), else float32 "
+                           "multiply it in hardware (Intel AMX, or AVX-512 BF16 as on AMD Zen 4 on: passes in "
+                           "about 0.4x float32's time, the same answers on NQ), else float32 "
                            "(semtoken_rag.encoder.auto_dtype). Fingerprints are cached per precision: pin one "
                            "for CPU replicas that share a store across machines with and without those "
                            "instructions (CPU and CUDA replicas never share: they pad differently).")

@@ -26,7 +26,7 @@ from . import spans as sp
 from . import structure as st
 from .batching import MicroBatcher
 from .budget import BudgetTokenizer, select_under_budget
-from .config import SemTokenConfig
+from .config import MAX_TOKENS, SemTokenConfig
 from .device_search import DeviceConversationMemory, find_repeats_torch
 from .diskstore import DirectoryStore
 from .encoder import DEFAULT_BATCH_SIZE, Encoder, Fingerprints, auto_dtype
@@ -539,7 +539,7 @@ class SemToken:
             raise ValueError(f"rate must be in (0, 1], got {rate!r}")
         if target is not None:
             if isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer)) \
-                    or not 0 < target <= _MAX_TOKENS:
+                    or not 0 < target <= MAX_TOKENS:
                 raise ValueError(f"target_tokens must be a positive int of at most 2**53, got {target!r}")
             return 1.0, int(target)
         if rate is None:
@@ -955,7 +955,6 @@ def _neighbour_best(rel: np.ndarray, seg_chunk: np.ndarray) -> np.ndarray:
     return np.where(np.isinf(best), rel, best).astype(rel.dtype, copy=False)
 
 
-_MAX_TOKENS = 2 ** 53  # the most tokens an overhead (or all of a call's) may be
 
 
 def _check_chunks(chunks: Any) -> list[str]:
@@ -983,10 +982,10 @@ def _check_overheads(overheads: Any, n: int) -> np.ndarray:
     if len(overheads) != n:
         raise ValueError(f"chunk_overheads has {len(overheads)} values for {n} chunks: give one per chunk")
     for i, x in enumerate(overheads):
-        if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or not 0 <= int(x) <= _MAX_TOKENS:
+        if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or not 0 <= int(x) <= MAX_TOKENS:
             raise ValueError(f"chunk_overheads[{i}] must be an int in [0, 2**53], got {x!r}")
     values = [int(x) for x in overheads]
-    if sum(values) > _MAX_TOKENS:  # (budgets are worked out in int64 and float64: exact up to here)
+    if sum(values) > MAX_TOKENS:  # (budgets are worked out in int64 and float64: exact up to here)
         raise ValueError(f"chunk_overheads sum to {sum(values)} tokens, more than 2**53")
     return np.asarray(values, dtype=np.int64)
 

@@ -14,7 +14,7 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 from llama_index.postprocessor.semtoken import _support as sup
 
 from semtoken_rag import CompressionResult, SemToken, SemTokenConfig
-from semtoken_rag.config import NotBool, tokenizer_label
+from semtoken_rag.config import MAX_TOKENS, NotBool, tokenizer_label
 from semtoken_rag.registry import shared_engine
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
         default=None, gt=0.0, le=1.0,
         description="Fraction of the context's downstream-LLM tokens kept, in (0, 1]. None: the engine's.")
     target_tokens: Annotated[int | None, NotBool] = Field(
-        default=None, gt=0, le=2**53,
+        default=None, gt=0, le=MAX_TOKENS,
         description="Absolute budget in downstream-LLM tokens for the whole context of a call (overrides rate).")
     metadata_mode: MetadataMode = Field(
         default=MetadataMode.LLM, description="How the LLM reads a node (its metadata header counts).")
