@@ -6,7 +6,8 @@ On NQ questions 150-440 (the held-out part; 20 passages each) it measures the en
 a cold and a warm ``compress`` (median, p95), ``compress_many`` throughput at 1/8/64/256 queries a
 call with all chunks new and all cached, 32 concurrent ``acompress`` calls, fingerprinting tokens/s at
 batch 32/128/512 (8/16/32/128 on CPU), answer recall at rates 0.5/0.33/0.2 (answer in the kept context) with the budget
-checked, and, when the encoder runs below float32 (float16 on CUDA by default, bfloat16 on a CPU with AMX
+checked, where a cold and a warm call's time goes stage by stage (``benchmarks.stages``; on CUDA beside
+the same warm calls by an engine on the host's CPU), and, when the encoder runs below float32 (float16 on CUDA by default, bfloat16 on a CPU with AMX
 or AVX-512 BF16), the agreement of its kept contexts with float32's. Writes
 ``benchmarks/results/<name>.json`` and ``<name>.md`` with the device, torch and CUDA versions, the
 date, the command and the load average.
@@ -35,6 +36,8 @@ import torch
 from semtoken_rag import SemToken, SemTokenConfig
 from semtoken_rag.datasets import NQ_FILE, answer_in, load_nq
 from semtoken_rag.encoder import cpu_bf16_units
+
+from . import stages as _stages
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIRST_HELD_OUT = 150
@@ -112,6 +115,17 @@ def latency(engine: SemToken, qs, rate: float) -> dict:
     out = {"forward": _stats(floor), "cold": _stats(cold), "warm": _stats(warm),
            "cold_over_forward": float(statistics.median(c / f for c, f in zip(cold, floor))),
            "warm_over_cold": float(statistics.median(w / c for w, c in zip(warm, cold)))}
+    return out
+
+
+def stages(engine: SemToken, qs, rate: float, n: int = 40) -> dict:
+    """Where a cold and a warm call's time goes (:mod:`benchmarks.stages`), on the first ``n`` questions;
+    on CUDA also the same warm calls by an engine on this host's CPU (its encoder in float32), which tells
+    the host's own speed at the host work apart from what the device path adds to it."""
+    out = _stages.breakdown(engine, qs[:n], rate, lambda: _clear(engine))
+    if engine.encoder.device.type == "cuda":
+        out["cpu_engine_warm"] = _stages.host_reference(
+            lambda: SemToken(engine.config.model_copy(update={"device": "cpu", "dtype": "float32"})), qs[:n], rate)
     return out
 
 
@@ -261,8 +275,18 @@ def markdown(r: dict) -> str:
     for k, label in (("forward", "encoder forward alone (20 passages)"), ("cold", "cold `compress`"),
                      ("warm", "warm `compress` (cached chunks)")):
         lines.append(f"| {label} | {lat[k]['median_ms']:.1f} | {lat[k]['p95_ms']:.1f} |")
-    lines += ["", f"cold / forward: {lat['cold_over_forward']:.2f}; warm / cold: {lat['warm_over_cold']:.3f}",
-              "", "| `compress_many` queries a call | calls | queries/s, chunks new | queries/s, cached |",
+    lines += ["", f"cold / forward: {lat['cold_over_forward']:.2f}; warm / cold: {lat['warm_over_cold']:.3f}"]
+    b = r.get("stages")
+    if b:
+        lines += ["", (f"Where a call's time goes (medians over questions {FIRST_HELD_OUT}-"
+                       f"{FIRST_HELD_OUT + b['questions'] - 1}, one cold and one warm call each; a stage's "
+                       "median, so the rows need not add up to the call's):"), "", *_stages.markdown_rows(b)]
+        ref = b.get("cpu_engine_warm")
+        if ref:
+            lines += ["", (f"The same warm calls by an engine on this machine's CPU: {ref['warm_ms']:.2f} ms "
+                           f"(against {b['warm']['total']:.2f} ms on {e['device']}): what the host itself takes "
+                           "for the host work.")]
+    lines += ["", "| `compress_many` queries a call | calls | queries/s, chunks new | queries/s, cached |",
               "| --- | --- | --- | --- |"]
     for b, t in r["throughput"].items():
         if isinstance(t, dict):
@@ -309,7 +333,9 @@ def main(argv: list[str] | None = None) -> dict:
     for q in warmup:  # one-off allocation and kernel selection costs
         engine.compress(list(q.chunks), q.question, rate=args.rate)
     r: dict = {"n": len(qs), "rate": args.rate}
-    steps = [("latency", lambda: latency(engine, qs, args.rate)),
+    # (the breakdown first: its questions' words are new to the process-wide word memos, as in a first call)
+    steps = [("stages", lambda: stages(engine, qs, args.rate)),
+             ("latency", lambda: latency(engine, qs, args.rate)),
              ("throughput", lambda: throughput(engine, qs, args.rate)),
              ("concurrent", lambda: concurrent(engine, qs, args.rate)),
              ("fingerprint", lambda: fingerprinting(engine, qs, (32, 128, 512) if engine.encoder.device.type == "cuda"

@@ -234,6 +234,20 @@ def test_clusters_on_the_device_equal_the_host_scan():
     assert same >= total - 1  # a cosine within rounding of tau may fall either way on another device
 
 
+def test_stage_breakdown_on_cuda_beside_a_cpu_engine():
+    """benchmarks.gpu's breakdown on CUDA: the forward is timed to its end, and an engine on the host's CPU
+    does the same warm calls (what the host alone takes)."""
+    from benchmarks import gpu
+
+    eng = cuda_engine()
+    qs = sample()[:3]
+    b = gpu.stages(eng, qs, 0.33, n=3)
+    print("stage breakdown on CUDA:", {k: round(v, 2) for k, v in b["cold"].items()},
+          {k: round(v, 2) for k, v in b["warm"].items()}, b["cpu_engine_warm"])
+    assert 0 < b["cold"]["encoder forward"] < b["cold"]["total"] and b["warm"]["encoder forward"] == 0
+    assert b["cpu_engine_warm"]["questions"] == 3 and b["cpu_engine_warm"]["warm_ms"] > 0
+
+
 def _run_plain() -> int:
     if not HAS_CUDA:
         print("no CUDA device: GPU tests skipped")

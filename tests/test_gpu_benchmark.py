@@ -22,3 +22,29 @@ def test_precision_agreement_is_measured_below_float32_only(tiny_encoder):
     assert low.encoder.dtype == torch.bfloat16
     out = precision_agreement(low, None, qs, 0.5)
     assert out["questions"] == 1 and out["identical_contexts"] in (0, 1)
+
+
+def test_stage_breakdown_times_the_engines_own_steps_and_restores_them(tiny_encoder):
+    import semtoken_rag.engine as en
+    from benchmarks import stages
+    from semtoken_rag import SemToken, SemTokenConfig
+
+    engine = SemToken(SemTokenConfig(encoder=str(tiny_encoder), device="cpu", max_length=32, window_overlap=8))
+    originals = [getattr(owner, name) for _label, owner, name, _parent in stages.STAGES]
+    qs = [SimpleNamespace(chunks=("Paris is the capital of France. Bananas are yellow. " * 3,
+                                  "The Seine flows through Paris. Berlin is in Germany. " * 3),
+                          question="capital of France")]
+    b = stages.breakdown(engine, qs, 0.5, engine.clear_caches)
+    # the cold call encodes and analyses; the warm one finds both cached
+    assert b["cold"]["encoder forward"] > 0 and b["warm"]["encoder forward"] == 0
+    assert b["cold"]["per-chunk analysis"] > 0 and b["cold"]["selection"] > 0 and b["warm"]["selection"] > 0
+    assert 0 < b["cold"]["encoder forward"] < b["cold"]["total"]
+    assert b["cold"]["pooling"] <= b["cold"]["encoder forward"]  # (nested: counted in its parent too)
+    top = sum(b["cold"][label] for label, *_rest, parent in stages.STAGES if parent is None)
+    assert abs(top + b["cold"]["other"] - b["cold"]["total"]) < 1e-6
+    assert [getattr(owner, name) for _label, owner, name, _parent in stages.STAGES] == originals
+    assert en.select_under_budget is originals[[s[0] for s in stages.STAGES].index("selection")]
+    rows = stages.markdown_rows(b)
+    assert len(rows) == 2 + len(stages.STAGES) + 2 and "of which pooling" in "\n".join(rows)
+    ref = stages.host_reference(lambda: SemToken(engine.config), qs, 0.5)
+    assert ref["questions"] == 1 and ref["warm_ms"] > 0
