@@ -468,7 +468,8 @@ class Encoder:
         # a BERT WordPiece tokenizer splits words at whitespace and normalises character by character, so a
         # text's ids are its words' ids one after the other: those come from a memo of words (see _tokenize)
         self._word_ids: dict[str, list[int]] | None = {} if _splits_at_whitespace(self._chunk_tokenizer) else None
-        self._warned_unknown = False  # (_note_unknown)
+        self._warned_unknown = False  # (_note_unknown: checked and set under its lock, so said once)
+        self._warn_lock = threading.Lock()
         with _quiet_loading():
             self.model = AutoModel.from_pretrained(self.path, local_files_only=True, dtype=self.dtype)
         self.model.to(self.device).eval()
@@ -801,7 +802,10 @@ class Encoder:
         total = sum(map(len, sequences))
         unknown = sum(s.count(unk) for s in sequences)
         if total >= _UNKNOWN_MIN_TOKENS and unknown > _UNKNOWN_SHARE * total:
-            self._warned_unknown = True
+            with self._warn_lock:  # (concurrent passes may all cross the share: one of them says it)
+                if self._warned_unknown:
+                    return
+                self._warned_unknown = True
             logger.warning("%.0f%% of the chunk tokens in an encoder pass are unknown to the encoder %s (%s: "
                            "characters it has no token for, such as many Chinese and Japanese ones, or emoji "
                            "and symbols): it cannot tell those apart, so what it keeps of them is a guess. For "

@@ -259,3 +259,35 @@ def test_a_pass_of_mostly_unknown_tokens_is_warned_about_once(tiny_encoder, capl
         enc.fingerprint(["λόγος μῦθος ἔπος " * 20, known])
         enc.fingerprint(["ψυχή " * 40])  # (once per encoder)
     assert len(caplog.records) == 1 and "unknown to the encoder" in caplog.records[0].getMessage()
+
+
+def test_the_unknown_token_warning_is_said_once_by_concurrent_passes(tiny_encoder, caplog):
+    """Threads whose passes all cross the share at once: one warning, not one per thread (the check and the
+    mark are one step)."""
+    import logging
+    import sys
+    import threading
+
+    from semtoken_rag.encoder import Encoder
+
+    enc = Encoder(str(tiny_encoder), device="cpu", max_length=32, window_overlap=8)
+    unk = enc.tokenizer.unk_token_id
+    sequences = [[unk] * 50_000 for _ in range(4)]  # (counting them takes long enough for threads to meet)
+    start = threading.Barrier(8)
+
+    def note():
+        start.wait()
+        enc._note_unknown(sequences)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with caplog.at_level(logging.WARNING, logger="semtoken_rag.encoder"):
+            threads = [threading.Thread(target=note) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert len([r for r in caplog.records if "unknown to the encoder" in r.getMessage()]) == 1
