@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import sys
+import threading
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,6 +120,7 @@ class AnalysisMemo:
 
     def __init__(self, max_bytes: int) -> None:
         self._lru: ByteLRU[ChunkAnalysis] = ByteLRU(max_bytes, sizeof=lambda a: a.nbytes)
+        self._extras_lock = threading.Lock()  # (extra: an entry's extras are made and counted once)
         self.hits = 0
         self.misses = 0
 
@@ -182,8 +184,14 @@ class AnalysisMemo:
         """``entry.extras[name]``, computed by ``make()`` on first use (the entry's bytes recounted)."""
         value = entry.extras.get(name)
         if value is None:
-            value = entry.extras[name] = make()
-            entry.nbytes += _sizeof(value)  # (the entry's other parts are counted already)
+            made = make()  # (outside the lock: concurrent calls on the same chunk may both make it)
+            with self._extras_lock:  # the first one made is kept and counted, once
+                value = entry.extras.get(name)
+                if value is None:
+                    value = entry.extras[name] = made
+                    entry.nbytes += _sizeof(value)  # (the entry's other parts are counted already)
+                else:
+                    return value
             key = (spec.key, text)
             if key in self._lru:
                 self._lru.put(key, entry)

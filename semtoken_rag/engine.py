@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_CUDA_WINDOW_MS = 2.0  # micro-batching window on CUDA when config.batch_window_ms is None
+_CONVERSATION_LOCKS = 64  # locks the conversation ids share (SemToken._conversation)
 _MAX_SEGMENT_TOKENS = 96  # prose segments (<= 48 words) stay under it; it bounds runs without spaces
 
 
@@ -253,6 +254,11 @@ class SemToken:
             weakref.finalize(self, self.batcher.close)
         logger.info("semtoken-rag micro-batching of concurrent calls: %s",
                     f"on, window {window:g} ms" if self.batcher else "off")
+        # the calls of one conversation run their repeat check and their remembering one at a time (else two
+        # at once both see what the conversation had, send the same text and remember it twice); ids share
+        # _CONVERSATION_LOCKS locks, so the calls of two conversations may wait for each other, never longer
+        # than one call's host work (the encoding happens before)
+        self._conversation_locks = tuple(threading.RLock() for _ in range(_CONVERSATION_LOCKS))
         self._gap_cost = self.tokenizer.count("a" + cfg.gap_marker + "b") - self.tokenizer.count("a b")
         self._protect = st.compile_patterns(cfg.protect)
         # per-chunk, query-independent host work (unit token costs, structure, clustering, evidence terms)
@@ -295,11 +301,22 @@ class SemToken:
         self.cache.clear(disk=disk)
         self._queries.clear()
         self.analyses.clear()
-        self.memory.clear()
+        with contextlib.ExitStack() as stack:  # (after the calls of every conversation in flight)
+            for lock in self._conversation_locks:
+                stack.enter_context(lock)
+            self.memory.clear()
 
     def forget_conversation(self, conversation_id: str) -> bool:
-        """Forget what ``conversation_id`` received (its next call repeats nothing); ``True`` if known."""
-        return self.memory.forget(conversation_id)
+        """Forget what ``conversation_id`` received (its next call repeats nothing); ``True`` if known.
+        A call of that conversation in flight finishes first: what it sends is forgotten too."""
+        with self._conversation(conversation_id):
+            return self.memory.forget(conversation_id)
+
+    def _conversation(self, conversation_id: str | None) -> contextlib.AbstractContextManager:
+        """The lock that orders the calls of ``conversation_id`` (nothing to hold without one)."""
+        if conversation_id is None:
+            return contextlib.nullcontext()
+        return self._conversation_locks[hash(conversation_id) % len(self._conversation_locks)]
 
     def close(self) -> None:
         """Stop the micro-batching worker thread, if any, and close the store's connections unless another
@@ -343,21 +360,32 @@ class SemToken:
         >>> [r.compressed_tokens <= r.budget for r in out]
         [True, True]
         """
+        return self._compress_many(chunk_lists, queries, rate, target_tokens, conversation_ids)
+
+    def _compress_many(self, chunk_lists, queries, rate, target_tokens, conversation_ids,
+                       abandoned: threading.Event | None = None) -> list[CompressionResult]:
         started = time.perf_counter()
         plans = self._plan_many(chunk_lists, queries, rate, target_tokens, conversation_ids)
         todo = [(p.chunks, p.query if self.config.use_query else None) for p in plans if p.done is None]
         with torch.inference_mode():
             prepared = self.preparer.prepare(todo) if todo else Prepared()
-            return [p.done if p.done is not None else self._compress(
-                p.chunks, p.counts, p.query, p.budget, p.conversation_id, started, p.overheads, prepared)
-                for p in plans]
+            out = []
+            for p in plans:
+                if p.done is not None:
+                    out.append(p.done)
+                    continue
+                with self._conversation(p.conversation_id):
+                    out.append(self._compress(p.chunks, p.counts, p.query, p.budget, p.conversation_id, started,
+                                              p.overheads, prepared, abandoned=abandoned))
+            return out
 
     async def acompress_many(self, chunk_lists: Sequence[Sequence[str]], queries: Sequence[str | None], *,
                              rate: float | None = None, target_tokens: int | None = None,
                              conversation_ids: Sequence[str | None] | None = None) -> list[CompressionResult]:
-        """:meth:`compress_many` in a worker thread, keeping the event loop free."""
-        return await asyncio.to_thread(self.compress_many, chunk_lists, queries, rate=rate,
-                                       target_tokens=target_tokens, conversation_ids=conversation_ids)
+        """:meth:`compress_many` in a worker thread, keeping the event loop free. Cancelled (a timeout, a
+        client gone), the thread still finishes its work, but remembers nothing for ``conversation_ids``:
+        what was never delivered is not a repeat next turn."""
+        return await _in_thread(self._compress_many, chunk_lists, queries, rate, target_tokens, conversation_ids)
 
     def _plan_many(self, chunk_lists, queries, rate, target_tokens, conversation_ids):
         """Check every request (errors name the index), then count tokens and set budgets."""
@@ -407,9 +435,9 @@ class SemToken:
         with torch.inference_mode():
             for start in range(0, len(todo), batch_size):
                 part = todo[start:start + batch_size]
-                before = self.encoder.encode_seconds
-                fresh = self.encoder.fingerprint([by_key[k] for k in part])
-                seconds = (self.encoder.encode_seconds - before) / len(part)
+                # (this call's own seconds: the encoder's running total also counts other threads' passes)
+                fresh, stats = self.encoder.fingerprint_with_stats([by_key[k] for k in part])
+                seconds = stats.seconds / len(part)
                 self.cache.put_many([(k, CacheEntry({"fingerprints": fp.vectors.numpy(),
                                                      "units": fp.units.astype(np.int32)}, seconds))
                                      for k, fp in zip(part, fresh)])
@@ -419,10 +447,11 @@ class SemToken:
                         target_tokens: int | None = None, conversation_id: str | None = None,
                         chunk_overheads: Sequence[int] | None = None,
                         context_excess: Callable[[list[str]], int] | None = None) -> CompressionResult:
-        """:meth:`compress` in a worker thread, keeping the event loop free."""
-        return await asyncio.to_thread(self.compress, chunks, query, rate=rate, target_tokens=target_tokens,
-                                       conversation_id=conversation_id, chunk_overheads=chunk_overheads,
-                                       context_excess=context_excess)
+        """:meth:`compress` in a worker thread, keeping the event loop free. Cancelled (a timeout, a client
+        gone), the thread still finishes its work, but remembers nothing for ``conversation_id``: what was
+        never delivered is not a repeat next turn."""
+        return await _in_thread(self._compress_one, chunks, query, rate, target_tokens, conversation_id,
+                                chunk_overheads, context_excess)
 
     def compress(self, chunks: Sequence[str], query: str | None = None, *, rate: float | None = None,
                  target_tokens: int | None = None, conversation_id: str | None = None,
@@ -460,6 +489,11 @@ class SemToken:
         >>> res.compressed_tokens + res.overhead_tokens <= 12
         True
         """
+        return self._compress_one(chunks, query, rate, target_tokens, conversation_id, chunk_overheads,
+                                  context_excess)
+
+    def _compress_one(self, chunks, query, rate, target_tokens, conversation_id, chunk_overheads, context_excess,
+                      abandoned: threading.Event | None = None) -> CompressionResult:
         started = time.perf_counter()
         with self._session() as session:  # announced first: concurrent callers batch their encoding
             chunks = _check_chunks(chunks)
@@ -476,8 +510,9 @@ class SemToken:
             # (everything fits by the engine's counts but not as the caller joins it: select and trim)
             with torch.inference_mode():
                 prepared = self._prepare(chunks, query, session)
-                return self._compress(chunks, plan.counts, query, plan.budget, conversation_id, started,
-                                      overheads, prepared, context_excess)
+                with self._conversation(conversation_id):
+                    return self._compress(chunks, plan.counts, query, plan.budget, conversation_id, started,
+                                          overheads, prepared, context_excess, abandoned)
 
     def _plan(self, chunks, query, budget_rate, target, overheads, conversation_id, started) -> _Plan:
         """Token counts and budget of one request; the result itself when no encoding is needed."""
@@ -548,7 +583,10 @@ class SemToken:
 
     def _compress(self, chunks: list[str], counts: np.ndarray, query: str | None, budget: int,
                   conversation_id: str | None, started: float, overheads: np.ndarray, prepared: Prepared,
-                  context_excess: Callable[[list[str]], int] | None = None) -> CompressionResult:
+                  context_excess: Callable[[list[str]], int] | None = None,
+                  abandoned: threading.Event | None = None) -> CompressionResult:
+        """One request's selection (under its conversation's lock, :meth:`_conversation`); ``abandoned``: set
+        when the caller that awaits the result was cancelled (nothing is remembered then)."""
         cfg = self.config
         fps = [prepared.fingerprints[c] for c in chunks]
         hits = sum(c in prepared.cached for c in chunks)
@@ -675,7 +713,7 @@ class SemToken:
                 if context_excess is None or _excess(context_excess, part_texts) <= 0:
                     keep_units, slices, texts = with_part, part_slices, part_texts
                     out_counts = self._count(texts, counted)
-        if conversation_id is not None:
+        if conversation_id is not None and not (abandoned is not None and abandoned.is_set()):
             self._remember(conversation_id, centroids, segs, sent)
         span_kept = np.add.reduceat(keep_units, starts) > 0  # (partial fit can keep some of a span's units)
         span_status = np.where(collapsed & keep_units[starts], "collapsed", np.where(
@@ -886,6 +924,17 @@ def _excess(check: Callable[[list[str]], int], texts: list[str]) -> int:
     if isinstance(got, bool) or not isinstance(got, (int, np.integer)):
         raise TypeError(f"context_excess must return an int (tokens over the budget), got {type(got).__name__}")
     return int(got)
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args, abandoned=event)`` in a worker thread (as ``asyncio.to_thread``); the event is set when the
+    awaiting task is cancelled, which cannot stop the thread but tells it that its result goes nowhere."""
+    abandoned = threading.Event()
+    try:
+        return await asyncio.to_thread(fn, *args, abandoned=abandoned)
+    except asyncio.CancelledError:
+        abandoned.set()
+        raise
 
 
 def choose_repeat_search(device: torch.device) -> str:

@@ -170,8 +170,11 @@ class RedisStore(FingerprintStore):
     def _fault(self, what: str, error: BaseException) -> None:
         with self._lock:
             self._errors += 1
-            self._delay = min(self._backoff[1], self._delay * 2 if self._delay else self._backoff[0])
-            self._down_until = time.monotonic() + self._delay
+            # a fault while a window is open comes from a call that was in flight when it opened (calls in
+            # the window send nothing): the same outage, so the window neither doubles nor moves
+            if time.monotonic() >= self._down_until:
+                self._delay = min(self._backoff[1], self._delay * 2 if self._delay else self._backoff[0])
+                self._down_until = time.monotonic() + self._delay
             delay = self._delay
         self._warn_once("down", "Redis fingerprint store %s failed on %s (%s: %s); encoding locally, retrying "
                         "in %.1f s with back-off", self.url, what, type(error).__name__, error, delay)

@@ -345,6 +345,37 @@ def test_settings_tokenizer_is_used_when_the_user_set_one():
         llama_index.core.global_tokenizer = saved
 
 
+def test_concurrent_first_queries_get_one_counter_for_the_settings_tokenizer(monkeypatch):
+    """The counter of a Settings.tokenizer is made once, whatever queries ask first at once (two counters
+    were two registry engines). Its making is slowed here so that they overlap."""
+    import threading
+    import time
+
+    import llama_index.core
+
+    from llama_index.postprocessor.semtoken import _support
+
+    class Slow(_support.TokenListLength):
+        def __init__(self, tokenize):
+            time.sleep(0.05)
+            super().__init__(tokenize)
+
+    monkeypatch.setattr(_support, "TokenListLength", Slow)
+    monkeypatch.setattr(llama_index.core, "global_tokenizer", lambda text: text.split())
+    together, got = threading.Barrier(4), []
+
+    def first_query():
+        together.wait(5)
+        got.append(_support.settings_tokenizer())
+
+    threads = [threading.Thread(target=first_query) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(got) == 4 and all(c is got[0] for c in got) and got[0]("one two") == 2
+
+
 def test_conversation_id_drops_what_the_conversation_received(engine, records):
     nodes, query = as_nodes(records[0]), records[0]["question"]
     plain = SemTokenNodePostprocessor(engine=engine, rate=0.5)

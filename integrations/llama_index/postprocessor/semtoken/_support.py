@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,7 @@ class TokenListLength:
 
 
 _WRAPPED: dict[int, tuple[Any, TokenListLength]] = {}
+_WRAPPED_LOCK = threading.Lock()
 
 
 def settings_tokenizer() -> TokenListLength | None:
@@ -61,7 +63,10 @@ def settings_tokenizer() -> TokenListLength | None:
         return None
     held = _WRAPPED.get(id(tok))
     if held is None or held[0] is not tok:  # one counter per tokenizer: one registry engine
-        held = _WRAPPED[id(tok)] = (tok, TokenListLength(tok))
+        with _WRAPPED_LOCK:  # (concurrent first queries: one of them makes it, all get that one)
+            held = _WRAPPED.get(id(tok))
+            if held is None or held[0] is not tok:
+                held = _WRAPPED[id(tok)] = (tok, TokenListLength(tok))
     return held[1]
 
 

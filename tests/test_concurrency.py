@@ -1,0 +1,250 @@
+"""Unit tier: one engine shared by threads and tasks, as a web server shares it (on the tiny random-weight BERT).
+
+Races are forced, not waited for: a call is paused inside a step (through the conversation memory's own
+``query``, observed, not changed) while another thread does what a server may do at that moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+
+import pytest
+from conftest import TINY_WORDS
+
+from semtoken_rag import SemToken, SemTokenConfig
+
+CHUNKS = [" ".join(TINY_WORDS[(i * 7 + k) % len(TINY_WORDS)] for k in range(40)) + "." for i in range(6)]
+QUERY = " ".join(TINY_WORDS[:3])
+
+
+@pytest.fixture()
+def engine(tiny_encoder):
+    eng = SemToken(SemTokenConfig(encoder=str(tiny_encoder), device="cpu", max_length=32, window_overlap=8))
+    eng.compress(CHUNKS, QUERY, rate=0.4)  # fingerprints cached: calls below are host work only
+    yield eng
+    eng.close()
+
+
+def texts(res):
+    return [c.text for c in res.chunks]
+
+
+class PauseAfterQuery:
+    """Wraps ``engine.memory.query``: the first call that queries ``conversation`` stops after its query until
+    ``go`` is set; ``queried`` says it got there, ``calls`` counts every query of it, ``done`` is set when a
+    request's selection (``engine._compress``) has returned."""
+
+    def __init__(self, engine: SemToken, conversation: str) -> None:
+        self.engine, self.conversation, self.original = engine, conversation, engine.memory.query
+        self.queried, self.go, self.done, self.calls = threading.Event(), threading.Event(), threading.Event(), 0
+        engine.memory.query = self
+        selection = engine._compress
+
+        def observed(*args, **kwargs):
+            try:
+                return selection(*args, **kwargs)
+            finally:
+                self.done.set()
+
+        engine._compress = observed
+
+    def __call__(self, conversation_id, *args, **kwargs):
+        out = self.original(conversation_id, *args, **kwargs)
+        if conversation_id == self.conversation:
+            self.calls += 1
+            if self.calls == 1:
+                self.queried.set()
+                assert self.go.wait(10)
+        return out
+
+    def restore(self) -> None:
+        self.engine.memory.query = self.original
+        del self.engine._compress
+
+
+def sequential(engine: SemToken, conversation: str):
+    first = engine.compress(CHUNKS, QUERY, rate=0.4, conversation_id=conversation)
+    second = engine.compress(CHUNKS, QUERY, rate=0.4, conversation_id=conversation)
+    assert texts(first) != texts(second)  # (the second drops what the first sent)
+    return texts(first), texts(second), engine.memory.spans(conversation)
+
+
+def test_two_calls_of_one_conversation_at_once_give_what_one_after_the_other_gives(engine):
+    first, second, spans = sequential(engine, "seq")
+    pause = PauseAfterQuery(engine, "c")
+    out: dict[str, list[str]] = {}
+    a = threading.Thread(target=lambda: out.setdefault("a", texts(engine.compress(CHUNKS, QUERY, rate=0.4,
+                                                                                  conversation_id="c"))))
+    b = threading.Thread(target=lambda: out.setdefault("b", texts(engine.compress(CHUNKS, QUERY, rate=0.4,
+                                                                                  conversation_id="c"))))
+    try:
+        a.start()
+        assert pause.queried.wait(10)
+        b.start()
+        time.sleep(0.3)
+        assert pause.calls == 1  # b waits for a: it has not read the conversation a is about to add to
+        pause.go.set()
+        a.join(10)
+        b.join(10)
+    finally:
+        pause.go.set()
+        pause.restore()
+    assert (out["a"], out["b"]) == (first, second)
+    assert engine.memory.spans("c") == spans
+
+
+def test_a_conversation_forgotten_or_cleared_during_its_call_is_forgotten_after_it(engine):
+    _first, second, _spans = sequential(engine, "seq")
+    for forget in (lambda: engine.forget_conversation("c"), engine.clear_caches):
+        engine.compress(CHUNKS, QUERY, rate=0.4, conversation_id="c")  # the conversation received this
+        pause = PauseAfterQuery(engine, "c")
+        out: dict[str, list[str]] = {}
+        call = threading.Thread(target=lambda: out.setdefault("r", texts(engine.compress(
+            CHUNKS, QUERY, rate=0.4, conversation_id="c"))))
+        forgetting = threading.Thread(target=forget)
+        try:
+            call.start()
+            assert pause.queried.wait(10)
+            forgetting.start()
+            time.sleep(0.3)
+            assert forgetting.is_alive()  # it waits for the call in flight
+            pause.go.set()
+            call.join(10)
+            forgetting.join(10)
+        finally:
+            pause.go.set()
+            pause.restore()
+        assert out["r"] == second  # the call saw the conversation as it was
+        assert "c" not in engine.memory  # and what it sent is forgotten with the rest
+        engine.compress(CHUNKS, QUERY, rate=0.4)  # (clear_caches emptied the caches: fill them again)
+
+
+def test_a_cancelled_acompress_remembers_nothing_for_its_conversation(engine):
+    sent = engine.compress(CHUNKS, QUERY, rate=0.4, conversation_id="seq")
+
+    async def cancel_midway():
+        pause = PauseAfterQuery(engine, "c")
+        task = asyncio.create_task(engine.acompress(CHUNKS, QUERY, rate=0.4, conversation_id="c"))
+        try:
+            assert await asyncio.to_thread(pause.queried.wait, 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            pause.go.set()
+        assert await asyncio.to_thread(pause.done.wait, 10)  # (the abandoned thread has finished its work)
+        pause.restore()
+        return engine.memory.spans("c")
+
+    assert asyncio.run(cancel_midway()) == 0
+    # the call after a cancelled one sends what a first call sends; one that is awaited is remembered
+    again = asyncio.run(engine.acompress(CHUNKS, QUERY, rate=0.4, conversation_id="c"))
+    assert texts(again) == texts(sent) and engine.memory.spans("c") == engine.memory.spans("seq") > 0
+
+    async def many_cancelled():
+        pause = PauseAfterQuery(engine, "m")
+        task = asyncio.create_task(engine.acompress_many([CHUNKS], [QUERY], rate=0.4, conversation_ids=["m"]))
+        try:
+            assert await asyncio.to_thread(pause.queried.wait, 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            pause.go.set()
+        assert await asyncio.to_thread(pause.done.wait, 10)
+        pause.restore()
+        return engine.memory.spans("m")
+
+    assert asyncio.run(many_cancelled()) == 0
+
+
+def test_prewarm_stores_its_own_encoding_seconds_beside_busy_threads(engine):
+    texts_ = [f"{c} {k}" for k in range(30) for c in CHUNKS[:2]]
+    stop = threading.Event()
+
+    def busy(seed: int) -> None:
+        k = 0
+        while not stop.is_set():
+            engine.encoder.fingerprint([f"{c} busy {seed} {k}" for c in CHUNKS])
+            k += 1
+
+    threads = [threading.Thread(target=busy, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.2)
+        started = time.perf_counter()
+        assert engine.prewarm(texts_, batch_size=8) == len(texts_)
+        wall = time.perf_counter() - started
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    from semtoken_rag.keys import cache_key
+
+    stored = sum(engine.cache.memory.get_many([cache_key(t, engine._namespace)])[0].encode_seconds for t in texts_)
+    # its own passes took at most its wall time; the encoder's running total also holds the busy threads'
+    assert 0 < stored <= wall
+
+
+def test_an_extra_made_by_two_calls_at_once_is_kept_and_counted_once(engine):
+    memo, spec = engine.analyses, engine._spec
+    entry = memo._lru.get((spec.key, CHUNKS[0]))
+    before = entry.nbytes
+    both = threading.Barrier(2)
+    got = []
+
+    def make():
+        both.wait(5)  # both calls are making it at once
+        return [f"value of {threading.get_ident()}"]
+
+    threads = [threading.Thread(target=lambda: got.append(memo.extra(spec, CHUNKS[0], entry, "probe", make)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert got[0] is got[1] is entry.extras["probe"]
+    from semtoken_rag.analysis import _sizeof
+
+    assert entry.nbytes == before + _sizeof(got[0])
+
+
+def test_redis_back_off_is_one_window_for_calls_that_fail_together():
+    """Eight calls in flight when the store hangs: one outage, one window of ``backoff_seconds`` (it doubled on
+    each of them, to 30 s). A local socket that accepts and never answers plays the hung server."""
+    pytest.importorskip("redis")
+    from semtoken_rag.keys import cache_key
+    from semtoken_rag.redis_store import RedisStore
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(64)], daemon=True).start()
+    store = RedisStore(f"redis://127.0.0.1:{server.getsockname()[1]}/0", namespace="ns", timeout_seconds=0.3,
+                       backoff_seconds=0.5, max_backoff_seconds=30.0)
+    together = threading.Barrier(8)
+
+    def call():
+        together.wait(5)
+        store.get_many([cache_key("a chunk", "ns")])
+
+    logging.getLogger("semtoken_rag.redis_store").disabled = True
+    try:
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    finally:
+        logging.getLogger("semtoken_rag.redis_store").disabled = False
+        server.close()
+    assert store.stats().errors == 8  # every failed call is counted
+    assert store._delay == 0.5 and not store.available
+    time.sleep(0.6)  # the window is over: the next failure is a new one, and doubles it
+    assert store.available
