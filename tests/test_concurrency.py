@@ -22,7 +22,7 @@ QUERY = " ".join(TINY_WORDS[:3])
 
 
 @pytest.fixture()
-def engine(tiny_encoder):
+def shared(tiny_encoder):
     eng = SemToken(SemTokenConfig(encoder=str(tiny_encoder), device="cpu", max_length=32, window_overlap=8))
     eng.compress(CHUNKS, QUERY, rate=0.4)  # fingerprints cached: calls below are host work only
     yield eng
@@ -73,7 +73,8 @@ def sequential(engine: SemToken, conversation: str):
     return texts(first), texts(second), engine.memory.spans(conversation)
 
 
-def test_two_calls_of_one_conversation_at_once_give_what_one_after_the_other_gives(engine):
+def test_two_calls_of_one_conversation_at_once_give_what_one_after_the_other_gives(shared):
+    engine = shared  # (not named engine: that fixture name puts a test in the slow tier)
     first, second, spans = sequential(engine, "seq")
     pause = PauseAfterQuery(engine, "c")
     out: dict[str, list[str]] = {}
@@ -97,13 +98,14 @@ def test_two_calls_of_one_conversation_at_once_give_what_one_after_the_other_giv
     assert engine.memory.spans("c") == spans
 
 
-def test_a_conversation_forgotten_or_cleared_during_its_call_is_forgotten_after_it(engine):
+def test_a_conversation_forgotten_or_cleared_during_its_call_is_forgotten_after_it(shared):
+    engine = shared  # (not named engine: that fixture name puts a test in the slow tier)
     _first, second, _spans = sequential(engine, "seq")
     for forget in (lambda: engine.forget_conversation("c"), engine.clear_caches):
         engine.compress(CHUNKS, QUERY, rate=0.4, conversation_id="c")  # the conversation received this
         pause = PauseAfterQuery(engine, "c")
         out: dict[str, list[str]] = {}
-        call = threading.Thread(target=lambda: out.setdefault("r", texts(engine.compress(
+        call = threading.Thread(target=lambda out=out: out.setdefault("r", texts(engine.compress(
             CHUNKS, QUERY, rate=0.4, conversation_id="c"))))
         forgetting = threading.Thread(target=forget)
         try:
@@ -123,7 +125,8 @@ def test_a_conversation_forgotten_or_cleared_during_its_call_is_forgotten_after_
         engine.compress(CHUNKS, QUERY, rate=0.4)  # (clear_caches emptied the caches: fill them again)
 
 
-def test_a_cancelled_acompress_remembers_nothing_for_its_conversation(engine):
+def test_a_cancelled_acompress_remembers_nothing_for_its_conversation(shared):
+    engine = shared  # (not named engine: that fixture name puts a test in the slow tier)
     sent = engine.compress(CHUNKS, QUERY, rate=0.4, conversation_id="seq")
 
     async def cancel_midway():
@@ -162,7 +165,8 @@ def test_a_cancelled_acompress_remembers_nothing_for_its_conversation(engine):
     assert asyncio.run(many_cancelled()) == 0
 
 
-def test_prewarm_stores_its_own_encoding_seconds_beside_busy_threads(engine):
+def test_prewarm_stores_its_own_encoding_seconds_beside_busy_threads(shared):
+    engine = shared  # (not named engine: that fixture name puts a test in the slow tier)
     texts_ = [f"{c} {k}" for k in range(30) for c in CHUNKS[:2]]
     stop = threading.Event()
 
@@ -191,7 +195,8 @@ def test_prewarm_stores_its_own_encoding_seconds_beside_busy_threads(engine):
     assert 0 < stored <= wall
 
 
-def test_an_extra_made_by_two_calls_at_once_is_kept_and_counted_once(engine):
+def test_an_extra_made_by_two_calls_at_once_is_kept_and_counted_once(shared):
+    engine = shared  # (not named engine: that fixture name puts a test in the slow tier)
     memo, spec = engine.analyses, engine._spec
     entry = memo._lru.get((spec.key, CHUNKS[0]))
     before = entry.nbytes

@@ -352,7 +352,6 @@ def test_concurrent_first_queries_get_one_counter_for_the_settings_tokenizer(mon
     import time
 
     import llama_index.core
-
     from llama_index.postprocessor.semtoken import _support
 
     class Slow(_support.TokenListLength):
