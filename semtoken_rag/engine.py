@@ -229,10 +229,12 @@ class SemToken:
         logger.info("semtoken-rag repeat search: %s", self.repeat_search)
         self.memory: ConversationMemory | DeviceConversationMemory
         if self.repeat_search == "torch":
-            self.memory = DeviceConversationMemory(max_spans=cfg.conversation_max_spans,
+            self.memory = DeviceConversationMemory(max_conversations=cfg.conversation_max_count,
+                                                   max_spans=cfg.conversation_max_spans,
                                                    max_bytes=cfg.conversation_max_bytes, device=self.encoder.device)
         else:
-            self.memory = ConversationMemory(max_spans=cfg.conversation_max_spans,
+            self.memory = ConversationMemory(max_conversations=cfg.conversation_max_count,
+                                             max_spans=cfg.conversation_max_spans,
                                              max_bytes=cfg.conversation_max_bytes)
         self._namespace = self.encoder.identity
         window = cfg.batch_window_ms if cfg.batch_window_ms is not None else \

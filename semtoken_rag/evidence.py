@@ -30,7 +30,7 @@ _STOP = frozenset(["a", "about", "above", "after", "again", "against", "all", "a
 _WORD = re.compile(r"\w+")
 _local = threading.local()  # a Snowball stemmer is not safe to share between threads
 # word -> its term's code (word_term_codes): a language's words recur, so a new chunk's are mostly known;
-# at most this many, then it starts afresh (about 6 MB when full)
+# at most this many, then it starts afresh (about 7.5 MB when full of NQ words)
 _CODE_MEMO: dict[str, int] = {}
 _CODE_MEMO_MAX = 1 << 16
 

@@ -18,7 +18,9 @@ False
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import os
 import threading
 from typing import TYPE_CHECKING, Any
@@ -28,7 +30,11 @@ from .config import SemTokenConfig
 if TYPE_CHECKING:
     from .engine import EncoderParts, SemToken
 
+logger = logging.getLogger(__name__)
+
 _LOCK = threading.Lock()
+# the registry warns (once) when it holds this many engines: settings are usually a handful per process
+_MANY_ENGINES = 64
 _ENGINES: dict[str, SemToken] = {}
 _PARTS: dict[str, EncoderParts] = {}
 
@@ -36,6 +42,10 @@ _PARTS: dict[str, EncoderParts] = {}
 def _default(value: Any) -> str:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    if inspect.ismethod(value):  # ``counter.count`` is a new object at each attribute access: keyed by what it
+        # binds (the registered engine's config holds the object, so its id is not reused while keyed)
+        return f"<method {value.__func__.__qualname__} of {type(value.__self__).__qualname__} at " \
+               f"{id(value.__self__):#x}>"
     # other non-JSON values (a tokenizer object, a callable): identity, so two objects never share
     return f"<{type(value).__qualname__} at {id(value):#x}>"
 
@@ -61,6 +71,12 @@ def shared_engine(config: SemTokenConfig | None = None) -> SemToken:
             if parts is None:
                 parts = _PARTS[parts_key] = EncoderParts.build(config)
             engine = _ENGINES[key] = SemToken(config, parts=parts)
+            if len(_ENGINES) == _MANY_ENGINES:
+                logger.warning("semtoken-rag's registry now holds %d engines, one per distinct setting, each "
+                               "with its own memos (up to analysis_memo_max_bytes): a setting that is new at "
+                               "each request (a tokenizer made per request, such as a lambda or "
+                               "functools.partial) makes a new engine each time. Pass the same tokenizer "
+                               "object, a tokenizer name, or engine=.", len(_ENGINES))
         return engine
 
 

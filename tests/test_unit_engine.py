@@ -291,3 +291,47 @@ def test_the_unknown_token_warning_is_said_once_by_concurrent_passes(tiny_encode
     finally:
         sys.setswitchinterval(interval)
     assert len([r for r in caplog.records if "unknown to the encoder" in r.getMessage()]) == 1
+
+
+def test_the_registry_shares_one_engine_for_a_bound_method_tokenizer_and_warns_when_it_grows(
+        tiny_encoder, monkeypatch, caplog):
+    """``counter.count`` is a new object at every access: a component built per request with it got a new
+    engine (and memos) per request. Settings that really are new each time make the registry say so."""
+    import logging
+
+    from semtoken_rag import registry
+
+    class Counter:
+        def count(self, text: str) -> int:
+            return len(text.split())
+
+    counter = Counter()
+    settings = {"encoder": str(tiny_encoder), "device": "cpu", "max_length": 32, "window_overlap": 8}
+    registry.clear_registry()
+    try:
+        first = registry.shared_engine(SemTokenConfig(**settings, tokenizer=counter.count))
+        assert registry.shared_engine(SemTokenConfig(**settings, tokenizer=counter.count)) is first
+        assert registry.shared_engine(SemTokenConfig(**settings, tokenizer=Counter().count)) is not first
+        assert first.count_tokens("one two three") == 3
+        monkeypatch.setattr(registry, "_MANY_ENGINES", 5)
+        with caplog.at_level(logging.WARNING, logger="semtoken_rag.registry"):
+            for k in range(5):  # (a lambda per request: new settings each time)
+                registry.shared_engine(SemTokenConfig(**settings, tokenizer=lambda text, k=k: len(text) + k))
+        assert len(registry.registered_engines()) == 7
+        assert len(caplog.records) == 1 and "registry now holds 5 engines" in caplog.records[0].getMessage()
+    finally:
+        registry.clear_registry()
+
+
+def test_conversation_max_count_bounds_the_conversations_remembered(tiny_encoder):
+    chunks = [" ".join(TINY_WORDS[(i * 5 + k) % len(TINY_WORDS)] for k in range(30)) + "." for i in range(3)]
+    engine = SemToken(SemTokenConfig(encoder=str(tiny_encoder), device="cpu", max_length=32, window_overlap=8,
+                                     conversation_max_count=3))
+    assert engine.memory.max_conversations == 3
+    for c in ("a", "b", "c", "d"):
+        engine.compress(chunks, "w", rate=0.5, conversation_id=c)
+    assert len(engine.memory) == 3 and "a" not in engine.memory and "d" in engine.memory
+    assert SemToken(SemTokenConfig(encoder=str(tiny_encoder), device="cpu", max_length=32,
+                                   window_overlap=8)).memory.max_conversations == 1024
+    with pytest.raises(ValueError, match="conversation_max_count"):
+        SemTokenConfig(conversation_max_count=0)
