@@ -322,9 +322,16 @@ class RedisStore(FingerprintStore):
             self._fault("clear", e)
 
     def close(self) -> None:
-        """Close the connections (a later call reconnects)."""
+        """Close the idle connections (a later call reconnects). A connection in use by a call in flight (of
+        an engine that shares this store, or of this one in another thread) is left to finish its command:
+        cutting it made that call fail as if the server were down, log an outage and open the back-off
+        window. It goes back to the pool when done, and is closed with the pool."""
+        pool = getattr(self.client, "connection_pool", None)
         try:
-            self.client.close()
+            if pool is not None:
+                pool.disconnect(inuse_connections=False)
+            else:
+                self.client.close()
         except self._faults:
             pass
 

@@ -207,3 +207,23 @@ def test_something_else_at_the_url_or_a_missing_database_backs_off(redis_url, ca
         assert len(accepted) == 1
     finally:
         srv.close()
+
+
+def test_close_leaves_a_connection_in_use_to_finish_and_closes_the_idle_ones(redis_url):
+    """close() while another thread's command is in flight (an engine that shares the store, or this one's
+    other calls): cutting that connection failed the call as an outage and opened the back-off window."""
+    store = RedisStore(redis_url, namespace="enc")
+    store.put("abcd1234", CacheEntry({"fingerprints": np.ones((2, 3), np.float16)}))  # (a connection, now idle)
+    pool = store.client.connection_pool
+    idle, busy = pool.get_connection(), pool.get_connection()  # busy stays checked out: a command in flight
+    idle.connect()
+    busy.connect()
+    pool.release(idle)
+    store.close()
+    assert idle._sock is None  # idle: closed
+    assert busy._sock is not None  # in use: left to finish its command
+    busy.send_command("PING")
+    assert busy.read_response() in (b"PONG", "PONG")
+    pool.release(busy)
+    assert [e is not None for e in store.get_many(["abcd1234"])] == [True]  # the store goes on (reconnecting)
+    assert store.stats().errors == 0 and store.available
