@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -287,7 +288,8 @@ class SemTokenConfig(BaseModel):
     cache_max_disk_bytes: int | None = Field(
         default=2**30, ge=0,
         description="Bound of the cache_dir in bytes (1 GiB by default): past it the least recently used "
-                    "entry files are deleted down to 90% of it. None: unbounded.")
+                    "entry files are deleted down to 90% of it (N processes that share the directory "
+                    "stay within about (1 + 0.1 N) times it). None: unbounded.")
     conversation_max_bytes: int = Field(
         default=64 * 2**20, ge=1,
         description="Bound in bytes of the span centroids remembered over all conversations; the least "
@@ -365,6 +367,10 @@ class SemTokenConfig(BaseModel):
     def _check_cache_dir(cls, value: Any) -> Any:
         if isinstance(value, str) and not value.strip():  # (an unset variable: not the working directory)
             raise ValueError("cache_dir must be a directory path, got an empty string (None: memory only)")
+        if isinstance(value, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
+            # (a URL here made a relative folder named after its scheme, "./file:/...")
+            raise ValueError(f"cache_dir takes a directory path, got the URL {value!r}: give the path, or the URL "
+                             "as store= (file://, redis://)")
         return value
 
     @field_validator("store")

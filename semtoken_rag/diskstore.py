@@ -25,6 +25,12 @@ logger = logging.getLogger(__name__)
 _SUFFIX = ".stfp"
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_SECONDS = 3600.0
+# a process's estimate of the directory counts only its own writes: other processes sharing it (replicas,
+# workers) write unseen. So the directory is also scanned, and pruned when over the bound, after this share
+# of max_disk_bytes of this process's own writes since its last scan: N processes together stay within
+# about (1 + N x 0.1) x max_disk_bytes (they reached N x max_disk_bytes), and one alone scans as before
+# once the directory is full (it prunes to 90%: the next 10% of writes fill it again)
+_RESCAN_SHARE = 0.1
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
 
@@ -57,6 +63,7 @@ class DirectoryStore(FingerprintStore):
         self._lock, self._prune_lock = threading.Lock(), threading.Lock()
         self._writes = self._corrupt = self._errors = 0
         self._estimate: int | None = None
+        self._since_scan = 0  # bytes this process wrote since its last scan
         self._warn = WarnOnce(logger)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -145,8 +152,9 @@ class DirectoryStore(FingerprintStore):
         for key, entry in items:
             self._write(check_key(key), entry)
         with self._lock:
-            estimate = self._estimate
-        if self.max_disk_bytes is not None and (estimate is None or estimate > self.max_disk_bytes):
+            estimate, since = self._estimate, self._since_scan
+        bound = self.max_disk_bytes
+        if bound is not None and (estimate is None or estimate > bound or since > _RESCAN_SHARE * bound):
             self.prune()
 
     def _write(self, key: str, entry: CacheEntry) -> None:
@@ -162,7 +170,8 @@ class DirectoryStore(FingerprintStore):
             os.replace(tmp, path)
             tmp = None
         except OSError as e:
-            self._count_error("io", "cannot write cache file %s (%s); keeping it in memory only", path, e)
+            self._count_error("io", "cannot write cache file %s (%s); the fingerprints are not persisted (the "
+                                    "memory cache keeps them while it has room)", path, e)
             return
         finally:
             if tmp is not None:
@@ -173,6 +182,7 @@ class DirectoryStore(FingerprintStore):
         logger.debug("cache write %s (%d bytes)", path, len(data))
         with self._lock:
             self._writes += 1
+            self._since_scan += len(data)
             if self._estimate is not None:
                 self._estimate += len(data)
 
@@ -230,6 +240,7 @@ class DirectoryStore(FingerprintStore):
                 logger.debug("pruned %d bytes from %s", removed, self.path)
             with self._lock:
                 self._estimate = total - removed - gone
+                self._since_scan = 0
             return removed
         finally:
             self._prune_lock.release()

@@ -255,6 +255,10 @@ def test_config_validation():
     for blank in ("", "  "):  # (an unset variable would put the cache in the working directory)
         with pytest.raises(ValueError, match="cache_dir must be a directory path, got an empty string"):
             SemTokenConfig(cache_dir=blank)
+    for url in ("file:///srv/cache", "redis://localhost:6379/0"):  # (made a folder "./file:" in the working dir)
+        with pytest.raises(ValueError, match="cache_dir takes a directory path, got the URL"):
+            SemTokenConfig(cache_dir=url)
+    assert SemTokenConfig(cache_dir="odd name://x").cache_dir is not None  # (a path that only contains "://")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             SemToken(device="cuda")

@@ -431,6 +431,23 @@ def test_disk_bound_prunes_oldest(tmp_path: Path) -> None:
     assert cache.get(key(0)) is None
 
 
+def test_processes_sharing_a_directory_keep_it_near_the_bound(tmp_path: Path) -> None:
+    """Three stores on one directory (three worker processes: each sees only its own writes in its estimate)
+    writing in turn: together they reached about 3x the bound, and stayed there; now each also rescans after
+    a tenth of the bound of its own writes, so the directory stays within about (1 + 3 x 0.1) x the bound."""
+    probe = make_cache(cache_dir=tmp_path / "probe")
+    probe.put(key(0), make_entry(0, n=20, d=32))
+    file_size = next((tmp_path / "probe").glob("*/*.stfp")).stat().st_size
+    bound = 40 * file_size
+    workers = [DirectoryStore(tmp_path / "c", max_disk_bytes=bound) for _ in range(3)]
+    peak = 0
+    for i in range(300):
+        workers[i % 3].put(key(i), make_entry(i, n=20, d=32))
+        peak = max(peak, workers[0].disk_bytes())
+    assert peak <= 1.35 * bound + file_size, (peak / bound)
+    assert workers[0].disk_bytes() <= 1.35 * bound
+
+
 def test_disk_bound_keeps_recently_read_files(tmp_path: Path) -> None:
     probe = make_cache(cache_dir=tmp_path / "probe")
     probe.put(key(0), make_entry(0, n=20, d=32))
