@@ -298,7 +298,7 @@ class SemTokenConfig(BaseModel):
         default=1024, ge=1,
         description="Most conversations remembered at once (each conversation_id is one): past it, as past "
                     "conversation_max_bytes, the least recently used are forgotten first, and their next "
-                    "call repeats what they had received. About 30 KB a conversation of 20-passage turns.")
+                    "call repeats what they had received. A turn of 20 passages at rate 0.33 adds about 80 KB.")
     query_memo_max_bytes: int = Field(
         default=64 * 2**20, ge=0,
         description="Bound in bytes of the memo of query embeddings (an LRU; 0 disables it).")
