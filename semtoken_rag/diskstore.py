@@ -64,6 +64,7 @@ class DirectoryStore(FingerprintStore):
         self._writes = self._corrupt = self._errors = 0
         self._estimate: int | None = None
         self._since_scan = 0  # bytes this process wrote since its last scan
+        self._swept = False  # whether this store's first write has happened (and its stale temp files gone)
         self._warn = WarnOnce(logger)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -153,9 +154,12 @@ class DirectoryStore(FingerprintStore):
             self._write(check_key(key), entry)
         with self._lock:
             estimate, since = self._estimate, self._since_scan
+            sweep, self._swept = not self._swept, True
         bound = self.max_disk_bytes
         if bound is not None and (estimate is None or estimate > bound or since > _RESCAN_SHARE * bound):
             self.prune()
+        elif bound is None and sweep:  # (unbounded: no prune scans; the temp files a killed writer left, once)
+            self._scan()
 
     def _write(self, key: str, entry: CacheEntry) -> None:
         path, data, tmp = self._file(key), encode_entry(key, entry), None

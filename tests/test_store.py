@@ -448,6 +448,24 @@ def test_processes_sharing_a_directory_keep_it_near_the_bound(tmp_path: Path) ->
     assert workers[0].disk_bytes() <= 1.35 * bound
 
 
+def test_an_unbounded_directory_removes_stale_temp_files_at_its_first_write(tmp_path: Path) -> None:
+    """A writer killed mid-write leaves its temp file; only the prune's scan removed them, and an unbounded
+    store never prunes."""
+    import os
+
+    store = DirectoryStore(tmp_path, max_disk_bytes=None)
+    shard = tmp_path / key(1)[:2]
+    shard.mkdir(parents=True, exist_ok=True)
+    stale, fresh = shard / ".tmp-killed.part", shard / ".tmp-writing.part"
+    stale.write_bytes(b"half an entry")
+    fresh.write_bytes(b"another process, now")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    store.put(key(1), make_entry(1, n=4, d=8))
+    assert not stale.exists() and fresh.exists()  # (a temp file being written now is left alone)
+    assert_same(store.get(key(1)), make_entry(1, n=4, d=8))
+
+
 def test_disk_bound_keeps_recently_read_files(tmp_path: Path) -> None:
     probe = make_cache(cache_dir=tmp_path / "probe")
     probe.put(key(0), make_entry(0, n=20, d=32))
