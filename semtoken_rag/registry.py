@@ -6,7 +6,7 @@ the validated configuration; a configuration that cannot be serialised (a tokeni
 callable) is keyed by that object's identity. Engines whose settings differ only in what they do
 with fingerprints (budget tokenizer, weights, rate) share one encoder, fingerprint cache and query
 memo (:class:`semtoken_rag.engine.EncoderParts`): one model in memory, and a chunk that one of them
-(or a fingerprinter) encoded is a cache hit for all.
+(or a fingerprinter) encoded is a cache hit for all. It keeps the 64 engines asked for most recently.
 
 >>> from semtoken_rag import SemTokenConfig
 >>> from semtoken_rag.registry import config_key
@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from .config import SemTokenConfig
@@ -33,9 +34,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
-# the registry warns (once) when it holds this many engines: settings are usually a handful per process
-_MANY_ENGINES = 64
-_ENGINES: dict[str, SemToken] = {}
+# the registry holds at most this many engines, the least recently asked for going first (closed: a component
+# that still holds one keeps working with it, encoding on its own); settings are usually a handful per
+# process, so more means a setting new at each request, which the first eviction warns about, once
+_MAX_ENGINES = 64
+_ENGINES: OrderedDict[str, SemToken] = OrderedDict()
+_warned_evicting = False
 _PARTS: dict[str, EncoderParts] = {}
 
 
@@ -60,10 +64,14 @@ def shared_engine(config: SemTokenConfig | None = None) -> SemToken:
     config = config if config is not None else SemTokenConfig()
     if not isinstance(config, SemTokenConfig):
         raise TypeError(f"config must be a SemTokenConfig or None, got {type(config).__name__}")
+    global _warned_evicting
     key = config_key(config)
+    evicted, first = [], False
     with _LOCK:
         engine = _ENGINES.get(key)
-        if engine is None or engine.closed:  # (one closed by its user: a new one, with micro-batching)
+        if engine is not None and not engine.closed:
+            _ENGINES.move_to_end(key)
+        else:  # (one closed by its user: a new one, with micro-batching)
             from .engine import EncoderParts, SemToken, encoder_settings  # torch loads here, not on import
 
             parts_key = json.dumps(encoder_settings(config), sort_keys=True, default=_default)
@@ -71,13 +79,20 @@ def shared_engine(config: SemTokenConfig | None = None) -> SemToken:
             if parts is None:
                 parts = _PARTS[parts_key] = EncoderParts.build(config)
             engine = _ENGINES[key] = SemToken(config, parts=parts)
-            if len(_ENGINES) == _MANY_ENGINES:
-                logger.warning("semtoken-rag's registry now holds %d engines, one per distinct setting, each "
-                               "with its own memos (up to analysis_memo_max_bytes): a setting that is new at "
-                               "each request (a tokenizer made per request, such as a lambda or "
-                               "functools.partial) makes a new engine each time. Pass the same tokenizer "
-                               "object, a tokenizer name, or engine=.", len(_ENGINES))
-        return engine
+            _ENGINES.move_to_end(key)
+            while len(_ENGINES) > _MAX_ENGINES:
+                evicted.append(_ENGINES.popitem(last=False)[1])
+            if evicted and not _warned_evicting:
+                first = _warned_evicting = True
+    if first:
+        logger.warning("semtoken-rag's registry holds %d engines, one per distinct setting, each with its own "
+                       "memos, and now lets the least recently used go: a setting that is new at each request "
+                       "(a tokenizer made per request, such as a lambda or functools.partial) makes a new "
+                       "engine each time. Pass the same tokenizer object, a tokenizer name, or engine=.",
+                       _MAX_ENGINES)
+    for old in evicted:
+        old.close()
+    return engine
 
 
 def registered_engines() -> list[SemToken]:

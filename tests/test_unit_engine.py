@@ -296,7 +296,8 @@ def test_the_unknown_token_warning_is_said_once_by_concurrent_passes(tiny_encode
 def test_the_registry_shares_one_engine_for_a_bound_method_tokenizer_and_warns_when_it_grows(
         tiny_encoder, monkeypatch, caplog):
     """``counter.count`` is a new object at every access: a component built per request with it got a new
-    engine (and memos) per request. Settings that really are new each time make the registry say so."""
+    engine (and memos) per request. Settings that really are new each time make the registry say so, and
+    it keeps the 64 (here 5) asked for most recently."""
     import logging
 
     from semtoken_rag import registry
@@ -313,12 +314,20 @@ def test_the_registry_shares_one_engine_for_a_bound_method_tokenizer_and_warns_w
         assert registry.shared_engine(SemTokenConfig(**settings, tokenizer=counter.count)) is first
         assert registry.shared_engine(SemTokenConfig(**settings, tokenizer=Counter().count)) is not first
         assert first.count_tokens("one two three") == 3
-        monkeypatch.setattr(registry, "_MANY_ENGINES", 5)
+        gone = registry.registered_engines()
+        monkeypatch.setattr(registry, "_MAX_ENGINES", 5)
+        monkeypatch.setattr(registry, "_warned_evicting", False)
         with caplog.at_level(logging.WARNING, logger="semtoken_rag.registry"):
-            for k in range(5):  # (a lambda per request: new settings each time)
+            for k in range(6):  # (a lambda per request: new settings each time)
                 registry.shared_engine(SemTokenConfig(**settings, tokenizer=lambda text, k=k: len(text) + k))
-        assert len(registry.registered_engines()) == 7
-        assert len(caplog.records) == 1 and "registry now holds 5 engines" in caplog.records[0].getMessage()
+                assert registry.shared_engine(SemTokenConfig(**settings, tokenizer=counter.count)) is first
+        held = registry.registered_engines()
+        assert len(held) == 5 and first in held  # (asked for at every request: never the least recent)
+        assert len(caplog.records) == 1 and "registry holds 5 engines" in caplog.records[0].getMessage()
+        # the engines let go are closed; a component that still holds one keeps working with it
+        let_go = [e for e in gone if e not in held]
+        assert let_go and all(e.closed for e in let_go)
+        assert let_go[0].compress(["one two three four five six"], "two", rate=0.5).compressed_tokens > 0
     finally:
         registry.clear_registry()
 
