@@ -5,10 +5,10 @@
 On NQ questions 150-440 (the held-out part; 20 passages each) it measures the encoder forward alone,
 a cold and a warm ``compress`` (median, p95), ``compress_many`` throughput at 1/8/64/256 queries a
 call with all chunks new and all cached, 32 concurrent ``acompress`` calls, fingerprinting tokens/s at
-batch 32/128/512 (8/16/32/128 on CPU), answer recall at rates 0.5/0.33/0.2 (answer in the kept context) with the budget
-checked, where a cold and a warm call's time goes stage by stage (``benchmarks.stages``; on CUDA beside
-the same warm calls by an engine on the host's CPU), and, when the encoder runs below float32 (float16 on CUDA by default, bfloat16 on a CPU with AMX
-or AVX-512 BF16), the agreement of its kept contexts with float32's. Writes
+batch 32/128/512 (8/16/32/128 on CPU), answer recall at rates 0.5/0.33/0.2 (answer in the kept context)
+with the budget checked, where a cold and a warm call's time goes stage by stage (``benchmarks.stages``;
+on CUDA beside the same warm calls by an engine on the host's CPU), and, when the encoder runs below
+float32 (float16 on CUDA by default, bfloat16 on a CPU with AMX or AVX-512 BF16), the agreement of its kept contexts with float32's. Writes
 ``benchmarks/results/<name>.json`` and ``<name>.md`` with the device, torch and CUDA versions, the
 date, the command and the load average.
 

@@ -103,9 +103,11 @@ def breakdown(engine, questions, rate: float, clear: Callable[[], None]) -> dict
             row["other"] = total - sum(row.get(label, 0.0) for label, _o, _n, parent in STAGES if parent is None)
             rows[kind].append(row)
     labels = [label for label, *_ in STAGES] + ["other", "total"]
-    return {kind: {label: 1000 * statistics.median(r.get(label, 0.0) for r in found) for label in labels}
-            for kind, found in rows.items()} | {"questions": len(questions),
-                                                 "nested": {label: parent for label, _o, _n, parent in STAGES if parent}}
+    out: dict = {kind: {label: 1000 * statistics.median(r.get(label, 0.0) for r in found) for label in labels}
+                 for kind, found in rows.items()}
+    out["questions"] = len(questions)
+    out["nested"] = {label: parent for label, _o, _n, parent in STAGES if parent}
+    return out
 
 
 def host_reference(engine_factory: Callable[[], object], questions, rate: float) -> dict:

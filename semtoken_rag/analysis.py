@@ -186,14 +186,11 @@ class AnalysisMemo:
         if value is None:
             made = make()  # (outside the lock: concurrent calls on the same chunk may both make it)
             with self._extras_lock:  # the first one made is kept and counted, once
-                value = entry.extras.get(name)
-                if value is None:
-                    value = entry.extras[name] = made
+                value = entry.extras.setdefault(name, made)
+                if value is made:
                     entry.nbytes += _sizeof(value)  # (the entry's other parts are counted already)
-                else:
-                    return value
             key = (spec.key, text)
-            if key in self._lru:
+            if value is made and key in self._lru:
                 self._lru.put(key, entry)
         return value
 

@@ -15,8 +15,8 @@ from .text import without_surrogates
 logger = logging.getLogger(__name__)
 
 _QUICKTOK_NAMES = {"llama3", "cl100k_base", "o200k_base", "o200k_harmony", "qwen3"}
-# count_pieces remembers the counts of this many distinct short pieces per tokenizer (about 6 MB of NQ words), then
-# starts over
+# count_pieces remembers the counts of this many distinct short pieces per tokenizer (about 6 MB of NQ
+# words), then starts over
 _PIECE_MEMO = 65_536
 _PIECE_CHARS = 32
 # texts of fewer characters than this in all are counted one after another on the calling thread, more in

@@ -306,7 +306,8 @@ class Fingerprints:
     vectors: torch.Tensor  # (n, d) float16 on CPU (the cached form)
 
 
-_WORD_MEMO = 1 << 16  # words whose ids Encoder._tokenize keeps (then it starts afresh; about 14 MB when full of NQ words)
+# words whose ids Encoder._tokenize keeps (then it starts afresh; about 14 MB when full of NQ words)
+_WORD_MEMO = 1 << 16
 _APART = frozenset(" \t\n\r")  # characters that end a BERT pre-token whatever surrounds them
 
 

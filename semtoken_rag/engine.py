@@ -376,9 +376,8 @@ class SemToken:
                 if p.done is not None:
                     out.append(p.done)
                     continue
-                with self._conversation(p.conversation_id):
-                    out.append(self._compress(p.chunks, p.counts, p.query, p.budget, p.conversation_id, started,
-                                              p.overheads, prepared, abandoned=abandoned))
+                out.append(self._compress(p.chunks, p.counts, p.query, p.budget, p.conversation_id, started,
+                                          p.overheads, prepared, abandoned=abandoned))
             return out
 
     async def acompress_many(self, chunk_lists: Sequence[Sequence[str]], queries: Sequence[str | None], *,
@@ -512,9 +511,8 @@ class SemToken:
             # (everything fits by the engine's counts but not as the caller joins it: select and trim)
             with torch.inference_mode():
                 prepared = self._prepare(chunks, query, session)
-                with self._conversation(conversation_id):
-                    return self._compress(chunks, plan.counts, query, plan.budget, conversation_id, started,
-                                          overheads, prepared, context_excess, abandoned)
+                return self._compress(chunks, plan.counts, query, plan.budget, conversation_id, started,
+                                      overheads, prepared, context_excess, abandoned)
 
     def _plan(self, chunks, query, budget_rate, target, overheads, conversation_id, started) -> _Plan:
         """Token counts and budget of one request; the result itself when no encoding is needed."""
@@ -587,8 +585,17 @@ class SemToken:
                   conversation_id: str | None, started: float, overheads: np.ndarray, prepared: Prepared,
                   context_excess: Callable[[list[str]], int] | None = None,
                   abandoned: threading.Event | None = None) -> CompressionResult:
-        """One request's selection (under its conversation's lock, :meth:`_conversation`); ``abandoned``: set
-        when the caller that awaits the result was cancelled (nothing is remembered then)."""
+        """One request's selection, under its conversation's lock (:meth:`_conversation`: its repeat check and
+        its remembering); ``abandoned``: set when the caller that awaits the result was cancelled (nothing is
+        remembered then)."""
+        with self._conversation(conversation_id):
+            return self._select(chunks, counts, query, budget, conversation_id, started, overheads, prepared,
+                                context_excess, abandoned)
+
+    def _select(self, chunks: list[str], counts: np.ndarray, query: str | None, budget: int,
+                conversation_id: str | None, started: float, overheads: np.ndarray, prepared: Prepared,
+                context_excess: Callable[[list[str]], int] | None,
+                abandoned: threading.Event | None) -> CompressionResult:
         cfg = self.config
         fps = [prepared.fingerprints[c] for c in chunks]
         hits = sum(c in prepared.cached for c in chunks)

@@ -129,9 +129,11 @@ def test_a_cancelled_acompress_remembers_nothing_for_its_conversation(shared):
     engine = shared  # (not named engine: that fixture name puts a test in the slow tier)
     sent = engine.compress(CHUNKS, QUERY, rate=0.4, conversation_id="seq")
 
-    async def cancel_midway():
-        pause = PauseAfterQuery(engine, "c")
-        task = asyncio.create_task(engine.acompress(CHUNKS, QUERY, rate=0.4, conversation_id="c"))
+    async def cancel_midway(conversation, call):
+        """Start ``call()``, cancel it once it has read ``conversation``, let its thread finish: what the
+        conversation then holds."""
+        pause = PauseAfterQuery(engine, conversation)
+        task = asyncio.create_task(call())
         try:
             assert await asyncio.to_thread(pause.queried.wait, 10)
             task.cancel()
@@ -141,28 +143,15 @@ def test_a_cancelled_acompress_remembers_nothing_for_its_conversation(shared):
             pause.go.set()
         assert await asyncio.to_thread(pause.done.wait, 10)  # (the abandoned thread has finished its work)
         pause.restore()
-        return engine.memory.spans("c")
+        return engine.memory.spans(conversation)
 
-    assert asyncio.run(cancel_midway()) == 0
+    assert asyncio.run(cancel_midway("c", lambda: engine.acompress(CHUNKS, QUERY, rate=0.4,
+                                                                    conversation_id="c"))) == 0
     # the call after a cancelled one sends what a first call sends; one that is awaited is remembered
     again = asyncio.run(engine.acompress(CHUNKS, QUERY, rate=0.4, conversation_id="c"))
     assert texts(again) == texts(sent) and engine.memory.spans("c") == engine.memory.spans("seq") > 0
-
-    async def many_cancelled():
-        pause = PauseAfterQuery(engine, "m")
-        task = asyncio.create_task(engine.acompress_many([CHUNKS], [QUERY], rate=0.4, conversation_ids=["m"]))
-        try:
-            assert await asyncio.to_thread(pause.queried.wait, 10)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-        finally:
-            pause.go.set()
-        assert await asyncio.to_thread(pause.done.wait, 10)
-        pause.restore()
-        return engine.memory.spans("m")
-
-    assert asyncio.run(many_cancelled()) == 0
+    assert asyncio.run(cancel_midway("m", lambda: engine.acompress_many([CHUNKS], [QUERY], rate=0.4,
+                                                                         conversation_ids=["m"]))) == 0
 
 
 def test_prewarm_stores_its_own_encoding_seconds_beside_busy_threads(shared):
