@@ -7,7 +7,8 @@ a cold and a warm ``compress`` (median, p95), ``compress_many`` throughput at 1/
 call with all chunks new and all cached, 32 concurrent ``acompress`` calls, fingerprinting tokens/s at
 batch 32/128/512 (8/16/32/128 on CPU), answer recall at rates 0.5/0.33/0.2 (answer in the kept context)
 with the budget checked, where a cold and a warm call's time goes stage by stage (``benchmarks.stages``;
-on CUDA beside the same warm calls by an engine on the host's CPU), and, when the encoder runs below
+on CUDA beside the same warm calls by an engine on the host's CPU), the same calls with the host's thread
+pools held to one thread (``benchmarks.stages.host_threads``), and, when the encoder runs below
 float32 (float16 on CUDA by default, bfloat16 on a CPU with AMX or AVX-512 BF16), the agreement of its kept contexts with float32's. Writes
 ``benchmarks/results/<name>.json`` and ``<name>.md`` with the device, torch and CUDA versions, the
 date, the command and the load average.
@@ -127,6 +128,12 @@ def stages(engine: SemToken, qs, rate: float, n: int = 40) -> dict:
         out["cpu_engine_warm"] = _stages.host_reference(
             lambda: SemToken(engine.config.model_copy(update={"device": "cpu", "dtype": "float32"})), qs[:n], rate)
     return out
+
+
+def host_threads(engine: SemToken, qs, rate: float, n: int = 40) -> dict:
+    """Calls with the host's thread pools as they are against held to one thread (:mod:`benchmarks.stages`),
+    side by side on the first ``n`` questions: whether many cores slow the host work's small steps."""
+    return _stages.host_threads(engine, qs[:n], rate, lambda: _clear(engine))
 
 
 def throughput(engine: SemToken, qs, rate: float, sizes=(1, 8, 64, 256)) -> dict:
@@ -286,6 +293,13 @@ def markdown(r: dict) -> str:
             lines += ["", (f"The same warm calls by an engine on this machine's CPU: {ref['warm_ms']:.2f} ms "
                            f"(against {b['warm']['total']:.2f} ms on {e['device']}): what the host itself takes "
                            "for the host work.")]
+    t = r.get("host_threads")
+    if t:
+        lines += ["", (f"Host thread pools ({', '.join(t['limited'])}) as they are, against held to one thread, "
+                       f"side by side on {t['questions']} questions: "
+                       + "; ".join(f"{kind} {t[kind]['default']:.2f} against {t[kind]['one_thread']:.2f} ms "
+                                   f"(one thread / as they are: {t[kind]['ratio']:.2f})"
+                                   for kind in ("warm", "cold") if kind in t) + ".")]
     lines += ["", "| `compress_many` queries a call | calls | queries/s, chunks new | queries/s, cached |",
               "| --- | --- | --- | --- |"]
     for b, t in r["throughput"].items():
@@ -335,6 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
     r: dict = {"n": len(qs), "rate": args.rate}
     # (the breakdown first: its questions' words are new to the process-wide word memos, as in a first call)
     steps = [("stages", lambda: stages(engine, qs, args.rate)),
+             ("host_threads", lambda: host_threads(engine, qs, args.rate)),
              ("latency", lambda: latency(engine, qs, args.rate)),
              ("throughput", lambda: throughput(engine, qs, args.rate)),
              ("concurrent", lambda: concurrent(engine, qs, args.rate)),

@@ -129,6 +129,67 @@ def host_reference(engine_factory: Callable[[], object], questions, rate: float)
     return {"warm_ms": 1000 * statistics.median(warm), "questions": len(questions)}
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[dict]:
+    """torch's CPU ops, and the BLAS and OpenMP pools that numpy and torch load, held to one thread while
+    open (threadpoolctl; torch's own count only, when it is missing); yields what was limited, with the
+    thread counts each had."""
+    torch_threads = torch.get_num_threads()
+    try:
+        import threadpoolctl
+    except ImportError:  # (the bench extra has it; a bare CUDA image may not)
+        threadpoolctl = None
+    pools = [f"torch ({torch_threads})"]
+    limits: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if threadpoolctl is not None:
+        pools += sorted({f"{p['internal_api']} ({p['num_threads']})" for p in threadpoolctl.threadpool_info()})
+        limits = threadpoolctl.threadpool_limits(limits=1)
+    torch.set_num_threads(1)
+    try:
+        with limits:
+            yield {"pools": pools}
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def host_threads(engine, questions, rate: float, clear: Callable[[], None]) -> dict:
+    """A call's host work with the host's thread pools as they are against held to one thread
+    (:func:`one_thread`), side by side: per question and setting, the median of 3 warm calls after an
+    untimed one (and, on CUDA, where the forward runs on the device, a cold call too), the settings' order
+    swapped from one question to the next.
+    Many cores can slow small host steps (a BLAS or OpenMP pool woken for a product of a few hundred rows):
+    this says whether they do on this machine."""
+    dev = engine.encoder.device
+    kinds = ("warm", "cold") if dev.type == "cuda" else ("warm",)
+    seconds: dict[str, dict[str, list[float]]] = {kind: {"default": [], "one_thread": []} for kind in kinds}
+    limited: dict = {}
+
+    def call(q) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        started = time.perf_counter()
+        engine.compress(list(q.chunks), q.question, rate=rate)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - started
+
+    for k, q in enumerate(questions):
+        clear()
+        for mode in ("default", "one_thread") if k % 2 else ("one_thread", "default"):
+            with one_thread() if mode == "one_thread" else contextlib.nullcontext() as what:
+                call(q)  # (untimed: a pool resized by the switch starts its threads here)
+                seconds["warm"][mode].append(statistics.median(call(q) for _ in range(3)))
+                if "cold" in seconds:
+                    clear()
+                    seconds["cold"][mode].append(call(q))
+            limited = what or limited
+    out: dict = {"questions": len(questions), "limited": limited.get("pools", [])}
+    for kind, got in seconds.items():
+        out[kind] = {mode: 1000 * statistics.median(v) for mode, v in got.items()}
+        out[kind]["ratio"] = statistics.median(a / b for a, b in zip(got["one_thread"], got["default"]))
+    return out
+
+
 def markdown_rows(b: dict) -> list[str]:
     """The breakdown as a markdown table (stages nested in another are indented)."""
     lines = ["| stage | cold ms | warm ms |", "| --- | --- | --- |"]

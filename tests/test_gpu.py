@@ -248,6 +248,19 @@ def test_stage_breakdown_on_cuda_beside_a_cpu_engine():
     assert b["cpu_engine_warm"]["questions"] == 3 and b["cpu_engine_warm"]["warm_ms"] > 0
 
 
+def test_host_threads_on_cuda_times_warm_and_cold_calls():
+    """benchmarks.gpu's thread probe on CUDA: warm and cold calls (the forward on the device) with the host's
+    pools as they are and held to one thread; the pools are restored after."""
+    from benchmarks import gpu
+
+    eng = cuda_engine()
+    threads = torch.get_num_threads()
+    t = gpu.host_threads(eng, sample()[:3], 0.33, n=3)
+    print("host threads on CUDA:", t)
+    assert torch.get_num_threads() == threads
+    assert t["questions"] == 3 and t["cold"]["default"] > 0 and t["warm"]["one_thread"] > 0
+
+
 def _run_plain() -> int:
     if not HAS_CUDA:
         print("no CUDA device: GPU tests skipped")

@@ -48,3 +48,28 @@ def test_stage_breakdown_times_the_engines_own_steps_and_restores_them(tiny_enco
     assert len(rows) == 2 + len(stages.STAGES) + 2 and "of which pooling" in "\n".join(rows)
     ref = stages.host_reference(lambda: SemToken(engine.config), qs, 0.5)
     assert ref["questions"] == 1 and ref["warm_ms"] > 0
+
+
+def test_host_threads_compares_one_thread_side_by_side_and_restores_the_pools(tiny_encoder):
+    import threadpoolctl
+
+    from benchmarks import stages
+    from semtoken_rag import SemToken, SemTokenConfig
+
+    engine = SemToken(SemTokenConfig(encoder=str(tiny_encoder), device="cpu", max_length=32, window_overlap=8))
+    qs = [SimpleNamespace(chunks=("Paris is the capital of France. Bananas are yellow. " * 3,
+                                  "The Seine flows through Paris. Berlin is in Germany. " * 3),
+                          question=question) for question in ("capital of France", "river in Paris")]
+    before = torch.get_num_threads(), [p["num_threads"] for p in threadpoolctl.threadpool_info()]
+    seen = []
+    real = engine.compress
+    engine.compress = lambda *a, **k: seen.append(
+        (torch.get_num_threads(), max(p["num_threads"] for p in threadpoolctl.threadpool_info()))) or real(*a, **k)
+    out = stages.host_threads(engine, qs, 0.5, engine.clear_caches)
+    assert (torch.get_num_threads(), [p["num_threads"] for p in threadpoolctl.threadpool_info()]) == before
+    assert out["questions"] == 2 and "cold" not in out  # (on CPU the forward's own threads would be limited)
+    assert out["warm"]["default"] > 0 and out["warm"]["one_thread"] > 0 and out["warm"]["ratio"] > 0
+    assert out["limited"][0] == f"torch ({before[0]})"
+    # per question and setting: one untimed call, then 3 timed warm ones; half of them held to one thread
+    assert len(seen) == 2 * 2 * 4 and seen.count((1, 1)) >= 8
+    assert (1, 1) in seen and (before[0], max(before[1])) in seen

@@ -344,3 +344,25 @@ def test_conversation_max_count_bounds_the_conversations_remembered(tiny_encoder
                                    window_overlap=8)).memory.max_conversations == 1024
     with pytest.raises(ValueError, match="conversation_max_count"):
         SemTokenConfig(conversation_max_count=0)
+
+
+def test_entries_the_encoder_made_are_not_checked_again_but_a_stores_are(tiny_encoder, tmp_path, monkeypatch):
+    """The first warm call (a chat's second turn) trusts the entries this process's encoder just made;
+    an entry read from a store is checked against its chunk before use, once."""
+    from semtoken_rag import prepare
+
+    checked = []
+    real = prepare.validate_fingerprints
+    monkeypatch.setattr(prepare, "validate_fingerprints", lambda *a: checked.append(a[2]) or real(*a))
+    chunks = ["the nobel prize in physics was first awarded in 1901.", "a banana is a fruit. it is yellow."]
+    cfg = SemTokenConfig(encoder=str(tiny_encoder), device="cpu", max_length=32, window_overlap=8,
+                         cache_dir=tmp_path)
+    first = SemToken(cfg)
+    cold = first.compress(chunks, "nobel prize", rate=0.5)
+    warm = first.compress(chunks, "nobel prize", rate=0.5)
+    assert warm.cache_hits == 2 and warm.texts == cold.texts
+    assert checked == []
+    second = SemToken(cfg)  # the same entries, decoded from cache_dir's files
+    for _ in range(2):
+        assert second.compress(chunks, "nobel prize", rate=0.5).texts == cold.texts
+    assert sorted(checked) == sorted(map(len, chunks))  # each checked once, then remembered as fitting
