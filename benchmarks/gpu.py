@@ -8,7 +8,8 @@ call with all chunks new and all cached, 32 concurrent ``acompress`` calls, fing
 batch 32/128/512 (8/16/32/128 on CPU), answer recall at rates 0.5/0.33/0.2 (answer in the kept context)
 with the budget checked, where a cold and a warm call's time goes stage by stage (``benchmarks.stages``;
 on CUDA beside the same warm calls by an engine on the host's CPU), the same calls with the host's thread
-pools held to one thread (``benchmarks.stages.host_threads``), and, when the encoder runs below
+pools held to one thread (``benchmarks.stages.host_threads``), cold calls with a ``cache_dir`` written behind
+the call against in it, and, when the encoder runs below
 float32 (float16 on CUDA by default, bfloat16 on a CPU with AMX or AVX-512 BF16), the agreement of its kept contexts with float32's. Writes
 ``benchmarks/results/<name>.json`` and ``<name>.md`` with the device, torch and CUDA versions, the
 date, the command and the load average.
@@ -134,6 +135,32 @@ def host_threads(engine: SemToken, qs, rate: float, n: int = 40) -> dict:
     """Calls with the host's thread pools as they are against held to one thread (:mod:`benchmarks.stages`),
     side by side on the first ``n`` questions: whether many cores slow the host work's small steps."""
     return _stages.host_threads(engine, qs[:n], rate, lambda: _clear(engine))
+
+
+def store_writes(engine: SemToken, qs, rate: float, n: int = 40) -> dict:
+    """Cold calls with a ``cache_dir``, its writes on a worker thread (``store_write_behind=True``) against
+    in the call, side by side (alternating which goes first) on the first ``n`` questions: what a store's
+    write adds to a call here, and whether writing behind takes it off."""
+    import tempfile
+
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    with tempfile.TemporaryDirectory(prefix="semtoken-bench-") as root:
+        engines = {behind: SemToken(engine.config.model_copy(update={
+            "cache_dir": Path(root) / str(behind), "store_write_behind": behind})) for behind in (True, False)}
+        for e in engines.values():  # (one-off costs: the store's directory, the worker thread)
+            e.compress(list(qs[-1].chunks), qs[-1].question, rate=rate)
+        dev = engine.encoder.device
+        for k, q in enumerate(qs[:n]):
+            for behind in (True, False) if k % 2 else (False, True):
+                e = engines[behind]
+                e.cache.flush()  # (the previous call's write is not this one's)
+                e.clear_caches(disk=True)
+                seconds[behind].append(_timed(dev, e.compress, list(q.chunks), q.question, rate=rate)[1])
+        for e in engines.values():
+            e.close()
+    return {"questions": len(seconds[True]), "behind_ms": 1000 * statistics.median(seconds[True]),
+            "in_call_ms": 1000 * statistics.median(seconds[False]),
+            "ratio": statistics.median(a / b for a, b in zip(seconds[True], seconds[False]))}
 
 
 def throughput(engine: SemToken, qs, rate: float, sizes=(1, 8, 64, 256)) -> dict:
@@ -300,6 +327,11 @@ def markdown(r: dict) -> str:
                        + "; ".join(f"{kind} {t[kind]['default']:.2f} against {t[kind]['one_thread']:.2f} ms "
                                    f"(one thread / as they are: {t[kind]['ratio']:.2f})"
                                    for kind in ("warm", "cold") if kind in t) + ".")]
+    w = r.get("store_writes")
+    if w:
+        lines += ["", (f"Cold calls with a `cache_dir`, its writes behind the call against in it, side by side on "
+                       f"{w['questions']} questions: {w['behind_ms']:.1f} against {w['in_call_ms']:.1f} ms "
+                       f"(behind / in the call: {w['ratio']:.3f}).")]
     lines += ["", "| `compress_many` queries a call | calls | queries/s, chunks new | queries/s, cached |",
               "| --- | --- | --- | --- |"]
     for b, t in r["throughput"].items():
@@ -350,6 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
     # (the breakdown first: its questions' words are new to the process-wide word memos, as in a first call)
     steps = [("stages", lambda: stages(engine, qs, args.rate)),
              ("host_threads", lambda: host_threads(engine, qs, args.rate)),
+             ("store_writes", lambda: store_writes(engine, qs, args.rate)),
              ("latency", lambda: latency(engine, qs, args.rate)),
              ("throughput", lambda: throughput(engine, qs, args.rate)),
              ("concurrent", lambda: concurrent(engine, qs, args.rate)),

@@ -54,13 +54,13 @@ _MAX_SEGMENT_TOKENS = 96  # prose segments (<= 48 words) stay under it; it bound
 # may share those (:class:`EncoderParts`; the registry's engines do), whatever their budget settings
 ENCODER_FIELDS = ("encoder", "device", "dtype", "max_length", "window_overlap", "batch_size", "show_progress_bar",
                   "cuda_graphs", "cache_dir", "cache_max_bytes", "cache_max_disk_bytes", "store", "store_ttl_seconds",
-                  "store_timeout_seconds", "query_memo_max_bytes")
+                  "store_timeout_seconds", "store_write_behind", "query_memo_max_bytes")
 
 
 def encoder_settings(config: SemTokenConfig) -> dict[str, Any]:
     """The :data:`ENCODER_FIELDS` of ``config`` as the encoder resolves them: ``device=None`` is the device
-    it picks, ``dtype="auto"`` the precision and ``batch_size=None`` the batch size it picks there (so that
-    equivalent settings compare equal)."""
+    it picks, ``dtype="auto"`` the precision, ``batch_size=None`` the batch size it picks there and
+    ``store_write_behind=None`` whether it writes behind there (so that equivalent settings compare equal)."""
     values = {f: getattr(config, f) for f in ENCODER_FIELDS}
     device = values["device"] if values["device"] is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -72,6 +72,8 @@ def encoder_settings(config: SemTokenConfig) -> dict[str, Any]:
         values["dtype"] = auto_dtype(resolved)
     if values["batch_size"] is None:
         values["batch_size"] = DEFAULT_BATCH_SIZE[resolved.type == "cuda"]
+    if values["store_write_behind"] is None:
+        values["store_write_behind"] = resolved.type == "cuda"
     return values
 
 
@@ -110,7 +112,8 @@ class EncoderParts:
         if cfg.store is not None:  # Redis or a directory, shared by replicas
             disk = open_store(cfg.store, namespace=encoder.identity, ttl_seconds=cfg.store_ttl_seconds,
                               timeout_seconds=cfg.store_timeout_seconds, max_disk_bytes=cfg.cache_max_disk_bytes)
-        cache = LayeredCache(MemoryStore(cfg.cache_max_bytes), disk)
+        behind = cfg.store_write_behind if cfg.store_write_behind is not None else encoder.device.type == "cuda"
+        cache = LayeredCache(MemoryStore(cfg.cache_max_bytes), disk, write_behind=behind)
         # query -> ((q, q_tokens), bytes charged)
         queries: ByteLRU[tuple[tuple[torch.Tensor, torch.Tensor], int]] = ByteLRU(
             cfg.query_memo_max_bytes, sizeof=lambda item: item[1])
@@ -321,11 +324,13 @@ class SemToken:
         return self._conversation_locks[hash(conversation_id) % len(self._conversation_locks)]
 
     def close(self) -> None:
-        """Stop the micro-batching worker thread, if any, and close the store's connections unless another
-        open engine shares them (:class:`EncoderParts`). Calls after this still work: they encode on their
+        """Stop the micro-batching worker thread, if any, wait until ``cache_dir`` or the store has the
+        fingerprints queued for it, and close the store's connections unless another open engine shares
+        them (:class:`EncoderParts`). Calls after this still work: they encode on their
         own, and the store reconnects. Idempotent; ``with SemToken(...) as engine:`` closes on leaving."""
         if self.batcher is not None:
             self.batcher.close()
+        self.cache.flush()  # (the store has what this engine made, even while other engines share it)
         with self.parts._lock:
             was_open, self._closed = not self._closed, True
         if was_open:  # (the store closes with the last engine of its parts: others may be mid-call)
@@ -442,6 +447,8 @@ class SemToken:
                 self.cache.put_many([(k, CacheEntry({"fingerprints": fp.vectors.numpy(),
                                                      "units": fp.units.astype(np.int32)}, seconds))
                                      for k, fp in zip(part, fresh)])
+        # (with write-behind, a batch is written while the next one is encoded; all are stored on return)
+        self.cache.flush()
         return len(todo)
 
     async def acompress(self, chunks: Sequence[str], query: str | None = None, *, rate: float | None = None,

@@ -24,6 +24,7 @@ from typing import Any
 from .fileformat import CacheEntry
 from .keys import check_key, is_key
 from .lru import ByteLRU
+from .writebehind import WriteBehind
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,10 @@ class LayeredCache:
     ``get_many`` asks memory, then the backend once for what memory lacks, promotes backend hits
     into memory and applies the caller's ``valid(index, entry)`` check; a rejected entry is dropped
     from memory and counted as invalid. Backend faults (any exception) are logged once, counted in
-    ``store_errors`` and answered as misses; ``put_many`` never raises for them either.
+    ``store_errors`` and answered as misses; ``put_many`` never raises for them either. With
+    ``write_behind=True`` the backend's writes run on a worker thread (:mod:`semtoken_rag.writebehind`):
+    ``put_many`` returns once memory has the entries, what is queued answers reads until it is written,
+    and :meth:`flush` (``close`` too) waits for the writes.
 
     >>> import numpy as np
     >>> cache = LayeredCache(MemoryStore(1 << 20))
@@ -187,11 +191,14 @@ class LayeredCache:
     (1, 1, 0.5)
     """
 
-    def __init__(self, memory: MemoryStore | None = None, backend: FingerprintStore | None = None) -> None:
+    def __init__(self, memory: MemoryStore | None = None, backend: FingerprintStore | None = None, *,
+                 write_behind: bool = False) -> None:
         if backend is not None and not isinstance(backend, FingerprintStore):
             raise TypeError(f"backend must be a FingerprintStore, got {type(backend).__name__}")
         self.memory = memory if memory is not None else MemoryStore()
         self.backend = backend
+        # the backend's writes on a worker thread (writebehind.py), off the calls that make the entries
+        self._behind = WriteBehind(self._write_backend) if backend is not None and write_behind else None
         self._lock = threading.Lock()
         self._hits = self._misses = self._backend_hits = self._invalid = self._errors = 0
         self._saved = 0.0
@@ -223,6 +230,10 @@ class LayeredCache:
         keys = [check_key(k) for k in keys]
         out = self.memory.get_many(keys)
         missing = [i for i, e in enumerate(out) if e is None]
+        if missing and self._behind is not None:  # written soon: still this process's own entries
+            for i, entry in zip(missing, self._behind.pending([keys[i] for i in missing])):
+                out[i] = entry
+            missing = [i for i in missing if out[i] is None]
         from_backend: set[int] = set()
         if missing and self.backend is not None:
             got = self._backend_call("get", lambda: self.backend.get_many([keys[i] for i in missing]))
@@ -265,7 +276,18 @@ class LayeredCache:
                 raise TypeError(f"entry must be a CacheEntry, got {type(entry).__name__}")
         self.memory.put_many(items)
         if self.backend is not None and items:
-            self._backend_call("put", lambda: self.backend.put_many(items))
+            if self._behind is not None:
+                self._behind.put_many(items)
+            else:
+                self._write_backend(items)
+
+    def _write_backend(self, items: list[tuple[str, CacheEntry]]) -> None:
+        self._backend_call("put", lambda: self.backend.put_many(items))  # type: ignore[union-attr]
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the backend has every entry put so far (with write-behind; at once without);
+        ``False`` if ``timeout`` seconds ran out first."""
+        return True if self._behind is None else self._behind.flush(timeout)
 
     def get(self, key: str) -> CacheEntry | None:
         """``get_many([key])[0]``."""
@@ -282,10 +304,11 @@ class LayeredCache:
         keys = [check_key(k) for k in keys]
         if self.backend is None:
             return self.memory.has_many(keys)
+        queued = self._behind.pending(keys) if self._behind is not None else [None] * len(keys)
         got = self._backend_call("exists", lambda: self.backend.has_many(keys))
         if got is None or len(got) != len(keys):
-            return [False] * len(keys)
-        return [bool(hit) for hit in got]
+            got = [False] * len(keys)
+        return [bool(hit) or entry is not None for hit, entry in zip(got, queued)]
 
     def __contains__(self, key: object) -> bool:
         """True if ``key`` is in memory or the backend has it (no stats, no promotion)."""
@@ -295,6 +318,8 @@ class LayeredCache:
             return True
         if self.backend is None:
             return False
+        if self._behind is not None and self._behind.pending([key])[0] is not None:
+            return True
         got = self._backend_call("get", lambda: self.backend.get_many([key]))
         return bool(got) and got[0] is not None
 
@@ -306,10 +331,14 @@ class LayeredCache:
         """Drop every entry from memory and, with ``disk=True``, from the backend (counters stay)."""
         self.memory.clear()
         if disk and self.backend is not None:
+            if self._behind is not None:  # (what is queued would land after the clear)
+                self._behind.discard()
             self._backend_call("clear", self.backend.clear)
 
     def close(self) -> None:
+        """Write what is queued, then close the backend's connections (a later call reconnects)."""
         if self.backend is not None:
+            self.flush()
             self._backend_call("close", self.backend.close)
 
     def stats(self) -> CacheStats:

@@ -41,6 +41,7 @@ def test_restart_with_cache_dir_starts_warm(tmp_path, nobel):
     first = SemToken(cfg)
     a = first.compress(nobel, "banana", rate=0.3)
     assert a.cache_hits == 0
+    first.close()  # (as a process's exit does: the files are written on a worker thread, and close waits)
     files = list(tmp_path.rglob("*.stfp"))
     assert len(files) == len(nobel)
     second = SemToken(cfg)  # a new engine (as a new process would) on the same directory
@@ -51,7 +52,8 @@ def test_restart_with_cache_dir_starts_warm(tmp_path, nobel):
 
 def test_corrupt_cache_files_are_rebuilt_not_trusted(tmp_path, nobel, caplog):
     cfg = SemTokenConfig(cache_dir=tmp_path, device="cpu")
-    want = SemToken(cfg).compress(nobel, "physics", rate=0.3).texts
+    with SemToken(cfg) as first:
+        want = first.compress(nobel, "physics", rate=0.3).texts
     files = sorted(tmp_path.rglob("*.stfp"))
     files[0].write_bytes(files[0].read_bytes()[:100])  # truncated
     files[1].write_bytes(b"\x00garbage" * 50)  # overwritten
@@ -59,6 +61,7 @@ def test_corrupt_cache_files_are_rebuilt_not_trusted(tmp_path, nobel, caplog):
     fresh = SemToken(cfg)
     with caplog.at_level("WARNING"):
         res = fresh.compress(nobel, "physics", rate=0.3)
+    fresh.close()
     assert res.texts == want
     assert res.cache_hits == len(nobel) - 3
     assert 1 <= res.encoder_calls <= fresh.encoder.fingerprint_with_stats(nobel)[1].batches

@@ -72,12 +72,14 @@ def test_checksum_valid_but_wrong_entry_is_a_miss(tmp_path, nobel, case, caplog)
     cfg = SemTokenConfig(cache_dir=tmp_path, device="cpu")
     first = SemToken(cfg)
     want = first.compress(nobel, Q, rate=0.3)
+    first.cache.flush()  # (the files are written on a worker thread: store_write_behind)
     key, entry, path = stored(tmp_path, first, nobel[0])
     path.write_bytes(encode_entry(key, CacheEntry(BAD_ENTRIES[case](entry, len(nobel[0])), 0.1)))
     second = SemToken(cfg)
     with caplog.at_level(logging.WARNING, logger="semtoken_rag"):
         got = second.compress(nobel, Q, rate=0.3)
         second.compress(nobel, Q, rate=0.3)  # now from memory: the rebuilt entry
+    second.cache.flush()
     assert got.texts == want.texts
     assert [c.kept_spans for c in got.chunks] == [c.kept_spans for c in want.chunks]
     assert all(0 <= a < b <= len(t) for c, t in zip(got.chunks, nobel) for a, b in c.kept_spans)
@@ -101,6 +103,7 @@ def test_fifo_at_an_entry_path_does_not_hang_the_call(tmp_path, nobel):
     worker.start()
     worker.join(timeout=120)
     assert not worker.is_alive(), "the call hung on a FIFO"
+    assert eng.cache.flush(timeout=120), "the write hung on a FIFO"
     assert got[0].texts == want.texts and got[0].cache_hits == 0
     assert eng.cache_stats().corrupt_entries == 1
     assert path.is_file()  # the write replaced the FIFO with a real entry
@@ -114,12 +117,14 @@ def test_disk_bound_is_passed_and_honoured(tmp_path, nobel):
     unbounded = SemToken(SemTokenConfig(cache_dir=tmp_path / "free", cache_max_disk_bytes=None, device="cpu"))
     assert unbounded.cache.backend.max_disk_bytes is None
     unbounded.compress(nobel, Q, rate=0.3)
+    unbounded.cache.flush()
     total = sum(f.stat().st_size for f in (tmp_path / "free").rglob("*.stfp"))
     bound = total - 1  # the four chunks do not fit together
     eng = SemToken(SemTokenConfig(cache_dir=tmp_path / "c", cache_max_disk_bytes=bound, device="cpu"))
     assert eng.cache.backend.max_disk_bytes == bound
     for chunk in nobel:  # one write per call, so the oldest file is the first chunk's
         eng.compress([chunk], Q, rate=0.3)
+        eng.cache.flush()
     files = list((tmp_path / "c").rglob("*.stfp"))
     assert 0 < len(files) < len(nobel) and sum(f.stat().st_size for f in files) <= bound
     assert not entry_file(tmp_path / "c", eng, nobel[0]).exists()
@@ -130,8 +135,10 @@ def test_deleted_cache_dir_is_recreated(tmp_path, nobel):
     root = tmp_path / "cache"
     eng = SemToken(SemTokenConfig(cache_dir=root, device="cpu"))
     eng.compress(nobel[:2], Q, rate=0.3)
+    eng.cache.flush()
     shutil.rmtree(root)
     eng.compress(nobel[2:], Q, rate=0.3)
+    eng.cache.flush()
     assert sorted(root.rglob("*.stfp")) == sorted(entry_file(root, eng, c) for c in nobel[2:])
     later = SemToken(SemTokenConfig(cache_dir=root, device="cpu")).compress(nobel[2:], Q, rate=0.3)
     assert later.cache_hits == 2 and later.encoder_calls == 0
@@ -139,13 +146,15 @@ def test_deleted_cache_dir_is_recreated(tmp_path, nobel):
 
 def test_read_only_cache_dir_is_still_read(tmp_path, nobel, caplog):
     root = tmp_path / "ro"
-    want = SemToken(SemTokenConfig(cache_dir=root, device="cpu")).compress(nobel[:2], Q, rate=0.3)
+    with SemToken(SemTokenConfig(cache_dir=root, device="cpu")) as writer:  # (closing flushes its writes)
+        want = writer.compress(nobel[:2], Q, rate=0.3)
     with read_only_dir(root):
         eng = SemToken(SemTokenConfig(cache_dir=root, device="cpu"))
         with caplog.at_level(logging.WARNING, logger="semtoken_rag"):
             got = eng.compress(nobel[:2], Q, rate=0.3)
             eng.compress(nobel[2:3], Q, rate=0.3)
             eng.compress(nobel[3:], Q, rate=0.3)
+            eng.cache.flush()
         assert got.cache_hits == 2 and got.texts == want.texts
         assert eng.cache_stats().store_errors == 2
         assert len([r for r in caplog.records if r.name.startswith("semtoken_rag.")]) == 1
@@ -159,6 +168,7 @@ def test_cache_stats_clear_caches_and_forget_conversation(tmp_path, nobel):
         empty.hits = 3  # type: ignore[misc]
     first = eng.compress(nobel, Q, rate=0.5, conversation_id="chat")
     eng.compress(nobel, "peace prize", rate=0.5, conversation_id="other")
+    eng.cache.flush()
     s = eng.cache_stats()
     assert s.entries == len(nobel) and s.memory_bytes > 0 and s.disk_writes == len(nobel)
     assert s.queries == 2 and s.query_bytes > 0
@@ -240,7 +250,8 @@ def test_encoder_identity_follows_the_model_files_not_their_path(tiny_encoder, t
     assert Encoder(str(a), device="cpu").identity == Encoder(str(b), device="cpu").identity
     chunks = ["The first Nobel Prize in Physics went to Röntgen.", "Bananas are berries."]
     store = tmp_path / "store"
-    SemToken(SemTokenConfig(encoder=str(a), device="cpu", store=str(store))).compress(chunks, "nobel")
+    with SemToken(SemTokenConfig(encoder=str(a), device="cpu", store=str(store))) as first:
+        first.compress(chunks, "nobel")
     other_path = SemToken(SemTokenConfig(encoder=str(b), device="cpu", store=str(store)))
     assert other_path.compress(chunks, "nobel").cache_hits == 2
     [weights] = b.glob("*.safetensors")

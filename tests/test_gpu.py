@@ -248,9 +248,10 @@ def test_stage_breakdown_on_cuda_beside_a_cpu_engine():
     assert b["cpu_engine_warm"]["questions"] == 3 and b["cpu_engine_warm"]["warm_ms"] > 0
 
 
-def test_host_threads_on_cuda_times_warm_and_cold_calls():
+def test_host_threads_and_store_writes_on_cuda():
     """benchmarks.gpu's thread probe on CUDA: warm and cold calls (the forward on the device) with the host's
-    pools as they are and held to one thread; the pools are restored after."""
+    pools as they are and held to one thread, the pools restored after; and its cold calls with a cache_dir
+    written behind the call and in it."""
     from benchmarks import gpu
 
     eng = cuda_engine()
@@ -259,6 +260,22 @@ def test_host_threads_on_cuda_times_warm_and_cold_calls():
     print("host threads on CUDA:", t)
     assert torch.get_num_threads() == threads
     assert t["questions"] == 3 and t["cold"]["default"] > 0 and t["warm"]["one_thread"] > 0
+    w = gpu.store_writes(eng, sample()[:4], 0.33, n=3)
+    print("cache_dir writes on CUDA, behind the call against in it:", w)
+    assert w["questions"] == 3 and w["behind_ms"] > 0
+
+
+def test_store_writes_go_behind_the_call_on_cuda_by_default():
+    """On CUDA a cache_dir's files are written on a worker thread (store_write_behind=None); close() waits."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp())
+    chunks = list(sample()[0].chunks)
+    eng = SemToken(SemTokenConfig(encoder=encoder_name(), device="cuda", cache_dir=folder))
+    assert eng.cache._behind is not None
+    eng.compress(chunks, "who", rate=0.33)
+    eng.close()
+    assert len(list(folder.rglob("*.stfp"))) == len({c for c in chunks if c.strip()})
 
 
 def _run_plain() -> int:

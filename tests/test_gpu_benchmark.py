@@ -73,3 +73,15 @@ def test_host_threads_compares_one_thread_side_by_side_and_restores_the_pools(ti
     # per question and setting: one untimed call, then 3 timed warm ones; half of them held to one thread
     assert len(seen) == 2 * 2 * 4 and seen.count((1, 1)) >= 8
     assert (1, 1) in seen and (before[0], max(before[1])) in seen
+
+
+def test_store_writes_times_cold_calls_with_a_cache_dir_both_ways(tiny_encoder):
+    from benchmarks import gpu
+    from semtoken_rag import SemToken, SemTokenConfig
+
+    engine = SemToken(SemTokenConfig(encoder=str(tiny_encoder), device="cpu", max_length=32, window_overlap=8))
+    qs = [SimpleNamespace(chunks=(f"Paris is the capital of France. Question {i}.", "The Seine flows through Paris."),
+                          question="capital of France") for i in range(3)]
+    out = gpu.store_writes(engine, qs, 0.5, n=2)
+    assert out["questions"] == 2 and out["behind_ms"] > 0 and out["in_call_ms"] > 0 and out["ratio"] > 0
+    assert engine.config.cache_dir is None  # (the engine measured is left as it was)

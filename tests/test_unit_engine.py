@@ -362,6 +362,7 @@ def test_entries_the_encoder_made_are_not_checked_again_but_a_stores_are(tiny_en
     warm = first.compress(chunks, "nobel prize", rate=0.5)
     assert warm.cache_hits == 2 and warm.texts == cold.texts
     assert checked == []
+    first.close()  # (the files are written on a worker thread; close waits for them)
     second = SemToken(cfg)  # the same entries, decoded from cache_dir's files
     for _ in range(2):
         assert second.compress(chunks, "nobel prize", rate=0.5).texts == cold.texts
