@@ -108,7 +108,7 @@ class EncoderParts:
                           window_overlap=cfg.window_overlap, batch_size=cfg.batch_size,
                           show_progress_bar=cfg.show_progress_bar, cuda_graphs=cfg.cuda_graphs)
         disk = None if cfg.cache_dir is None else DirectoryStore(
-            cfg.cache_dir, max_disk_bytes=cfg.cache_max_disk_bytes, fsync=False)
+            cfg.cache_dir, max_disk_bytes=cfg.cache_max_disk_bytes, fsync=False, prune_in_background=True)
         if cfg.store is not None:  # Redis or a directory, shared by replicas
             disk = open_store(cfg.store, namespace=encoder.identity, ttl_seconds=cfg.store_ttl_seconds,
                               timeout_seconds=cfg.store_timeout_seconds, max_disk_bytes=cfg.cache_max_disk_bytes)

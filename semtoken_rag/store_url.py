@@ -37,4 +37,4 @@ def open_store(url: str, *, namespace: str, ttl_seconds: float | None = None, ti
         url = unquote(parsed.path)
     elif "://" in url:
         raise ValueError(f"store={url!r}: unsupported scheme (redis://, rediss://, unix://, file:// or a path)")
-    return DirectoryStore(url, max_disk_bytes=max_disk_bytes, fsync=False)
+    return DirectoryStore(url, max_disk_bytes=max_disk_bytes, fsync=False, prune_in_background=True)

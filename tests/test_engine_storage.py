@@ -125,6 +125,7 @@ def test_disk_bound_is_passed_and_honoured(tmp_path, nobel):
     for chunk in nobel:  # one write per call, so the oldest file is the first chunk's
         eng.compress([chunk], Q, rate=0.3)
         eng.cache.flush()
+        assert eng.cache.backend.wait_for_prune(timeout=30)  # (the engine prunes on a thread of its own)
     files = list((tmp_path / "c").rglob("*.stfp"))
     assert 0 < len(files) < len(nobel) and sum(f.stat().st_size for f in files) <= bound
     assert not entry_file(tmp_path / "c", eng, nobel[0]).exists()

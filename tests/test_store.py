@@ -448,12 +448,13 @@ def test_processes_sharing_a_directory_keep_it_near_the_bound(tmp_path: Path) ->
     assert workers[0].disk_bytes() <= 1.35 * bound
 
 
-def test_an_unbounded_directory_removes_stale_temp_files_at_its_first_write(tmp_path: Path) -> None:
+@pytest.mark.parametrize("background", [False, True])
+def test_an_unbounded_directory_removes_stale_temp_files_at_its_first_write(tmp_path: Path, background) -> None:
     """A writer killed mid-write leaves its temp file; only the prune's scan removed them, and an unbounded
-    store never prunes."""
+    store never prunes (the engine's store sweeps on a thread of its own)."""
     import os
 
-    store = DirectoryStore(tmp_path, max_disk_bytes=None)
+    store = DirectoryStore(tmp_path, max_disk_bytes=None, prune_in_background=background)
     shard = tmp_path / key(1)[:2]
     shard.mkdir(parents=True, exist_ok=True)
     stale, fresh = shard / ".tmp-killed.part", shard / ".tmp-writing.part"
@@ -462,6 +463,7 @@ def test_an_unbounded_directory_removes_stale_temp_files_at_its_first_write(tmp_
     hours_ago = time.time() - 2 * 3600
     os.utime(stale, (hours_ago, hours_ago))
     store.put(key(1), make_entry(1, n=4, d=8))
+    assert store.wait_for_prune(timeout=30)
     assert not stale.exists() and fresh.exists()  # (a temp file being written now is left alone)
     assert_same(store.get(key(1)), make_entry(1, n=4, d=8))
 
@@ -614,3 +616,27 @@ def test_has_many_counts_only_entries_this_version_can_read(tmp_path: Path, kind
     older.write_bytes(MAGIC + struct.pack("<HHHHd", 1, 64, 2, 0, 0.1) + b"x" * 200)
     damaged_after_header = kind in ("bitflip", "truncated")  # (its header intact: found when read)
     assert store.has_many([key(0), key(1), key(2), key(9)]) == [damaged_after_header, False, True, False]
+
+
+def test_a_background_prune_is_not_paid_by_the_writing_call_and_runs_once_at_a_time(tmp_path: Path) -> None:
+    """With prune_in_background (the engine's cache_dir), the call whose write crosses the bound returns
+    before the scan; writes meanwhile start no second prune; once it ends, the bound holds."""
+    probe = DirectoryStore(tmp_path / "probe", max_disk_bytes=None)
+    probe.put(key(0), make_entry(0, n=20, d=32))
+    file_size = next((tmp_path / "probe").glob("*/*.stfp")).stat().st_size
+    bound = 5 * file_size
+    store = DirectoryStore(tmp_path / "c", max_disk_bytes=bound, prune_in_background=True)
+    for i in range(4):  # (the first write's scan, with nothing to delete, done in the background)
+        store.put(key(i), make_entry(i, n=20, d=32))
+        assert store.wait_for_prune(timeout=30)
+        time.sleep(0.002)  # distinct mtimes
+    gate, scans, real = threading.Event(), [], store._scan
+    store._scan = lambda: (scans.append(1), gate.wait(30), real())[2]  # type: ignore[method-assign]
+    for i in range(4, 12):  # over the bound from the 6th file on: every write would prune
+        store.put(key(i), make_entry(i, n=20, d=32))
+        time.sleep(0.002)
+    assert store.wait_for_prune(timeout=0.05) is False  # the writes returned; the prune waits at its scan
+    assert len(scans) == 1
+    gate.set()
+    assert store.wait_for_prune(timeout=30)
+    assert store.disk_bytes() <= bound and store.get(key(11)) is not None and store.get(key(0)) is None
