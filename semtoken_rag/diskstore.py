@@ -12,6 +12,7 @@ import stat
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ class DirectoryStore(FingerprintStore):
         self.max_disk_bytes, self._fsync = max_disk_bytes, bool(fsync)
         self._background = bool(prune_in_background)
         self._pruner: threading.Thread | None = None  # the background prune running, if any
+        _stores.add(self)
         self._lock, self._prune_lock = threading.Lock(), threading.Lock()
         self._writes = self._corrupt = self._errors = 0
         self._estimate: int | None = None
@@ -177,8 +179,14 @@ class DirectoryStore(FingerprintStore):
         with self._lock:
             if self._pruner is not None and self._pruner.is_alive():
                 return
-            self._pruner = threading.Thread(target=work or self.prune, name="semtoken-rag-prune", daemon=True)
-            self._pruner.start()
+            pruner = threading.Thread(target=work or self.prune, name="semtoken-rag-prune", daemon=True)
+            try:
+                pruner.start()
+            except RuntimeError:  # ("can't start new thread"; at interpreter exit on Python 3.12)
+                pruner = None
+            self._pruner = pruner
+        if pruner is None:
+            (work or self.prune)()
 
     def wait_for_prune(self, timeout: float | None = None) -> bool:
         """Wait for a background prune to end; ``False`` if it still runs after ``timeout`` seconds."""
@@ -254,6 +262,8 @@ class DirectoryStore(FingerprintStore):
         if self.max_disk_bytes is None or not self._prune_lock.acquire(blocking=False):
             return 0
         try:
+            with self._lock:
+                since_before = self._since_scan
             files = sorted(self._scan())
             total = sum(size for _, size, _ in files)
             removed = gone = 0  # gone: files another process (a replica pruning too) deleted first
@@ -270,9 +280,10 @@ class DirectoryStore(FingerprintStore):
                     except OSError:
                         pass
                 logger.debug("pruned %d bytes from %s", removed, self.path)
-            with self._lock:
-                self._estimate = total - removed - gone
-                self._since_scan = 0
+            with self._lock:  # (what was written during the scan, which may have missed it, counts on)
+                during = self._since_scan - since_before
+                self._estimate = total - removed - gone + during
+                self._since_scan = during
             return removed
         finally:
             self._prune_lock.release()
@@ -293,3 +304,21 @@ class DirectoryStore(FingerprintStore):
 
     def __repr__(self) -> str:
         return f"DirectoryStore({str(self.path)!r}, max_disk_bytes={self.max_disk_bytes})"
+
+    def _after_fork(self) -> None:
+        """In a forked child: locks held by the parent's threads (a background prune holds one for its whole
+        scan) are the parent's, and so is its prune thread."""
+        self._lock, self._prune_lock = threading.Lock(), threading.Lock()
+        self._pruner = None
+
+
+_stores: weakref.WeakSet[DirectoryStore] = weakref.WeakSet()
+
+
+def _reset_in_child() -> None:
+    for store in list(_stores):
+        store._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_in_child)

@@ -329,10 +329,10 @@ class LayeredCache:
 
     def clear(self, *, disk: bool = True) -> None:
         """Drop every entry from memory and, with ``disk=True``, from the backend (counters stay)."""
+        if disk and self._behind is not None:  # (what is queued would land after the clear; dropped before
+            self._behind.discard()  # memory is cleared, so that an entry put meanwhile is both kept and written)
         self.memory.clear()
         if disk and self.backend is not None:
-            if self._behind is not None:  # (what is queued would land after the clear)
-                self._behind.discard()
             self._backend_call("clear", self.backend.clear)
 
     def close(self) -> None:

@@ -7,9 +7,12 @@ queued so far in one backend call, so concurrent calls' writes share a round tri
 and starts again on the next write.
 
 What is queued is still served: :meth:`WriteBehind.pending` answers a read of a key not yet written.
-:meth:`WriteBehind.flush` waits until everything queued is written; the cache's ``close`` flushes, and
-at interpreter exit every writer is flushed (each for at most ``EXIT_FLUSH_SECONDS``). A forked child
-drops what its parent had queued (the parent writes it) and starts its own worker when it writes.
+:meth:`WriteBehind.flush` waits until everything queued before it is written; the cache's ``close``
+flushes, and at interpreter exit (and at the end of a ``multiprocessing`` child, which skips ``atexit``)
+every writer is flushed, each for at most ``EXIT_FLUSH_SECONDS``. A process killed by a signal it does not
+handle (SIGTERM without a handler, SIGKILL) loses what is queued: its next run encodes those chunks again.
+A forked child drops what its parent had queued (the parent writes it) and starts its own worker when it
+writes.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from multiprocessing import util as _mp_util
 
 from .fileformat import CacheEntry
 
@@ -64,13 +68,17 @@ class WriteBehind:
         self._writing: dict[str, CacheEntry] = {}  # the batch the worker is writing
         self._bytes = 0  # of both
         self._worker: threading.Thread | None = None
+        self._queued_seq = 0  # put_many calls so far
+        self._done_seq = 0  # every put_many call up to this one is written (or discarded)
 
     def put_many(self, items: Iterable[tuple[str, CacheEntry]]) -> None:
-        """Queue ``items``; waits only while more than ``max_pending_bytes`` are queued or being written."""
+        """Queue ``items``; waits only while more than ``max_pending_bytes`` are queued or being written.
+        Where no worker thread can be started (thread limits; at interpreter exit), writes them itself."""
         items = list(items)
         if not items:
             return
         size = sum(e.nbytes for _, e in items)
+        inline = False
         with self._cond:
             self._cond.wait_for(lambda: self._bytes == 0 or self._bytes + size <= self._max_bytes)
             for key, entry in items:
@@ -79,10 +87,20 @@ class WriteBehind:
                     self._bytes -= old.nbytes
                 self._queued[key] = entry
                 self._bytes += entry.nbytes
+            self._queued_seq += 1
             if self._worker is None:
-                self._worker = threading.Thread(target=self._run, name="semtoken-rag-write-behind", daemon=True)
-                self._worker.start()
+                worker = threading.Thread(target=self._run, name="semtoken-rag-write-behind", daemon=True)
+                try:
+                    worker.start()
+                except RuntimeError:  # ("can't start new thread"; at exit on Python 3.12)
+                    inline = True
+                else:
+                    self._worker = worker
             self._cond.notify_all()
+        if inline:
+            taken = self._take()
+            if taken is not None:
+                self._write_batch(*taken)
 
     def pending(self, keys: Sequence[str]) -> list[CacheEntry | None]:
         """The entry queued or being written for each key, else ``None``."""
@@ -94,9 +112,11 @@ class WriteBehind:
             return len(self._queued) + len(self._writing)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything queued before this call is written; ``False`` if ``timeout`` ran out."""
+        """Wait until everything queued before this call is written (what other threads queue meanwhile
+        is not waited for); ``False`` if ``timeout`` ran out."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._queued and not self._writing, timeout)
+            target = self._queued_seq
+            return self._cond.wait_for(lambda: self._done_seq >= target, timeout)
 
     def discard(self) -> None:
         """Drop what is queued and wait for the batch being written (a store cleared after this call
@@ -104,8 +124,31 @@ class WriteBehind:
         with self._cond:
             self._bytes -= sum(e.nbytes for e in self._queued.values())
             self._queued.clear()
-            self._cond.notify_all()
+            dropped = self._queued_seq
             self._cond.wait_for(lambda: not self._writing)
+            self._done_seq = max(self._done_seq, dropped)
+            self._cond.notify_all()
+
+    def _take(self) -> tuple[dict[str, CacheEntry], int] | None:
+        """The queue as the next batch to write, and the last put_many call it holds (None: empty)."""
+        with self._cond:
+            if not self._queued:
+                return None
+            batch, self._queued = self._queued, {}
+            self._writing = batch
+            return batch, self._queued_seq
+
+    def _write_batch(self, batch: dict[str, CacheEntry], upto: int) -> None:
+        try:
+            self._write(list(batch.items()))
+        except Exception:  # (a write fault must not kill the worker and strand the queue)
+            logger.exception("fingerprint store write of %d entries failed; they stay in memory only", len(batch))
+        finally:
+            with self._cond:
+                self._writing = {}
+                self._bytes -= sum(e.nbytes for e in batch.values())
+                self._done_seq = max(self._done_seq, upto)
+                self._cond.notify_all()
 
     def _run(self) -> None:
         while True:
@@ -114,17 +157,10 @@ class WriteBehind:
                     self._worker = None  # (under the lock: the next put_many starts another)
                     self._cond.notify_all()
                     return
-                batch, self._queued = self._queued, {}
-                self._writing = batch
-            try:
-                self._write(list(batch.items()))
-            except Exception:  # (a write fault must not kill the worker and strand the queue)
-                logger.exception("fingerprint store write of %d entries failed; they stay in memory only", len(batch))
-            finally:
-                with self._cond:
-                    self._writing = {}
-                    self._bytes -= sum(e.nbytes for e in batch.values())
-                    self._cond.notify_all()
+            taken = self._take()
+            if taken is not None:
+                self._write_batch(*taken)
+            taken = None  # (the batch is not kept alive while the worker waits)
 
     def _after_fork(self) -> None:
         """In a forked child: the parent's queue and worker are the parent's."""
@@ -145,6 +181,20 @@ def _reset_in_child() -> None:
         writer._after_fork()
 
 
+class _Anchor:
+    """(What multiprocessing's after-fork registry holds weakly: alive as long as this module.)"""
+
+
+def _flush_at_process_end(_anchor: object = None) -> None:
+    """A multiprocessing child (fork, forkserver, spawn) ends with ``os._exit``: no ``atexit`` there, but
+    the finalizers registered in it run. It clears those it inherited when it starts, then calls its
+    after-fork hooks: this one registers the flush again."""
+    _mp_util.Finalize(None, _flush_all_at_exit, exitpriority=100)
+
+
+_ANCHOR = _Anchor()
 atexit.register(_flush_all_at_exit)
+_flush_at_process_end()
+_mp_util.register_after_fork(_ANCHOR, _flush_at_process_end)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_in_child)

@@ -256,3 +256,106 @@ def test_prewarm_returns_once_the_store_has_everything(tiny_encoder, tmp_path):
     eng.cache.backend.put_many = lambda items: (time.sleep(0.2), real(items))
     assert eng.prewarm(texts, batch_size=2) == 6
     assert len(list(tmp_path.rglob("*.stfp"))) == 6
+
+
+def test_flush_waits_for_what_was_queued_before_it_not_for_other_threads_writes():
+    """A thread writing without pause (another engine on the same store) must not keep close() or prewarm()
+    waiting: flush waits for the entries queued before it only."""
+    written, stop = [], threading.Event()
+
+    def write(items):
+        time.sleep(0.02)
+        written.extend(k for k, _ in items)
+
+    wb = WriteBehind(write)
+
+    def busy():
+        i = 100
+        while not stop.is_set():
+            wb.put_many([(key(i), entry(i))])
+            i += 1
+            time.sleep(0.002)
+
+    other = threading.Thread(target=busy)
+    other.start()
+    try:
+        time.sleep(0.05)
+        wb.put_many([(key(1), entry(1))])
+        assert wb.flush(timeout=5) is True and key(1) in written
+    finally:
+        stop.set()
+        other.join()
+    assert wb.flush(timeout=10)
+
+
+def test_a_thread_that_cannot_start_leaves_the_writes_to_the_caller(monkeypatch):
+    """Thread limits (or an atexit put on Python 3.12) make Thread.start raise: the put writes its entries
+    itself, raises nothing, and the next put starts a worker again."""
+    written = []
+    wb = WriteBehind(lambda items: written.extend(k for k, _ in items))
+    real, failed = threading.Thread.start, []
+
+    def start_once(self):
+        if not failed and self.name == "semtoken-rag-write-behind":
+            failed.append(self)
+            raise RuntimeError("can't start new thread")
+        return real(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start_once)
+    wb.put_many([(key(1), entry(1))])
+    assert failed and written == [key(1)] and wb.flush(timeout=1)
+    wb.put_many([(key(2), entry(2))])
+    assert wb.flush(timeout=10) and written == [key(1), key(2)]
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_a_multiprocessing_child_writes_its_queue_before_it_ends(tmp_path, method):
+    """Pool and Process children end with os._exit, which skips atexit: their queue is flushed by a
+    multiprocessing finalizer instead."""
+    import multiprocessing as mp
+
+    if method not in mp.get_all_start_methods():
+        pytest.skip(f"no {method} here")
+    child = mp.get_context(method).Process(target=_queue_and_return, args=(str(tmp_path),))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0 and len(list(tmp_path.rglob("*.stfp"))) == 5
+
+
+def _queue_and_return(folder: str) -> None:
+    from semtoken_rag.diskstore import DirectoryStore
+
+    class Slow(DirectoryStore):
+        def put_many(self, items):
+            time.sleep(0.3)
+            super().put_many(items)
+
+    cache = LayeredCache(MemoryStore(), Slow(folder), write_behind=True)
+    cache.put_many([(key(i), entry(i)) for i in range(5)])  # (and return at once)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_during_a_background_prune_can_prune(tmp_path):
+    """The prune holds its lock for its whole scan: a child forked meanwhile must not inherit it held."""
+    from semtoken_rag.diskstore import DirectoryStore
+
+    store = DirectoryStore(tmp_path, max_disk_bytes=10_000, prune_in_background=True)
+    gate, scanning, real = threading.Event(), threading.Event(), store._scan
+    store._scan = lambda: (scanning.set(), gate.wait(30), real())[2]
+    store.put(key(0), entry(0, size=200))  # the first write scans, in the background: held at the gate
+    assert scanning.wait(10)
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            store._scan = real
+            for i in range(1, 12):
+                store.put(key(i), entry(i, size=200))
+                store.wait_for_prune(timeout=10)
+            status = 0 if store.disk_bytes() <= 10_000 else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    gate.set()
+    assert store.wait_for_prune(timeout=30)
+    assert os.WEXITSTATUS(status) == 0
