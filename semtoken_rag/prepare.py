@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import weakref
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,6 +65,9 @@ class Preparer:
         # entries already found to fit a chunk of a given length (entries are immutable): a memory hit
         # is not checked again on every call; weak, so an entry evicted from the cache is forgotten
         self._fit: weakref.WeakValueDictionary[tuple[int, int], CacheEntry] = weakref.WeakValueDictionary()
+        # texts being encoded by a call in flight -> their fingerprints when done (:meth:`_claim`)
+        self._in_flight: dict[str, Future[Fingerprints]] = {}
+        self._flight_lock = threading.Lock()
 
     def lookup(self, chunks: Sequence[str], query: str | None, into: Prepared | None = None) -> Prepared:
         """What the caches hold for one request (no encoding); check :meth:`Prepared.covers`."""
@@ -112,30 +117,76 @@ class Preparer:
             self.lookup(chunks, query, out)
         missing = list(dict.fromkeys(t for chunks, _ in requests for t in chunks if t not in out.fingerprints))
         new_queries = list(dict.fromkeys(q for _, q in requests if q is not None and q not in out.queries))
-        if missing:  # one pass: the queries ride in the padding of the chunks' rows (Encoder.encode)
-            fresh, vectors, spent = self.encoder.encode(missing, new_queries)
-            out.encoder_calls = spent.batches
-            seconds = spent.seconds / len(missing)
-            new = []
-            for text, fp in zip(missing, fresh):
-                out.fingerprints[text] = fp
-                out.encoded.add(text)
-                entry = CacheEntry({"fingerprints": fp.vectors.numpy(), "units": fp.units.astype(np.int32)},
-                                   encode_seconds=seconds)
-                # made here by the encoder for this text: it fits, and a memory hit need not check it
-                # (0.3 ms of the next call on these 20 passages, the second turn of a chat)
-                self._fit[(id(entry), len(text))] = entry
-                new.append((cache_key(text, self.namespace), entry))
-            self.cache.put_many(new)
-        else:
-            vectors = self.encoder.embed_queries(new_queries)
+        # chunks another call is encoding right now are waited for, not encoded twice (single flight)
+        mine, theirs = self._claim(missing)
+        try:
+            vectors = self._encode(mine, new_queries, out)
+        finally:
+            self._release(mine, out)
+        retry = []
+        for text, pending in theirs.items():
+            try:
+                out.fingerprints[text] = pending.result()
+                out.cached.add(text)  # (not encoded by this call: as a cache hit a moment later would be)
+            except Exception:  # noqa: BLE001 - its encoder call failed there; this call tries it itself
+                retry.append(text)
+        if retry:
+            self._encode(retry, [], out)
         for q, vec in zip(new_queries, vectors):
             out.queries[q] = vec
             size = sys.getsizeof(q) + 256 + sum(t.element_size() * t.nelement() for t in vec)
             self.queries.put(q, (vec, size))
-        logger.debug("prepared %d requests: %d chunks encoded in %d batches, %d queries embedded",
-                     len(requests), len(missing), out.encoder_calls, len(new_queries))
+        logger.debug("prepared %d requests: %d chunks encoded in %d batches (%d by concurrent calls), %d "
+                     "queries embedded", len(requests), len(mine) + len(retry), out.encoder_calls,
+                     len(theirs) - len(retry), len(new_queries))
         return out
+
+    def _encode(self, texts: list[str], queries: list[str], out: Prepared) -> list[QueryVector]:
+        """Fingerprint ``texts`` and embed ``queries`` in one pass (the queries ride in the padding of the
+        chunks' rows: Encoder.encode), into ``out`` and the cache; returns the query vectors."""
+        if not texts:
+            return self.encoder.embed_queries(queries)
+        fresh, vectors, spent = self.encoder.encode(texts, queries)
+        out.encoder_calls += spent.batches
+        seconds = spent.seconds / len(texts)
+        new = []
+        for text, fp in zip(texts, fresh):
+            out.fingerprints[text] = fp
+            out.encoded.add(text)
+            entry = CacheEntry({"fingerprints": fp.vectors.numpy(), "units": fp.units.astype(np.int32)},
+                               encode_seconds=seconds)
+            # made here by the encoder for this text: it fits, and a memory hit need not check it
+            # (0.3 ms of the next call on these 20 passages, the second turn of a chat)
+            self._fit[(id(entry), len(text))] = entry
+            new.append((cache_key(text, self.namespace), entry))
+        self.cache.put_many(new)
+        return vectors
+
+    def _claim(self, texts: list[str]) -> tuple[list[str], dict[str, Future[Fingerprints]]]:
+        """Which of ``texts`` this call encodes (now claimed: concurrent calls wait for them) and which it
+        waits for (claimed by a call in flight). A call encodes all it claimed before it waits for any
+        other: no two calls wait for each other."""
+        mine, theirs = [], {}
+        with self._flight_lock:
+            for text in texts:
+                pending = self._in_flight.get(text)
+                if pending is None:
+                    self._in_flight[text] = Future()
+                    mine.append(text)
+                else:
+                    theirs[text] = pending
+        return mine, theirs
+
+    def _release(self, texts: list[str], out: Prepared) -> None:
+        """The claimed ``texts`` are done: their waiters get the fingerprints, or an error where the
+        encoder call failed (they then encode the texts themselves)."""
+        with self._flight_lock:
+            done = [(self._in_flight.pop(text), out.fingerprints.get(text)) for text in texts]
+        for pending, fp in done:
+            if fp is not None:
+                pending.set_result(fp)
+            else:
+                pending.set_exception(RuntimeError("the concurrent call encoding this chunk failed"))
 
 
 def _vectors(entry: CacheEntry) -> torch.Tensor:

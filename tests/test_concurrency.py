@@ -242,3 +242,79 @@ def test_redis_back_off_is_one_window_for_calls_that_fail_together():
     assert store._delay == 0.5 and not store.available
     time.sleep(0.6)  # the window is over: the next failure is a new one, and doubles it
     assert store.available
+
+
+class GatedEncode:
+    """Wraps ``engine.encoder.encode``: every call records its texts; the first waits for ``go`` (after
+    ``entered`` is set) and, with ``fail``, raises once it goes on."""
+
+    def __init__(self, engine: SemToken, fail: bool = False) -> None:
+        self.original, self.fail, self.calls = engine.encoder.encode, fail, []
+        self.entered, self.go = threading.Event(), threading.Event()
+        engine.encoder.encode = self
+
+    def __call__(self, texts, queries=()):
+        self.calls.append(list(texts))
+        if len(self.calls) == 1:
+            self.entered.set()
+            assert self.go.wait(30)
+            if self.fail:
+                raise RuntimeError("device lost")
+        return self.original(texts, queries)
+
+
+def _in_thread(fn, *args, **kwargs):
+    out: dict = {}
+
+    def run():
+        try:
+            out["result"] = fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    return worker, out
+
+
+@pytest.mark.parametrize("overlap", ["same chunks", "some chunks"])
+def test_a_chunk_being_encoded_by_a_concurrent_call_is_waited_for_not_encoded_again(tiny_encoder, overlap):
+    """Two users whose retrievers return the same passages at once: one encoder pass for what they share."""
+    eng = SemToken(SemTokenConfig(encoder=str(tiny_encoder), device="cpu", max_length=32, window_overlap=8))
+    first, second = CHUNKS[:4], (CHUNKS[:4] if overlap == "same chunks" else CHUNKS[2:6])
+    reference = SemToken(eng.config)
+    want = [texts(reference.compress(c, QUERY, rate=0.4)) for c in (first, second)]
+    gate = GatedEncode(eng)
+    a, got_a = _in_thread(eng.compress, first, QUERY, rate=0.4)
+    assert gate.entered.wait(30)  # the first call is inside its encoder pass
+    b, got_b = _in_thread(eng.compress, second, QUERY, rate=0.4)
+    deadline = time.monotonic() + 30  # the second call encodes what only it has, then waits for the rest
+    while len(gate.calls) < (1 if overlap == "same chunks" else 2) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    gate.go.set()
+    a.join(30)
+    b.join(30)
+    assert "error" not in got_a and "error" not in got_b
+    assert [texts(got_a["result"]), texts(got_b["result"])] == want
+    assert gate.calls[0] == first
+    assert gate.calls[1:] == ([] if overlap == "same chunks" else [CHUNKS[4:6]])  # shared ones: encoded once
+    assert got_b["result"].cache_hits == (4 if overlap == "same chunks" else 2)
+    assert eng.preparer._in_flight == {}
+
+
+def test_when_the_call_encoding_a_shared_chunk_fails_the_waiting_call_encodes_it_itself(tiny_encoder):
+    eng = SemToken(SemTokenConfig(encoder=str(tiny_encoder), device="cpu", max_length=32, window_overlap=8))
+    want = texts(SemToken(eng.config).compress(CHUNKS[:3], QUERY, rate=0.4))
+    gate = GatedEncode(eng, fail=True)
+    a, got_a = _in_thread(eng.compress, CHUNKS[:3], QUERY, rate=0.4)
+    assert gate.entered.wait(30)
+    b, got_b = _in_thread(eng.compress, CHUNKS[:3], QUERY, rate=0.4)
+    time.sleep(0.2)  # (b waits for a's chunks)
+    assert len(gate.calls) == 1
+    gate.go.set()
+    a.join(30)
+    b.join(30)
+    assert isinstance(got_a.get("error"), RuntimeError)  # the failing call still raises
+    assert texts(got_b["result"]) == want and gate.calls[1] == CHUNKS[:3]
+    assert eng.preparer._in_flight == {}
