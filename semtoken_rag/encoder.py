@@ -471,9 +471,10 @@ class Encoder:
         self._word_ids: dict[str, list[int]] | None = {} if _splits_at_whitespace(self._chunk_tokenizer) else None
         self._warned_unknown = False  # (_note_unknown: checked and set under its lock, so said once)
         self._warn_lock = threading.Lock()
-        with _quiet_loading():
-            self.model = AutoModel.from_pretrained(self.path, local_files_only=True, dtype=self.dtype)
-        self.model.to(self.device).eval()
+        with _quiet_loading():  # (in float32, then cast: loading in another dtype sets torch's default dtype
+            # for the whole process while it runs, which a call in another thread would then compute in)
+            self.model = AutoModel.from_pretrained(self.path, local_files_only=True, dtype=torch.float32)
+        self.model.to(device=self.device, dtype=self.dtype).eval()
         # on CPU (bfloat16 and float32) the down-projections run in products of a fixed row count, so that no
         # fingerprint or query vector depends on what it is batched with (see _RowBlockedLinear)
         self.row_blocked = _row_block_down_projections(self.model) \

@@ -552,7 +552,9 @@ class SemToken:
     def _prepare_batch(self, requests: list[tuple[list[str], str | None, Prepared]]) -> list[Prepared]:
         """The micro-batcher's batch function: one shared preparation for all queued calls."""
         with torch.inference_mode():
-            prepared = self.preparer.prepare([(c, q) for c, q, _ in requests], [k for _, _, k in requests])
+            # (the worker never waits for another call's pass: the calls queued behind it would wait too)
+            prepared = self.preparer.prepare([(c, q) for c, q, _ in requests], [k for _, _, k in requests],
+                                             wait_for_others=False)
         return [prepared] * len(requests)
 
     def _prepare(self, chunks: list[str], query: str | None, session) -> Prepared:

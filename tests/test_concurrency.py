@@ -318,3 +318,121 @@ def test_when_the_call_encoding_a_shared_chunk_fails_the_waiting_call_encodes_it
     assert isinstance(got_a.get("error"), RuntimeError)  # the failing call still raises
     assert texts(got_b["result"]) == want and gate.calls[1] == CHUNKS[:3]
     assert eng.preparer._in_flight == {}
+
+
+MANY = [" ".join(TINY_WORDS[(i * 11 + k) % len(TINY_WORDS)] for k in range(30)) + f" number {i}." for i in range(48)]
+
+
+class GatedOn(GatedEncode):
+    """GatedEncode whose gate holds only the first pass that encodes ``marker``."""
+
+    def __init__(self, engine: SemToken, marker: str) -> None:
+        super().__init__(engine)
+        self.marker = marker
+
+    def __call__(self, texts, queries=()):
+        self.calls.append(list(texts))
+        if self.marker in texts and not self.entered.is_set():
+            self.entered.set()
+            assert self.go.wait(30)
+        return self.original(texts, queries)
+
+
+def _tiny(tiny_encoder, **fields) -> SemToken:
+    return SemToken(SemTokenConfig(encoder=str(tiny_encoder), device="cpu", max_length=32, window_overlap=8, **fields))
+
+
+def test_a_small_call_does_not_wait_for_a_much_larger_pass_it_shares_a_chunk_with(tiny_encoder):
+    """A one-chunk call sharing a passage with a 48-passage compress_many encodes it itself: waiting for the
+    whole pass took 1.9 s against 38 ms (240 passages, real encoder)."""
+    eng = _tiny(tiny_encoder)
+    gate = GatedOn(eng, MANY[0])
+    big, got_big = _in_thread(eng.compress_many, [MANY[:24], MANY[24:]], [QUERY, QUERY], rate=0.4)
+    assert gate.entered.wait(30)
+    small, got_small = _in_thread(eng.compress, [MANY[5]], QUERY, rate=0.4)
+    small.join(30)
+    assert not small.is_alive() and "error" not in got_small  # done while the big pass is held
+    assert got_small["result"].cache_hits == 0
+    gate.go.set()
+    big.join(30)
+    assert "error" not in got_big and eng.preparer._in_flight == {}
+
+
+def test_the_micro_batchers_worker_never_waits_for_another_calls_pass(tiny_encoder):
+    """compress_many does not go through the micro-batcher: its pass must not hold the batcher's worker, and
+    with it every call queued behind, even calls that share nothing with it."""
+    eng = _tiny(tiny_encoder, batch_window_ms=5)
+    gate = GatedOn(eng, MANY[0])
+    big, got_big = _in_thread(eng.compress_many, [MANY[:8]], [QUERY], rate=0.4)
+    assert gate.entered.wait(30)
+    sharing, got_sharing = _in_thread(eng.compress, MANY[:2], QUERY, rate=0.4)
+    other, got_other = _in_thread(eng.compress, MANY[40:42], QUERY, rate=0.4)
+    sharing.join(30)
+    other.join(30)
+    assert not sharing.is_alive() and not other.is_alive()
+    assert "error" not in got_sharing and "error" not in got_other
+    gate.go.set()
+    big.join(30)
+    assert "error" not in got_big and eng.preparer._in_flight == {}
+    eng.close()
+
+
+def test_a_chunk_another_call_finished_between_lookup_and_claim_is_not_encoded_again(tiny_encoder):
+    """(The micro-batcher hands prepare the lookups its calls made when they queued: by the time the batch
+    runs, the call before may have encoded and cached those chunks.)"""
+    from semtoken_rag.prepare import Prepared
+
+    eng = _tiny(tiny_encoder)
+    eng.compress(MANY[:3], QUERY, rate=0.4)  # cached now
+    stale = Prepared(missed=set(MANY[:3]))  # what a lookup made before that call finished said
+    gate = GatedEncode(eng)
+    gate.go.set()
+    got = eng.preparer.prepare([(MANY[:4], None)], [stale])
+    assert gate.calls == [[MANY[3]]] and got.cached == set(MANY[:3])
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_does_not_wait_for_the_parents_chunks_in_flight(tiny_encoder):
+    import os
+
+    eng = _tiny(tiny_encoder)
+    gate = GatedEncode(eng)
+    call, got = _in_thread(eng.compress, MANY[:3], QUERY, rate=0.4)
+    assert gate.entered.wait(30)
+    assert len(eng.preparer._in_flight) == 3
+    pid = os.fork()
+    if pid == 0:  # (its claims are made and released without torch: a forked child's torch wants care)
+        ok = False
+        try:
+            mine, theirs, also = eng.preparer._claim(MANY[:3])
+            ok = (eng.preparer._in_flight.keys() == set(MANY[:3]) and mine == MANY[:3] and not theirs
+                  and not also)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    gate.go.set()
+    call.join(30)
+    assert os.WEXITSTATUS(status) == 0 and "error" not in got and eng.preparer._in_flight == {}
+
+
+def test_loading_an_encoder_leaves_torchs_default_dtype_alone(tiny_encoder):
+    """Loading straight into bfloat16 set torch's default dtype for the whole process while it ran: a call in
+    another thread then pooled in bfloat16, or failed (5-8 of 130 calls during 5 engine builds)."""
+    import torch
+
+    seen, stop = set(), threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.add(torch.get_default_dtype())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for _ in range(3):
+            eng = _tiny(tiny_encoder, dtype="bfloat16")
+    finally:
+        stop.set()
+        watcher.join()
+    assert eng.encoder.dtype == torch.bfloat16 and next(eng.encoder.model.parameters()).dtype == torch.bfloat16
+    assert seen == {torch.float32}
