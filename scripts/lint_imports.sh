@@ -4,7 +4,7 @@
 #   4 faces:   cli, prewarm(_cli), datasets, testing, integrations/
 #   3 engine:  semtoken_rag/engine.py, semtoken_rag/registry.py, prepare, batching
 #   2 method:  analysis, encoder, graphs, spans, structure, budget, render, repeats, device_search, text (and results, config)
-#   1 storage: keys, fileformat, lru, store, writebehind, diskstore, redis_store, store_url
+#   1 storage: keys, fileformat, lru, store, writebehind, forksafe, diskstore, redis_store, store_url
 # Exits non-zero and names each offending import.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,7 @@ LAYER = {
     "device_search": 2, "evidence": 2, "analysis": 2, "graphs": 2,
     "results": 2, "config": 2,
     "keys": 1, "fileformat": 1, "store": 1, "diskstore": 1, "lru": 1, "redis_store": 1, "store_url": 1,
-    "writebehind": 1,
+    "writebehind": 1, "forksafe": 1,
 }
 FRAMEWORKS = ("langchain", "langchain_core", "langchain_community", "llama_index")
 errors = []

@@ -12,12 +12,12 @@ import stat
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .fileformat import CacheEntry, CorruptEntry, decode_entry, encode_entry, header_size, starts_entry
+from .forksafe import renew_after_fork
 from .keys import check_key
 from .store import FingerprintStore, StoreStats, WarnOnce
 
@@ -65,7 +65,7 @@ class DirectoryStore(FingerprintStore):
         self.max_disk_bytes, self._fsync = max_disk_bytes, bool(fsync)
         self._background = bool(prune_in_background)
         self._pruner: threading.Thread | None = None  # the background prune running, if any
-        _stores.add(self)
+        renew_after_fork(self)
         self._lock, self._prune_lock = threading.Lock(), threading.Lock()
         self._writes = self._corrupt = self._errors = 0
         self._estimate: int | None = None
@@ -311,14 +311,3 @@ class DirectoryStore(FingerprintStore):
         self._lock, self._prune_lock = threading.Lock(), threading.Lock()
         self._pruner = None
 
-
-_stores: weakref.WeakSet[DirectoryStore] = weakref.WeakSet()
-
-
-def _reset_in_child() -> None:
-    for store in list(_stores):
-        store._after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_in_child)

@@ -10,7 +10,6 @@ is how ``compress_many`` and micro-batched concurrent calls share encoder passes
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import weakref
@@ -23,6 +22,7 @@ import torch
 
 from .encoder import Encoder, Fingerprints
 from .fileformat import CacheEntry, validate_fingerprints
+from .forksafe import renew_after_fork
 from .keys import cache_key
 from .lru import ByteLRU
 from .store import LayeredCache
@@ -69,7 +69,7 @@ class Preparer:
         # texts being encoded by a call in flight -> their fingerprints when done (:meth:`_claim`)
         self._in_flight: dict[str, tuple[Future[Fingerprints], int]] = {}  # (and the size of its pass)
         self._flight_lock = threading.Lock()
-        _preparers.add(self)
+        renew_after_fork(self)
 
     def lookup(self, chunks: Sequence[str], query: str | None, into: Prepared | None = None) -> Prepared:
         """What the caches hold for one request (no encoding); check :meth:`Prepared.covers`."""
@@ -226,16 +226,6 @@ class Preparer:
 WAIT_FOR_AT_MOST = 2
 WAIT_FOR_AT_LEAST = 16
 
-_preparers: weakref.WeakSet[Preparer] = weakref.WeakSet()
-
-
-def _reset_in_child() -> None:
-    for preparer in list(_preparers):
-        preparer._after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_in_child)
 
 
 def _vectors(entry: CacheEntry) -> torch.Tensor:

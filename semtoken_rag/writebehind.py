@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import threading
 import time
 import weakref
@@ -27,6 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from multiprocessing import util as _mp_util
 
 from .fileformat import CacheEntry
+from .forksafe import renew_after_fork
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class WriteBehind:
         self._idle = idle_seconds
         self._init_state()
         _writers.add(self)
+        renew_after_fork(self)
 
     def _init_state(self) -> None:
         self._cond = threading.Condition()
@@ -176,11 +177,6 @@ def _flush_all_at_exit() -> None:
                            time.monotonic() - started)
 
 
-def _reset_in_child() -> None:
-    for writer in list(_writers):
-        writer._after_fork()
-
-
 class _Anchor:
     """(What multiprocessing's after-fork registry holds weakly: alive as long as this module.)"""
 
@@ -196,5 +192,3 @@ _ANCHOR = _Anchor()
 atexit.register(_flush_all_at_exit)
 _flush_at_process_end()
 _mp_util.register_after_fork(_ANCHOR, _flush_at_process_end)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_in_child)
