@@ -82,6 +82,18 @@ def _timer(fn: Callable, label: str, seconds: dict[str, float], sync: torch.devi
     return timed
 
 
+def _timed_call(engine, q, rate: float) -> float:
+    """Seconds of one ``compress`` of question ``q`` (on CUDA, from an idle device to its end)."""
+    dev = engine.encoder.device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    started = time.perf_counter()
+    engine.compress(list(q.chunks), q.question, rate=rate)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - started
+
+
 def breakdown(engine, questions, rate: float, clear: Callable[[], None]) -> dict:
     """Median ms per stage over ``questions`` (objects with ``chunks`` and ``question``), for a cold call
     (after ``clear()``) and a warm one (the same call again), with each call's total and ``other``."""
@@ -91,13 +103,7 @@ def breakdown(engine, questions, rate: float, clear: Callable[[], None]) -> dict
         clear()
         for kind in ("cold", "warm"):
             with timed_stages(dev) as seconds:
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                started = time.perf_counter()
-                engine.compress(list(q.chunks), q.question, rate=rate)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                total = time.perf_counter() - started
+                total = _timed_call(engine, q, rate)
             row = dict(seconds)
             row["total"] = total
             row["other"] = total - sum(row.get(label, 0.0) for label, _o, _n, parent in STAGES if parent is None)
@@ -117,12 +123,7 @@ def host_reference(engine_factory: Callable[[], object], questions, rate: float)
     warm = []
     for q in questions:
         engine.compress(list(q.chunks), q.question, rate=rate)
-        times = []
-        for _ in range(3):
-            started = time.perf_counter()
-            engine.compress(list(q.chunks), q.question, rate=rate)
-            times.append(time.perf_counter() - started)
-        warm.append(statistics.median(times))
+        warm.append(statistics.median(_timed_call(engine, q, rate) for _ in range(3)))
     close = getattr(engine, "close", None)
     if callable(close):
         close()
@@ -164,24 +165,15 @@ def host_threads(engine, questions, rate: float, clear: Callable[[], None]) -> d
     seconds: dict[str, dict[str, list[float]]] = {kind: {"default": [], "one_thread": []} for kind in kinds}
     limited: dict = {}
 
-    def call(q) -> float:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        started = time.perf_counter()
-        engine.compress(list(q.chunks), q.question, rate=rate)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        return time.perf_counter() - started
-
     for k, q in enumerate(questions):
         clear()
         for mode in ("default", "one_thread") if k % 2 else ("one_thread", "default"):
             with one_thread() if mode == "one_thread" else contextlib.nullcontext() as what:
-                call(q)  # (untimed: a pool resized by the switch starts its threads here)
-                seconds["warm"][mode].append(statistics.median(call(q) for _ in range(3)))
+                _timed_call(engine, q, rate)  # (untimed: a pool resized by the switch starts its threads here)
+                seconds["warm"][mode].append(statistics.median(_timed_call(engine, q, rate) for _ in range(3)))
                 if "cold" in seconds:
                     clear()
-                    seconds["cold"][mode].append(call(q))
+                    seconds["cold"][mode].append(_timed_call(engine, q, rate))
             limited = what or limited
     out: dict = {"questions": len(questions), "limited": limited.get("pools", [])}
     for kind, got in seconds.items():

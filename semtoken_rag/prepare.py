@@ -97,7 +97,7 @@ class Preparer:
             entries = self.cache.get_many([cache_key(t, self.namespace) for t in asked], valid=fits)
             for text, entry in zip(asked, entries):
                 if entry is not None:
-                    out.fingerprints[text] = Fingerprints(entry["units"].astype(np.int64), _vectors(entry))
+                    out.fingerprints[text] = _fingerprints(entry)
                     out.cached.add(text)
                 else:
                     out.missed.add(text)
@@ -179,7 +179,7 @@ class Preparer:
             return
         for text, entry in zip(texts, self.cache.memory.get_many([cache_key(t, self.namespace) for t in texts])):
             if entry is not None and self._fit.get((id(entry), len(text))) is entry:  # (made by this process)
-                out.fingerprints[text] = Fingerprints(entry["units"].astype(np.int64), _vectors(entry))
+                out.fingerprints[text] = _fingerprints(entry)
                 out.cached.add(text)
 
     def _claim(self, texts: list[str], wait: bool = True
@@ -226,6 +226,10 @@ class Preparer:
 WAIT_FOR_AT_MOST = 2
 WAIT_FOR_AT_LEAST = 16
 
+
+
+def _fingerprints(entry: CacheEntry) -> Fingerprints:
+    return Fingerprints(entry["units"].astype(np.int64), _vectors(entry))
 
 
 def _vectors(entry: CacheEntry) -> torch.Tensor:

@@ -285,8 +285,8 @@ class LayeredCache:
         self._backend_call("put", lambda: self.backend.put_many(items))  # type: ignore[union-attr]
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until the backend has every entry put so far (with write-behind; at once without);
-        ``False`` if ``timeout`` seconds ran out first."""
+        """Wait until the backend has every entry put before this call (with write-behind; at once
+        without; what other threads put meanwhile is not waited for); ``False`` if ``timeout`` ran out."""
         return True if self._behind is None else self._behind.flush(timeout)
 
     def get(self, key: str) -> CacheEntry | None:
