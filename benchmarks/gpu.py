@@ -264,20 +264,23 @@ def precision_agreement(engine: SemToken, args, qs, rate: float) -> dict | None:
     return {"questions": len(qs), "identical_contexts": int(same)}
 
 
+def device_name(dev: torch.device) -> str:
+    """The GPU's name, or the CPU's model name (from /proc/cpuinfo where there is one)."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name
+
+
 def environment(engine: SemToken) -> dict:
     dev = engine.encoder.device
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-    return {"device": str(dev), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+    return {"device": str(dev), "device_name": device_name(dev), "torch": torch.__version__, "cuda": torch.version.cuda,
             "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "encoder": engine.config.encoder, "dtype": str(engine.encoder.dtype),

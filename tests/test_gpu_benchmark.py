@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 
@@ -85,3 +86,53 @@ def test_store_writes_times_cold_calls_with_a_cache_dir_both_ways(tiny_encoder):
     out = gpu.store_writes(engine, qs, 0.5, n=2)
     assert out["questions"] == 2 and out["behind_ms"] > 0 and out["in_call_ms"] > 0 and out["ratio"] > 0
     assert engine.config.cache_dir is None  # (the engine measured is left as it was)
+
+
+def _sample() -> str:
+    from pathlib import Path
+
+    import semtoken_rag
+
+    return str(Path(semtoken_rag.__file__).parent / "data" / "sample_nq.jsonl")
+
+
+@pytest.mark.slow
+def test_worker_processes_each_compress_and_the_wall_covers_them_all(tiny_encoder):
+    """benchmarks.processes: K spawned workers, each with its own engine, time one workload from a shared
+    barrier; every worker's calls are counted, and the counts' figures come out for each workload."""
+    from benchmarks import processes
+
+    cfg = {"encoder": str(tiny_encoder), "device": "cpu", "max_length": 32, "window_overlap": 8,
+           "dtype": "float32"}
+    out = processes.measure(cfg, _sample(), [1, 2], ["cached", "new"], n=3, rate=0.5, repeats=2, rounds=1,
+                            cores=2, start=0)
+    for workload, calls_each in (("cached", 3 * 2), ("new", 3)):
+        one, two = out[workload]
+        assert (one["workers"], two["workers"]) == (1, 2)
+        assert (one["calls"], two["calls"]) == (calls_each, 2 * calls_each)
+        assert one["over_first"] == 1.0 and two["over_first"] > 0
+        for row in (one, two):
+            assert row["queries_per_s"] == row["calls"] / row["wall_s"] and row["call_median_ms"] > 0
+            assert row["dtype"] == "float32"
+    text = processes.markdown({"device_name": "cpu", "date": "d", "cores": 2, "torch": "t", "encoder": "e",
+                               "dtype": "float32", "device": "cpu", "n": 3, "rate": 0.5, "repeats": 2,
+                               "rounds": 1, "command": "c", "results": out, "seconds": 1.0})
+    assert "| cached chunks: workers |" in text and "| new chunks: workers |" in text
+
+
+@pytest.mark.slow
+def test_workers_that_fail_stop_the_timing_with_their_error(tiny_encoder, tmp_path):
+    """Workers that cannot build their engine, or find no questions, end the timing with their error (not a
+    hang, not a figure)."""
+    import time
+
+    from benchmarks import processes
+
+    cfg = {"encoder": str(tmp_path / "no-such-model"), "device": "cpu"}
+    t = time.monotonic()
+    with pytest.raises(RuntimeError, match="a worker failed"):
+        processes.run_workers(2, cfg, _sample(), 2, 0.5, "cached", 1, 1, start=0)
+    good = {"encoder": str(tiny_encoder), "device": "cpu", "max_length": 32, "window_overlap": 8}
+    with pytest.raises(RuntimeError, match="no questions from 500 on"):
+        processes.run_workers(2, good, _sample(), 2, 0.5, "cached", 1, 1, start=500)
+    assert time.monotonic() - t < 45

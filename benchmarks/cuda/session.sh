@@ -8,10 +8,13 @@
 # the next), teeing every log into $OUT:
 #   1. the GPU-only tests (pytest -m gpu tests/test_gpu.py),
 #   2. python -m benchmarks.gpu on CUDA over NQ 150-440 (benchmarks/results/gpu.{json,md}, copied to $OUT),
-#   3. python -m benchmarks.prewarm_throughput on CUDA ($OUT/scale_gpu_prewarm.json).
+#   3. python -m benchmarks.prewarm_throughput on CUDA ($OUT/scale_gpu_prewarm.json),
+#   4. python -m benchmarks.processes on CUDA: 1, 4 and 16 worker processes sharing the GPU, one round
+#      (benchmarks/results/processes_gpu.{json,md}, copied to $OUT).
 # Environment: CARRY (default .gpu), OUT (default benchmarks/results/session), DEVICE (default cuda), N (questions
-# for benchmarks.gpu, default all 291), PREWARM_N (passages for the pre-warm run, default all). A dry run on a
-# CPU machine: DEVICE=cpu N=3 PREWARM_N=200 CARRY=none bash benchmarks/cuda/session.sh (the GPU tests skip).
+# for benchmarks.gpu, default all 291), PREWARM_N (passages for the pre-warm run, default all), WORKERS (worker
+# process counts, default "1 4 16"). A dry run on a CPU machine: DEVICE=cpu N=3 PREWARM_N=200 WORKERS="1 2"
+# CARRY=none bash benchmarks/cuda/session.sh (the GPU tests skip).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 carry=${CARRY:-.gpu}
@@ -56,6 +59,9 @@ step benchmark "$py" -m benchmarks.gpu --device "$device" --encoder "$encoder" -
 cp benchmarks/results/"$name".json benchmarks/results/"$name".md "$out"/ 2>/dev/null
 step prewarm "$py" -m benchmarks.prewarm_throughput --device "$device" --encoder "$encoder" --data "$data" \
   --out "$out/scale_${device}_prewarm.json" ${PREWARM_N:+--n "$PREWARM_N"}
+step processes "$py" -m benchmarks.processes --device "$device" --encoder "$encoder" --data "$data" \
+  --workers ${WORKERS:-1 4 16} --rounds 1 --name "$name"
+cp benchmarks/results/processes_"$name".json benchmarks/results/processes_"$name".md "$out"/ 2>/dev/null
 echo "session status $status; files in $out:"
 ls -l "$out"
 exit "$status"
