@@ -1,6 +1,7 @@
 """Pre-warm throughput in process (issue 12 (b) on a GPU box, where Redis and Ray are not installed):
 ``engine.prewarm`` over every NQ passage into the memory store, beside the raw encoder forward over the
-same passages. Median of 3 rounds after a warm-up, each round timing every ``--batch-sizes`` value (texts
+same passages and the same pre-warm without each chunk's analysis in its entry (``prewarm_analyses=False``,
+at 256 texts a step). Median of 3 rounds after a warm-up, each round timing every ``--batch-sizes`` value (texts
 encoded and stored per ``prewarm`` step) in turn. Needs the NQ file (``--data``, default ../shared/data).
 
     python -m benchmarks.prewarm_throughput --device cuda --encoder .gpu/model --data .gpu/data \\
@@ -47,15 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     eng = SemToken(SemTokenConfig(encoder=args.encoder, device=args.device))
     device = eng.encoder.device
     eng.prewarm(texts[:512])  # warm-up: kernels, allocator
+    # the same pre-warm without keeping each chunk's analysis in its entry (SemTokenConfig.prewarm_analyses),
+    # at the engine's default step of 256 texts, beside it in every round
+    bare = SemToken(eng.config.model_copy(update={"prewarm_analyses": False}), parts=eng.parts)
     runs: dict[int, list[float]] = {b: [] for b in args.batch_sizes}
+    without: list[float] = []
     for _ in range(3):  # rounds: each batch size once per round, so they share the machine's state
-        for b in args.batch_sizes:
-            eng.clear_caches()
+        for b, engine, into in [(b, eng, runs[b]) for b in args.batch_sizes] + [(256, bare, without)]:
+            engine.clear_caches()
             _sync(device)
             started = time.perf_counter()
-            encoded = eng.prewarm(texts, batch_size=b)
+            done = engine.prewarm(texts, batch_size=b)
             _sync(device)
-            runs[b].append(time.perf_counter() - started)
+            into.append(time.perf_counter() - started)
+            if engine is eng:
+                encoded = done
     forward = [eng.encoder.forward_seconds(texts) for _ in range(3)]
     per_batch = {str(b): len(texts) / statistics.median(r) for b, r in runs.items()}
     best = max(per_batch, key=per_batch.get)
@@ -63,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
            "forward_seconds": forward, "prewarm_passages_per_s": per_batch[best], "best_batch_size": int(best),
            "prewarm_passages_per_s_by_batch_size": per_batch, "prewarm_seconds_by_batch_size": runs,
            "forward_passages_per_s": len(texts) / statistics.median(forward),
+           "without_analyses_passages_per_s": len(texts) / statistics.median(without),
+           "without_analyses_seconds": without,
            "encoder_batch_size": eng.encoder.batch_size,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     print(json.dumps(out))

@@ -19,10 +19,12 @@ per call, and a chunk's clustering never looks past its last unit.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.metadata
 import itertools
 import sys
 import threading
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,12 +37,22 @@ from . import structure as st
 from .budget import BudgetTokenizer
 from .lru import ByteLRU
 
-__all__ = ["AnalysisMemo", "AnalysisSpec", "CallAnalysis", "CallStats", "ChunkAnalysis", "ChunkStats", "call_stats",
-           "chunk_stats", "chunk_stats_many", "tokenizer_identity", "window_entropy"]
+__all__ = ["STORED_VERSION", "AnalysisMemo", "AnalysisSpec", "CallAnalysis", "CallStats", "ChunkAnalysis", "ChunkStats",
+           "analyse_for_store", "call_stats", "chunk_stats", "chunk_stats_many", "from_stored", "stored_prefix",
+           "tokenizer_identity", "window_entropy"]
 
 _ENTRY_OVERHEAD = 512  # the entry object, its dict and its LRU slot, roughly
 _ROWS_AT_ONCE = 16384  # float64 rows converted at once by the vector statistics (24 MiB at d = 384)
 _STR_OVERHEAD = sys.getsizeof("")  # a str object's own bytes besides its characters (ASCII)
+
+# A chunk's analysis and vector statistics are kept in its fingerprint entry, beside the fingerprints they were
+# worked out from (issue 10: a replica's first call on pre-warmed chunks analysed them all again). Their arrays
+# are named after this version, the settings and the versions of the libraries that shape them
+# (stored_prefix); bump it whenever the arrays a chunk gets for the same text, fingerprints and settings
+# change (tests/test_stored_analysis.py holds a digest of what sample chunks get and fails until it is
+# bumped), so that no replica reads another version's.
+STORED_VERSION = 1
+_STORED_LIBRARIES = ("semtoken-rag", "sentencex", "quicktok-v1", "regex", "numpy", "torch")
 
 
 def tokenizer_identity(tokenizer: BudgetTokenizer) -> Hashable:
@@ -151,6 +163,15 @@ class AnalysisMemo:
         if todo:
             out[todo] = spec.tokenizer.count_many([texts[i] for i in todo])
         return out
+
+    def lacks(self, spec: AnalysisSpec, texts: Sequence[str]) -> list[int]:
+        """Indices of the texts whose analysis the memo does not hold."""
+        return [i for i, t in enumerate(texts) if (spec.key, t) not in self._lru]
+
+    def adopt(self, spec: AnalysisSpec, text: str, entry: ChunkAnalysis) -> None:
+        """Hold ``entry`` (read from a store: :func:`from_stored`) as ``text``'s analysis."""
+        entry.nbytes = entry.size(text)
+        self._lru.put((spec.key, text), entry)
 
     def analyse(self, spec: AnalysisSpec, chunks: Sequence[str], units: Sequence[np.ndarray],
                 vectors: torch.Tensor, offsets: np.ndarray, totals: np.ndarray | None = None,
@@ -492,3 +513,81 @@ def call_stats(memo: AnalysisMemo, spec: AnalysisSpec, chunks: Sequence[str], ve
 
     return CallStats(cat("span_entropy", (0,)), cat("seg_entropy", (0,)), cat("centroids", (0, d)),
                      np.stack([x.centroid for x in per]) if per else np.zeros((0, d), dtype=np.float32))
+
+
+def _library_versions() -> tuple[str, ...]:
+    out = []
+    for name in _STORED_LIBRARIES:
+        try:
+            out.append(f"{name}={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(f"{name}=?")
+    return tuple(out)
+
+
+def stored_prefix(spec: AnalysisSpec, window_units: int, clustering: bool) -> str | None:
+    """The prefix of the names of a chunk's stored analysis arrays in its fingerprint entry: a digest of
+    what they depend on besides its text and fingerprints (the settings, :data:`STORED_VERSION`, the
+    versions of the libraries that shape them); ``None`` when the budget tokenizer is an object or a
+    callable (it counts like itself alone: no other engine could use them)."""
+    if not isinstance(spec.tokenizer.spec, str):
+        return None
+    what = repr((STORED_VERSION, spec.key, int(window_units), bool(clustering), _library_versions()))
+    return "analysis." + hashlib.blake2b(what.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest() + "."
+
+
+def analyse_for_store(spec: AnalysisSpec, texts: list[str], units: list[np.ndarray], vectors: list[Any],
+                      window_units: int, clustering: bool, prefix: str) -> list[dict[str, np.ndarray]]:
+    """The arrays to store in each chunk's entry (its :class:`ChunkAnalysis` and :class:`ChunkStats`, as a
+    call works them out, named ``prefix + name``), from its char spans and float16 fingerprints (``(k, d)``,
+    as cached)."""
+    if not texts:
+        return []
+    arrs = [v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for v in vectors]
+    entries = _analyse_chunks(spec, texts, units, [torch.from_numpy(np.asarray(a)).float() for a in arrs])
+    totals = spec.tokenizer.count_many(texts)
+    stats = chunk_stats_many(arrs, [e.bounds if clustering else np.arange(len(a) + 1, dtype=np.int64)
+                                    for e, a in zip(entries, arrs)], [e.breaks for e in entries], window_units)
+    out = []
+    for e, total, cs in zip(entries, totals.tolist(), stats):
+        arrays = {"costs": e.costs.astype(np.int64), "breaks": e.breaks.astype(bool), "group": e.group.astype(np.int64),
+                  "block": e.block.astype(np.int64), "fence": e.fence.astype(bool), "blind": e.blind.astype(bool),
+                  "bounds": e.bounds.astype(np.int64), "total": np.array([total], dtype=np.int64),
+                  "span_entropy": cs.span_entropy, "seg_entropy": cs.seg_entropy, "centroids": cs.centroids,
+                  "centroid": cs.centroid}
+        out.append({prefix + name: a for name, a in arrays.items()})
+    return out
+
+
+def from_stored(arrays: Mapping[str, np.ndarray], prefix: str, k: int, d: int, window_units: int,
+                clustering: bool) -> ChunkAnalysis | None:
+    """The :class:`ChunkAnalysis` (its statistics among its extras) stored in an entry's ``arrays`` under
+    ``prefix`` for a chunk of ``k`` units and ``d``-dimensional fingerprints; ``None`` when there is none
+    or it does not fit the chunk (a checksum proves what a writer wrote, not that it was right: shapes,
+    kinds and bounds are checked, and the arrays copied)."""
+    if prefix + "costs" not in arrays:
+        return None
+    try:
+        a = {name: np.array(arrays[prefix + name]) for name in (
+            "costs", "breaks", "group", "block", "fence", "blind", "bounds", "total", "span_entropy", "seg_entropy",
+            "centroids", "centroid")}
+    except (KeyError, TypeError, ValueError):
+        return None
+    per_unit = {"costs": "i", "breaks": "b", "group": "i", "block": "i", "fence": "b", "blind": "b"}
+    if any(a[n].shape != (k,) or a[n].dtype.kind != kind for n, kind in per_unit.items()):
+        return None
+    bounds, breaks = a["bounds"], a["breaks"]
+    if bounds.dtype.kind != "i" or bounds.ndim != 1 or len(bounds) < 1 or bounds[0] != 0 or bounds[-1] != k \
+            or (np.diff(bounds) <= 0).any() or (k and not breaks[-1]) or (a["costs"] < 0).any():
+        return None
+    n_seg = int(breaks.sum())
+    floats = {"span_entropy": (len(bounds) - 1,) if clustering else (k,), "seg_entropy": (n_seg,),
+              "centroids": (n_seg, d), "centroid": (d,)}
+    if any(a[n].shape != shape or a[n].dtype != np.float32 for n, shape in floats.items()) \
+            or a["total"].shape != (1,) or a["total"].dtype.kind != "i" or a["total"][0] < -1:
+        return None
+    entry = ChunkAnalysis(a["costs"], breaks, a["group"], a["block"], a["fence"], a["blind"], bounds,
+                          total=int(a["total"][0]))
+    entry.extras[("stats", window_units, clustering)] = ChunkStats(a["span_entropy"], a["seg_entropy"],
+                                                                    a["centroids"], a["centroid"])
+    return entry

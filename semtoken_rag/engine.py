@@ -37,7 +37,7 @@ from .prepare import Prepared, Preparer
 from .render import join_slices, kept_slices, kept_slices_many
 from .repeats import ConversationMemory, exact_repeats, faiss_gpu_available, find_repeats
 from .results import CompressedChunk, CompressionResult, SpanList
-from .store import CacheStats, LayeredCache, MemoryStore
+from .store import CacheStats, LayeredCache, MemoryStore, WarnOnce
 from .store_url import open_store
 
 if TYPE_CHECKING:
@@ -270,6 +270,10 @@ class SemToken:
         self.analyses = an.AnalysisMemo(cfg.analysis_memo_max_bytes)
         self._spec = an.AnalysisSpec(self.tokenizer, self._protect, cfg.max_segment_units, _MAX_SEGMENT_TOKENS,
                                      cfg.tau, cfg.max_span_units, self._namespace, cfg.language)
+        # pre-warming keeps each chunk's analysis in its fingerprint entry, its arrays named after these
+        # settings (None: nothing to keep, e.g. a callable budget tokenizer)
+        self._stored_prefix = an.stored_prefix(self._spec, cfg.window_units, cfg.use_clustering)
+        self._warn = WarnOnce(logger)
         parts.acquire()
         self._closed = False
 
@@ -444,9 +448,10 @@ class SemToken:
                 # (this call's own seconds: the encoder's running total also counts other threads' passes)
                 fresh, stats = self.encoder.fingerprint_with_stats([by_key[k] for k in part])
                 seconds = stats.seconds / len(part)
+                extra = self._stored_arrays([by_key[k] for k in part], fresh)
                 self.cache.put_many([(k, CacheEntry({"fingerprints": fp.vectors.numpy(),
-                                                     "units": fp.units.astype(np.int32)}, seconds))
-                                     for k, fp in zip(part, fresh)])
+                                                     "units": fp.units.astype(np.int32), **more}, seconds))
+                                     for k, fp, more in zip(part, fresh, extra)])
         # (with write-behind, a batch is written while the next one is encoded; all are stored on return)
         self.cache.flush()
         return len(todo)
@@ -619,6 +624,8 @@ class SemToken:
         # many tokens each); structure.py: a table row, a code line, a list item is one segment;
         # protected text is one piece; the spans of local clustering (Algorithm 1) inside segments
         q_wanted = query is not None and cfg.use_query  # (maxsim reads the normalised rows too: made once)
+        if self._stored_prefix is not None and prepared.entries:
+            self._adopt_stored(chunks, call, prepared)
         ana = self.analyses.analyse(self._spec, chunks, call.units, call.vectors, call.offsets, counts,
                                     call.normed if q_wanted else None)
         unit_cost = ana.costs
@@ -745,6 +752,30 @@ class SemToken:
                    for fp, b in zip(fps, span_bounds)]
         return self._result(state, span_status, entropy, span_rel, chunk_rel_np, texts, slices, out_counts,
                             hits, encoder_calls)
+
+    def _adopt_stored(self, chunks: list[str], call: _Call, prepared: Prepared) -> None:
+        """The analyses that pre-warming kept in the entries of this call's cached chunks, for those the memo
+        lacks; one that does not fit its chunk is ignored (logged once) and worked out again."""
+        d = int(call.vectors.shape[1])
+        for i in self.analyses.lacks(self._spec, chunks):
+            entry = prepared.entries.get(chunks[i])
+            if entry is None or not len(call.units[i]):
+                continue
+            ana = an.from_stored(entry.arrays, self._stored_prefix, len(call.units[i]), d,  # type: ignore[arg-type]
+                                 self.config.window_units, self.config.use_clustering)
+            if ana is not None:
+                self.analyses.adopt(self._spec, chunks[i], ana)
+            elif self._stored_prefix + "costs" in entry.arrays:  # type: ignore[operator]
+                self._warn("analysis", "ignoring the stored analysis of cache entry %s: it does not fit "
+                                 "its chunk; it is worked out again", cache_key(chunks[i], self._namespace)[:16])
+
+    def _stored_arrays(self, texts: list[str], fps: list[Fingerprints]) -> list[dict[str, np.ndarray]]:
+        """What pre-warming keeps in each chunk's entry beside its fingerprints: its analysis (none where the
+        settings cannot be named: :func:`semtoken_rag.analysis.stored_prefix`)."""
+        if self._stored_prefix is None or not self.config.prewarm_analyses:
+            return [{} for _ in texts]
+        return an.analyse_for_store(self._spec, texts, [fp.units for fp in fps], [fp.vectors for fp in fps],
+                                    self.config.window_units, self.config.use_clustering, self._stored_prefix)
 
     def _best_partial(self, chunks, call, segs, keep_units, score, allowed, unit_cost, group, q_tokens,
                       overheads, left: int, counted: dict[str, int]) -> np.ndarray | None:

@@ -39,6 +39,7 @@ class Prepared:
 
     fingerprints: dict[str, Fingerprints] = field(default_factory=dict)
     cached: set[str] = field(default_factory=set)  # texts whose fingerprints came from the cache
+    entries: dict[str, CacheEntry] = field(default_factory=dict)  # their entries (stored analyses: engine)
     encoded: set[str] = field(default_factory=set)  # texts encoded by this preparation's pass
     missed: set[str] = field(default_factory=set)  # texts looked up and not found (not asked again)
     queries: dict[str, QueryVector] = field(default_factory=dict)
@@ -49,6 +50,7 @@ class Prepared:
 
     def merge(self, other: Prepared) -> None:
         self.fingerprints.update(other.fingerprints)
+        self.entries.update(other.entries)
         self.queries.update(other.queries)
         self.cached |= other.cached
         self.missed |= other.missed - self.fingerprints.keys()
@@ -99,6 +101,7 @@ class Preparer:
                 if entry is not None:
                     out.fingerprints[text] = _fingerprints(entry)
                     out.cached.add(text)
+                    out.entries[text] = entry
                 else:
                     out.missed.add(text)
         if query is not None and query not in out.queries:

@@ -1,0 +1,154 @@
+"""Pre-warming keeps each chunk's analysis (its query-independent arrays and vector statistics) in its
+fingerprint entry; a later engine's calls on those chunks take it from there instead of working it out
+again, and give exactly what a fresh engine gives. Unit tier: the tiny random-weight BERT and the bundled
+sample's passages; one slow test on the real encoder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import semtoken_rag
+from semtoken_rag import SemToken, SemTokenConfig
+from semtoken_rag import analysis as an
+from semtoken_rag.diskstore import DirectoryStore
+from semtoken_rag.fileformat import CacheEntry
+from semtoken_rag.keys import cache_key
+
+SAMPLE = Path(semtoken_rag.__file__).parent / "data" / "sample_nq.jsonl"
+
+
+def sample(n: int = 2) -> list[tuple[str, list[str]]]:
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()[:n]]
+    return [(r["question"], [p["text"] if isinstance(p, dict) else p for p in r["passages"]]) for r in rows]
+
+
+def tiny_config(tiny_encoder, **kw) -> SemTokenConfig:
+    return SemTokenConfig(encoder=str(tiny_encoder), device="cpu", dtype="float32", max_length=32,
+                          window_overlap=8, **kw)
+
+
+def described(result) -> list:
+    return [(c.text, c.kept_spans, c.original_tokens, c.compressed_tokens, c.relevance,
+             [(s.start, s.end, s.status, s.entropy, s.relevance, s.score) for s in c.spans]) for c in result.chunks]
+
+
+def entries(root: Path, engine: SemToken, texts: list[str]) -> list[CacheEntry | None]:
+    return DirectoryStore(root).get_many([cache_key(t, engine.encoder.identity) for t in texts])
+
+
+def test_calls_on_prewarmed_chunks_take_their_analysis_from_the_store_and_equal_fresh_calls(tiny_encoder, tmp_path):
+    requests = sample(3)
+    warmer = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path))
+    assert warmer.prewarm([p for _, ps in requests for p in ps]) > 0
+    stored = entries(tmp_path, warmer, requests[0][1])
+    prefix = warmer._stored_prefix
+    assert prefix and all(e is not None and prefix + "costs" in e.arrays for e in stored)
+    fresh = SemToken(tiny_config(tiny_encoder))  # no store: works everything out
+    replica = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path))  # a new process on the same store
+    for question, passages in requests:
+        for rate in (0.5, 0.2):
+            want = fresh.compress(passages, question, rate=rate)
+            got = replica.compress(passages, question, rate=rate)
+            assert described(got) == described(want)
+            assert got.compressed_tokens == want.compressed_tokens <= got.budget
+    n = len({p for _, ps in requests for p in ps if p.strip()})
+    assert replica.analyses.misses == 0 and len(replica.analyses) == n  # every chunk's analysis adopted
+    assert fresh.analyses.misses == n
+
+
+def test_a_stored_analysis_that_does_not_fit_its_chunk_is_worked_out_again(tiny_encoder, tmp_path, caplog):
+    question, passages = sample(1)[0]
+    warmer = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path))
+    warmer.prewarm(passages)
+    prefix = warmer._stored_prefix
+    store = DirectoryStore(tmp_path)
+    key = cache_key(passages[0], warmer.encoder.identity)
+    entry = store.get(key)
+    broken = dict(entry.arrays)
+    broken[prefix + "bounds"] = np.array([0, 1], dtype=np.int64)  # does not end at the chunk's last unit
+    store.put(key, CacheEntry(broken, entry.encode_seconds))
+    key2 = cache_key(passages[1], warmer.encoder.identity)
+    entry2 = store.get(key2)
+    short = {k: v for k, v in entry2.arrays.items() if k != prefix + "centroids"}  # an array missing
+    store.put(key2, CacheEntry(short, entry2.encode_seconds))
+    replica = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path))
+    with caplog.at_level(logging.WARNING, logger="semtoken_rag"):
+        got = replica.compress(passages, question, rate=0.33)
+    assert described(got) == described(SemToken(tiny_config(tiny_encoder)).compress(passages, question, rate=0.33))
+    assert replica.analyses.misses == 2  # those two, analysed afresh; the others adopted
+    assert "does not fit" in caplog.text
+
+
+def test_settings_name_the_stored_analysis(tiny_encoder, tmp_path):
+    """An engine whose analysis settings differ finds no analysis of its own in entries pre-warmed by another
+    (it works its own out, and gives what a fresh engine with its settings gives); a callable budget tokenizer
+    keeps none (no other engine could tell it counts alike)."""
+    question, passages = sample(1)[0]
+    SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path)).prewarm(passages)
+    other = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path, max_segment_units=7))
+    got = other.compress(passages, question, rate=0.33)
+    assert other.analyses.misses == len(passages)
+    want = SemToken(tiny_config(tiny_encoder, max_segment_units=7)).compress(passages, question, rate=0.33)
+    assert described(got) == described(want)
+    assert len({SemToken(tiny_config(tiny_encoder, **kw))._stored_prefix for kw in (
+        {}, {"max_segment_units": 7}, {"tokenizer": "cl100k_base"}, {"tau": 0.5}, {"window_units": 9},
+        {"use_clustering": False}, {"protect": [r"\d+"]})}) == 7
+    words = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path / "w", tokenizer=lambda t: len(t.split())))
+    assert words._stored_prefix is None
+    words.prewarm(passages)
+    assert all(not any(k.startswith("analysis.") for k in e.arrays) for e in entries(tmp_path / "w", words, passages))
+
+
+def test_prewarm_analyses_false_keeps_fingerprints_alone(tiny_encoder, tmp_path):
+    question, passages = sample(1)[0]
+    engine = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path, prewarm_analyses=False))
+    engine.prewarm(passages)
+    assert all(set(e.arrays) == {"fingerprints", "units"} for e in entries(tmp_path, engine, passages) if e)
+    replica = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path))
+    replica.compress(passages, question, rate=0.33)
+    assert replica.analyses.misses == len(passages)
+
+
+def test_prewarm_without_a_store_keeps_the_analysis_in_memory_entries(tiny_encoder):
+    question, passages = sample(1)[0]
+    engine = SemToken(tiny_config(tiny_encoder))
+    engine.prewarm(passages)
+    engine.analyses.clear()
+    engine.compress(passages, question, rate=0.33)
+    assert engine.analyses.misses == 0
+
+
+def test_stored_version_guard():
+    """What a chunk's text gets (unit costs, segment breaks, protected groups, fenced blocks, whole-text count)
+    for the bundled sample, as a digest: when it changes, entries pre-warmed by an older version hold other
+    arrays under the same names. Bump analysis.STORED_VERSION, then update the digest here."""
+    spec = an.AnalysisSpec(semtoken_rag.budget.BudgetTokenizer("llama3"), (), 48, 96, 0.0, 1, "guard")
+    from semtoken_rag.text import split_units
+
+    texts = [p for _, ps in sample(6) for p in ps if p.strip()][:40]
+    units = [split_units(t) for t in texts]
+    vectors = [np.ones((len(u), 4), dtype=np.float16) for u in units]
+    arrays = an.analyse_for_store(spec, texts, units, vectors, 5, True, "p.")
+    h = hashlib.blake2b(digest_size=8)
+    for a in arrays:
+        for name in ("costs", "breaks", "group", "block", "fence", "total"):
+            h.update(np.ascontiguousarray(a["p." + name]).tobytes())
+    assert (an.STORED_VERSION, h.hexdigest()) == (1, "cb72004d8184a68f")
+
+
+@pytest.mark.slow
+def test_real_encoder_prewarmed_replica_equals_fresh(tmp_path, engine):
+    requests = sample(6)
+    cfg = engine.config.model_copy(update={"cache_dir": str(tmp_path)})
+    SemToken(cfg).prewarm([p for _, ps in requests for p in ps])
+    replica = SemToken(cfg)
+    for question, passages in requests:
+        assert described(replica.compress(passages, question, rate=0.33)) == described(
+            engine.compress(passages, question, rate=0.33))
+    assert replica.analyses.misses == 0
