@@ -52,6 +52,7 @@ _STR_OVERHEAD = sys.getsizeof("")  # a str object's own bytes besides its charac
 # change (tests/test_stored_analysis.py holds a digest of what sample chunks get and fails until it is
 # bumped), so that no replica reads another version's.
 STORED_VERSION = 1
+_MAX_UNIT_TOKENS = 1 << 32  # (a word's budget tokens: a stored count above this is not one)
 _STORED_LIBRARIES = ("semtoken-rag", "sentencex", "quicktok-v1", "regex", "numpy", "torch")
 
 
@@ -537,24 +538,24 @@ def stored_prefix(spec: AnalysisSpec, window_units: int, clustering: bool) -> st
 
 
 def analyse_for_store(spec: AnalysisSpec, texts: list[str], units: list[np.ndarray], vectors: list[Any],
-                      window_units: int, clustering: bool, prefix: str) -> list[dict[str, np.ndarray]]:
+                      window_units: int, clustering: bool, prefix: str,
+                      device: torch.device | None = None) -> list[dict[str, np.ndarray]]:
     """The arrays to store in each chunk's entry (its :class:`ChunkAnalysis` and :class:`ChunkStats`, as a
     call works them out, named ``prefix + name``), from its char spans and float16 fingerprints (``(k, d)``,
-    as cached)."""
+    as cached); the clustering runs on ``device``, as the engine's calls do."""
     if not texts:
         return []
     arrs = [v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for v in vectors]
-    entries = _analyse_chunks(spec, texts, units, [torch.from_numpy(np.asarray(a)).float() for a in arrs])
-    totals = spec.tokenizer.count_many(texts)
+    entries = _analyse_chunks(spec, texts, units, [torch.from_numpy(np.asarray(a)).to(device).float()
+                                                   for a in arrs])
     stats = chunk_stats_many(arrs, [e.bounds if clustering else np.arange(len(a) + 1, dtype=np.int64)
                                     for e, a in zip(entries, arrs)], [e.breaks for e in entries], window_units)
     out = []
-    for e, total, cs in zip(entries, totals.tolist(), stats):
+    for e, cs in zip(entries, stats):
         arrays = {"costs": e.costs.astype(np.int64), "breaks": e.breaks.astype(bool), "group": e.group.astype(np.int64),
                   "block": e.block.astype(np.int64), "fence": e.fence.astype(bool), "blind": e.blind.astype(bool),
-                  "bounds": e.bounds.astype(np.int64), "total": np.array([total], dtype=np.int64),
-                  "span_entropy": cs.span_entropy, "seg_entropy": cs.seg_entropy, "centroids": cs.centroids,
-                  "centroid": cs.centroid}
+                  "bounds": e.bounds.astype(np.int64), "span_entropy": cs.span_entropy,
+                  "seg_entropy": cs.seg_entropy, "centroids": cs.centroids, "centroid": cs.centroid}
         out.append({prefix + name: a for name, a in arrays.items()})
     return out
 
@@ -563,31 +564,31 @@ def from_stored(arrays: Mapping[str, np.ndarray], prefix: str, k: int, d: int, w
                 clustering: bool) -> ChunkAnalysis | None:
     """The :class:`ChunkAnalysis` (its statistics among its extras) stored in an entry's ``arrays`` under
     ``prefix`` for a chunk of ``k`` units and ``d``-dimensional fingerprints; ``None`` when there is none
-    or it does not fit the chunk (a checksum proves what a writer wrote, not that it was right: shapes,
-    kinds and bounds are checked, and the arrays copied)."""
+    or it does not fit the chunk (a checksum proves what a writer wrote, not that it was right: dtypes,
+    shapes and ranges are checked, and the arrays copied)."""
     if prefix + "costs" not in arrays:
         return None
     try:
         a = {name: np.array(arrays[prefix + name]) for name in (
-            "costs", "breaks", "group", "block", "fence", "blind", "bounds", "total", "span_entropy", "seg_entropy",
+            "costs", "breaks", "group", "block", "fence", "blind", "bounds", "span_entropy", "seg_entropy",
             "centroids", "centroid")}
     except (KeyError, TypeError, ValueError):
         return None
-    per_unit = {"costs": "i", "breaks": "b", "group": "i", "block": "i", "fence": "b", "blind": "b"}
-    if any(a[n].shape != (k,) or a[n].dtype.kind != kind for n, kind in per_unit.items()):
+    per_unit = {"costs": np.int64, "breaks": np.bool_, "group": np.int64, "block": np.int64, "fence": np.bool_,
+                "blind": np.bool_}
+    if any(a[n].shape != (k,) or a[n].dtype != dtype for n, dtype in per_unit.items()):
         return None
     bounds, breaks = a["bounds"], a["breaks"]
-    if bounds.dtype.kind != "i" or bounds.ndim != 1 or len(bounds) < 1 or bounds[0] != 0 or bounds[-1] != k \
-            or (np.diff(bounds) <= 0).any() or (k and not breaks[-1]) or (a["costs"] < 0).any():
+    if bounds.dtype != np.int64 or bounds.ndim != 1 or len(bounds) < 1 or bounds[0] != 0 or bounds[-1] != k \
+            or (np.diff(bounds) <= 0).any() or (k and not breaks[-1]) or not (0 <= a["costs"]).all() \
+            or (a["costs"] > _MAX_UNIT_TOKENS).any() or any(((a[n] < -1) | (a[n] >= k)).any() for n in ("group", "block")):
         return None
     n_seg = int(breaks.sum())
     floats = {"span_entropy": (len(bounds) - 1,) if clustering else (k,), "seg_entropy": (n_seg,),
               "centroids": (n_seg, d), "centroid": (d,)}
-    if any(a[n].shape != shape or a[n].dtype != np.float32 for n, shape in floats.items()) \
-            or a["total"].shape != (1,) or a["total"].dtype.kind != "i" or a["total"][0] < -1:
+    if any(a[n].shape != shape or a[n].dtype != np.float32 for n, shape in floats.items()):
         return None
-    entry = ChunkAnalysis(a["costs"], breaks, a["group"], a["block"], a["fence"], a["blind"], bounds,
-                          total=int(a["total"][0]))
+    entry = ChunkAnalysis(a["costs"], breaks, a["group"], a["block"], a["fence"], a["blind"], bounds)
     entry.extras[("stats", window_units, clustering)] = ChunkStats(a["span_entropy"], a["seg_entropy"],
                                                                     a["centroids"], a["centroid"])
     return entry

@@ -625,7 +625,7 @@ class SemToken:
         # protected text is one piece; the spans of local clustering (Algorithm 1) inside segments
         q_wanted = query is not None and cfg.use_query  # (maxsim reads the normalised rows too: made once)
         if self._stored_prefix is not None and prepared.entries:
-            self._adopt_stored(chunks, call, prepared)
+            self._adopt_stored(chunks, call, prepared, counts)
         ana = self.analyses.analyse(self._spec, chunks, call.units, call.vectors, call.offsets, counts,
                                     call.normed if q_wanted else None)
         unit_cost = ana.costs
@@ -753,9 +753,10 @@ class SemToken:
         return self._result(state, span_status, entropy, span_rel, chunk_rel_np, texts, slices, out_counts,
                             hits, encoder_calls)
 
-    def _adopt_stored(self, chunks: list[str], call: _Call, prepared: Prepared) -> None:
+    def _adopt_stored(self, chunks: list[str], call: _Call, prepared: Prepared, counts: np.ndarray) -> None:
         """The analyses that pre-warming kept in the entries of this call's cached chunks, for those the memo
-        lacks; one that does not fit its chunk is ignored (logged once) and worked out again."""
+        lacks; one that does not fit its chunk is ignored (logged once) and worked out again. (Each keeps
+        its text's budget tokens from this call's count, as an analysis worked out here does.)"""
         d = int(call.vectors.shape[1])
         for i in self.analyses.lacks(self._spec, chunks):
             entry = prepared.entries.get(chunks[i])
@@ -764,6 +765,7 @@ class SemToken:
             ana = an.from_stored(entry.arrays, self._stored_prefix, len(call.units[i]), d,  # type: ignore[arg-type]
                                  self.config.window_units, self.config.use_clustering)
             if ana is not None:
+                ana.total = int(counts[i])
                 self.analyses.adopt(self._spec, chunks[i], ana)
             elif self._stored_prefix + "costs" in entry.arrays:  # type: ignore[operator]
                 self._warn("analysis", "ignoring the stored analysis of cache entry %s: it does not fit "
@@ -775,7 +777,8 @@ class SemToken:
         if self._stored_prefix is None or not self.config.prewarm_analyses:
             return [{} for _ in texts]
         return an.analyse_for_store(self._spec, texts, [fp.units for fp in fps], [fp.vectors for fp in fps],
-                                    self.config.window_units, self.config.use_clustering, self._stored_prefix)
+                                    self.config.window_units, self.config.use_clustering, self._stored_prefix,
+                                    self.encoder.device)
 
     def _best_partial(self, chunks, call, segs, keep_units, score, allowed, unit_cost, group, q_tokens,
                       overheads, left: int, counted: dict[str, int]) -> np.ndarray | None:

@@ -47,6 +47,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=256, help="texts per batch (default 256)")
     p.add_argument("--device", default=None, help="torch device for in-process runs (default: CUDA if present)")
     add_encoder_options(p)
+    p.add_argument("--tokenizer", default=None,
+                   help="the replicas' budget tokenizer, for the analysis kept with each chunk: llama3 "
+                        "(default), cl100k_base, o200k_base, qwen3, or a model name such as gpt-4o")
+    p.add_argument("--language", default=None,
+                   help="the replicas' language for sentence boundaries, an ISO 639 code (default en)")
+    p.add_argument("--no-analyses", action="store_true",
+                   help="keep fingerprints alone, not each chunk's analysis (faster pre-warm; a replica's "
+                        "first call on a chunk then works it out)")
     p.add_argument("--store-ttl", type=_seconds, default=None, metavar="SECONDS",
                    help="Redis entries expire this long after they are written (default: never)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -63,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     from .prewarm import CorpusError, prewarm_corpus
 
     fields = {"store": args.store, "device": args.device, "store_ttl_seconds": args.store_ttl,
-              **encoder_fields(args)}
+              "tokenizer": args.tokenizer, "language": args.language,
+              "prewarm_analyses": False if args.no_analyses else None, **encoder_fields(args)}
     try:
         config = SemTokenConfig(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:  # a bad option value is a user error

@@ -235,6 +235,8 @@ def test_benchmark_without_the_data_is_one_line_and_status_2(tmp_path, capsys):
     ("selection", ["--data-dir", "{missing}"]),
     ("e2e_split", ["contexts", "--data-dir", "{missing}", "--out", "{missing}/ctx.json"]),
     ("prewarm_throughput", ["--data", "{missing}"]),
+    ("processes", ["--data", "{missing}"]),
+    ("tail_latency", ["--data", "{missing}"]),
 ])
 def test_benchmark_without_data_is_one_line_and_status_2(module, argv, tmp_path, capsys):
     import importlib

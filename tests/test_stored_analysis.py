@@ -60,6 +60,8 @@ def test_calls_on_prewarmed_chunks_take_their_analysis_from_the_store_and_equal_
     n = len({p for _, ps in requests for p in ps if p.strip()})
     assert replica.analyses.misses == 0 and len(replica.analyses) == n  # every chunk's analysis adopted
     assert fresh.analyses.misses == n
+    texts = [p for _, ps in requests for p in ps]  # (the whole texts' counts: this process's tokenizer's)
+    assert replica.analyses.counts(replica._spec, texts).tolist() == replica.tokenizer.count_many(texts).tolist()
 
 
 def test_a_stored_analysis_that_does_not_fit_its_chunk_is_worked_out_again(tiny_encoder, tmp_path, caplog):
@@ -125,21 +127,48 @@ def test_prewarm_without_a_store_keeps_the_analysis_in_memory_entries(tiny_encod
 
 
 def test_stored_version_guard():
-    """What a chunk's text gets (unit costs, segment breaks, protected groups, fenced blocks, whole-text count)
-    for the bundled sample, as a digest: when it changes, entries pre-warmed by an older version hold other
-    arrays under the same names. Bump analysis.STORED_VERSION, then update the digest here."""
-    spec = an.AnalysisSpec(semtoken_rag.budget.BudgetTokenizer("llama3"), (), 48, 96, 0.0, 1, "guard")
+    """Every stored array (unit costs, segment breaks, protected groups, fenced blocks, blind units, span
+    bounds, entropies, centroids) of the bundled sample's passages, with fixed pseudo-random fingerprints
+    whose neighbours are alike (spans form) at the default settings, as a digest (floats rounded): when it
+    changes, entries pre-warmed by an older version hold other arrays under the same names. Bump
+    analysis.STORED_VERSION, then update the digest here."""
     from semtoken_rag.text import split_units
 
+    cfg = SemTokenConfig()
+    spec = an.AnalysisSpec(semtoken_rag.budget.BudgetTokenizer("llama3"), (), cfg.max_segment_units, 96, cfg.tau,
+                           cfg.max_span_units, "guard")
     texts = [p for _, ps in sample(6) for p in ps if p.strip()][:40]
     units = [split_units(t) for t in texts]
-    vectors = [np.ones((len(u), 4), dtype=np.float16) for u in units]
-    arrays = an.analyse_for_store(spec, texts, units, vectors, 5, True, "p.")
+    rng = np.random.default_rng(0)
+    vectors = [(np.cumsum(rng.standard_normal((len(u), 8)), axis=0) + 8).astype(np.float16) for u in units]
+    arrays = an.analyse_for_store(spec, texts, units, vectors, cfg.window_units, True, "p.")
     h = hashlib.blake2b(digest_size=8)
     for a in arrays:
-        for name in ("costs", "breaks", "group", "block", "fence", "total"):
-            h.update(np.ascontiguousarray(a["p." + name]).tobytes())
-    assert (an.STORED_VERSION, h.hexdigest()) == (1, "cb72004d8184a68f")
+        for name in sorted(a):
+            x = a[name]
+            h.update(name.encode() + np.ascontiguousarray(np.round(x, 3) if x.dtype.kind == "f" else x).tobytes())
+    assert sum(len(a["p.bounds"]) - 1 for a in arrays) < sum(len(u) for u in units)  # (some spans of several units)
+    assert (an.STORED_VERSION, h.hexdigest()) == (1, "4a9c24ba296df0a9")
+
+
+def test_a_stored_analysis_of_other_integer_types_or_ids_out_of_range_is_ignored(tiny_encoder, tmp_path):
+    """int8 bounds (the right values) or a protected group id past the chunk's units do not fit: the call
+    works the analysis out (no exception where offsets are added to them) and equals a fresh engine's."""
+    question, passages = sample(1)[0]
+    warmer = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path))
+    warmer.prewarm(passages)
+    prefix, store = warmer._stored_prefix, DirectoryStore(tmp_path)
+    for text, (name, change) in zip(passages[1:3], [("bounds", lambda a: a.astype(np.int8)),
+                                                    ("group", lambda a: np.full_like(a, 10 ** 6))]):
+        key = cache_key(text, warmer.encoder.identity)
+        entry = store.get(key)
+        arrays = dict(entry.arrays)
+        arrays[prefix + name] = change(np.array(arrays[prefix + name]))
+        store.put(key, CacheEntry(arrays, entry.encode_seconds))
+    replica = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path))
+    got = replica.compress(passages, question, rate=0.33)
+    assert replica.analyses.misses == 2
+    assert described(got) == described(SemToken(tiny_config(tiny_encoder)).compress(passages, question, rate=0.33))
 
 
 @pytest.mark.slow
@@ -151,4 +180,23 @@ def test_real_encoder_prewarmed_replica_equals_fresh(tmp_path, engine):
     for question, passages in requests:
         assert described(replica.compress(passages, question, rate=0.33)) == described(
             engine.compress(passages, question, rate=0.33))
+    assert replica.analyses.misses == 0
+
+
+@pytest.mark.slow
+def test_cli_prewarm_keeps_the_analysis_for_the_replicas_tokenizer_or_none(tmp_path):
+    from semtoken_rag.cli import main
+
+    passages = sample(1)[0][1][:4]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": p}) + "\n" for p in passages))
+    common = ["--device", "cpu", "--dtype", "float32", "--quiet"]
+    assert main(["prewarm", str(corpus), "--store", str(tmp_path / "a"), "--tokenizer", "cl100k_base", *common]) == 0
+    assert main(["prewarm", str(corpus), "--store", str(tmp_path / "b"), "--no-analyses", *common]) == 0
+    replica = SemToken(SemTokenConfig(device="cpu", dtype="float32", tokenizer="cl100k_base", cache_dir=tmp_path / "a"))
+    default = SemToken(SemTokenConfig(device="cpu", dtype="float32"))
+    assert replica._stored_prefix != default._stored_prefix
+    assert all(replica._stored_prefix + "costs" in e.arrays for e in entries(tmp_path / "a", replica, passages))
+    assert all(set(e.arrays) == {"fingerprints", "units"} for e in entries(tmp_path / "b", replica, passages))
+    replica.compress(passages, "who got the first nobel prize in physics", rate=0.33)
     assert replica.analyses.misses == 0
