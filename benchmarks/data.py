@@ -14,7 +14,7 @@ from pathlib import Path
 from semtoken_rag.datasets import DATA_ENV, NQ_FILE, GoldPosition, NQRecord, gold_position_for
 from semtoken_rag.datasets import load_nq as _load_nq
 
-__all__ = ["EVAL", "NQ_FILE", "TUNE", "DataMissing", "NQRecord", "gold_position_for", "load_nq", "main_guard",
+__all__ = ["EVAL", "NQ_FILE", "TUNE", "DataMissing", "NQRecord", "gold_position_for", "load_nq", "main_guard", "nq_source",
            "resolve_data_dir"]
 
 # Questions 0-149 are for tuning; every figure the benchmarks report comes from questions 150-440.
@@ -51,6 +51,20 @@ def load_nq(n: int | None = None, gold_position: GoldPosition = "random",
             data_dir: str | os.PathLike | None = None, start: int = 0) -> list[NQRecord]:
     """Up to ``n`` questions from ``start`` on, from the evaluation data (see :func:`resolve_data_dir`)."""
     return _load_nq(n, resolve_data_dir(data_dir) / NQ_FILE, gold_position, start)
+
+
+def nq_source(data: str | os.PathLike | None) -> Path:
+    """The NQ file that ``--data`` names (a file or its folder), else :class:`DataMissing`: the benchmarks
+    measure on the full file, never on the bundled sample."""
+    from semtoken_rag.datasets import resolve_source
+
+    try:
+        source = resolve_source(data)
+    except FileNotFoundError as e:
+        raise DataMissing(str(e)) from None
+    if source is None:
+        raise DataMissing("no NQ file given (--data)")
+    return source
 
 
 def main_guard(main: Callable[[], object]) -> int:

@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from semtoken_rag.datasets import load_nq, resolve_source
+from semtoken_rag.datasets import load_nq
 
-from .data import DataMissing, main_guard
+from .data import main_guard, nq_source
 
 FIRST_HELD_OUT = 150
 WORKLOADS = ("cached", "new")
@@ -69,12 +69,12 @@ def _worker(cfg: dict, source: str, n: int, rate: float, workload: str, repeats:
                 t = time.perf_counter()
                 engine.compress(list(q.chunks), q.question, rate=rate)
                 calls.append(time.perf_counter() - t)
-        results.put({"started": started, "ended": time.monotonic(), "calls": calls, "error": None,
-                     "dtype": str(engine.encoder.dtype).replace("torch.", "")})
-    except BaseException as e:  # noqa: BLE001 - any failure is reported, and the barrier broken so that
-        # no other worker waits for this one
+        results.put({"pid": os.getpid(), "started": started, "ended": time.monotonic(), "calls": calls,
+                     "error": None, "dtype": str(engine.encoder.dtype).replace("torch.", "")})
+    except BaseException as e:  # noqa: BLE001 - any failure is reported, then the barrier broken so that
+        # no other worker waits for this one (in that order: the cause arrives before their broken barriers)
+        results.put({"pid": os.getpid(), "error": f"{type(e).__name__}: {e}"})
         barrier.abort()
-        results.put({"error": f"{type(e).__name__}: {e}"})
 
 
 def run_workers(k: int, cfg: dict, source: str, n: int, rate: float, workload: str, repeats: int,
@@ -92,8 +92,9 @@ def run_workers(k: int, cfg: dict, source: str, n: int, rate: float, workload: s
         while len(got) < k:
             try:
                 got.append(results.get(timeout=1.0))
-            except queue.Empty:
-                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            except queue.Empty:  # (a worker that has reported may end as it likes)
+                reported = {g["pid"] for g in got}
+                dead = [p.exitcode for p in procs if p.pid not in reported and p.exitcode not in (None, 0)]
                 if dead:
                     raise RuntimeError(f"a worker process ended with exit code {dead[0]} before its result")
                 continue
@@ -105,6 +106,7 @@ def run_workers(k: int, cfg: dict, source: str, n: int, rate: float, workload: s
             p.join(timeout=60)
             if p.is_alive():
                 p.kill()
+                p.join(timeout=10)
     wall = max(g["ended"] for g in got) - min(g["started"] for g in got)
     calls = [c for g in got for c in g["calls"]]
     return {"workers": k, "calls": len(calls), "wall_s": wall, "queries_per_s": len(calls) / wall,
@@ -169,12 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not 1 <= args.n <= 291 or min(args.workers) < 1 or args.repeats < 1 or args.rounds < 1:
         ap.error("--n must be in 1..291 and --workers, --repeats, --rounds positive")
-    try:
-        source = resolve_source(args.data)
-    except FileNotFoundError as e:
-        raise DataMissing(str(e)) from None
-    if source is None:
-        raise DataMissing("no NQ file given (--data)")
+    source = nq_source(args.data)
     import torch
 
     from .gpu import device_name

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from .data import DataMissing, main_guard
+from .data import main_guard, nq_source
 
 SIDES = ("as is", "frozen")
 
@@ -70,14 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the figures here")
     ap.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    from semtoken_rag.datasets import resolve_source
-
-    try:
-        source = resolve_source(args.data)
-    except FileNotFoundError as e:
-        raise DataMissing(str(e)) from None
-    if source is None:
-        raise DataMissing("no NQ file given (--data)")
+    source = nq_source(args.data)
     if args.child:
         print(json.dumps(_stream(str(source), args.n, args.child == "frozen")))
         return 0

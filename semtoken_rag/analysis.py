@@ -565,7 +565,8 @@ def from_stored(arrays: Mapping[str, np.ndarray], prefix: str, k: int, d: int, w
     """The :class:`ChunkAnalysis` (its statistics among its extras) stored in an entry's ``arrays`` under
     ``prefix`` for a chunk of ``k`` units and ``d``-dimensional fingerprints; ``None`` when there is none
     or it does not fit the chunk (a checksum proves what a writer wrote, not that it was right: dtypes,
-    shapes and ranges are checked, and the arrays copied)."""
+    shapes, integer ranges, finite statistics and entropies of at least 0 are checked; the arrays copied;
+    a single unit's span entropy is ``nan``, as the call's own)."""
     if prefix + "costs" not in arrays:
         return None
     try:
@@ -587,6 +588,12 @@ def from_stored(arrays: Mapping[str, np.ndarray], prefix: str, k: int, d: int, w
     floats = {"span_entropy": (len(bounds) - 1,) if clustering else (k,), "seg_entropy": (n_seg,),
               "centroids": (n_seg, d), "centroid": (d,)}
     if any(a[n].shape != shape or a[n].dtype != np.float32 for n, shape in floats.items()):
+        return None
+    single = np.diff(bounds) == 1 if clustering else np.ones(k, dtype=bool)
+    span_h = a["span_entropy"]
+    if not (np.isnan(span_h[single]).all() and np.isfinite(span_h[~single]).all() and (span_h[~single] >= 0).all()
+            and all(np.isfinite(a[n]).all() for n in ("seg_entropy", "centroids", "centroid"))
+            and (a["seg_entropy"] >= 0).all()):
         return None
     entry = ChunkAnalysis(a["costs"], breaks, a["group"], a["block"], a["fence"], a["blind"], bounds)
     entry.extras[("stats", window_units, clustering)] = ChunkStats(a["span_entropy"], a["seg_entropy"],

@@ -243,9 +243,11 @@ def _on_ray(path, config, text_field, address, actors, batch_size, progress) -> 
         ds = ray.data.read_parquet(str(path), columns=[text_field])
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts passages
     # GPU actors when there are GPUs; config travels as JSON (device resolved in each actor)
-    # (fingerprints do not depend on the budget tokenizer: an object that JSON cannot carry is left out)
+    # (fingerprints do not depend on the budget tokenizer: an object that JSON cannot carry is left out, and
+    # with it the analyses kept beside them, which would be the default tokenizer's, of use to no replica)
     config_json = config.model_copy(update={"device": None if gpus else "cpu", **(
-        {} if isinstance(config.tokenizer, str) else {"tokenizer": "llama3"})}).model_dump_json()
+        {} if isinstance(config.tokenizer, str) else {"tokenizer": "llama3", "prewarm_analyses": False})}
+    ).model_dump_json()
     out = ds.map_batches(
         _Actor, fn_constructor_kwargs={"config_json": config_json, "text_field": text_field,
                                        "batch_size": batch_size, "threads": threads},

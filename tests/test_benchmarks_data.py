@@ -237,6 +237,7 @@ def test_benchmark_without_the_data_is_one_line_and_status_2(tmp_path, capsys):
     ("prewarm_throughput", ["--data", "{missing}"]),
     ("processes", ["--data", "{missing}"]),
     ("tail_latency", ["--data", "{missing}"]),
+    ("stored_analyses", ["--data", "{missing}"]),
 ])
 def test_benchmark_without_data_is_one_line_and_status_2(module, argv, tmp_path, capsys):
     import importlib

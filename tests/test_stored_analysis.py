@@ -51,14 +51,21 @@ def test_calls_on_prewarmed_chunks_take_their_analysis_from_the_store_and_equal_
     assert prefix and all(e is not None and prefix + "costs" in e.arrays for e in stored)
     fresh = SemToken(tiny_config(tiny_encoder))  # no store: works everything out
     replica = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path))  # a new process on the same store
+    stats_made = []
+    real = an.chunk_stats_many
     for question, passages in requests:
         for rate in (0.5, 0.2):
             want = fresh.compress(passages, question, rate=rate)
-            got = replica.compress(passages, question, rate=rate)
+            an.chunk_stats_many = lambda *a, **k: stats_made.append(1) or real(*a, **k)
+            try:
+                got = replica.compress(passages, question, rate=rate)
+            finally:
+                an.chunk_stats_many = real
             assert described(got) == described(want)
             assert got.compressed_tokens == want.compressed_tokens <= got.budget
     n = len({p for _, ps in requests for p in ps if p.strip()})
     assert replica.analyses.misses == 0 and len(replica.analyses) == n  # every chunk's analysis adopted
+    assert not stats_made  # (and its vector statistics: none worked out)
     assert fresh.analyses.misses == n
     texts = [p for _, ps in requests for p in ps]  # (the whole texts' counts: this process's tokenizer's)
     assert replica.analyses.counts(replica._spec, texts).tolist() == replica.tokenizer.count_many(texts).tolist()
@@ -111,7 +118,8 @@ def test_prewarm_analyses_false_keeps_fingerprints_alone(tiny_encoder, tmp_path)
     question, passages = sample(1)[0]
     engine = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path, prewarm_analyses=False))
     engine.prewarm(passages)
-    assert all(set(e.arrays) == {"fingerprints", "units"} for e in entries(tmp_path, engine, passages) if e)
+    stored = entries(tmp_path, engine, passages)
+    assert all(e is not None and set(e.arrays) == {"fingerprints", "units"} for e in stored)
     replica = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path))
     replica.compress(passages, question, rate=0.33)
     assert replica.analyses.misses == len(passages)
@@ -151,15 +159,17 @@ def test_stored_version_guard():
     assert (an.STORED_VERSION, h.hexdigest()) == (1, "4a9c24ba296df0a9")
 
 
-def test_a_stored_analysis_of_other_integer_types_or_ids_out_of_range_is_ignored(tiny_encoder, tmp_path):
-    """int8 bounds (the right values) or a protected group id past the chunk's units do not fit: the call
-    works the analysis out (no exception where offsets are added to them) and equals a fresh engine's."""
+def test_a_stored_analysis_of_other_integer_types_or_values_out_of_range_is_ignored(tiny_encoder, tmp_path):
+    """int8 bounds (the right values), a protected group id past the chunk's units, NaN centroids or a
+    negative entropy do not fit: the call works the analysis out (no exception where offsets are added to
+    them) and equals a fresh engine's."""
     question, passages = sample(1)[0]
     warmer = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path))
     warmer.prewarm(passages)
     prefix, store = warmer._stored_prefix, DirectoryStore(tmp_path)
-    for text, (name, change) in zip(passages[1:3], [("bounds", lambda a: a.astype(np.int8)),
-                                                    ("group", lambda a: np.full_like(a, 10 ** 6))]):
+    changes = [("bounds", lambda a: a.astype(np.int8)), ("group", lambda a: np.full_like(a, 10 ** 6)),
+               ("centroids", lambda a: np.full_like(a, np.nan)), ("seg_entropy", lambda a: np.full_like(a, -1.0))]
+    for text, (name, change) in zip(passages[1:5], changes):
         key = cache_key(text, warmer.encoder.identity)
         entry = store.get(key)
         arrays = dict(entry.arrays)
@@ -167,7 +177,7 @@ def test_a_stored_analysis_of_other_integer_types_or_ids_out_of_range_is_ignored
         store.put(key, CacheEntry(arrays, entry.encode_seconds))
     replica = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path))
     got = replica.compress(passages, question, rate=0.33)
-    assert replica.analyses.misses == 2
+    assert replica.analyses.misses == 4
     assert described(got) == described(SemToken(tiny_config(tiny_encoder)).compress(passages, question, rate=0.33))
 
 
