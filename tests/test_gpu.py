@@ -278,6 +278,29 @@ def test_store_writes_go_behind_the_call_on_cuda_by_default():
     assert len(list(folder.rglob("*.stfp"))) == len({c for c in chunks if c.strip()})
 
 
+def test_stored_analyses_on_cuda_equal_a_fresh_engine():
+    """Pre-warmed on CUDA (the analysis worked out on the device, as calls do), a replica's calls adopt every
+    chunk's analysis and give what a fresh CUDA engine gives: kept spans, texts and every span's figures."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp())
+    qs = sample()
+    cfg = SemTokenConfig(encoder=encoder_name(), device="cuda", cache_dir=folder)
+    warmer = SemToken(cfg)
+    warmer.prewarm([c for q in qs for c in q.chunks])
+    warmer.close()
+    replica, fresh = SemToken(cfg), cuda_engine()
+    for q in qs:
+        a = replica.compress(list(q.chunks), q.question, rate=0.33)
+        b = fresh.compress(list(q.chunks), q.question, rate=0.33)
+        for x, y in zip(a.chunks, b.chunks):
+            assert (x.text, x.kept_spans) == (y.text, y.kept_spans)
+            assert [(s.start, s.end, s.status, s.entropy, s.relevance, s.score) for s in x.spans] == \
+                [(s.start, s.end, s.status, s.entropy, s.relevance, s.score) for s in y.spans]
+    assert replica.analyses.misses == 0
+    print(f"stored analyses on CUDA: {len(replica.analyses)} adopted, results equal on {len(qs)} questions")
+
+
 def _run_plain() -> int:
     if not HAS_CUDA:
         print("no CUDA device: GPU tests skipped")
