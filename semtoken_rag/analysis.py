@@ -24,7 +24,7 @@ import importlib.metadata
 import itertools
 import sys
 import threading
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,24 +165,28 @@ class AnalysisMemo:
             out[todo] = spec.tokenizer.count_many([texts[i] for i in todo])
         return out
 
-    def lacks(self, spec: AnalysisSpec, texts: Sequence[str]) -> list[int]:
-        """Indices of the texts whose analysis the memo does not hold."""
-        return [i for i, t in enumerate(texts) if (spec.key, t) not in self._lru]
-
-    def adopt(self, spec: AnalysisSpec, text: str, entry: ChunkAnalysis) -> None:
-        """Hold ``entry`` (read from a store: :func:`from_stored`) as ``text``'s analysis."""
-        entry.nbytes = entry.size(text)
-        self._lru.put((spec.key, text), entry)
-
     def analyse(self, spec: AnalysisSpec, chunks: Sequence[str], units: Sequence[np.ndarray],
                 vectors: torch.Tensor, offsets: np.ndarray, totals: np.ndarray | None = None,
-                normed: torch.Tensor | None = None) -> CallAnalysis:
+                normed: torch.Tensor | None = None,
+                stored: Callable[[int], ChunkAnalysis | None] | None = None) -> CallAnalysis:
         """The call's analysis: ``units[i]`` are chunk ``i``'s char spans, ``vectors`` the call's unit
         vectors (float32, chunks concatenated, ``offsets`` the unit offset of each chunk); ``totals``
         the whole texts' budget tokens when known (kept with new entries for :meth:`counts`); ``normed``
-        the vectors L2-normalised when the caller has them (else normalised here, the same rows)."""
+        the vectors L2-normalised when the caller has them (else normalised here, the same rows);
+        ``stored(i)``: chunk ``i``'s analysis as a store kept it (:func:`from_stored`), asked only for
+        chunks the memo lacks, held like one worked out here (a hit, not a miss)."""
         entries: list[ChunkAnalysis | None] = [self._lru.get((spec.key, t)) for t in chunks]
         todo = [i for i, e in enumerate(entries) if e is None]
+        if todo and stored is not None:
+            for i in todo:
+                entry = stored(i)
+                if entry is not None:
+                    if totals is not None:
+                        entry.total = int(totals[i])
+                    entry.nbytes = entry.size(chunks[i])
+                    entries[i] = entry
+                    self._lru.put((spec.key, chunks[i]), entry)
+            todo = [i for i in todo if entries[i] is None]
         self.hits += len(chunks) - len(todo)
         self.misses += len(todo)
         if todo:

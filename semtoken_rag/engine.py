@@ -624,10 +624,10 @@ class SemToken:
         # many tokens each); structure.py: a table row, a code line, a list item is one segment;
         # protected text is one piece; the spans of local clustering (Algorithm 1) inside segments
         q_wanted = query is not None and cfg.use_query  # (maxsim reads the normalised rows too: made once)
-        if self._stored_prefix is not None and prepared.entries:
-            self._adopt_stored(chunks, call, prepared, counts)
+        stored = functools.partial(self._stored_analysis, chunks, call, prepared) \
+            if self._stored_prefix is not None and prepared.entries else None
         ana = self.analyses.analyse(self._spec, chunks, call.units, call.vectors, call.offsets, counts,
-                                    call.normed if q_wanted else None)
+                                    call.normed if q_wanted else None, stored)
         unit_cost = ana.costs
         breaks = ana.breaks
         numbers = st.query_numbers(query) if query else frozenset()
@@ -753,23 +753,19 @@ class SemToken:
         return self._result(state, span_status, entropy, span_rel, chunk_rel_np, texts, slices, out_counts,
                             hits, encoder_calls)
 
-    def _adopt_stored(self, chunks: list[str], call: _Call, prepared: Prepared, counts: np.ndarray) -> None:
-        """The analyses that pre-warming kept in the entries of this call's cached chunks, for those the memo
-        lacks; one that does not fit its chunk is ignored (logged once) and worked out again. (Each keeps
-        its text's budget tokens from this call's count, as an analysis worked out here does.)"""
-        d = int(call.vectors.shape[1])
-        for i in self.analyses.lacks(self._spec, chunks):
-            entry = prepared.entries.get(chunks[i])
-            if entry is None or not len(call.units[i]):
-                continue
-            ana = an.from_stored(entry.arrays, self._stored_prefix, len(call.units[i]), d,  # type: ignore[arg-type]
-                                 self.config.window_units, self.config.use_clustering)
-            if ana is not None:
-                ana.total = int(counts[i])
-                self.analyses.adopt(self._spec, chunks[i], ana)
-            elif self._stored_prefix + "costs" in entry.arrays:  # type: ignore[operator]
-                self._warn("analysis", "ignoring the stored analysis of cache entry %s: it does not fit "
-                                 "its chunk; it is worked out again", cache_key(chunks[i], self._namespace)[:16])
+    def _stored_analysis(self, chunks: list[str], call: _Call, prepared: Prepared, i: int) -> an.ChunkAnalysis | None:
+        """The analysis that pre-warming kept in the entry of cached chunk ``i`` (asked by the analysis memo
+        for chunks it lacks), or None; one that does not fit its chunk is ignored (logged once) and worked
+        out again."""
+        entry = prepared.entries.get(chunks[i])
+        if entry is None or not len(call.units[i]):
+            return None
+        ana = an.from_stored(entry.arrays, self._stored_prefix, len(call.units[i]),  # type: ignore[arg-type]
+                             int(call.vectors.shape[1]), self.config.window_units, self.config.use_clustering)
+        if ana is None and self._stored_prefix + "costs" in entry.arrays:  # type: ignore[operator]
+            self._warn("analysis", "ignoring the stored analysis of cache entry %s: it does not fit its chunk; it "
+                       "is worked out again", cache_key(chunks[i], self._namespace)[:16])
+        return ana
 
     def _stored_arrays(self, texts: list[str], fps: list[Fingerprints]) -> list[dict[str, np.ndarray]]:
         """What pre-warming keeps in each chunk's entry beside its fingerprints: its analysis (none where the
