@@ -37,8 +37,8 @@ from . import structure as st
 from .budget import BudgetTokenizer
 from .lru import ByteLRU
 
-__all__ = ["STORED_VERSION", "AnalysisMemo", "AnalysisSpec", "CallAnalysis", "CallStats", "ChunkAnalysis", "ChunkStats",
-           "analyse_for_store", "call_stats", "chunk_stats", "chunk_stats_many", "from_stored", "stored_prefix",
+__all__ = ["STORED_NAMESPACE", "STORED_VERSION", "AnalysisMemo", "AnalysisSpec", "CallAnalysis", "CallStats",
+           "ChunkAnalysis", "ChunkStats", "analyse_for_store", "call_stats", "chunk_stats", "chunk_stats_many", "from_stored", "stored_prefix",
            "tokenizer_identity", "window_entropy"]
 
 _ENTRY_OVERHEAD = 512  # the entry object, its dict and its LRU slot, roughly
@@ -52,6 +52,7 @@ _STR_OVERHEAD = sys.getsizeof("")  # a str object's own bytes besides its charac
 # change (tests/test_stored_analysis.py holds a digest of what sample chunks get and fails until it is
 # bumped), so that no replica reads another version's.
 STORED_VERSION = 1
+STORED_NAMESPACE = "analysis."  # every stored analysis array's name starts so (an entry keeps one analysis)
 _MAX_UNIT_TOKENS = 1 << 32  # (a word's budget tokens: a stored count above this is not one)
 _STORED_LIBRARIES = ("semtoken-rag", "sentencex", "quicktok-v1", "regex", "numpy", "torch")
 
@@ -538,7 +539,7 @@ def stored_prefix(spec: AnalysisSpec, window_units: int, clustering: bool) -> st
     if not isinstance(spec.tokenizer.spec, str):
         return None
     what = repr((STORED_VERSION, spec.key, int(window_units), bool(clustering), _library_versions()))
-    return "analysis." + hashlib.blake2b(what.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest() + "."
+    return STORED_NAMESPACE + hashlib.blake2b(what.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest() + "."
 
 
 def analyse_for_store(spec: AnalysisSpec, texts: list[str], units: list[np.ndarray], vectors: list[Any],

@@ -332,7 +332,8 @@ class SemTokenConfig(BaseModel):
                     "entry, so that a later call on the chunk, in any process sharing the store, takes it "
                     "from there: a replica's first call on 20 pre-warmed NQ passages 15.6 -> 12.8 ms (CPU). It "
                     "costs pre-warming 0.3-0.5 ms of host work per passage. Kept only where the analysis "
-                    "settings can be named (a budget tokenizer given by name).")
+                    "settings can be named (a budget tokenizer given by name). Stored entries that lack it "
+                    "(an older version's, another setting's) get it on the next pre-warm, without encoding.")
     store_write_behind: bool | None = Field(
         default=None,
         description="Write new fingerprints to cache_dir or the store on a background thread, so that a "

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import fileformat as ff
 from .fileformat import CacheEntry, CorruptEntry, decode_entry, encode_entry, header_size, starts_entry
 from .forksafe import renew_after_fork
 from .keys import check_key
@@ -143,17 +144,26 @@ class DirectoryStore(FingerprintStore):
         """Which entry files hold an entry of this format for their key: only the header is read (an older
         version's file or garbage is not stored, so a pre-warm rewrites it; a body damaged after its
         header is found, counted and rewritten when it is read)."""
-        return [self._starts_entry(check_key(k)) for k in keys]
+        keys = [check_key(k) for k in keys]
+        return [starts_entry(self._head(k, header_size(k)), k) for k in keys]
 
-    def _starts_entry(self, key: str) -> bool:
+    def has_arrays(self, keys: Sequence[str], prefix: str) -> list[bool]:
+        """Which entry files hold an entry of this format with an array named ``prefix...`` among the
+        arrays their first bytes name (:func:`~semtoken_rag.fileformat.array_names`)."""
+        keys = [check_key(k) for k in keys]
+        return [any(name.startswith(prefix) for name in ff.array_names(self._head(k, header_size(k) + ff.NAMES_PEEK), k))
+                for k in keys]
+
+    def _head(self, key: str, size: int) -> bytes:
+        """The first ``size`` bytes of ``key``'s file (fewer if it is shorter; none if it is missing)."""
         path = self._file(key)
         try:
             if not path.is_file():  # (missing, a directory; a FIFO would block open())
-                return False
+                return b""
             with open(path, "rb") as f:
-                return starts_entry(f.read(header_size(key)), key)
+                return f.read(size)
         except OSError:  # (unreadable, or gone meanwhile: not stored)
-            return False
+            return b""
 
     def put_many(self, items: Iterable[tuple[str, CacheEntry]]) -> None:
         for key, entry in items:

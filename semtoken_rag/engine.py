@@ -30,10 +30,10 @@ from .config import MAX_TOKENS, SemTokenConfig
 from .device_search import DeviceConversationMemory, find_repeats_torch
 from .diskstore import DirectoryStore
 from .encoder import DEFAULT_BATCH_SIZE, Encoder, Fingerprints, auto_dtype
-from .fileformat import CacheEntry
+from .fileformat import CacheEntry, validate_fingerprints
 from .keys import cache_key
 from .lru import ByteLRU
-from .prepare import Prepared, Preparer
+from .prepare import Prepared, Preparer, entry_fingerprints
 from .render import join_slices, kept_slices, kept_slices_many
 from .repeats import ConversationMemory, exact_repeats, faiss_gpu_available, find_repeats
 from .results import CompressedChunk, CompressionResult, SpanList
@@ -436,12 +436,19 @@ class SemToken:
         >>> engine.prewarm(["Paris is the capital of France."])
         0
         """
+        return self._prewarm(texts, batch_size)[0]
+
+    def _prewarm(self, texts: Sequence[str], batch_size: int) -> tuple[int, int]:
+        """:meth:`prewarm`; returns how many texts were encoded, and how many stored entries got the analysis
+        they lacked (:meth:`_add_analyses`)."""
         texts = _check_chunks(texts)
         if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         batch_size = int(batch_size)
         by_key = {cache_key(t, self._namespace): t for t in texts if t.strip()}
-        todo = [k for k, there in zip(by_key, self.cache.contains_many(list(by_key))) if not there]
+        there = self.cache.contains_many(list(by_key))
+        todo = [k for k, found in zip(by_key, there) if not found]
+        analysed = self._add_analyses({k: by_key[k] for k, found in zip(by_key, there) if found}, batch_size, todo)
         with torch.inference_mode():
             for start in range(0, len(todo), batch_size):
                 part = todo[start:start + batch_size]
@@ -454,7 +461,40 @@ class SemToken:
                                      for k, fp, more in zip(part, fresh, extra)])
         # (with write-behind, a batch is written while the next one is encoded; all are stored on return)
         self.cache.flush()
-        return len(todo)
+        return len(todo), analysed
+
+    def _add_analyses(self, stored: dict[str, str], batch_size: int, todo: list[str]) -> int:
+        """Give the ``stored`` entries (key -> text) that lack this engine's analysis (stored before analyses
+        were, by a call, or under other settings or versions) the analysis of their stored fingerprints, no
+        encoding; an entry keeps one analysis, the other ones are dropped. Entries found unusable on reading
+        are appended to ``todo`` (to encode). Returns how many entries got one."""
+        prefix = self._stored_prefix
+        if prefix is None or not self.config.prewarm_analyses or not stored:
+            return 0
+        keys = list(stored)
+        lacking = [k for k, has in zip(keys, self.cache.contains_arrays(keys, prefix)) if not has]
+        done = 0
+        for start in range(0, len(lacking), batch_size):
+            part = lacking[start:start + batch_size]
+            entries = self.cache.get_many(part, valid=lambda j, e, part=part: validate_fingerprints(
+                e.get("units"), e.get("fingerprints"), len(stored[part[j]]), self.encoder.dim))
+            add = []
+            for k, entry in zip(part, entries):
+                if entry is None:  # (gone, damaged or wrong since the check: encoded afresh)
+                    todo.append(k)
+                elif not any(name.startswith(prefix) for name in entry.arrays):  # (the check may miss some)
+                    add.append((k, entry))
+            if not add:
+                continue
+            with torch.inference_mode():
+                extra = self._stored_arrays([stored[k] for k, _ in add], [entry_fingerprints(e) for _, e in add])
+            kept = [{n: a for n, a in e.arrays.items() if not n.startswith(an.STORED_NAMESPACE)} for _, e in add]
+            self.cache.put_many([(k, CacheEntry({**arrays, **more}, e.encode_seconds))
+                                 for (k, e), arrays, more in zip(add, kept, extra)])
+            done += len(add)
+        if done:
+            logger.info("kept the analysis of %d stored chunks that lacked it (from their stored fingerprints)", done)
+        return done
 
     async def acompress(self, chunks: Sequence[str], query: str | None = None, *, rate: float | None = None,
                         target_tokens: int | None = None, conversation_id: str | None = None,

@@ -195,6 +195,44 @@ def starts_entry(data: bytes, key: str) -> bool:
     return version == FORMAT_VERSION and key_len == len(kb) and data[_START:_START + len(kb)] == kb
 
 
+# bytes past header_size that a store reads to tell which arrays an entry holds (array_names): the
+# descriptors of its first arrays; an NQ entry's first three (fingerprints, units, a stored analysis's
+# first array) take about 100
+NAMES_PEEK = 256
+
+
+def array_names(data: bytes, key: str) -> list[str]:
+    """The names of the arrays of an entry for ``key`` whose names lie whole in ``data`` (the entry's first
+    bytes: ``header_size(key) + NAMES_PEEK`` of them tell its first few arrays), in the entry's order; ``[]``
+    unless :func:`starts_entry`. Unchecked (the checksum is checked when the entry is read): a name found
+    here may still belong to a damaged entry, and one missing may lie past ``data``.
+
+    >>> data = encode_entry("abcd1234", CacheEntry({"units": np.zeros((1, 2), np.int32),
+    ...                                             "extra": np.zeros(3, np.float32)}))
+    >>> array_names(data[:header_size("abcd1234") + NAMES_PEEK], "abcd1234")
+    ['units', 'extra']
+    >>> array_names(data[:header_size("abcd1234") + 8], "abcd1234"), array_names(data, "dcba4321")
+    (['units'], [])
+    """
+    if not starts_entry(data, key):
+        return []
+    _, key_len, n_arrays, _, _ = _HEADER.unpack_from(data, len(MAGIC))
+    pos, end, names = _START + key_len, len(data), []
+    for _ in range(n_arrays):
+        if pos + 2 > end:
+            break
+        (n,) = _U16.unpack_from(data, pos)
+        if pos + 2 + n > end:
+            break
+        names.append(data[pos + 2:pos + 2 + n].decode("utf-8", "replace"))
+        pos += 2 + n  # then: dtype string (u8 length), ndim (u8), u64 per axis
+        if pos >= end or pos + 1 + data[pos] >= end:
+            break
+        pos += 1 + data[pos]
+        pos += 1 + 8 * data[pos]
+    return names
+
+
 def decode_entry(data: bytes, key: str) -> CacheEntry:
     """Parse bytes written by :func:`encode_entry` for ``key``; :class:`CorruptEntry` if they are not.
 

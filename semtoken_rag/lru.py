@@ -74,6 +74,12 @@ class ByteLRU(Generic[V]):
             self._items.move_to_end(key)
             return item[0]
 
+    def peek(self, key: Hashable) -> V | None:
+        """The value for ``key``, or ``None``; its place in the order unchanged."""
+        with self._lock:
+            item = self._items.get(key)
+            return None if item is None else item[0]
+
     def put(self, key: Hashable, value: V) -> bool:
         """Store ``value`` under ``key``, evicting old values; ``False`` if it alone exceeds the bound."""
         size = int(self._sizeof(value))

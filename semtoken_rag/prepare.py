@@ -99,7 +99,7 @@ class Preparer:
             entries = self.cache.get_many([cache_key(t, self.namespace) for t in asked], valid=fits)
             for text, entry in zip(asked, entries):
                 if entry is not None:
-                    out.fingerprints[text] = _fingerprints(entry)
+                    out.fingerprints[text] = entry_fingerprints(entry)
                     out.cached.add(text)
                     out.entries[text] = entry
                 else:
@@ -182,7 +182,7 @@ class Preparer:
             return
         for text, entry in zip(texts, self.cache.memory.get_many([cache_key(t, self.namespace) for t in texts])):
             if entry is not None and self._fit.get((id(entry), len(text))) is entry:  # (made by this process)
-                out.fingerprints[text] = _fingerprints(entry)
+                out.fingerprints[text] = entry_fingerprints(entry)
                 out.cached.add(text)
 
     def _claim(self, texts: list[str], wait: bool = True
@@ -231,7 +231,8 @@ WAIT_FOR_AT_LEAST = 16
 
 
 
-def _fingerprints(entry: CacheEntry) -> Fingerprints:
+def entry_fingerprints(entry: CacheEntry) -> Fingerprints:
+    """A cached entry's :class:`Fingerprints` (its units as int64, its vectors as :func:`_vectors`)."""
     return Fingerprints(entry["units"].astype(np.int64), _vectors(entry))
 
 

@@ -38,13 +38,15 @@ class CorpusError(ValueError):
 @dataclass(frozen=True)
 class PrewarmReport:
     """What a pre-warm run did: ``passages`` read, ``encoded`` (the rest were stored already or blank),
-    ``store_errors``: faults of the store while it ran (each a write or a lookup that may be missing)."""
+    ``store_errors``: faults of the store while it ran (each a write or a lookup that may be missing),
+    ``analysed``: stored entries that lacked the current analysis and got it (no encoding)."""
 
     passages: int
     encoded: int
     seconds: float
     ray: bool
     store_errors: int = 0
+    analysed: int = 0
 
     @property
     def skipped(self) -> int:
@@ -165,36 +167,40 @@ def prewarm_corpus(path: str | os.PathLike[str], config: SemTokenConfig, *, text
         from .encoder import resolve_model_path
 
         resolve_model_path(config.encoder)  # here, not in every actor: a bad encoder is one clear ValueError
-        passages, encoded, errors = _on_ray(path, config, text_field, ray_address, actors, batch_size, progress)
+        passages, encoded, errors, analysed = _on_ray(path, config, text_field, ray_address, actors, batch_size,
+                                                      progress)
     else:
-        passages, encoded, errors = _in_process(path, config, text_field, batch_size, progress)
-    report = PrewarmReport(passages, encoded, time.perf_counter() - started, use_ray, errors)
-    logger.info("pre-warmed %d passages (%d encoded, %d already stored, %d store faults) in %.1f s",
-                report.passages, report.encoded, report.skipped, report.store_errors, report.seconds)
+        passages, encoded, errors, analysed = _in_process(path, config, text_field, batch_size, progress)
+    report = PrewarmReport(passages, encoded, time.perf_counter() - started, use_ray, errors, analysed)
+    logger.info("pre-warmed %d passages (%d encoded, %d already stored, %d of those given their analysis, %d "
+                "store faults) in %.1f s", report.passages, report.encoded, report.skipped, report.analysed,
+                report.store_errors, report.seconds)
     return report
 
 
-def _in_process(path, config, text_field, batch_size, progress) -> tuple[int, int, int]:
+def _in_process(path, config, text_field, batch_size, progress) -> tuple[int, int, int, int]:
     from .registry import shared_engine
 
     engine = shared_engine(config)
     errors_before = engine.cache_stats().store_errors
-    passages = encoded = 0
+    passages = encoded = analysed = 0
     batch: list[str] = []
+
+    def run(batch: list[str]) -> None:
+        nonlocal passages, encoded, analysed
+        new, added = engine._prewarm(batch, batch_size)
+        passages, encoded, analysed = passages + len(batch), encoded + new, analysed + added
+        if progress is not None:
+            progress(len(batch))
+
     for text in read_texts(path, text_field):
         batch.append(text)
         if len(batch) >= _READ_BATCH:
-            encoded += engine.prewarm(batch, batch_size=batch_size)
-            passages += len(batch)
-            if progress is not None:
-                progress(len(batch))
+            run(batch)
             batch = []
     if batch:
-        encoded += engine.prewarm(batch, batch_size=batch_size)
-        passages += len(batch)
-        if progress is not None:
-            progress(len(batch))
-    return passages, encoded, engine.cache_stats().store_errors - errors_before
+        run(batch)
+    return passages, encoded, engine.cache_stats().store_errors - errors_before, analysed
 
 
 class _Actor:
@@ -213,12 +219,12 @@ class _Actor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         texts = [str(t) for t in batch[self.field]]
         before = self.engine.cache_stats().store_errors
-        encoded = self.engine.prewarm(texts, batch_size=self.batch_size)
-        return {"passages": [len(texts)], "encoded": [encoded],
+        encoded, analysed = self.engine._prewarm(texts, self.batch_size)
+        return {"passages": [len(texts)], "encoded": [encoded], "analysed": [analysed],
                 "store_errors": [self.engine.cache_stats().store_errors - before]}
 
 
-def _on_ray(path, config, text_field, address, actors, batch_size, progress) -> tuple[int, int, int]:
+def _on_ray(path, config, text_field, address, actors, batch_size, progress) -> tuple[int, int, int, int]:
     try:
         import ray
         import ray.data
@@ -253,11 +259,11 @@ def _on_ray(path, config, text_field, address, actors, batch_size, progress) -> 
                                        "batch_size": batch_size, "threads": threads},
         batch_size=batch_size, concurrency=n_actors, num_gpus=1 if gpus else 0,
         num_cpus=actor_cpus, batch_format="numpy")
-    passages = encoded = errors = 0
+    passages = encoded = errors = analysed = 0
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
         done = int(batch["passages"].sum())
         passages, encoded = passages + done, encoded + int(batch["encoded"].sum())
-        errors += int(batch["store_errors"].sum())
+        errors, analysed = errors + int(batch["store_errors"].sum()), analysed + int(batch["analysed"].sum())
         if progress is not None:
             progress(done)
-    return passages, encoded, errors
+    return passages, encoded, errors, analysed

@@ -96,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    analysed = f" ({report.analysed} of them given their analysis)" if report.analysed else ""
     summary = (f"{report.passages} passages into {config.store}: {report.encoded} encoded, "
-               f"{report.skipped} already stored or blank, {report.seconds:.1f} s "
+               f"{report.skipped} already stored or blank{analysed}, {report.seconds:.1f} s "
                f"({report.passages_per_second:.0f} passages/s{' on Ray' if report.ray else ''})")
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))

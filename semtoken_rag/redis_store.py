@@ -27,8 +27,10 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .fileformat import (
     FORMAT_VERSION,
+    NAMES_PEEK,
     CacheEntry,
     CorruptEntry,
+    array_names,
     decode_entry,
     encode_entry,
     header_size,
@@ -245,21 +247,34 @@ class RedisStore(FingerprintStore):
         header (tens of bytes, not the value), so garbage or an entry another writer got wrong under our
         key is not stored and a pre-warm rewrites it; ``False`` on a fault."""
         keys = [check_key(k) for k in keys]
+        return [starts_entry(head, k) for head, k in zip(self._heads(keys, 0), keys)]
+
+    def has_arrays(self, keys: Sequence[str], prefix: str) -> list[bool]:
+        """Which keys hold an entry of this format with an array named ``prefix...`` among the arrays its
+        first bytes name (:func:`~semtoken_rag.fileformat.array_names`; one pipelined ``GETRANGE`` each, as
+        :meth:`has_many`); ``False`` on a fault."""
+        keys = [check_key(k) for k in keys]
+        return [any(name.startswith(prefix) for name in array_names(head, k))
+                for head, k in zip(self._heads(keys, NAMES_PEEK), keys)]
+
+    def _heads(self, keys: list[str], extra: int) -> list[bytes]:
+        """Each key's value's first ``header_size(key) + extra`` bytes (``b""`` for a missing key, a value of
+        another type, or all of them on a fault)."""
         if not keys or not self._available():
-            return [False] * len(keys)
+            return [b""] * len(keys)
         pipe = self.client.pipeline(transaction=False)
         for k in keys:
-            pipe.getrange(self.prefix + k, 0, header_size(k) - 1)
+            pipe.getrange(self.prefix + k, 0, header_size(k) + extra - 1)
         try:
             found = pipe.execute(raise_on_error=False)
         except self._faults as e:
             self._fault("exists", e)
-            return [False] * len(keys)
+            return [b""] * len(keys)
         except self._response_error as e:
             self._refused("exists", e)
-            return [False] * len(keys)
+            return [b""] * len(keys)
         self._ok()
-        return [isinstance(f, (bytes, bytearray)) and starts_entry(bytes(f), k) for f, k in zip(found, keys)]
+        return [bytes(f) if isinstance(f, (bytes, bytearray)) else b"" for f in found]
 
     def put_many(self, items: Iterable[tuple[str, CacheEntry]]) -> None:
         """``SET`` every entry in pipelines of a few MB; faults are counted, never raised."""

@@ -109,6 +109,13 @@ class FingerprintStore(abc.ABC):
         """Which keys are stored (for pre-warming: skip what is there). Backends may answer cheaper."""
         return [e is not None for e in self.get_many(keys)]
 
+    def has_arrays(self, keys: Sequence[str], prefix: str) -> list[bool]:
+        """Which keys hold an entry with an array whose name starts with ``prefix`` (for pre-warming: the
+        stored entries that lack the current analysis). Backends may answer cheaper, from an entry's first
+        bytes (:func:`~semtoken_rag.fileformat.array_names`): such an answer may be ``False`` for an entry
+        whose array lies past them, never ``True`` for one without it, damage aside."""
+        return [e is not None and any(name.startswith(prefix) for name in e.arrays) for e in self.get_many(keys)]
+
 
 class MemoryStore(FingerprintStore):
     """In-process store: LRU bounded in bytes (``CacheEntry.nbytes``); ``max_bytes=0`` keeps nothing.
@@ -141,6 +148,13 @@ class MemoryStore(FingerprintStore):
 
     def has_many(self, keys: Sequence[str]) -> list[bool]:
         return [k in self._lru for k in keys]
+
+    def peek_many(self, keys: Sequence[str]) -> list[CacheEntry | None]:
+        """:meth:`get_many` without making the entries recently used."""
+        return [self._lru.peek(k) for k in keys]
+
+    def has_arrays(self, keys: Sequence[str], prefix: str) -> list[bool]:
+        return [e is not None and any(name.startswith(prefix) for name in e.arrays) for e in self.peek_many(keys)]
 
     def __contains__(self, key: object) -> bool:
         return key in self._lru
@@ -309,6 +323,23 @@ class LayeredCache:
         if got is None or len(got) != len(keys):
             got = [False] * len(keys)
         return [bool(hit) or entry is not None for hit, entry in zip(got, queued)]
+
+    def contains_arrays(self, keys: Sequence[str], prefix: str) -> list[bool]:
+        """Which keys hold an entry with an array named ``prefix...`` (:meth:`FingerprintStore.has_arrays`):
+        in the backend when there is one (or queued for it), else in memory. ``False`` may also mean
+        "not sure" (a backend reads an entry's first bytes only; a fault); no stats, no promotion."""
+        keys = [check_key(k) for k in keys]
+
+        def has(entry: CacheEntry | None) -> bool:
+            return entry is not None and any(name.startswith(prefix) for name in entry.arrays)
+
+        if self.backend is None:
+            return [has(e) for e in self.memory.peek_many(keys)]
+        queued = self._behind.pending(keys) if self._behind is not None else [None] * len(keys)
+        got = self._backend_call("exists", lambda: self.backend.has_arrays(keys, prefix))
+        if got is None or len(got) != len(keys):
+            got = [False] * len(keys)
+        return [bool(hit) or has(entry) for hit, entry in zip(got, queued)]
 
     def __contains__(self, key: object) -> bool:
         """True if ``key`` is in memory or the backend has it (no stats, no promotion)."""

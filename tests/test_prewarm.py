@@ -76,12 +76,32 @@ def test_in_process_prewarm_resumes_and_serves_hits(tmp_path, redis_url, texts):
     assert res.encoder_calls == 0 and res.cache_hits == 10
 
 
+def test_prewarm_adds_the_analysis_to_redis_entries_that_lack_it(tmp_path, redis_url, texts, capsys):
+    """Entries pre-warmed into Redis without analyses (an older version, --no-analyses) get them on the next
+    pre-warm, found by reading each value's first bytes (GETRANGE), without encoding; a replica then adopts
+    them."""
+    corpus = _jsonl(tmp_path / "c.jsonl", texts)
+    bare = prewarm_corpus(corpus, SemTokenConfig(device="cpu", store=redis_url, prewarm_analyses=False))
+    assert (bare.encoded, bare.analysed) == (len(texts), 0)
+    assert main(["prewarm", str(corpus), "--store", redis_url, "--quiet", "--device", "cpu"]) == 0
+    assert f"0 encoded, {len(texts)} already stored or blank ({len(texts)} of them given their analysis)" in \
+        capsys.readouterr().out
+    config = SemTokenConfig(device="cpu", store=redis_url)
+    again = prewarm_corpus(corpus, config)
+    assert (again.encoded, again.analysed) == (0, 0)
+    replica = SemToken(config)
+    want = SemToken(SemTokenConfig(device="cpu")).compress(texts[:10], "who won the super bowl", rate=0.3)
+    got = replica.compress(texts[:10], "who won the super bowl", rate=0.3)
+    assert got.cache_hits == 10 and replica.analyses.misses == 0
+    assert [c.kept_spans for c in got.chunks] == [c.kept_spans for c in want.chunks]
+
+
 def test_ray_prewarm_on_a_local_cluster(tmp_path, redis_url, ray_cluster, texts):
     config = SemTokenConfig(device="cpu", store=redis_url)
     corpus = _jsonl(tmp_path / "c.jsonl", texts)
     seen: list[int] = []
     report = prewarm_corpus(corpus, config, use_ray=True, actors=2, batch_size=8, progress=seen.append)
-    assert (report.passages, report.encoded, report.ray) == (len(texts), len(texts), True)
+    assert (report.passages, report.encoded, report.ray, report.analysed) == (len(texts), len(texts), True, 0)
     assert sum(seen) == len(texts)
     res = SemToken(config).compress(texts[:20], "who got the first nobel prize in physics", rate=0.3)
     assert res.encoder_calls == 0 and res.cache_hits == 20

@@ -182,6 +182,87 @@ def test_a_stored_analysis_of_other_integer_types_or_values_out_of_range_is_igno
 
 
 @pytest.mark.slow
+def _analysis_arrays(entry: CacheEntry) -> dict[str, bytes]:
+    return {k: v.tobytes() for k, v in entry.arrays.items() if k.startswith(an.STORED_NAMESPACE)}
+
+
+def test_prewarm_gives_stored_entries_that_lack_it_their_analysis_without_encoding(tiny_encoder, tmp_path):
+    """A store pre-warmed before analyses were kept (or under another version or settings) gets them on the
+    next pre-warm, from its stored fingerprints: nothing encoded, the same arrays as a pre-warm that kept them
+    from the start, and a third pre-warm finds nothing left to do."""
+    requests = sample(3)
+    texts = [p for _, ps in requests for p in ps]
+    SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path / "s", prewarm_analyses=False)).prewarm(texts)
+    SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path / "ref")).prewarm(texts)
+    warmer = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path / "s"))
+    before = entries(tmp_path / "s", warmer, texts)
+    assert all(set(e.arrays) == {"fingerprints", "units"} for e in before if e is not None)
+    n = len({t for t in texts if t.strip()})
+    assert warmer._prewarm(texts, 4) == (0, n)
+    assert warmer.encoder.forward_calls == 0
+    after, ref = entries(tmp_path / "s", warmer, texts), entries(tmp_path / "ref", warmer, texts)
+    for b, a, r in zip(before, after, ref):
+        if b is None:
+            assert a is None and r is None
+            continue
+        assert _analysis_arrays(a) == _analysis_arrays(r) and _analysis_arrays(a)
+        assert all(a[k].tobytes() == b[k].tobytes() for k in ("fingerprints", "units"))
+        assert a.encode_seconds == b.encode_seconds
+    assert SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path / "s"))._prewarm(texts, 4) == (0, 0)
+    replica = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path / "s"))
+    fresh = SemToken(tiny_config(tiny_encoder))
+    for question, passages in requests:
+        assert described(replica.compress(passages, question, rate=0.33)) == described(
+            fresh.compress(passages, question, rate=0.33))
+    assert replica.analyses.misses == 0 and replica.encoder.forward_calls == len(requests)  # (the queries)
+
+
+def test_prewarm_with_other_settings_replaces_the_stored_analysis(tiny_encoder, tmp_path):
+    question, passages = sample(1)[0]
+    first = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path))
+    first.prewarm(passages)
+    other = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path, max_segment_units=7))
+    assert other._prewarm(passages, 256) == (0, len(passages))
+    for e in entries(tmp_path, other, passages):  # one analysis an entry: the latest pre-warm's
+        assert {k.rsplit(".", 1)[0] + "." for k in e.arrays if k.startswith(an.STORED_NAMESPACE)} == {
+            other._stored_prefix}
+    replica = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path, max_segment_units=7))
+    want = SemToken(tiny_config(tiny_encoder, max_segment_units=7)).compress(passages, question, rate=0.33)
+    assert described(replica.compress(passages, question, rate=0.33)) == described(want)
+    assert replica.analyses.misses == 0
+
+
+def test_prewarm_encodes_a_stored_entry_whose_fingerprints_do_not_fit_again(tiny_encoder, tmp_path):
+    """An entry whose header is fine but whose fingerprints do not fit its chunk (found when its analysis
+    is added) is encoded afresh, with its analysis."""
+    passages = sample(1)[0][1]
+    SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path, prewarm_analyses=False)).prewarm(passages)
+    store = DirectoryStore(tmp_path)
+    warmer = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path))
+    key = cache_key(passages[0], warmer.encoder.identity)
+    bad = dict(store.get(key).arrays)
+    bad["units"] = bad["units"] + len(passages[0])  # past the chunk's end
+    store.put(key, CacheEntry(bad))
+    assert warmer._prewarm(passages, 256) == (1, len(passages) - 1)
+    fixed = store.get(key)
+    assert fixed["units"][-1, 1] <= len(passages[0]) and warmer._stored_prefix + "costs" in fixed.arrays
+
+
+def test_the_first_bytes_of_an_nq_entry_name_its_stored_analysis(tiny_encoder, tmp_path):
+    """Stores tell which entries lack the analysis from their first NAMES_PEEK bytes past the key: those
+    bytes must reach the analysis's first array (after the fingerprints and units)."""
+    from semtoken_rag.fileformat import NAMES_PEEK, array_names, encode_entry, header_size
+
+    passages = sample(1)[0][1]
+    engine = SemToken(tiny_config(tiny_encoder, cache_dir=tmp_path))
+    engine.prewarm(passages)
+    key = cache_key(passages[0], engine.encoder.identity)
+    data = encode_entry(key, DirectoryStore(tmp_path).get(key))
+    names = array_names(data[:header_size(key) + NAMES_PEEK], key)
+    assert names[:3] == ["fingerprints", "units", engine._stored_prefix + "costs"]
+    assert DirectoryStore(tmp_path).has_arrays([key, "0" * 32], engine._stored_prefix) == [True, False]
+
+
 def test_real_encoder_prewarmed_replica_equals_fresh(tmp_path, engine):
     requests = sample(6)
     cfg = engine.config.model_copy(update={"cache_dir": str(tmp_path)})
