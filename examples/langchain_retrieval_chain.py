@@ -64,7 +64,8 @@ def main() -> None:
         print(f"  {len(before)} passages, {sum(count(d.page_content) for d in before)} tokens -> "
               f"{len(after)} passages, {sum(count(d.page_content) for d in after)} tokens; "
               f"answer still in context: {kept}")
-        top = max(after, key=lambda d: d.metadata["semtoken"]["relevance"])
+        # (relevance is None when the budget held every passage whole: nothing was scored)
+        top = max(after, key=lambda d: d.metadata["semtoken"]["relevance"] or 0.0)
         print(f"  most relevant kept passage [{top.metadata['title']}]: {top.page_content[:240]!r}")
         filled = prompt.format(context=context, question=question)
         print(f"  prompt for the LLM: {count(filled)} tokens")

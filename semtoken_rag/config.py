@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 import types
 import typing
@@ -81,6 +83,28 @@ def _numeric(annotation: Any) -> bool:
 
 # the most tokens a budget or an overhead may be (budgets are worked out in int64 and float64: exact up to here)
 MAX_TOKENS = 2**53
+
+
+def check_budget(rate: Any, target_tokens: Any) -> None:
+    """A ``ValueError`` naming ``rate`` or ``target_tokens`` unless each is None or what a call takes: a rate
+    in (0, 1], a positive int budget of at most 2**53 (bools refused). Both are checked whichever decides
+    (``target_tokens`` overrides ``rate``: a bad rate beside it is still a bug). The integrations check
+    their knobs again with it at each call (``model_copy(update=...)`` skips pydantic's validation).
+
+    >>> check_budget(0.5, None), check_budget(None, 100)
+    (None, None)
+    >>> check_budget(1.5, None)
+    Traceback (most recent call last):
+    ...
+    ValueError: rate must be in (0, 1], got 1.5
+    """
+    if rate is not None and (isinstance(rate, (bool, np.bool_)) or not isinstance(rate, numbers.Real)
+                             or math.isnan(rate) or not 0.0 < float(rate) <= 1.0):
+        raise ValueError(f"rate must be in (0, 1], got {rate!r}")
+    if target_tokens is not None and (isinstance(target_tokens, (bool, np.bool_))
+                                      or not isinstance(target_tokens, (int, np.integer))
+                                      or not 0 < target_tokens <= MAX_TOKENS):
+        raise ValueError(f"target_tokens must be a positive int of at most 2**53, got {target_tokens!r}")
 
 
 def tokenizer_label(tokenizer: Any) -> str:

@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import logging
 import math
-import numbers
 import threading
 import time
 import weakref
@@ -26,7 +25,7 @@ from . import spans as sp
 from . import structure as st
 from .batching import MicroBatcher
 from .budget import BudgetTokenizer, select_under_budget
-from .config import MAX_TOKENS, SemTokenConfig
+from .config import MAX_TOKENS, SemTokenConfig, check_budget
 from .device_search import DeviceConversationMemory, find_repeats_torch
 from .diskstore import DirectoryStore
 from .encoder import DEFAULT_BATCH_SIZE, Encoder, Fingerprints, auto_dtype
@@ -622,14 +621,8 @@ class SemToken:
 
     # -- pipeline -----------------------------------------------------------------------------------
     def _budget_args(self, rate: float | None, target: int | None) -> tuple[float, int | None]:
-        # both are checked whichever decides (target_tokens overrides rate: a bad rate beside it is still a bug)
-        if rate is not None and (isinstance(rate, (bool, np.bool_)) or not isinstance(rate, numbers.Real)
-                                 or math.isnan(rate) or not 0.0 < float(rate) <= 1.0):
-            raise ValueError(f"rate must be in (0, 1], got {rate!r}")
+        check_budget(rate, target)
         if target is not None:
-            if isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer)) \
-                    or not 0 < target <= MAX_TOKENS:
-                raise ValueError(f"target_tokens must be a positive int of at most 2**53, got {target!r}")
             return 1.0, int(target)
         if rate is None:
             return self.config.rate, self.config.target_tokens
@@ -999,7 +992,8 @@ class SemToken:
         return CompressionResult.nothing_kept(counts.tolist(), query, budget, time.perf_counter() - started)
 
     def _identity(self, chunks, counts, query, budget, started, overhead) -> CompressionResult:
-        """Everything fits, overheads included: chunks come back unchanged (blank ones as "")."""
+        """Everything fits, overheads included: chunks come back unchanged (blank ones as ""), unscored
+        (relevance None: nothing is encoded)."""
         out = tuple(CompressedChunk(i, t, ((0, len(t)),), int(c), int(c), None) if t.strip() else
                     CompressedChunk(i, "", (), int(c), 0, None) for i, (t, c) in enumerate(zip(chunks, counts)))
         return CompressionResult(out, query, budget, int(counts.sum()), sum(c.compressed_tokens for c in out),

@@ -490,3 +490,47 @@ def test_the_joined_context_is_within_the_budget_when_the_separator_merges(engin
         out = SemTokenCompressor(engine=engine, document_separator=separator, target_tokens=apart) \
             .compress_documents(docs, "what is the word of the day")
         assert [d.page_content for d in out] == [d.page_content for d in docs]  # it fits: nothing cut
+
+
+def test_budget_knobs_are_checked_again_at_each_call(engine, records):
+    """model_copy(update=...) skips pydantic's validation: a bad rate or target_tokens set so is a clear
+    ValueError at the call, not a silent keep-all or keep-nothing."""
+    docs = as_docs(records[0])[:4]
+    base = SemTokenCompressor(engine=engine, rate=0.5)
+    for update, name in (({"rate": 5.0}, "rate"), ({"rate": -0.5}, "rate"), ({"rate": float("nan")}, "rate"),
+                         ({"rate": True}, "rate"), ({"target_tokens": 0}, "target_tokens"),
+                         ({"target_tokens": -3}, "target_tokens")):
+        bad = base.model_copy(update=update)
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            bad.compress_documents(docs, records[0]["question"])
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            asyncio.run(bad.acompress_documents(docs, records[0]["question"]))
+
+
+def test_a_document_whose_page_content_is_not_a_str_is_named(engine, records):
+    docs = as_docs(records[0])[:3]
+    docs[1].page_content = 1889  # (a Document takes an assigned value as it is)
+    with pytest.raises(TypeError, match=r"documents\[1\]\.page_content must be a str, got int"):
+        SemTokenCompressor(engine=engine).compress_documents(docs, "q")
+    with pytest.raises(TypeError, match=r"documents\[1\]\.page_content must be a str, got int"):
+        SemTokenFingerprinter(engine=engine).transform_documents(docs)
+
+
+def test_a_bad_tokenizer_is_an_error_when_the_compressor_is_made_or_assigned():
+    with pytest.raises(ValueError, match="tokenizer=123 is not supported"):
+        SemTokenCompressor(tokenizer=123)
+    compressor = SemTokenCompressor(tokenizer="cl100k_base")
+    with pytest.raises(ValueError, match="tokenizer=123 is not supported"):
+        compressor.tokenizer = 123
+
+
+def test_the_fingerprinter_deepcopies_with_its_engine_and_pickles_with_its_store(tmp_path):
+    import pickle
+
+    given = SemToken(SemTokenConfig(device="cpu", cache_dir=tmp_path))
+    fp = SemTokenFingerprinter(engine=given, batch_size=8)
+    assert copy.deepcopy(fp).get_engine() is given
+    back = pickle.loads(pickle.dumps(fp))
+    assert back.batch_size == 8 and back.engine is None and back.get_engine().config.cache_dir == tmp_path
+    back.transform_documents([Document(page_content="The Eiffel Tower in Paris was completed in 1889.")])
+    assert back.last_encoded == 1 and any(tmp_path.rglob("*"))

@@ -114,8 +114,8 @@ def check_output(inputs: list[NodeWithScore], outputs, engine: SemToken, query: 
         assert out.score == nws.score and out.node.relationships == nws.node.relationships
         assert out.node.get_content(metadata_mode=MetadataMode.NONE) == chunk.text
         info = chunk.to_dict()
-        start = getattr(nws.node, "start_char_idx", None)
-        if start is not None:
+        start, end = getattr(nws.node, "start_char_idx", None), getattr(nws.node, "end_char_idx", None)
+        if start is not None and end is not None and end - start == len(texts[inputs.index(nws)]):
             info["source_spans"] = [[start + a, start + b]
                                     for a, b in chunk.kept_spans]
         assert out.node.metadata == {**nws.node.metadata, "semtoken": info}
@@ -646,3 +646,115 @@ def test_text_with_whitespace_at_its_edges_stays_within_the_budget(engine, recor
         out = SemTokenNodePostprocessor(engine=engine, rate=rate).postprocess_nodes(nodes, query_str=rec["question"])
         assert engine.count_tokens(shown(out)) <= math.floor(rate * full + 1e-9), (edge, rate)
     assert [n.model_dump() for n in nodes] == [n.model_dump() for n in before]
+
+
+def test_source_spans_only_where_the_node_text_is_the_source_slice(engine, records):
+    """A sentence window put in a node's place (SentenceWindowNodeParser + MetadataReplacementPostProcessor,
+    LlamaIndex's recipe), or text compressed before, is not the source's [start_char_idx:end_char_idx]: no
+    source_spans then (they pointed at other text), kept_spans still into the node's text."""
+    from llama_index.core.node_parser import SentenceWindowNodeParser
+    from llama_index.core.postprocessor import MetadataReplacementPostProcessor
+
+    doc = Document(text=" ".join(p["text"] for p in records[0]["passages"][:4]), id_="doc")
+    parsed = SentenceWindowNodeParser.from_defaults(window_size=2).get_nodes_from_documents([doc])
+    assert all(n.end_char_idx - n.start_char_idx == len(n.text) for n in parsed)
+    windows = MetadataReplacementPostProcessor(target_metadata_key="window").postprocess_nodes(
+        [NodeWithScore(node=n.model_copy(), score=1.0) for n in parsed])  # (it sets the nodes' text in place)
+    assert any(w.node.text != n.text for w, n in zip(windows, parsed))
+    post = SemTokenNodePostprocessor(engine=engine, rate=0.5, metadata_mode=MetadataMode.NONE)
+    query = records[0]["question"]
+    out = post.postprocess_nodes(windows, query_str=query)
+    assert out and all("source_spans" not in o.node.metadata["semtoken"] for o in out)
+    texts = {n.node.node_id: n.node.text for n in windows}
+    for o in out:
+        assert all(texts[o.node.node_id][a:b] in o.node.text for a, b in o.node.metadata["semtoken"]["kept_spans"])
+    plain = post.postprocess_nodes([NodeWithScore(node=n, score=1.0) for n in parsed], query_str=query)
+    assert plain and all("source_spans" in o.node.metadata["semtoken"] for o in plain)
+    again = SemTokenNodePostprocessor(engine=engine, rate=0.9, metadata_mode=MetadataMode.NONE).postprocess_nodes(
+        plain, query_str=query)
+    assert again and all("source_spans" not in o.node.metadata["semtoken"] for o in again)
+
+
+def test_budget_knobs_are_checked_again_at_each_call(engine, records):
+    """model_copy(update=...) skips validation: a bad rate or target_tokens is a ValueError at the call (a
+    rate of 0.0 no longer falls back to the config's)."""
+    nodes = as_nodes(records[0])[:4]
+    base = SemTokenNodePostprocessor(engine=engine, rate=0.5)
+    for update, name in (({"rate": 5.0}, "rate"), ({"rate": 0.0}, "rate"), ({"rate": float("nan")}, "rate"),
+                         ({"target_tokens": 0}, "target_tokens"), ({"target_tokens": -3}, "target_tokens")):
+        bad = base.model_copy(update=update)
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            bad.postprocess_nodes(nodes, query_str="q")
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            asyncio.run(bad.apostprocess_nodes(nodes, query_str="q"))
+
+
+def test_bad_nodes_query_bundles_and_tokenizers_get_clear_errors(engine, records):
+    nodes = as_nodes(records[0])[:3]
+    nodes[1] = NodeWithScore(node=TextNode.model_construct(id_="x", text=1889), score=0.5)
+    post = SemTokenNodePostprocessor(engine=engine)
+    with pytest.raises(TypeError, match=r"nodes\[1\]\.node\.text must be a str, got int"):
+        post.postprocess_nodes(nodes, query_str="q")
+    good = as_nodes(records[0])[:3]
+    with pytest.raises(TypeError, match="query_bundle must be a QueryBundle or None, got str .*query_str="):
+        post.postprocess_nodes(good, "When was it built?")
+    with pytest.raises(TypeError, match="query_bundle must be a QueryBundle"):
+        asyncio.run(post.apostprocess_nodes(good, "When was it built?"))
+    with pytest.raises(ValueError, match="tokenizer=123 is not supported"):
+        SemTokenNodePostprocessor(tokenizer=123)
+    ok = SemTokenNodePostprocessor(tokenizer="cl100k_base")
+    with pytest.raises(ValueError, match="tokenizer=123 is not supported"):
+        ok.tokenizer = 123
+
+
+def test_pickles_without_a_callback_manager_that_cannot_be_pickled(engine, caplog):
+    """LlamaIndex's docs put a TokenCountingHandler with a lambda tokenizer in Settings.callback_manager:
+    the postprocessor still pickles (without it, as LlamaIndex's own components do)."""
+    import pickle
+
+    from llama_index.core import Settings
+    from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
+
+    saved = Settings._callback_manager
+    try:
+        Settings.callback_manager = CallbackManager([TokenCountingHandler(tokenizer=lambda t: t.split())])
+        post = SemTokenNodePostprocessor(engine=engine, rate=0.4)
+        with caplog.at_level("WARNING"):
+            back = pickle.loads(pickle.dumps(post))
+        assert back.rate == 0.4 and back.get_engine() is not None and isinstance(back.callback_manager, CallbackManager)
+        assert "callback_manager" in caplog.text
+        kept = SemTokenNodePostprocessor(rate=0.4, callback_manager=CallbackManager([]))
+        assert pickle.loads(pickle.dumps(kept)).rate == 0.4
+    finally:
+        Settings._callback_manager = saved
+
+
+def test_the_fingerprinter_deepcopies_with_its_engine_and_pickles_with_its_store(tmp_path):
+    import pickle
+
+    given = SemToken(SemTokenConfig(device="cpu", cache_dir=tmp_path))
+    fp = SemTokenFingerprinter(engine=given, batch_size=8)
+    assert copy.deepcopy(fp).get_engine() is given
+    assert fp.model_copy(deep=True).get_engine() is given
+    back = pickle.loads(pickle.dumps(fp))
+    assert back.batch_size == 8 and back.get_engine().config.cache_dir == tmp_path
+    back([TextNode(text="The Eiffel Tower in Paris was completed in 1889.")])
+    assert back.last_encoded == 1 and any(tmp_path.rglob("*"))
+
+
+@pytest.mark.slow
+def test_ingestion_pipeline_workers_fill_the_given_engines_store(tmp_path):
+    """IngestionPipeline(num_workers=2) pickles its transformations into worker processes: a fingerprinter
+    given an engine with a cache_dir fills that directory from the workers."""
+    from llama_index.core.ingestion import IngestionPipeline
+
+    from semtoken_rag.keys import cache_key
+
+    texts = [f"Passage {i}: the Eiffel Tower in Paris was completed in {1800 + i}." for i in range(6)]
+    engine = SemToken(SemTokenConfig(device="cpu", cache_dir=tmp_path))
+    pipeline = IngestionPipeline(transformations=[SemTokenFingerprinter(engine=engine)])
+    out = pipeline.run(nodes=[TextNode(text=t) for t in texts], num_workers=2)
+    assert sorted(n.text for n in out) == sorted(texts)
+    from semtoken_rag.diskstore import DirectoryStore
+
+    assert all(DirectoryStore(tmp_path).has_many([cache_key(t, engine.encoder.identity) for t in texts]))

@@ -3,6 +3,7 @@ settings from LangChain's config (internal)."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -12,15 +13,36 @@ from langchain_core.documents import Document
 from langchain_core.runnables.config import ensure_config
 
 from semtoken_rag import CompressionResult, SemToken, SemTokenConfig
-from semtoken_rag.config import sequence_of
+from semtoken_rag.config import check_budget, sequence_of
 
 EVENT_NAME = "semtoken_compression"
 CONVERSATION_KEY = "semtoken_conversation_id"  # namespaced: LangSmith groups threads by "conversation_id"
 
 
 def documents_of(documents: Any) -> list[Document]:
-    """``documents`` as a list, each checked to be a ``Document`` (a clear error naming the first that is not)."""
-    return sequence_of(documents, Document, "documents")
+    """``documents`` as a list, each checked to be a ``Document`` with a str ``page_content`` (a clear error
+    naming the first that is not: a ``Document`` takes any value assigned to it)."""
+    docs = sequence_of(documents, Document, "documents")
+    for i, d in enumerate(docs):
+        if not isinstance(d.page_content, str):
+            raise TypeError(f"documents[{i}].page_content must be a str, got {type(d.page_content).__name__}")
+    return docs
+
+
+def deepcopy_sharing_engine(model: Any, memo: dict[int, Any] | None) -> Any:
+    """A deep copy of a component with an ``engine`` field that shares its engine (a loaded model)."""
+    fields = {k: copy.deepcopy(v, memo) for k, v in model.__dict__.items() if k != "engine"}
+    return type(model).model_construct(_fields_set=set(model.model_fields_set), engine=model.engine, **fields)
+
+
+def state_without_engine(model: Any, state: dict[Any, Any], private: dict[str, Any]) -> dict[Any, Any]:
+    """A component's pickle ``state`` without its engine, whose config goes in its place (unpickled: the
+    registry's engine for it), and with ``private`` as its private attributes."""
+    state["__dict__"] = {**state["__dict__"], "engine": None}
+    if model.engine is not None:
+        state["__dict__"]["config"] = model.engine.config
+    state["__pydantic_private__"] = private
+    return state
 
 
 def engine_config(config: SemTokenConfig | None, **overrides: Any) -> SemTokenConfig:
@@ -56,6 +78,7 @@ def budget(engine: SemToken, context_tokens: int, rate: float | None, target: in
     """``target`` (or the engine's ``target_tokens``), else ``floor(rate * context_tokens)``; a rate of
     1.0 keeps everything (``everything()``: what the texts and overheads are charged, which can pass the
     joined context's own count by a few tokens)."""
+    check_budget(rate, target)  # (again: model_copy(update=...) skips the fields' validation)
     cfg = engine.config
     if target is None and rate is None:
         target = cfg.target_tokens

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 from collections.abc import Sequence
 from typing import Annotated, Any
@@ -32,10 +31,11 @@ class SemTokenCompressor(BaseDocumentCompressor):
     Each output document is a new ``Document`` with the input's ``id``, the kept text as
     ``page_content`` and a copy of the input's metadata plus ``metadata["semtoken"]``
     (``original_tokens``, ``compressed_tokens``, ``kept_spans`` as ``[start, end]`` character offsets
-    into the input text, ``relevance``). Documents with nothing kept are left out (a warning is logged
-    when nothing at all is kept); the others keep their order. Inputs are never modified. Every call
-    with callbacks (``callbacks=`` given directly, else those of the run it is called in) emits the
-    custom callback event ``"semtoken_compression"`` with the token counts.
+    into the input text, ``relevance``: None when the budget held every document whole, nothing is scored
+    then). Documents with nothing kept are left out (a warning is logged when nothing at all is kept);
+    the others keep their order. Inputs are never modified. Every call given documents and callbacks
+    (``callbacks=`` given directly, else those of the run it is called in) emits the custom callback
+    event ``"semtoken_compression"`` with the token counts.
 
     ``conversation_id`` (a field, or per call ``config={"metadata": {"semtoken_conversation_id": ...}}``; a
     ``configurable`` entry works when the retriever is a step of a chain) drops text this conversation
@@ -83,6 +83,9 @@ class SemTokenCompressor(BaseDocumentCompressor):
         given = [k for k in ("config", "tokenizer", "device", "encoder") if getattr(self, k) is not None]
         if self.engine is not None and given:
             raise ValueError(f"give either engine= or {'/'.join(given)}=, not both (the engine has its own)")
+        if any(v is not None for v in (self.tokenizer, self.device, self.encoder)):  # (a valid engine config:
+            # a bad tokenizer is an error when the compressor is made or assigned to, not at its first call)
+            sup.engine_config(self.config, tokenizer=self.tokenizer, device=self.device, encoder=self.encoder)
         return self
 
     @field_serializer("tokenizer", when_used="json")
@@ -112,16 +115,10 @@ class SemTokenCompressor(BaseDocumentCompressor):
         return held[1] if same else None
 
     def __deepcopy__(self, memo: dict[int, Any] | None = None) -> SemTokenCompressor:
-        fields = {k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k != "engine"}
-        return type(self).model_construct(_fields_set=set(self.model_fields_set), engine=self.engine, **fields)
+        return sup.deepcopy_sharing_engine(self, memo)
 
     def __getstate__(self) -> dict[Any, Any]:
-        state = super().__getstate__()
-        state["__dict__"] = {**state["__dict__"], "engine": None}
-        if self.engine is not None:  # unpickled: the registry's engine for the same settings
-            state["__dict__"]["config"] = self.engine.config
-        state["__pydantic_private__"] = {"_resolved": None}
-        return state
+        return sup.state_without_engine(self, super().__getstate__(), {"_resolved": None})
 
     def _finish(self, docs: list[Document], result: CompressionResult, plan: dict[str, Any]):
         out = sup.rebuild(docs, result)

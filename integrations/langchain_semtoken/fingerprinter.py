@@ -13,7 +13,7 @@ from semtoken_rag import SemToken, SemTokenConfig
 from semtoken_rag.config import NotBool
 from semtoken_rag.registry import shared_engine
 
-from ._support import documents_of
+from ._support import deepcopy_sharing_engine, documents_of, state_without_engine
 
 
 class SemTokenFingerprinter(BaseDocumentTransformer, BaseModel):
@@ -26,7 +26,8 @@ class SemTokenFingerprinter(BaseDocumentTransformer, BaseModel):
     What is fingerprinted is ``page_content``, the text the compressor gets.
 
     Returns the same ``Document`` objects, in order, untouched. Blank and repeated texts are skipped;
-    fingerprints already stored are not recomputed.
+    fingerprints already stored are not recomputed. ``copy.deepcopy`` shares a given ``engine``; a pickle
+    carries its config instead (unpickled, the registry's engine for it fills the same store).
 
     Example:
         >>> from langchain_core.documents import Document
@@ -61,6 +62,12 @@ class SemTokenFingerprinter(BaseDocumentTransformer, BaseModel):
         """The engine whose cache and store are filled."""
         self._one_engine_source()  # (again: an assignment that failed validation has already been made)
         return self.engine if self.engine is not None else shared_engine(self.config)
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> SemTokenFingerprinter:
+        return deepcopy_sharing_engine(self, memo)
+
+    def __getstate__(self) -> dict[Any, Any]:  # (unpickled: the registry's engine for its config, same store)
+        return state_without_engine(self, super().__getstate__(), {"_encoded": 0})
 
     @property
     def last_encoded(self) -> int:

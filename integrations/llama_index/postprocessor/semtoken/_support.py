@@ -13,7 +13,7 @@ from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore
 
 from semtoken_rag import CompressionResult, SemToken, SemTokenConfig
-from semtoken_rag.config import sequence_of
+from semtoken_rag.config import check_budget, sequence_of
 
 METADATA_KEY = "semtoken"
 SEPARATOR = "\n\n"  # how LlamaIndex's synthesizers and chat engines join node contents
@@ -99,7 +99,8 @@ def plan(engine: SemToken, nodes: list[NodeWithScore], mode: MetadataMode, rate:
     """Texts, per-node overheads (header in ``mode`` + separator) and the budget of one call; the nodes
     that pass through (no text, but media or a metadata header), and what is left of the budget for
     the texts once what the LLM reads of those (header and separator) is taken from it."""
-    texts = [n.node.get_content(metadata_mode=MetadataMode.NONE) for n in nodes]
+    check_budget(rate, target)  # (again: model_copy(update=...) skips the fields' validation)
+    texts = node_texts(nodes)
     shown = [n.node.get_content(metadata_mode=mode).strip() for n in nodes]
     counts = [engine.count_tokens(t) for t in texts]
     sep = engine.count_tokens(SEPARATOR)
@@ -112,8 +113,9 @@ def plan(engine: SemToken, nodes: list[NodeWithScore], mode: MetadataMode, rate:
     cfg = engine.config
     if target is None and rate is None:
         target = cfg.target_tokens
-    budget = target if target is not None else math.floor((rate or cfg.rate) * context + 1e-9)
-    if target is None and (rate or cfg.rate) >= 1.0:  # keeps everything: the charges above may pass the
+    rate = rate if rate is not None else cfg.rate
+    budget = target if target is not None else math.floor(rate * context + 1e-9)
+    if target is None and rate >= 1.0:  # keeps everything: the charges above may pass the
         budget = max(budget, sum(counts) + sum(overheads))  # joined context's own count by a few tokens
     passed = [not t.strip() and bool(s or _has_media(n.node)) for t, s, n in zip(texts, shown, nodes)]
     # what the LLM reads of them: all of what they show (whitespace text included) and a separator
@@ -121,6 +123,18 @@ def plan(engine: SemToken, nodes: list[NodeWithScore], mode: MetadataMode, rate:
     return {"texts": texts, "overheads": overheads, "budget": int(budget), "context_tokens": context,
             "counts": counts, "passed": passed, "text_budget": int(budget) - reserved,
             "context_excess": context_excess(engine, nodes, mode, passed, int(budget))}
+
+
+def node_texts(nodes: list[NodeWithScore]) -> list[str]:
+    """Each node's text without metadata (what is compressed), or a ``TypeError`` naming the first node whose
+    text is not a str (a node built with ``model_construct`` or assigned to takes any value)."""
+    texts = []
+    for i, n in enumerate(nodes):
+        text = n.node.get_content(metadata_mode=MetadataMode.NONE)
+        if not isinstance(text, str):
+            raise TypeError(f"nodes[{i}].node.text must be a str, got {type(text).__name__}")
+        texts.append(text)
+    return texts
 
 
 def context_excess(engine: SemToken, nodes: list[NodeWithScore], mode: MetadataMode, passed: list[bool],
@@ -167,23 +181,25 @@ def _excluded(keys: list[str]) -> list[str]:
     return [*keys] if METADATA_KEY in keys else [*keys, METADATA_KEY]
 
 
-def rebuild(nodes: list[NodeWithScore], result: CompressionResult, passed: list[bool]) -> list[NodeWithScore]:
+def rebuild(nodes: list[NodeWithScore], result: CompressionResult, passed: list[bool],
+            texts: list[str]) -> list[NodeWithScore]:
     """Copies of the nodes that kept something, text replaced, and of the ``passed`` ones (no text),
-    content untouched, in input order; inputs untouched.
+    content untouched, in input order; inputs untouched (``texts``: their texts, as compressed).
 
     ``start_char_idx``/``end_char_idx`` stay: they locate the node's original text in its source
     document. The kept slices are ``metadata["semtoken"]["kept_spans"]`` (offsets into the node's
-    original text) and, when ``start_char_idx`` is known, ``source_spans`` (the same slices as offsets
-    into the source document).
+    original text) and, when the node's text is the source's ``[start_char_idx:end_char_idx]`` (as long
+    as that: not a sentence window put in its place, nor text compressed before), ``source_spans`` (the
+    same slices as offsets into the source document).
     """
     out = []
-    for nws, chunk, through in zip(nodes, result.chunks, passed):
+    for nws, chunk, through, text in zip(nodes, result.chunks, passed, texts):
         if chunk.is_empty and not through:
             continue
         node = nws.node
         info = chunk.to_dict()
-        start = getattr(node, "start_char_idx", None)
-        if start is not None:
+        start, end = getattr(node, "start_char_idx", None), getattr(node, "end_char_idx", None)
+        if isinstance(start, int) and isinstance(end, int) and end - start == len(text):
             info["source_spans"] = [[start + a, start + b] for a, b in chunk.kept_spans]
         new = node.model_copy(update={
             "metadata": {**node.metadata, METADATA_KEY: info},

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import pickle
 from typing import Annotated, Any
 
-from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr, field_serializer
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr, field_serializer, model_validator
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
@@ -32,16 +33,18 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
     Returns new ``NodeWithScore`` objects holding copies of the nodes (same id, metadata,
     relationships and score) whose text is the kept text, plus ``metadata["semtoken"]``
     (``original_tokens``, ``compressed_tokens``, ``kept_spans`` as ``[start, end]`` offsets into the
-    node's original text, ``relevance``, and ``source_spans``, the same slices as offsets into the
-    source document when the node has ``start_char_idx``), which the LLM and the embedder do not see.
+    node's original text, ``relevance`` (None when the budget held every node whole: nothing is scored
+    then), and ``source_spans``, the same slices as offsets into the source document when the node's
+    text is the source's ``[start_char_idx:end_char_idx]``: not when a sentence window or an earlier
+    compression replaced it), which the LLM and the embedder do not see.
     ``start_char_idx``/``end_char_idx`` keep pointing at the node's original span in its source
     document. Nodes with nothing kept are left out (one warning is logged when no text at all is
     kept); the others keep their order. Nodes without text but with media or a metadata header (an
     ``ImageNode``, a node of metadata only) have nothing to compress: they pass through in their
     place, as copies with ``metadata["semtoken"]``, and what the LLM reads of them (their metadata
     header) is taken from the budget first; the texts get what is left (nothing, when those headers
-    alone fill the budget). Inputs are never modified. Each call emits a ``SemTokenCompressionEvent`` (token counts) through
-    LlamaIndex's instrumentation dispatcher.
+    alone fill the budget). Inputs are never modified. Each call given nodes emits a
+    ``SemTokenCompressionEvent`` (token counts) through LlamaIndex's instrumentation dispatcher.
 
     ``conversation_id`` drops text this conversation already received: only while that text is still
     in the LLM's view (LlamaIndex's context and condense chat engines rebuild the context each turn and
@@ -99,6 +102,14 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
         if self._given and given:
             raise ValueError(f"give either engine= or {'/'.join(given)}=, not both (the engine has its own)")
 
+    @model_validator(mode="after")
+    def _valid_engine_settings(self) -> SemTokenNodePostprocessor:
+        """The knobs that override ``config`` make a valid engine config (a bad tokenizer is an error when
+        the postprocessor is made or assigned to, not at its first query)."""
+        if any(v is not None for v in (self.tokenizer, self.device, self.encoder)):
+            sup.engine_config(self.config, tokenizer=self.tokenizer, device=self.device, encoder=self.encoder)
+        return self
+
     @field_serializer("tokenizer", when_used="json")
     def _tokenizer_json(self, value: Any) -> str | None:
         return None if value is None else tokenizer_label(value)
@@ -154,6 +165,13 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
         # with a warning and a silent change of settings: the engine is left out and, when it was
         # given, its config goes in its place; a field that cannot be pickled raises
         fields, fields_set = dict(self.__dict__), set(self.model_fields_set)
+        try:  # (LlamaIndex's callback manager, not a setting of ours: BaseComponent's way, dropped if it must)
+            pickle.dumps(fields.get("callback_manager"))
+        except Exception as e:  # noqa: BLE001 - whatever its handlers hold
+            logger.warning("pickling SemTokenNodePostprocessor without its callback_manager, which cannot be "
+                           "pickled (%s: %s); unpickled, it has the default one", type(e).__name__, e)
+            del fields["callback_manager"]  # (BaseComponent.__setstate__ re-inits: the field's default)
+            fields_set.discard("callback_manager")
         if self._given:  # (its tokenizer marked as set: unpickled, Settings.tokenizer does not replace it)
             fields["config"] = self._engine.config.model_copy(update={"tokenizer": self._engine.config.tokenizer})
             fields_set.add("config")
@@ -162,12 +180,18 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
                 "__pydantic_private__": {"_engine": None, "_given": False, "_settings": None}}
 
     def _finish(self, nodes: list[NodeWithScore], result: CompressionResult, p: dict) -> list[NodeWithScore]:
-        out = sup.rebuild(nodes, result, p["passed"])
+        out = sup.rebuild(nodes, result, p["passed"], p["texts"])
         if len(out) == sum(p["passed"]) < len(nodes):
             logger.warning("semtoken-rag kept nothing of %d nodes (budget %d tokens)",
                            len(nodes) - len(out), p["budget"])
         dispatcher.event(sup.event(result, p, len(nodes), len(out)))
         return out
+
+    @staticmethod
+    def _query_bundle(query_bundle: Any) -> None:
+        if query_bundle is not None and not isinstance(query_bundle, QueryBundle):
+            raise TypeError(f"query_bundle must be a QueryBundle or None, got {type(query_bundle).__name__}"
+                            + (" (for a plain question pass query_str=...)" if isinstance(query_bundle, str) else ""))
 
     def _call(self, p: dict, query_bundle: QueryBundle | None) -> dict[str, Any]:
         query = query_bundle.query_str if query_bundle is not None else None
@@ -190,6 +214,7 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
         nodes = sup.scored_nodes(nodes)
+        self._query_bundle(query_bundle)
         if not nodes:
             return []
         engine = self.get_engine()
@@ -201,6 +226,7 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
         nodes = sup.scored_nodes(nodes)
+        self._query_bundle(query_bundle)
         if not nodes:
             return []
         engine = self._loaded() or await asyncio.to_thread(self.get_engine)  # loads off the event loop

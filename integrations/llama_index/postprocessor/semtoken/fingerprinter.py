@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import multiprocessing
 from collections.abc import Sequence
@@ -35,8 +36,9 @@ class SemTokenFingerprinter(TransformComponent):
     query. Nodes whose text is blank, repeated or already stored are not encoded.
 
     With ``IngestionPipeline.run(num_workers=N)`` each worker process has its own engine: what it stores
-    reaches the caller only through a shared store (``store=`` or ``cache_dir=`` in the config); without
-    one a warning (once a process) says the fingerprints stay in the worker.
+    reaches the caller only through a shared store (``store=`` or ``cache_dir=`` in the config, or of the
+    ``engine=`` given: a pickle carries its config); without one a warning (once a process) says the
+    fingerprints stay in the worker. ``copy.deepcopy`` shares a given engine.
 
     Example:
         >>> from llama_index.core.ingestion import IngestionPipeline
@@ -80,6 +82,22 @@ class SemTokenFingerprinter(TransformComponent):
     def engine(self) -> SemToken:
         """The engine whose cache and store are filled (:meth:`get_engine`)."""
         return self.get_engine()
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> SemTokenFingerprinter:
+        new = type(self).model_construct(_fields_set=set(self.model_fields_set),
+                                         **{k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        new._engine = self._engine  # (shared, as the postprocessor's)
+        return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        # not BaseComponent's, which drops the engine with a warning, and with it the store it fills (an
+        # IngestionPipeline worker would fill none): the engine is left out and its config goes in its place
+        fields, fields_set = dict(self.__dict__), set(self.model_fields_set)
+        if self._engine is not None:
+            fields["config"] = self._engine.config
+            fields_set.add("config")
+        return {"__dict__": fields, "__pydantic_extra__": self.__pydantic_extra__,
+                "__pydantic_fields_set__": fields_set, "__pydantic_private__": {"_engine": None, "_encoded": 0}}
 
     @property
     def last_encoded(self) -> int:
