@@ -29,6 +29,15 @@ _PIECE_CHARS = 32
 _SERIAL_CHARS = 262_144
 
 
+def _token_count(value: Any, spec: Any) -> int:
+    """A callable tokenizer's answer, which must be an int (a float would be rounded down silently: a budget
+    it counts could be passed; a bool or a str is its bug)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"the tokenizer {getattr(spec, '__name__', spec)!r} must return an int (a token count), "
+                        f"got {type(value).__name__} {value!r}")
+    return int(value)
+
+
 def _serial_or_batch(one: Callable[[str], int], batch: Callable[[list[str]], Sequence[int]]
                      ) -> Callable[[list[str]], np.ndarray]:
     def many(texts: list[str]) -> np.ndarray:
@@ -75,7 +84,7 @@ class BudgetTokenizer:
                 [len(ids) for ids in spec(texts, add_special_tokens=False)["input_ids"]], dtype=np.int64)
         elif callable(spec):
             self.name = getattr(spec, "__name__", "callable")
-            self._many = lambda texts: np.asarray([int(spec(t)) for t in texts], dtype=np.int64)
+            self._many = lambda texts: np.asarray([_token_count(spec(t), spec) for t in texts], dtype=np.int64)
         else:
             raise TypeError(f"cannot count tokens with {spec!r}")
 

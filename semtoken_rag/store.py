@@ -35,7 +35,7 @@ class StoreStats:
 
     entries: int = 0  #: entries held (in memory; 0 where unknown without a scan)
     bytes: int = 0  #: bytes held in memory
-    evictions: int = 0  #: entries dropped to honour a byte bound
+    evictions: int = 0  #: entries dropped to honour a byte bound (a directory's: files pruned)
     writes: int = 0  #: entries written to persistent storage
     corrupt: int = 0  #: stored values that failed to decode (or were not regular files)
     errors: int = 0  #: I/O failures (reads other than "not found", writes)
@@ -49,7 +49,8 @@ class CacheStats:
     or another store). ``corrupt_entries`` failed to decode, ``invalid_entries`` decoded but did not
     fit their chunk; both were misses. ``store_errors`` counts backend faults, each a miss too.
     ``analyses`` and ``analysis_bytes``: chunks whose query-independent analysis the engine keeps
-    (``analysis_memo_max_bytes``) and the bytes it charges for them.
+    (``analysis_memo_max_bytes``) and the bytes it charges for them. ``disk_pruned``: entry files this
+    process deleted from ``cache_dir`` (or a directory store) to keep it under ``cache_max_disk_bytes``.
     """
 
     hits: int = 0
@@ -69,6 +70,7 @@ class CacheStats:
     query_bytes: int = 0
     analyses: int = 0
     analysis_bytes: int = 0
+    disk_pruned: int = 0
 
 
 class FingerprintStore(abc.ABC):
@@ -383,7 +385,7 @@ class LayeredCache:
                               evictions=mem.evictions, entries=mem.entries, memory_bytes=mem.bytes,
                               disk_writes=back.writes, corrupt_entries=back.corrupt,
                               invalid_entries=self._invalid, store_errors=self._errors + back.errors,
-                              encoder_seconds_saved=self._saved)
+                              encoder_seconds_saved=self._saved, disk_pruned=back.evictions)
 
     def __repr__(self) -> str:
         s = self.stats()

@@ -397,3 +397,25 @@ def test_version_and_help_do_not_load_torch():
             "print('torch' in sys.modules, semtoken_rag.SemToken.__name__, 'torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "SemToken", "True"]
+
+
+def test_demo_on_a_truncated_gzip_file_is_one_line(run, tmp_path):
+    from importlib.resources import files as resources
+
+    whole = gzip.compress((resources("semtoken_rag") / "data" / "sample_nq.jsonl").read_bytes())
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[: len(whole) // 2])  # (EOFError in gzip, not an OSError)
+    code, _, err = run("demo", "--data", str(cut), "--device", "cpu")
+    assert code == 2 and "not a whole gzip file" in err and "Traceback" not in err
+
+
+def test_a_closed_stdout_is_an_error_not_a_traceback(run, monkeypatch, files):
+    monkeypatch.setattr(sys, "stdout", None)  # (as Python starts with `semtoken-rag ... >&-`)
+    code, _, err = run("-q", QUERY, files[0])
+    assert code == 2 and "standard output is closed" in err
+
+
+def test_an_encoder_folder_without_a_model_is_named(run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run("--encoder", str(tmp_path / "empty"), "-q", QUERY, "-", stdin="some text")
+    assert code == 2 and "a folder without a model" in err and "config.json" in err and len(err.splitlines()) == 1

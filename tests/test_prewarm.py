@@ -107,6 +107,11 @@ def test_ray_prewarm_on_a_local_cluster(tmp_path, redis_url, ray_cluster, texts)
     assert res.encoder_calls == 0 and res.cache_hits == 20
     again = prewarm_corpus(corpus, config, use_ray=True, actors=1)  # resume: nothing left to encode
     assert (again.passages, again.encoded) == (len(texts), 0)
+    nulls = tmp_path / "nulls.jsonl"  # (Ray reads a null or missing field as None: never the text "None")
+    nulls.write_text('{"text": "a chunk"}\n{"text": null}\n{"id": 3}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"nulls\.jsonl: field 'text' must be a string, got null or missing") as e:
+        prewarm_corpus(nulls, config, use_ray=True, actors=1)
+    assert "Traceback" not in str(e.value)
 
 
 def test_ray_needs_a_shared_store(tmp_path, texts):
@@ -168,3 +173,32 @@ def test_cli_prewarm_for_replicas_with_a_pinned_precision(tmp_path, texts, capsy
     assert "cannot pre-warm" in err and "never downloads weights" in err and err.count("\n") == 1
     with pytest.raises(SystemExit):
         main(["prewarm", str(corpus), "--store", store, "--dtype", "float8"])
+
+
+def test_a_directory_store_too_small_for_the_corpus_fails_the_run(tmp_path, texts, capsys):
+    """A directory store's bound (cache_max_disk_bytes, 1 GiB by default: about 11,000 NQ entries) deleted
+    the pre-warm's own entries and the run said it succeeded: it now says how many, and fails."""
+    corpus = _jsonl(tmp_path / "c.jsonl", texts)
+    small = prewarm_corpus(corpus, SemTokenConfig(device="cpu", store=str(tmp_path / "s"),
+                                                  cache_max_disk_bytes=300_000), batch_size=4)
+    assert small.encoded == len(texts) and small.pruned > 0
+    args = ["prewarm", str(corpus), "--quiet", "--device", "cpu", "--store"]
+    assert main([*args, str(tmp_path / "s2"), "--max-disk-gib", "0.0003"]) == 1
+    err = capsys.readouterr().err
+    assert "deleted" in err and "--max-disk-gib" in err
+    assert main([*args, str(tmp_path / "s3"), "--max-disk-gib", "0", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["encoded"], report["pruned"]) == (len(texts), 0)
+
+
+def test_prewarm_options_that_do_not_apply_and_a_byte_order_mark(tmp_path, redis_url, texts, capsys):
+    corpus = _jsonl(tmp_path / "c.jsonl", texts[:2])
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + corpus.read_bytes())
+    assert list(read_texts(bom)) == texts[:2]
+    base = ["prewarm", str(corpus), "--quiet", "--device", "cpu", "--store"]
+    for extra, store, message in ((["--actors", "2"], str(tmp_path / "d"), "--actors needs --ray"),
+                                  (["--store-ttl", "60"], str(tmp_path / "d"), "--store-ttl needs a Redis store"),
+                                  (["--max-disk-gib", "2"], redis_url, "--max-disk-gib bounds a directory")):
+        assert main([*base, store, *extra]) == 2
+        assert message in capsys.readouterr().err

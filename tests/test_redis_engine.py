@@ -164,3 +164,9 @@ def test_store_config(tmp_path, redis_url):
     assert isinstance(engine.cache.backend, DirectoryStore) and engine.cache.backend.path == tmp_path / "fp"
     assert SemToken(SemTokenConfig(device="cpu", store=redis_url, store_ttl_seconds=60)).cache.backend.ttl_ms \
         == 60_000
+
+
+def test_a_redis_url_scheme_in_capitals_works_as_the_config_takes_it(redis_url, nobel):
+    upper = "REDIS" + redis_url[len("redis"):]
+    SemToken(SemTokenConfig(device="cpu", store=upper)).prewarm(nobel[:2])
+    assert SemToken(SemTokenConfig(device="cpu", store=redis_url)).compress(nobel[:2], "q").cache_hits == 2

@@ -367,3 +367,27 @@ def test_entries_the_encoder_made_are_not_checked_again_but_a_stores_are(tiny_en
     for _ in range(2):
         assert second.compress(chunks, "nobel prize", rate=0.5).texts == cold.texts
     assert sorted(checked) == sorted(map(len, chunks))  # each checked once, then remembered as fitting
+
+
+def test_a_config_from_model_copy_is_validated_when_the_engine_is_built(tiny_encoder):
+    """pydantic's model_copy(update=...) skips validation: the engine checks the config it is given (a rate
+    of -0.5 made a negative budget and kept nothing, silently)."""
+    from pydantic import ValidationError
+
+    good = SemTokenConfig(encoder=str(tiny_encoder), device="cpu")
+    for update in ({"rate": -0.5}, {"rate": 5.0}, {"target_tokens": -10}, {"tau": 7}):
+        with pytest.raises(ValidationError, match=next(iter(update))):
+            SemToken(good.model_copy(update=update))
+    with pytest.raises(TypeError, match="config must be a SemTokenConfig, got dict"):
+        SemToken({"rate": 0.5})
+    engine = SemToken(good)
+    assert engine.config is good
+
+
+def test_a_tokenizer_callable_must_return_an_int():
+    from semtoken_rag.budget import BudgetTokenizer
+
+    assert BudgetTokenizer(lambda t: np.int64(len(t))).count_many(["abc"]).tolist() == [3]
+    for bad in (lambda t: len(t) / 4, lambda t: str(len(t)), lambda t: True):
+        with pytest.raises(TypeError, match="must return an int"):
+            BudgetTokenizer(bad).count_many(["abcdef"])
