@@ -354,7 +354,7 @@ class SemTokenConfig(BaseModel):
         description="prewarm() also keeps each chunk's analysis (its budget tokens per word, segments, "
                     "clustering and vector statistics: what a call works out once per chunk) in its cache "
                     "entry, so that a later call on the chunk, in any process sharing the store, takes it "
-                    "from there: a replica's first call on 20 pre-warmed NQ passages 15.6 -> 12.8 ms (CPU). It "
+                    "from there: a replica's first call on 20 pre-warmed NQ passages 0.81x the time (CPU). It "
                     "costs pre-warming 0.3-0.5 ms of host work per passage. Kept only where the analysis "
                     "settings can be named (a budget tokenizer given by name). Stored entries that lack it "
                     "(an older version's, another setting's) get it on the next pre-warm, without encoding.")
