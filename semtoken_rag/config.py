@@ -85,6 +85,31 @@ def _numeric(annotation: Any) -> bool:
 MAX_TOKENS = 2**53
 
 
+def carried_config(config: SemTokenConfig, carries: Callable[[Any], bool]) -> SemTokenConfig:
+    """``config`` for an engine that fingerprints in another process (a Ray actor, an ingestion worker),
+    sent by a means that may not carry its budget tokenizer (JSON, pickle): as it is when
+    ``carries(config.tokenizer)``, else with the default tokenizer and no stored analyses (fingerprints do
+    not depend on the tokenizer; an analysis for the default one would be of use to no replica).
+
+    >>> carried_config(SemTokenConfig(tokenizer=len), lambda t: isinstance(t, str)).prewarm_analyses
+    False
+    """
+    if carries(config.tokenizer):
+        return config
+    return config.model_copy(update={"tokenizer": "llama3", "prewarm_analyses": False})
+
+
+def picklable(value: Any) -> bool:
+    """Whether ``value`` pickles (a lambda, a lock, an open client do not)."""
+    import pickle
+
+    try:
+        pickle.dumps(value)
+    except Exception:  # noqa: BLE001 - whatever the object's own reduction raises
+        return False
+    return True
+
+
 def check_budget(rate: Any, target_tokens: Any) -> None:
     """A ``ValueError`` naming ``rate`` or ``target_tokens`` unless each is None or what a call takes: a rate
     in (0, 1], a positive int budget of at most 2**53 (bools refused). Both are checked whichever decides

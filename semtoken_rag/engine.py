@@ -214,10 +214,10 @@ class SemToken:
         config = config if config is not None else SemTokenConfig()
         if not isinstance(config, SemTokenConfig):
             raise TypeError(f"config must be a SemTokenConfig, got {type(config).__name__}")
-        # validated here, overrides included: a config made with model_copy(update=...) never was (a rate of
-        # -0.5 made a negative budget)
-        checked = SemTokenConfig(**{**config.model_dump(), **overrides})
-        self.config = checked if overrides else config
+        # validated here, overrides included, and the engine keeps the validated copy: a config made with
+        # model_copy(update=...) never was (a rate of -0.5 made a negative budget; "0.5" stayed a str). From
+        # the fields as they are: model_dump would turn a dataclass or model tokenizer into a dict
+        self.config = SemTokenConfig(**{**dict(config), **overrides})
         cfg = self.config
         if parts is None:
             parts = EncoderParts.build(cfg)
@@ -479,12 +479,11 @@ class SemToken:
         done = 0
         for start in range(0, len(lacking), batch_size):
             part = lacking[start:start + batch_size]
-            entries = self.cache.get_many(part, valid=lambda j, e, part=part: validate_fingerprints(
-                e.get("units"), e.get("fingerprints"), len(stored[part[j]]), self.encoder.dim))
-            add = []
-            for k, entry in zip(part, entries):
-                if entry is None:  # (gone, damaged or wrong since the check: encoded afresh)
-                    todo.append(k)
+            add = []  # (the store's own entries, not memory's, which may hold an analysis the store lost)
+            for k, entry in zip(part, self.cache.stored_many(part)):
+                if entry is None or not validate_fingerprints(entry.get("units"), entry.get("fingerprints"),
+                                                              len(stored[k]), self.encoder.dim):
+                    todo.append(k)  # (gone, damaged or wrong since the check: encoded afresh)
                 elif not any(name.startswith(prefix) for name in entry.arrays):  # (the check may miss some)
                     add.append((k, entry))
             if not add:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import SemTokenConfig
+from .config import SemTokenConfig, carried_config
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +40,9 @@ class PrewarmReport:
     """What a pre-warm run did: ``passages`` read, ``encoded`` (the rest were stored already or blank),
     ``store_errors``: faults of the store while it ran (each a write or a lookup that may be missing),
     ``analysed``: stored entries that lacked the current analysis and got it (no encoding), ``pruned``:
-    entries a directory store deleted while it ran to stay within its bound (``cache_max_disk_bytes``: the
-    corpus does not fit in it)."""
+    entries a directory store deleted while it ran to stay within its bound (``cache_max_disk_bytes``; the
+    corpus's, or older ones), ``missing``: when it pruned, how many of the corpus's chunks the store lacks at
+    the end (``None``: not checked, on Ray)."""
 
     passages: int
     encoded: int
@@ -50,6 +51,7 @@ class PrewarmReport:
     store_errors: int = 0
     analysed: int = 0
     pruned: int = 0
+    missing: int | None = None
 
     @property
     def skipped(self) -> int:
@@ -170,15 +172,15 @@ def prewarm_corpus(path: str | os.PathLike[str], config: SemTokenConfig, *, text
         from .encoder import resolve_model_path
 
         resolve_model_path(config.encoder)  # here, not in every actor: a bad encoder is one clear ValueError
-        passages, encoded, errors, analysed, pruned = _on_ray(path, config, text_field, ray_address, actors,
-                                                              batch_size, progress)
+        counts = _on_ray(path, config, text_field, ray_address, actors, batch_size, progress)
     else:
-        passages, encoded, errors, analysed, pruned = _in_process(path, config, text_field, batch_size, progress)
-    report = PrewarmReport(passages, encoded, time.perf_counter() - started, use_ray, errors, analysed, pruned)
-    if pruned:
-        logger.warning("the store's size bound (cache_max_disk_bytes=%s) deleted %d entries during the pre-warm: "
-                       "the corpus does not fit in it; raise it (None: unbounded), and as much for the replicas "
-                       "that share the directory", config.cache_max_disk_bytes, pruned)
+        counts = _in_process(path, config, text_field, batch_size, progress)
+    report = PrewarmReport(*counts[:2], time.perf_counter() - started, use_ray, *counts[2:])
+    if report.pruned:
+        logger.warning("the store's size bound (cache_max_disk_bytes=%s) deleted %d entries during the pre-warm%s",
+                       config.cache_max_disk_bytes, report.pruned, "" if report.missing == 0 else
+                       ": the corpus may not fit in it; raise it (None: unbounded), and as much for the replicas "
+                       "that share the directory")
     logger.info("pre-warmed %d passages (%d encoded, %d already stored, %d of those given their analysis, %d "
                 "store faults) in %.1f s", report.passages, report.encoded, report.skipped, report.analysed,
                 report.store_errors, report.seconds)
@@ -193,7 +195,7 @@ def _pruned(engine: Any) -> int:
     return engine.cache_stats().disk_pruned
 
 
-def _in_process(path, config, text_field, batch_size, progress) -> tuple[int, int, int, int, int]:
+def _in_process(path, config, text_field, batch_size, progress) -> tuple[int, int, int, int, int, int | None]:
     from .registry import shared_engine
 
     engine = shared_engine(config)
@@ -215,8 +217,27 @@ def _in_process(path, config, text_field, batch_size, progress) -> tuple[int, in
             batch = []
     if batch:
         run(batch)
-    return (passages, encoded, engine.cache_stats().store_errors - errors_before, analysed,
-            _pruned(engine) - pruned_before)
+    pruned = _pruned(engine) - pruned_before
+    return (passages, encoded, engine.cache_stats().store_errors - errors_before, analysed, pruned,
+            _missing(engine, path, text_field) if pruned else None)
+
+
+def _missing(engine: Any, path, text_field: str) -> int:
+    """How many distinct non-blank chunks of the corpus the engine's store lacks (read again, checked by
+    the batch as a pre-warm checks them): what its bound deleted of this corpus, not of older entries."""
+    from .keys import cache_key
+
+    missing, batch = 0, []
+
+    def check(texts: list[str]) -> int:
+        keys = list(dict.fromkeys(cache_key(t, engine.encoder.identity) for t in texts if t.strip()))
+        return sum(not found for found in engine.cache.contains_many(keys))
+
+    for text in read_texts(path, text_field):
+        batch.append(text)
+        if len(batch) >= _READ_BATCH:
+            missing, batch = missing + check(batch), []
+    return missing + check(batch)
 
 
 class _Actor:
@@ -273,11 +294,9 @@ def _on_ray(path, config, text_field, address, actors, batch_size, progress) -> 
         ds = ray.data.read_parquet(str(path), columns=[text_field])
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts passages
     # GPU actors when there are GPUs; config travels as JSON (device resolved in each actor)
-    # (fingerprints do not depend on the budget tokenizer: an object that JSON cannot carry is left out, and
-    # with it the analyses kept beside them, which would be the default tokenizer's, of use to no replica)
-    config_json = config.model_copy(update={"device": None if gpus else "cpu", **(
-        {} if isinstance(config.tokenizer, str) else {"tokenizer": "llama3", "prewarm_analyses": False})}
-    ).model_dump_json()
+    # (a budget tokenizer that JSON cannot carry is left out, and with it the analyses: carried_config)
+    config_json = carried_config(config.model_copy(update={"device": None if gpus else "cpu"}),
+                                 lambda tokenizer: isinstance(tokenizer, str)).model_dump_json()
     out = ds.map_batches(
         _Actor, fn_constructor_kwargs={"config_json": config_json, "text_field": text_field,
                                        "batch_size": batch_size, "threads": threads, "source": str(path)},

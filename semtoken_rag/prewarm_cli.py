@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--max-disk-gib bounds a directory store: a Redis store's bound is its server's maxmemory")
     fields = {k: v for k, v in fields.items() if v is not None}
     if args.max_disk_gib is not None:  # (0: unbounded, None in the config)
-        fields["cache_max_disk_bytes"] = int(args.max_disk_gib * 2**30) or None
+        fields["cache_max_disk_bytes"] = max(1, int(args.max_disk_gib * 2**30)) if args.max_disk_gib else None
     try:
         config = SemTokenConfig(**fields)
     except ValidationError as e:  # a bad option value is a user error
@@ -125,20 +125,27 @@ def run(args: argparse.Namespace) -> int:
     summary = (f"{report.passages} passages into {config.store}: {report.encoded} encoded, "
                f"{report.skipped} already stored or blank{analysed}, {report.seconds:.1f} s "
                f"({report.passages_per_second:.0f} passages/s{' on Ray' if report.ray else ''})")
+    whole = not report.store_errors and (not report.pruned or report.missing == 0)  # (the corpus all stored)
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
-    elif not report.store_errors and not report.pruned:
+    elif whole:
         print(f"pre-warmed {summary}")
     if report.store_errors:  # the command's one job is the store: its faults fail the run (no success line)
         print(f"{PROG}: error: {report.store_errors} fault(s) of the store {config.store} during the run: "
               "fingerprints may be missing from it (see the warnings above); run again once it works "
               f"(read {summary})", file=sys.stderr)
         return 1
-    if report.pruned:  # (so are entries its own bound deleted: the corpus does not fit in it)
-        bound = config.cache_max_disk_bytes / 2**30 if config.cache_max_disk_bytes else 0
-        print(f"{PROG}: error: the store {config.store} holds at most {bound:g} GiB: it deleted {report.pruned} "
-              "entries during the run, so the corpus is not all in it; run again with a larger --max-disk-gib "
-              "(0: unbounded), and give the replicas that share it SemTokenConfig(cache_max_disk_bytes=...) as "
-              f"large (read {summary})", file=sys.stderr)
+    if report.pruned:  # (entries its own bound deleted: of this corpus, a failed run; older ones, a warning)
+        bound = f"{config.cache_max_disk_bytes / 2**30:g} GiB" if config.cache_max_disk_bytes else "its bound"
+        if report.missing == 0:
+            print(f"{PROG}: warning: the store {config.store} holds at most {bound}: it deleted {report.pruned} "
+                  "older entries to make room for this corpus, which is all in it", file=sys.stderr)
+            return 0
+        lost = "the corpus may not be all in it" if report.missing is None else \
+            f"{report.missing} of the corpus's chunks are not in it"
+        print(f"{PROG}: error: the store {config.store} holds at most {bound}: it deleted {report.pruned} entries "
+              f"during the run, and {lost}; run again with a larger --max-disk-gib (0: unbounded), and give the "
+              f"replicas that share it SemTokenConfig(cache_max_disk_bytes=...) as large (read {summary})",
+              file=sys.stderr)
         return 1
     return 0

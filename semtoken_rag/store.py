@@ -326,6 +326,22 @@ class LayeredCache:
             got = [False] * len(keys)
         return [bool(hit) or entry is not None for hit, entry in zip(got, queued)]
 
+    def stored_many(self, keys: Sequence[str]) -> list[CacheEntry | None]:
+        """What the backend holds for each key (or what is queued for it), else memory when there is no
+        backend: the entries as stored, whatever memory holds (pre-warming checks the store's own); no
+        stats, no promotion; a fault answers ``None``."""
+        keys = [check_key(k) for k in keys]
+        if self.backend is None:
+            return self.memory.peek_many(keys)
+        out = self._behind.pending(keys) if self._behind is not None else [None] * len(keys)
+        missing = [i for i, e in enumerate(out) if e is None]
+        if missing:
+            got = self._backend_call("get", lambda: self.backend.get_many([keys[i] for i in missing]))
+            if got is not None and len(got) == len(missing):
+                for i, entry in zip(missing, got):
+                    out[i] = entry if isinstance(entry, CacheEntry) else None
+        return out
+
     def contains_arrays(self, keys: Sequence[str], prefix: str) -> list[bool]:
         """Which keys hold an entry with an array named ``prefix...`` (:meth:`FingerprintStore.has_arrays`):
         in the backend when there is one (or queued for it), else in memory. ``False`` may also mean

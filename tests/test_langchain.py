@@ -534,3 +534,6 @@ def test_the_fingerprinter_deepcopies_with_its_engine_and_pickles_with_its_store
     assert back.batch_size == 8 and back.engine is None and back.get_engine().config.cache_dir == tmp_path
     back.transform_documents([Document(page_content="The Eiffel Tower in Paris was completed in 1889.")])
     assert back.last_encoded == 1 and any(tmp_path.rglob("*"))
+    lam = SemTokenFingerprinter(engine=SemToken(SemTokenConfig(device="cpu", cache_dir=tmp_path, tokenizer=lambda t: 1)))
+    config = pickle.loads(pickle.dumps(lam)).get_engine().config  # (its tokenizer left out, not its store)
+    assert (config.cache_dir, config.tokenizer, config.prewarm_analyses) == (tmp_path, "llama3", False)

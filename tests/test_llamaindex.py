@@ -740,6 +740,11 @@ def test_the_fingerprinter_deepcopies_with_its_engine_and_pickles_with_its_store
     assert back.batch_size == 8 and back.get_engine().config.cache_dir == tmp_path
     back([TextNode(text="The Eiffel Tower in Paris was completed in 1889.")])
     assert back.last_encoded == 1 and any(tmp_path.rglob("*"))
+    for made in ({"engine": SemToken(SemTokenConfig(device="cpu", cache_dir=tmp_path, tokenizer=lambda t: 1))},
+                 {"config": SemTokenConfig(device="cpu", cache_dir=tmp_path, tokenizer=lambda t: 1)}):
+        # (a budget tokenizer that cannot be pickled is left out: fingerprints do not depend on it)
+        config = pickle.loads(pickle.dumps(SemTokenFingerprinter(**made))).get_engine().config
+        assert (config.cache_dir, config.tokenizer, config.prewarm_analyses) == (tmp_path, "llama3", False)
 
 
 @pytest.mark.slow

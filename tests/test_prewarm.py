@@ -188,7 +188,19 @@ def test_a_directory_store_too_small_for_the_corpus_fails_the_run(tmp_path, text
     assert "deleted" in err and "--max-disk-gib" in err
     assert main([*args, str(tmp_path / "s3"), "--max-disk-gib", "0", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert (report["encoded"], report["pruned"]) == (len(texts), 0)
+    assert (report["encoded"], report["pruned"], report["missing"]) == (len(texts), 0, None)
+    # older entries pruned to make room for a corpus that fits: a warning, not a failed run
+    other = _jsonl(tmp_path / "other.jsonl", [t + " (another corpus)" for t in texts[:8]])
+    assert main([*args, str(tmp_path / "s4"), "--max-disk-gib", "0.0004", "--json"]) == 1  # (too small)
+    capsys.readouterr()
+    first = prewarm_corpus(other, SemTokenConfig(device="cpu", store=str(tmp_path / "s5")))
+    assert first.pruned == 0
+    half = _jsonl(tmp_path / "half.jsonl", texts[:6])
+    size = sum(f.stat().st_size for f in (tmp_path / "s5").rglob("*") if f.is_file())
+    assert main(["prewarm", str(half), "--quiet", "--device", "cpu", "--store", str(tmp_path / "s5"),
+                 "--max-disk-gib", str(1.4 * size / 2**30)]) == 0
+    captured = capsys.readouterr()
+    assert "older entries" in captured.err and "pre-warmed 6 passages" in captured.out
 
 
 def test_prewarm_options_that_do_not_apply_and_a_byte_order_mark(tmp_path, redis_url, texts, capsys):
@@ -202,3 +214,5 @@ def test_prewarm_options_that_do_not_apply_and_a_byte_order_mark(tmp_path, redis
                                   (["--max-disk-gib", "2"], redis_url, "--max-disk-gib bounds a directory")):
         assert main([*base, store, *extra]) == 2
         assert message in capsys.readouterr().err
+    assert main([*base, str(tmp_path / "tiny"), "--max-disk-gib", "1e-10"]) == 1  # (a bound of 1 byte, not none)
+    assert "2 of the corpus's chunks are not in it" in capsys.readouterr().err

@@ -181,7 +181,6 @@ def test_a_stored_analysis_of_other_integer_types_or_values_out_of_range_is_igno
     assert described(got) == described(SemToken(tiny_config(tiny_encoder)).compress(passages, question, rate=0.33))
 
 
-@pytest.mark.slow
 def _analysis_arrays(entry: CacheEntry) -> dict[str, bytes]:
     return {k: v.tobytes() for k, v in entry.arrays.items() if k.startswith(an.STORED_NAMESPACE)}
 
@@ -200,6 +199,8 @@ def test_prewarm_gives_stored_entries_that_lack_it_their_analysis_without_encodi
     n = len({t for t in texts if t.strip()})
     assert warmer._prewarm(texts, 4) == (0, n)
     assert warmer.encoder.forward_calls == 0
+    stats = warmer.cache_stats()  # (reading entries to give them their analysis is no cache hit)
+    assert (stats.hits, stats.disk_hits, stats.encoder_seconds_saved) == (0, 0, 0.0)
     after, ref = entries(tmp_path / "s", warmer, texts), entries(tmp_path / "ref", warmer, texts)
     for b, a, r in zip(before, after, ref):
         if b is None:
@@ -230,6 +231,9 @@ def test_prewarm_with_other_settings_replaces_the_stored_analysis(tiny_encoder, 
     want = SemToken(tiny_config(tiny_encoder, max_segment_units=7)).compress(passages, question, rate=0.33)
     assert described(replica.compress(passages, question, rate=0.33)) == described(want)
     assert replica.analyses.misses == 0
+    # the first engine's memory still holds its own analysis; the store's entries are what count
+    assert first._prewarm(passages, 256) == (0, len(passages))
+    assert all(first._stored_prefix + "costs" in e.arrays for e in entries(tmp_path, first, passages))
 
 
 def test_prewarm_encodes_a_stored_entry_whose_fingerprints_do_not_fit_again(tiny_encoder, tmp_path):
@@ -263,6 +267,7 @@ def test_the_first_bytes_of_an_nq_entry_name_its_stored_analysis(tiny_encoder, t
     assert DirectoryStore(tmp_path).has_arrays([key, "0" * 32], engine._stored_prefix) == [True, False]
 
 
+@pytest.mark.slow
 def test_real_encoder_prewarmed_replica_equals_fresh(tmp_path, engine):
     requests = sample(6)
     cfg = engine.config.model_copy(update={"cache_dir": str(tmp_path)})

@@ -8,6 +8,7 @@ within the budget, without touching the caller's list.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -380,8 +381,26 @@ def test_a_config_from_model_copy_is_validated_when_the_engine_is_built(tiny_enc
             SemToken(good.model_copy(update=update))
     with pytest.raises(TypeError, match="config must be a SemTokenConfig, got dict"):
         SemToken({"rate": 0.5})
-    engine = SemToken(good)
-    assert engine.config is good
+    coerced = SemToken(good.model_copy(update={"rate": "0.5", "target_tokens": "20"}))  # (what validation makes)
+    assert (coerced.config.rate, coerced.config.target_tokens) == (0.5, 20)
+    assert coerced.compress(["Paris is the capital of France."], "capital").budget == 20
+
+
+@dataclasses.dataclass
+class WordCounter:
+    """A budget tokenizer that is a callable dataclass (model_dump would make it a dict)."""
+
+    per_word: int = 1
+
+    def __call__(self, text: str) -> int:
+        return self.per_word * len(text.split())
+
+
+def test_an_engine_takes_a_callable_dataclass_tokenizer(tiny_encoder):
+    counter = WordCounter()
+    engine = SemToken(SemTokenConfig(encoder=str(tiny_encoder), device="cpu", tokenizer=counter))
+    assert engine.config.tokenizer is counter and engine.count_tokens("a b c") == 3
+    assert SemToken(engine.config, parts=engine.parts, rate=0.5).config.tokenizer is counter
 
 
 def test_a_tokenizer_callable_must_return_an_int():

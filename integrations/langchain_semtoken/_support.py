@@ -13,7 +13,7 @@ from langchain_core.documents import Document
 from langchain_core.runnables.config import ensure_config
 
 from semtoken_rag import CompressionResult, SemToken, SemTokenConfig
-from semtoken_rag.config import check_budget, sequence_of
+from semtoken_rag.config import carried_config, check_budget, picklable, sequence_of
 
 EVENT_NAME = "semtoken_compression"
 CONVERSATION_KEY = "semtoken_conversation_id"  # namespaced: LangSmith groups threads by "conversation_id"
@@ -35,12 +35,17 @@ def deepcopy_sharing_engine(model: Any, memo: dict[int, Any] | None) -> Any:
     return type(model).model_construct(_fields_set=set(model.model_fields_set), engine=model.engine, **fields)
 
 
-def state_without_engine(model: Any, state: dict[Any, Any], private: dict[str, Any]) -> dict[Any, Any]:
+def state_without_engine(model: Any, state: dict[Any, Any], private: dict[str, Any], *,
+                         fingerprints_only: bool = False) -> dict[Any, Any]:
     """A component's pickle ``state`` without its engine, whose config goes in its place (unpickled: the
-    registry's engine for it), and with ``private`` as its private attributes."""
+    registry's engine for it), and with ``private`` as its private attributes. ``fingerprints_only`` (a
+    fingerprinter): a budget tokenizer that cannot be pickled is left out, and the analyses with it
+    (:func:`~semtoken_rag.config.carried_config`)."""
     state["__dict__"] = {**state["__dict__"], "engine": None}
-    if model.engine is not None:
-        state["__dict__"]["config"] = model.engine.config
+    config = model.engine.config if model.engine is not None else state["__dict__"].get("config")
+    if config is not None:
+        state["__dict__"]["config"] = carried_config(config, picklable) if fingerprints_only else config
+        state["__pydantic_fields_set__"] = {*state["__pydantic_fields_set__"], "config"}
     state["__pydantic_private__"] = private
     return state
 

@@ -26,7 +26,8 @@ class SemTokenFingerprinter(BaseDocumentTransformer, BaseModel):
     What is fingerprinted is ``page_content``, the text the compressor gets.
 
     Returns the same ``Document`` objects, in order, untouched. Blank and repeated texts are skipped;
-    fingerprints already stored are not recomputed. ``copy.deepcopy`` shares a given ``engine``; a pickle
+    fingerprints already stored are not recomputed (a stored entry gets the analysis of this config's
+    settings when it lacks it: give the config the replicas' budget tokenizer). ``copy.deepcopy`` shares a given ``engine``; a pickle
     carries its config instead (unpickled, the registry's engine for it fills the same store).
 
     Example:
@@ -67,7 +68,7 @@ class SemTokenFingerprinter(BaseDocumentTransformer, BaseModel):
         return deepcopy_sharing_engine(self, memo)
 
     def __getstate__(self) -> dict[Any, Any]:  # (unpickled: the registry's engine for its config, same store)
-        return state_without_engine(self, super().__getstate__(), {"_encoded": 0})
+        return state_without_engine(self, super().__getstate__(), {"_encoded": 0}, fingerprints_only=True)
 
     @property
     def last_encoded(self) -> int:

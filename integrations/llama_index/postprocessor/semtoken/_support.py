@@ -188,9 +188,9 @@ def rebuild(nodes: list[NodeWithScore], result: CompressionResult, passed: list[
 
     ``start_char_idx``/``end_char_idx`` stay: they locate the node's original text in its source
     document. The kept slices are ``metadata["semtoken"]["kept_spans"]`` (offsets into the node's
-    original text) and, when the node's text is the source's ``[start_char_idx:end_char_idx]`` (as long
-    as that: not a sentence window put in its place, nor text compressed before), ``source_spans`` (the
-    same slices as offsets into the source document).
+    original text) and, when the node's text is as long as its source span ``[start_char_idx:end_char_idx]``
+    (the source's text is not at hand to compare: a sentence window put in its place, or text compressed
+    before, is not as long), ``source_spans`` (the same slices as offsets into the source document).
     """
     out = []
     for nws, chunk, through, text in zip(nodes, result.chunks, passed, texts):

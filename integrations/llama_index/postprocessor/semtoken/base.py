@@ -35,8 +35,8 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
     (``original_tokens``, ``compressed_tokens``, ``kept_spans`` as ``[start, end]`` offsets into the
     node's original text, ``relevance`` (None when the budget held every node whole: nothing is scored
     then), and ``source_spans``, the same slices as offsets into the source document when the node's
-    text is the source's ``[start_char_idx:end_char_idx]``: not when a sentence window or an earlier
-    compression replaced it), which the LLM and the embedder do not see.
+    text is as long as its source span ``[start_char_idx:end_char_idx]``: not when a sentence window or
+    an earlier compression replaced it), which the LLM and the embedder do not see.
     ``start_char_idx``/``end_char_idx`` keep pointing at the node's original span in its source
     document. Nodes with nothing kept are left out (one warning is logged when no text at all is
     kept); the others keep their order. Nodes without text but with media or a metadata header (an

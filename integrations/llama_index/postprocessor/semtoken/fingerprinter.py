@@ -13,7 +13,7 @@ from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
 from llama_index.core.schema import BaseNode, MetadataMode, TransformComponent
 
 from semtoken_rag import SemToken, SemTokenConfig
-from semtoken_rag.config import NotBool, sequence_of
+from semtoken_rag.config import NotBool, carried_config, picklable, sequence_of
 from semtoken_rag.registry import shared_engine
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,8 @@ class SemTokenFingerprinter(TransformComponent):
     :class:`~llama_index.postprocessor.semtoken.SemTokenNodePostprocessor` finds their fingerprints (in
     this process, from any registry engine with the same encoder settings, whatever its tokenizer or rate;
     across replicas, in a shared store, e.g. ``SemTokenConfig(store="redis://...")``) and encodes only the
-    query. Nodes whose text is blank, repeated or already stored are not encoded.
+    query. Nodes whose text is blank, repeated or already stored are not encoded (a stored entry gets the
+    analysis of this config's settings when it lacks it: give the config the replicas' budget tokenizer).
 
     With ``IngestionPipeline.run(num_workers=N)`` each worker process has its own engine: what it stores
     reaches the caller only through a shared store (``store=`` or ``cache_dir=`` in the config, or of the
@@ -92,9 +93,11 @@ class SemTokenFingerprinter(TransformComponent):
     def __getstate__(self) -> dict[str, Any]:
         # not BaseComponent's, which drops the engine with a warning, and with it the store it fills (an
         # IngestionPipeline worker would fill none): the engine is left out and its config goes in its place
+        # (a budget tokenizer that cannot be pickled is left out, and with it the analyses: carried_config)
         fields, fields_set = dict(self.__dict__), set(self.model_fields_set)
-        if self._engine is not None:
-            fields["config"] = self._engine.config
+        config = self._engine.config if self._engine is not None else self.config
+        if config is not None:
+            fields["config"] = carried_config(config, picklable)
             fields_set.add("config")
         return {"__dict__": fields, "__pydantic_extra__": self.__pydantic_extra__,
                 "__pydantic_fields_set__": fields_set, "__pydantic_private__": {"_engine": None, "_encoded": 0}}
