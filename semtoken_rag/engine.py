@@ -30,6 +30,7 @@ from .device_search import DeviceConversationMemory, find_repeats_torch
 from .diskstore import DirectoryStore
 from .encoder import DEFAULT_BATCH_SIZE, Encoder, Fingerprints, auto_dtype
 from .fileformat import CacheEntry, validate_fingerprints
+from .forksafe import renew_after_fork
 from .keys import cache_key
 from .lru import ByteLRU
 from .prepare import Prepared, Preparer, entry_fingerprints
@@ -267,6 +268,7 @@ class SemToken:
         # _CONVERSATION_LOCKS locks, so the calls of two conversations may wait for each other, never longer
         # than one call's host work (the encoding happens before)
         self._conversation_locks = tuple(threading.RLock() for _ in range(_CONVERSATION_LOCKS))
+        renew_after_fork(self)
         self._gap_cost = self.tokenizer.count("a" + cfg.gap_marker + "b") - self.tokenizer.count("a b")
         self._protect = st.compile_patterns(cfg.protect)
         # per-chunk, query-independent host work (unit token costs, structure, clustering, evidence terms)
@@ -323,6 +325,12 @@ class SemToken:
         A call of that conversation in flight finishes first: what it sends is forgotten too."""
         with self._conversation(conversation_id):
             return self.memory.forget(conversation_id)
+
+    def _after_fork(self) -> None:
+        """In a child made by ``fork``: the conversation locks (and the memory's) anew; one that a thread of
+        the parent held then would stay held for good (the child's calls of ~1 in 64 conversations hung)."""
+        self._conversation_locks = tuple(threading.RLock() for _ in range(_CONVERSATION_LOCKS))
+        self.memory._lock = threading.RLock()
 
     def _conversation(self, conversation_id: str | None) -> contextlib.AbstractContextManager:
         """The lock that orders the calls of ``conversation_id`` (nothing to hold without one)."""
@@ -521,7 +529,8 @@ class SemToken:
             rate: fraction of tokens kept, in (0, 1] (default ``config.rate``).
             target_tokens: absolute budget in tokens (> 0); overrides ``rate``.
             conversation_id: optional key; spans this conversation already received in earlier calls
-                are dropped as repeats.
+                are dropped as repeats. Such a call judges repeats whatever its budget (one that holds
+                every chunk whole still drops them, and remembers what it sends).
             chunk_overheads: optional non-negative int per chunk: tokens the caller adds around a chunk
                 (a metadata header, a separator), paid once when anything of that chunk is kept (at
                 most 2**53 in all). A chunk keeps nothing when its overhead leaves no room for a word.
@@ -575,7 +584,9 @@ class SemToken:
         full_overhead = int(overheads[[bool(c.strip()) for c in chunks]].sum()) if len(chunks) else 0
         budget = target if target is not None else math.floor(budget_rate * (total + full_overhead) + 1e-9)
         done = None
-        if budget >= total + full_overhead:
+        # (a conversation's call takes the whole path whatever its budget: what it sends is remembered, and what
+        # the conversation received before is dropped as repeats)
+        if budget >= total + full_overhead and conversation_id is None:
             done = self._identity(chunks, counts, query, budget, started, full_overhead)
         elif total == 0:
             done = self._empty(chunks, counts, query, budget, started)

@@ -34,6 +34,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
+
+
+def _renew_lock() -> None:  # (in a child made by fork: a thread of the parent building an engine held it)
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_lock)
 # the registry holds at most this many engines, the least recently asked for going first (closed: a component
 # that still holds one keeps working with it, encoding on its own); settings are usually a handful per
 # process, so more means a setting new at each request, which the first eviction warns about, once

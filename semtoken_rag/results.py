@@ -59,6 +59,11 @@ class SpanList(Sequence[SpanInfo]):
     def __len__(self) -> int:
         return len(self._cols[0])
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (a result sent to another process) and copied as the tuple of its spans: unread, it holds
+        a function over its chunk's fingerprints, a view of the whole call's (20-32 MB pickled)."""
+        return (tuple, (self._build(),))
+
     def __getitem__(self, i):  # type: ignore[override]
         return self._build()[i]
 
@@ -118,7 +123,9 @@ class CompressionResult:
     ``encoder_calls`` counts the encoder's forward batches spent on chunks (0 when every chunk came
     from the cache); ``cache_hits`` the chunks whose fingerprints came from the cache;
     ``overhead_tokens`` the ``chunk_overheads`` paid by the chunks that kept something (the budget
-    holds ``compressed_tokens + overhead_tokens <= budget``).
+    holds ``compressed_tokens + overhead_tokens <= budget``). Results compare (and hash) by what was kept
+    and counted: ``encoder_calls``, ``cache_hits`` and ``seconds`` say how this call got there, and are left
+    out (a cached call equals the cold one).
     """
 
     chunks: tuple[CompressedChunk, ...]
@@ -126,9 +133,9 @@ class CompressionResult:
     budget: int
     original_tokens: int
     compressed_tokens: int
-    encoder_calls: int = 0
-    cache_hits: int = 0
-    seconds: float = 0.0
+    encoder_calls: int = field(default=0, compare=False)
+    cache_hits: int = field(default=0, compare=False)
+    seconds: float = field(default=0.0, compare=False)
     overhead_tokens: int = 0
 
     @classmethod

@@ -410,3 +410,76 @@ def test_a_tokenizer_callable_must_return_an_int():
     for bad in (lambda t: len(t) / 4, lambda t: str(len(t)), lambda t: True):
         with pytest.raises(TypeError, match="must return an int"):
             BudgetTokenizer(bad).count_many(["abcdef"])
+
+
+def test_results_pickle_at_the_size_of_their_data_and_compare_by_content(tiny_engine):
+    """An unread span list held a function over the call's fingerprints: a pickled result (sent from a
+    worker) carried all of them. Results compare by what was kept: a cached call equals the cold one."""
+    import json
+    import pickle
+
+    chunks = [" ".join(TINY_WORDS) * 3, "Paris is the capital of France. " * 8, "   "]
+    tiny_engine.clear_caches()
+    cold = tiny_engine.compress(chunks, "capital of France", rate=0.5)
+    warm = tiny_engine.compress(chunks, "capital of France", rate=0.5)
+    assert cold.encoder_calls > 0 == warm.encoder_calls and cold == warm and hash(cold) == hash(warm)
+    data = pickle.dumps(cold)
+    assert len(data) < 4 * len(json.dumps(cold.to_dict(spans=True)))
+    back = pickle.loads(data)
+    assert back == cold and [list(c.spans) for c in back.chunks] == [list(c.spans) for c in cold.chunks]
+
+
+def test_a_forked_child_is_not_held_by_locks_a_parent_thread_held(tiny_engine):
+    """A child forked while a thread of the parent was inside a call of a conversation (or building a
+    registry engine) must not wait for that thread, which does not exist in the child."""
+    import os
+    import threading
+
+    from semtoken_rag import registry
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with tiny_engine._conversation("c"), registry._LOCK:
+            inside.set()
+            leave.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    inside.wait(30)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: both would block for good without their renewal
+            try:
+                tiny_engine.forget_conversation("c")
+                registry.registered_engines()
+                os._exit(0)
+            finally:
+                os._exit(1)
+        for _ in range(600):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            leave.wait(0.05)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung on a lock")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        leave.set()
+        thread.join()
+
+
+def test_a_conversation_call_whose_budget_holds_everything_still_judges_repeats(tiny_engine):
+    """A turn whose budget held every chunk whole was returned as it was: nothing remembered, and nothing the
+    conversation had received dropped."""
+    chunks = ["Paris is the capital of France. The river Seine runs through the city from east to west.",
+              "The Nobel prize in physics was first awarded in 1901. It went to a German physicist for rays."]
+    tiny_engine.forget_conversation("whole")
+    first = tiny_engine.compress(chunks, "capital", target_tokens=10**6, conversation_id="whole")
+    assert [c.text for c in first.chunks] == chunks and tiny_engine.memory.spans("whole") > 0
+    again = tiny_engine.compress(chunks, "capital", target_tokens=10**6, conversation_id="whole")
+    assert all(c.is_empty for c in again.chunks)  # (all received before)
+    alone = tiny_engine.compress(chunks, "capital", target_tokens=10**6)
+    assert [c.text for c in alone.chunks] == chunks and alone.encoder_calls == 0
