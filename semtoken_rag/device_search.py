@@ -20,6 +20,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from .repeats import rows_without
+
 logger = logging.getLogger(__name__)
 
 _BLOCK_ELEMENTS = 1 << 24  # similarity entries computed at once (64 MiB of float32)
@@ -183,6 +185,23 @@ class DeviceConversationMemory:
                 dropped, vecs = self._convs.popitem(last=False)
                 self._bytes -= self._size(vecs)
                 logger.debug("conversation memory: dropped %r", dropped)
+
+    def remove(self, conversation_id: str, centroids: np.ndarray | torch.Tensor) -> None:
+        """Take back centroids :meth:`add` recorded for ``conversation_id`` (what a cancelled call sent)."""
+        x = self._tensor(centroids)
+        with self._lock:
+            old = self._convs.get(conversation_id)
+            if old is None or not len(x) or old.shape[1] != x.shape[1]:
+                return
+            keep = rows_without(old.cpu().numpy(), x.cpu().numpy())
+            if keep.all():
+                return
+            vectors = old[torch.from_numpy(keep).to(old.device)]
+            self._convs[conversation_id] = vectors
+            self._bytes += self._size(vectors) - self._size(old)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.RLock()
 
     def query(self, conversation_id: str, centroids: np.ndarray | torch.Tensor, threshold: float
               ) -> np.ndarray | torch.Tensor:

@@ -385,7 +385,7 @@ class SemToken:
         return self._compress_many(chunk_lists, queries, rate, target_tokens, conversation_ids)
 
     def _compress_many(self, chunk_lists, queries, rate, target_tokens, conversation_ids,
-                       abandoned: threading.Event | None = None) -> list[CompressionResult]:
+                       abandoned: _Delivery | None = None) -> list[CompressionResult]:
         started = time.perf_counter()
         plans = self._plan_many(chunk_lists, queries, rate, target_tokens, conversation_ids)
         todo = [(p.chunks, p.query if self.config.use_query else None) for p in plans if p.done is None]
@@ -557,7 +557,7 @@ class SemToken:
                                   context_excess)
 
     def _compress_one(self, chunks, query, rate, target_tokens, conversation_id, chunk_overheads, context_excess,
-                      abandoned: threading.Event | None = None) -> CompressionResult:
+                      abandoned: _Delivery | None = None) -> CompressionResult:
         started = time.perf_counter()
         with self._session() as session:  # announced first: concurrent callers batch their encoding
             chunks = _check_chunks(chunks)
@@ -645,9 +645,9 @@ class SemToken:
     def _compress(self, chunks: list[str], counts: np.ndarray, query: str | None, budget: int,
                   conversation_id: str | None, started: float, overheads: np.ndarray, prepared: Prepared,
                   context_excess: Callable[[list[str]], int] | None = None,
-                  abandoned: threading.Event | None = None) -> CompressionResult:
+                  abandoned: _Delivery | None = None) -> CompressionResult:
         """One request's selection, under its conversation's lock (:meth:`_conversation`: its repeat check and
-        its remembering); ``abandoned``: set when the caller that awaits the result was cancelled (nothing is
+        its remembering); ``abandoned``: the delivery to a caller that awaits the result (cancelled: nothing is
         remembered then)."""
         with self._conversation(conversation_id):
             return self._select(chunks, counts, query, budget, conversation_id, started, overheads, prepared,
@@ -656,7 +656,7 @@ class SemToken:
     def _select(self, chunks: list[str], counts: np.ndarray, query: str | None, budget: int,
                 conversation_id: str | None, started: float, overheads: np.ndarray, prepared: Prepared,
                 context_excess: Callable[[list[str]], int] | None,
-                abandoned: threading.Event | None) -> CompressionResult:
+                abandoned: _Delivery | None) -> CompressionResult:
         cfg = self.config
         fps = [prepared.fingerprints[c] for c in chunks]
         hits = sum(c in prepared.cached for c in chunks)
@@ -785,8 +785,8 @@ class SemToken:
                 if context_excess is None or _excess(context_excess, part_texts) <= 0:
                     keep_units, slices, texts = with_part, part_slices, part_texts
                     out_counts = self._count(texts, counted)
-        if conversation_id is not None and not (abandoned is not None and abandoned.is_set()):
-            self._remember(conversation_id, centroids, segs, sent)
+        if conversation_id is not None:
+            self._remember(conversation_id, centroids, segs, sent, abandoned)
         span_kept = np.add.reduceat(keep_units, starts) > 0  # (partial fit can keep some of a span's units)
         span_status = np.where(collapsed & keep_units[starts], "collapsed", np.where(
             span_kept, "kept", np.where(repeat[span_seg], "repeat", "dropped")))
@@ -896,10 +896,15 @@ class SemToken:
             repeat |= (hit.cpu().numpy() if isinstance(hit, torch.Tensor) else hit) & eligible
         return repeat
 
-    def _remember(self, conversation_id: str, centroids: np.ndarray, segs: np.ndarray, keep: np.ndarray) -> None:
+    def _remember(self, conversation_id: str, centroids: np.ndarray, segs: np.ndarray, keep: np.ndarray,
+                  delivery: _Delivery | None = None) -> None:
         chosen = keep & (np.diff(segs) >= self.config.min_repeat_units)
-        if chosen.any():
+        if not chosen.any():
+            return
+        if delivery is None:
             self.memory.add(conversation_id, centroids[chosen])
+        else:
+            delivery.remember(self.memory, conversation_id, centroids[chosen])
 
     def _title_segments(self, chunks, call, segs, seg_chunk, ana) -> np.ndarray:
         """Per chunk, the segment that is its title (structure.title_units), ``-1`` where it has none."""
@@ -1022,14 +1027,40 @@ def _excess(check: Callable[[list[str]], int], texts: list[str]) -> int:
     return int(got)
 
 
+class _Delivery:
+    """What a call made for an awaiting caller remembered for its conversations, taken back if that caller is
+    cancelled before the result reaches it (a timeout, a client gone): what was never delivered is no repeat
+    next turn. The thread cannot be stopped: it may remember before or after the cancel, and either way
+    nothing of it stays."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._remembered: list[tuple[Any, str, np.ndarray]] = []
+
+    def remember(self, memory: Any, conversation_id: str, centroids: np.ndarray) -> None:
+        with self._lock:
+            if self._cancelled:
+                return
+            memory.add(conversation_id, centroids)
+            self._remembered.append((memory, conversation_id, centroids))
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            taken, self._remembered = self._remembered, []
+        for memory, conversation_id, centroids in taken:
+            memory.remove(conversation_id, centroids)
+
+
 async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args, abandoned=event)`` in a worker thread (as ``asyncio.to_thread``); the event is set when the
-    awaiting task is cancelled, which cannot stop the thread but tells it that its result goes nowhere."""
-    abandoned = threading.Event()
+    """``fn(*args, abandoned=delivery)`` in a worker thread (as ``asyncio.to_thread``); cancelled while it
+    runs or before its result is taken, what it remembered is taken back (:class:`_Delivery`)."""
+    delivery = _Delivery()
     try:
-        return await asyncio.to_thread(fn, *args, abandoned=abandoned)
+        return await asyncio.to_thread(fn, *args, abandoned=delivery)
     except asyncio.CancelledError:
-        abandoned.set()
+        delivery.cancel()
         raise
 
 

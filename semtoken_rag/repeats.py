@@ -40,6 +40,29 @@ def _matrix(centroids: np.ndarray) -> np.ndarray:
     return x
 
 
+def rows_without(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Mask of ``vectors``' rows to keep once each of ``rows`` is taken out (one equal row each, the newest;
+    a row not found is passed over).
+
+    >>> rows_without(np.array([[1, 0], [0, 1], [1, 0]], np.float32), np.array([[1, 0]], np.float32)).tolist()
+    [True, True, False]
+    """
+    wanted: dict[bytes, int] = {}
+    for r in rows:
+        wanted[r.tobytes()] = wanted.get(r.tobytes(), 0) + 1
+    keep = np.ones(len(vectors), dtype=bool)
+    for i in range(len(vectors) - 1, -1, -1):
+        if not wanted:
+            break
+        b = vectors[i].tobytes()
+        if wanted.get(b):
+            keep[i] = False
+            wanted[b] -= 1
+            if not wanted[b]:
+                del wanted[b]
+    return keep
+
+
 def faiss_gpu_available() -> bool:
     """True when the installed faiss has GPU support and sees at least one GPU."""
     faiss = _faiss()
@@ -215,6 +238,26 @@ class ConversationMemory:
                 dropped, (vecs, _) = self._convs.popitem(last=False)
                 self._bytes -= self._size(vecs)
                 logger.debug("conversation memory: dropped %r", dropped)
+
+    def remove(self, conversation_id: str, centroids: np.ndarray) -> None:
+        """Take back centroids :meth:`add` recorded for ``conversation_id`` (what a cancelled call sent:
+        it never reached the conversation); those already dropped by a bound are passed over."""
+        x = _matrix(centroids)
+        with self._lock:
+            old = self._convs.get(conversation_id)
+            if old is None or not len(x) or old[0].shape[1] != x.shape[1]:
+                return
+            keep = rows_without(old[0], x)
+            if keep.all():
+                return
+            vectors = np.ascontiguousarray(old[0][keep])
+            index = _faiss().IndexFlatIP(x.shape[1])
+            index.add(vectors)
+            self._convs[conversation_id] = (vectors, index)
+            self._bytes += self._size(vectors) - self._size(old[0])
+
+    def _after_fork(self) -> None:
+        self._lock = threading.RLock()
 
     def query(self, conversation_id: str, centroids: np.ndarray, threshold: float) -> np.ndarray:
         """Bool mask: which centroids have a stored neighbour with cosine >= ``threshold``."""

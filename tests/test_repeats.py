@@ -157,3 +157,25 @@ def test_conversation_memory_dimension_error_keeps_the_accounting() -> None:
     with pytest.raises(ValueError, match="dimension"):
         mem.add("a", np.eye(3, dtype=np.float32)[:1])
     assert mem.nbytes == before and mem.spans("a") == 2
+
+
+@pytest.mark.parametrize("kind", ["faiss", "torch"])
+def test_memory_takes_back_what_a_cancelled_call_added(kind):
+    """remove() takes out the rows one add() recorded, whatever was added after them; the rest still match."""
+    from semtoken_rag.device_search import DeviceConversationMemory
+    from semtoken_rag.repeats import ConversationMemory
+
+    memory = ConversationMemory() if kind == "faiss" else DeviceConversationMemory(device="cpu")
+    rng = np.random.default_rng(0)
+    first, second = rng.standard_normal((3, 8)).astype(np.float32), rng.standard_normal((2, 8)).astype(np.float32)
+    first /= np.linalg.norm(first, axis=1, keepdims=True)
+    second /= np.linalg.norm(second, axis=1, keepdims=True)
+    memory.add("c", first)
+    memory.add("c", second)
+    before = memory.nbytes
+    memory.remove("c", first)
+    assert memory.spans("c") == 2 and memory.nbytes < before
+    assert np.asarray(memory.query("c", np.concatenate([first, second]), 0.999)).tolist() == [False] * 3 + [True] * 2
+    memory.remove("unknown", first)  # (nothing to take back)
+    memory.remove("c", first)
+    assert memory.spans("c") == 2

@@ -483,3 +483,42 @@ def test_a_conversation_call_whose_budget_holds_everything_still_judges_repeats(
     assert all(c.is_empty for c in again.chunks)  # (all received before)
     alone = tiny_engine.compress(chunks, "capital", target_tokens=10**6)
     assert [c.text for c in alone.chunks] == chunks and alone.encoder_calls == 0
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_a_call_cancelled_after_it_remembered_takes_it_back(tiny_engine, monkeypatch, many):
+    """A timeout that fires after the worker thread remembered what it sends, before the result reaches the
+    caller, left those spans in the conversations: the next turn dropped text the user never got."""
+    import asyncio
+    import threading
+
+    chunks = ["Paris is the capital of France. The river Seine runs through the city from east to west.",
+              "The Nobel prize in physics was first awarded in 1901. It went to a German physicist for rays."]
+    ids = ["cancel-a", "cancel-b", "cancel-c"]
+    for c in ids:
+        tiny_engine.forget_conversation(c)
+    added, release = threading.Event(), threading.Event()
+    real_add = tiny_engine.memory.add
+
+    def add(conversation_id, centroids):  # the first request's spans remembered, then the caller gives up
+        real_add(conversation_id, centroids)
+        added.set()
+        release.wait(30)
+
+    monkeypatch.setattr(tiny_engine.memory, "add", add)
+
+    async def main() -> None:
+        call = tiny_engine.acompress_many([chunks] * 3, ["capital"] * 3, target_tokens=10**6, conversation_ids=ids) \
+            if many else tiny_engine.acompress(chunks, "capital", target_tokens=10**6, conversation_id=ids[0])
+        task = asyncio.ensure_future(call)
+        assert await asyncio.to_thread(added.wait, 30)
+        task.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert [tiny_engine.memory.spans(c) for c in ids] == [0, 0, 0]
+    monkeypatch.undo()
+    got = tiny_engine.compress(chunks, "capital", target_tokens=10**6, conversation_id=ids[0])
+    assert [c.text for c in got.chunks] == chunks  # (nothing was received: nothing is a repeat)
