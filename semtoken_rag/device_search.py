@@ -20,7 +20,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from .repeats import rows_without
+from .repeats import EPOCHS, rows_without
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class DeviceConversationMemory:
     also accepts a tensor and then returns a bool tensor on the device, so a call on CUDA stays there.
 
     >>> mem = DeviceConversationMemory(device="cpu")
-    >>> mem.add("chat-1", np.array([[1, 0]], np.float32))
+    >>> epoch = mem.add("chat-1", np.array([[1, 0]], np.float32))
     >>> mem.query("chat-1", np.array([[1, 0], [0, 1]], np.float32), threshold=0.9).tolist()
     [True, False]
     """
@@ -147,6 +147,7 @@ class DeviceConversationMemory:
         self.device = torch.device(device)
         self._lock = threading.RLock()
         self._convs: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._epochs: dict[str, int] = {}  # as ConversationMemory's
         self._bytes = 0
 
     @staticmethod
@@ -160,11 +161,15 @@ class DeviceConversationMemory:
             raise ValueError(f"centroids must be a 2-D array (n, d), got shape {tuple(x.shape)}")
         return x.to(device=self.device, dtype=torch.float32)
 
-    def add(self, conversation_id: str, centroids: np.ndarray | torch.Tensor) -> None:
-        """Record that ``conversation_id`` received spans with these centroids (newest kept)."""
+    def add(self, conversation_id: str, centroids: np.ndarray | torch.Tensor) -> int:
+        """Record that ``conversation_id`` received spans with these centroids (newest kept); returns the
+        conversation's epoch (as ConversationMemory.add)."""
         x = self._tensor(centroids)
         with self._lock:
             old = self._convs.pop(conversation_id, None)
+            if old is None:
+                self._epochs[conversation_id] = next(EPOCHS)
+            epoch = self._epochs[conversation_id]
             if old is not None:
                 self._bytes -= self._size(old)
                 if old.shape[1] != x.shape[1]:
@@ -177,24 +182,31 @@ class DeviceConversationMemory:
                                                       (self.max_bytes - _CONVERSATION_OVERHEAD) // row)
             if fit <= 0:
                 logger.debug("conversation memory: %r does not fit max_bytes; not kept", conversation_id)
-                return
+                self._epochs.pop(conversation_id, None)
+                return epoch
             vectors = vectors[len(vectors) - min(fit, len(vectors)):]
             self._convs[conversation_id] = vectors
             self._bytes += self._size(vectors)
             while len(self._convs) > self.max_conversations or self._bytes > self.max_bytes:
                 dropped, vecs = self._convs.popitem(last=False)
+                self._epochs.pop(dropped, None)
                 self._bytes -= self._size(vecs)
                 logger.debug("conversation memory: dropped %r", dropped)
+            return epoch
 
-    def remove(self, conversation_id: str, centroids: np.ndarray | torch.Tensor) -> None:
-        """Take back centroids :meth:`add` recorded for ``conversation_id`` (what a cancelled call sent)."""
+    def remove(self, conversation_id: str, centroids: np.ndarray | torch.Tensor, epoch: int) -> None:
+        """Take back centroids :meth:`add` recorded for ``conversation_id`` in ``epoch`` (what a cancelled
+        call sent), as ConversationMemory.remove."""
         x = self._tensor(centroids)
         with self._lock:
             old = self._convs.get(conversation_id)
-            if old is None or not len(x) or old.shape[1] != x.shape[1]:
+            if old is None or self._epochs.get(conversation_id) != epoch or not len(x) or old.shape[1] != x.shape[1]:
                 return
             keep = rows_without(old.cpu().numpy(), x.cpu().numpy())
             if keep.all():
+                return
+            if not keep.any():
+                self.forget(conversation_id)
                 return
             vectors = old[torch.from_numpy(keep).to(old.device)]
             self._convs[conversation_id] = vectors
@@ -238,6 +250,7 @@ class DeviceConversationMemory:
         """Drop one conversation; ``True`` if it was known."""
         with self._lock:
             old = self._convs.pop(conversation_id, None)
+            self._epochs.pop(conversation_id, None)
             if old is not None:
                 self._bytes -= self._size(old)
             return old is not None
@@ -245,6 +258,7 @@ class DeviceConversationMemory:
     def clear(self) -> None:
         with self._lock:
             self._convs.clear()
+            self._epochs.clear()
             self._bytes = 0
 
     def __contains__(self, conversation_id: object) -> bool:

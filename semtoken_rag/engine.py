@@ -330,7 +330,7 @@ class SemToken:
         """In a child made by ``fork``: the conversation locks (and the memory's) anew; one that a thread of
         the parent held then would stay held for good (the child's calls of ~1 in 64 conversations hung)."""
         self._conversation_locks = tuple(threading.RLock() for _ in range(_CONVERSATION_LOCKS))
-        self.memory._lock = threading.RLock()
+        self.memory._after_fork()
 
     def _conversation(self, conversation_id: str | None) -> contextlib.AbstractContextManager:
         """The lock that orders the calls of ``conversation_id`` (nothing to hold without one)."""
@@ -1036,21 +1036,23 @@ class _Delivery:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cancelled = False
-        self._remembered: list[tuple[Any, str, np.ndarray]] = []
+        self._remembered: list[tuple[Any, str, np.ndarray, int]] = []
 
     def remember(self, memory: Any, conversation_id: str, centroids: np.ndarray) -> None:
         with self._lock:
             if self._cancelled:
                 return
-            memory.add(conversation_id, centroids)
-            self._remembered.append((memory, conversation_id, centroids))
+            epoch = memory.add(conversation_id, centroids)
+            self._remembered.append((memory, conversation_id, centroids, epoch))
 
     def cancel(self) -> None:
+        """Take back what was remembered (in the conversation's epoch only: one forgotten and started afresh
+        since holds another call's rows); what the adds trimmed or evicted by the memory's bounds stays gone."""
         with self._lock:
             self._cancelled = True
             taken, self._remembered = self._remembered, []
-        for memory, conversation_id, centroids in taken:
-            memory.remove(conversation_id, centroids)
+        for memory, conversation_id, centroids, epoch in taken:
+            memory.remove(conversation_id, centroids, epoch)
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:

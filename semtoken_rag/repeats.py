@@ -10,6 +10,7 @@ Only numpy and the standard library are imported at module import; faiss is impo
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -38,6 +39,9 @@ def _matrix(centroids: np.ndarray) -> np.ndarray:
     if x.ndim != 2:
         raise ValueError(f"centroids must be a 2-D array (n, d), got shape {x.shape}")
     return x
+
+
+EPOCHS = itertools.count(1)  # conversation epochs (ConversationMemory.add), unique in the process
 
 
 def rows_without(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -183,7 +187,7 @@ class ConversationMemory:
     newest centroids that fit. Thread-safe; CPU FAISS ``IndexFlatIP``.
 
     >>> mem = ConversationMemory()
-    >>> mem.add("chat-1", np.array([[1, 0]], np.float32))
+    >>> epoch = mem.add("chat-1", np.array([[1, 0]], np.float32))
     >>> mem.query("chat-1", np.array([[1, 0], [0, 1]], np.float32), threshold=0.9).tolist()
     [True, False]
     >>> mem.query("chat-2", np.array([[1, 0]], np.float32), threshold=0.9).tolist()
@@ -201,17 +205,22 @@ class ConversationMemory:
         self.max_conversations, self.max_spans, self.max_bytes = max_conversations, max_spans, max_bytes
         self._lock = threading.RLock()
         self._convs: OrderedDict[str, tuple[np.ndarray, Any]] = OrderedDict()
+        self._epochs: dict[str, int] = {}  # per conversation, a number new each time it starts afresh
         self._bytes = 0
 
     @staticmethod
     def _size(vectors: np.ndarray) -> int:
         return _CONVERSATION_OVERHEAD + 2 * vectors.nbytes  # our copy and the index's
 
-    def add(self, conversation_id: str, centroids: np.ndarray) -> None:
-        """Record that ``conversation_id`` received spans with these centroids."""
+    def add(self, conversation_id: str, centroids: np.ndarray) -> int:
+        """Record that ``conversation_id`` received spans with these centroids; returns the conversation's
+        epoch (:meth:`remove`)."""
         x = _matrix(centroids)
         with self._lock:
             old = self._convs.pop(conversation_id, None)
+            if old is None:
+                self._epochs[conversation_id] = next(EPOCHS)
+            epoch = self._epochs[conversation_id]
             if old is not None:
                 self._bytes -= self._size(old[0])
                 if old[0].shape[1] != x.shape[1]:
@@ -224,7 +233,8 @@ class ConversationMemory:
                                                       (self.max_bytes - _CONVERSATION_OVERHEAD) // row)
             if fit <= 0:
                 logger.debug("conversation memory: %r does not fit max_bytes; not kept", conversation_id)
-                return
+                self._epochs.pop(conversation_id, None)
+                return epoch
             if old is not None and len(vectors) <= fit:
                 index = old[1]
                 index.add(x)
@@ -236,19 +246,27 @@ class ConversationMemory:
             self._bytes += self._size(vectors)
             while len(self._convs) > self.max_conversations or self._bytes > self.max_bytes:
                 dropped, (vecs, _) = self._convs.popitem(last=False)
+                self._epochs.pop(dropped, None)
                 self._bytes -= self._size(vecs)
                 logger.debug("conversation memory: dropped %r", dropped)
+            return epoch
 
-    def remove(self, conversation_id: str, centroids: np.ndarray) -> None:
-        """Take back centroids :meth:`add` recorded for ``conversation_id`` (what a cancelled call sent:
-        it never reached the conversation); those already dropped by a bound are passed over."""
+    def remove(self, conversation_id: str, centroids: np.ndarray, epoch: int) -> None:
+        """Take back centroids :meth:`add` recorded for ``conversation_id`` in ``epoch`` (what a cancelled
+        call sent: it never reached the conversation): nothing once the conversation was forgotten or
+        dropped since (it started afresh: equal rows are another call's); rows a bound trimmed meanwhile are
+        passed over, and what the add trimmed or evicted stays gone. A conversation left with no rows goes."""
         x = _matrix(centroids)
         with self._lock:
             old = self._convs.get(conversation_id)
-            if old is None or not len(x) or old[0].shape[1] != x.shape[1]:
+            if old is None or self._epochs.get(conversation_id) != epoch or not len(x) \
+                    or old[0].shape[1] != x.shape[1]:
                 return
             keep = rows_without(old[0], x)
             if keep.all():
+                return
+            if not keep.any():
+                self.forget(conversation_id)
                 return
             vectors = np.ascontiguousarray(old[0][keep])
             index = _faiss().IndexFlatIP(x.shape[1])
@@ -288,6 +306,7 @@ class ConversationMemory:
         """Drop one conversation; ``True`` if it was known."""
         with self._lock:
             old = self._convs.pop(conversation_id, None)
+            self._epochs.pop(conversation_id, None)
             if old is not None:
                 self._bytes -= self._size(old[0])
             return old is not None
@@ -295,6 +314,7 @@ class ConversationMemory:
     def clear(self) -> None:
         with self._lock:
             self._convs.clear()
+            self._epochs.clear()
             self._bytes = 0
 
     def __contains__(self, conversation_id: object) -> bool:

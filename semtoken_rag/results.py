@@ -89,7 +89,7 @@ class CompressedChunk:
     ``text`` is made only of slices of the original chunk, in order, joined by the gap marker;
     ``kept_spans`` are those slices' ``(start, end)`` character offsets into the original chunk.
     ``relevance`` is the chunk's query relevance; ``None`` without a query, and when the budget held every
-    chunk whole (then nothing is encoded or scored).
+    chunk whole in a call without a conversation (then nothing is encoded or scored).
     """
 
     index: int

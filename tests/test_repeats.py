@@ -170,12 +170,22 @@ def test_memory_takes_back_what_a_cancelled_call_added(kind):
     first, second = rng.standard_normal((3, 8)).astype(np.float32), rng.standard_normal((2, 8)).astype(np.float32)
     first /= np.linalg.norm(first, axis=1, keepdims=True)
     second /= np.linalg.norm(second, axis=1, keepdims=True)
-    memory.add("c", first)
-    memory.add("c", second)
+    epoch = memory.add("c", first)
+    assert memory.add("c", second) == epoch
     before = memory.nbytes
-    memory.remove("c", first)
+    memory.remove("c", first, epoch)
     assert memory.spans("c") == 2 and memory.nbytes < before
     assert np.asarray(memory.query("c", np.concatenate([first, second]), 0.999)).tolist() == [False] * 3 + [True] * 2
-    memory.remove("unknown", first)  # (nothing to take back)
-    memory.remove("c", first)
+    memory.remove("unknown", first, epoch)  # (nothing to take back)
+    memory.remove("c", first, epoch)
     assert memory.spans("c") == 2
+    # forgotten and started afresh by another call with equal rows: those are not the cancelled call's
+    old = memory.add("d", first)
+    memory.forget("d")
+    memory.add("d", first)
+    memory.remove("d", first, old)
+    assert memory.spans("d") == 3
+    # a first turn taken back leaves no conversation behind
+    fresh = memory.add("e", second)
+    memory.remove("e", second, fresh)
+    assert "e" not in memory and memory.spans("e") == 0

@@ -501,9 +501,10 @@ def test_a_call_cancelled_after_it_remembered_takes_it_back(tiny_engine, monkeyp
     real_add = tiny_engine.memory.add
 
     def add(conversation_id, centroids):  # the first request's spans remembered, then the caller gives up
-        real_add(conversation_id, centroids)
+        epoch = real_add(conversation_id, centroids)
         added.set()
         release.wait(30)
+        return epoch
 
     monkeypatch.setattr(tiny_engine.memory, "add", add)
 
