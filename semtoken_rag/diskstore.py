@@ -151,8 +151,7 @@ class DirectoryStore(FingerprintStore):
         """Which entry files hold an entry of this format with an array named ``prefix...`` among the
         arrays their first bytes name (:func:`~semtoken_rag.fileformat.array_names`)."""
         keys = [check_key(k) for k in keys]
-        return [any(name.startswith(prefix) for name in ff.array_names(self._head(k, header_size(k) + ff.NAMES_PEEK), k))
-                for k in keys]
+        return [ff.has_array(ff.array_names(self._head(k, header_size(k) + ff.NAMES_PEEK), k), prefix) for k in keys]
 
     def _head(self, key: str, size: int) -> bytes:
         """The first ``size`` bytes of ``key``'s file (fewer if it is shorter; none if it is missing)."""

@@ -29,7 +29,7 @@ from .config import MAX_TOKENS, SemTokenConfig, check_budget
 from .device_search import DeviceConversationMemory, find_repeats_torch
 from .diskstore import DirectoryStore
 from .encoder import DEFAULT_BATCH_SIZE, Encoder, Fingerprints, auto_dtype
-from .fileformat import CacheEntry, validate_fingerprints
+from .fileformat import CacheEntry, has_array, validate_fingerprints
 from .forksafe import renew_after_fork
 from .keys import cache_key
 from .lru import ByteLRU
@@ -492,7 +492,7 @@ class SemToken:
                 if entry is None or not validate_fingerprints(entry.get("units"), entry.get("fingerprints"),
                                                               len(stored[k]), self.encoder.dim):
                     todo.append(k)  # (gone, damaged or wrong since the check: encoded afresh)
-                elif not any(name.startswith(prefix) for name in entry.arrays):  # (the check may miss some)
+                elif not has_array(entry.arrays, prefix):  # (the check may miss some)
                     add.append((k, entry))
             if not add:
                 continue

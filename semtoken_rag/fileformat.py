@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -231,6 +231,15 @@ def array_names(data: bytes, key: str) -> list[str]:
         pos += 1 + data[pos]
         pos += 1 + 8 * data[pos]
     return names
+
+
+def has_array(names: Iterable[str], prefix: str) -> bool:
+    """Whether one of ``names`` (an entry's arrays, or :func:`array_names`) starts with ``prefix``.
+
+    >>> has_array({"units": None, "analysis.ab.costs": None}, "analysis.ab."), has_array([], "x")
+    (True, False)
+    """
+    return any(name.startswith(prefix) for name in names)
 
 
 def decode_entry(data: bytes, key: str) -> CacheEntry:

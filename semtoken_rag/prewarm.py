@@ -201,22 +201,11 @@ def _in_process(path, config, text_field, batch_size, progress) -> tuple[int, in
     engine = shared_engine(config)
     errors_before, pruned_before = engine.cache_stats().store_errors, _pruned(engine)
     passages = encoded = analysed = 0
-    batch: list[str] = []
-
-    def run(batch: list[str]) -> None:
-        nonlocal passages, encoded, analysed
+    for batch in _batches(path, text_field):
         new, added = engine._prewarm(batch, batch_size)
         passages, encoded, analysed = passages + len(batch), encoded + new, analysed + added
         if progress is not None:
             progress(len(batch))
-
-    for text in read_texts(path, text_field):
-        batch.append(text)
-        if len(batch) >= _READ_BATCH:
-            run(batch)
-            batch = []
-    if batch:
-        run(batch)
     pruned = _pruned(engine) - pruned_before
     return (passages, encoded, engine.cache_stats().store_errors - errors_before, analysed, pruned,
             _missing(engine, path, text_field) if pruned else None)
@@ -227,17 +216,23 @@ def _missing(engine: Any, path, text_field: str) -> int:
     the batch as a pre-warm checks them): what its bound deleted of this corpus, not of older entries."""
     from .keys import cache_key
 
-    missing, batch = 0, []
+    missing = 0
+    for batch in _batches(path, text_field):
+        keys = list(dict.fromkeys(cache_key(t, engine.encoder.identity) for t in batch if t.strip()))
+        missing += sum(not found for found in engine.cache.contains_many(keys))
+    return missing
 
-    def check(texts: list[str]) -> int:
-        keys = list(dict.fromkeys(cache_key(t, engine.encoder.identity) for t in texts if t.strip()))
-        return sum(not found for found in engine.cache.contains_many(keys))
 
+def _batches(path, text_field: str) -> Iterator[list[str]]:
+    """The corpus's texts (:func:`read_texts`) in lists of at most ``_READ_BATCH``."""
+    batch: list[str] = []
     for text in read_texts(path, text_field):
         batch.append(text)
         if len(batch) >= _READ_BATCH:
-            missing, batch = missing + check(batch), []
-    return missing + check(batch)
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 class _Actor:

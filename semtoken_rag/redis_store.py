@@ -33,6 +33,7 @@ from .fileformat import (
     array_names,
     decode_entry,
     encode_entry,
+    has_array,
     header_size,
     starts_entry,
 )
@@ -257,8 +258,7 @@ class RedisStore(FingerprintStore):
         first bytes name (:func:`~semtoken_rag.fileformat.array_names`; one pipelined ``GETRANGE`` each, as
         :meth:`has_many`); ``False`` on a fault."""
         keys = [check_key(k) for k in keys]
-        return [any(name.startswith(prefix) for name in array_names(head, k))
-                for head, k in zip(self._heads(keys, NAMES_PEEK), keys)]
+        return [has_array(array_names(head, k), prefix) for head, k in zip(self._heads(keys, NAMES_PEEK), keys)]
 
     def _heads(self, keys: list[str], extra: int) -> list[bytes]:
         """Each key's value's first ``header_size(key) + extra`` bytes (``b""`` for a missing key, a value of

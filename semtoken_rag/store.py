@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .fileformat import CacheEntry
+from .fileformat import CacheEntry, has_array
 from .keys import check_key, is_key
 from .lru import ByteLRU
 from .writebehind import WriteBehind
@@ -116,7 +116,7 @@ class FingerprintStore(abc.ABC):
         stored entries that lack the current analysis). Backends may answer cheaper, from an entry's first
         bytes (:func:`~semtoken_rag.fileformat.array_names`): such an answer may be ``False`` for an entry
         whose array lies past them, never ``True`` for one without it, damage aside."""
-        return [e is not None and any(name.startswith(prefix) for name in e.arrays) for e in self.get_many(keys)]
+        return [e is not None and has_array(e.arrays, prefix) for e in self.get_many(keys)]
 
 
 class MemoryStore(FingerprintStore):
@@ -156,7 +156,7 @@ class MemoryStore(FingerprintStore):
         return [self._lru.peek(k) for k in keys]
 
     def has_arrays(self, keys: Sequence[str], prefix: str) -> list[bool]:
-        return [e is not None and any(name.startswith(prefix) for name in e.arrays) for e in self.peek_many(keys)]
+        return [e is not None and has_array(e.arrays, prefix) for e in self.peek_many(keys)]
 
     def __contains__(self, key: object) -> bool:
         return key in self._lru
@@ -347,17 +347,13 @@ class LayeredCache:
         in the backend when there is one (or queued for it), else in memory. ``False`` may also mean
         "not sure" (a backend reads an entry's first bytes only; a fault); no stats, no promotion."""
         keys = [check_key(k) for k in keys]
-
-        def has(entry: CacheEntry | None) -> bool:
-            return entry is not None and any(name.startswith(prefix) for name in entry.arrays)
-
         if self.backend is None:
-            return [has(e) for e in self.memory.peek_many(keys)]
+            return self.memory.has_arrays(keys, prefix)
         queued = self._behind.pending(keys) if self._behind is not None else [None] * len(keys)
         got = self._backend_call("exists", lambda: self.backend.has_arrays(keys, prefix))
         if got is None or len(got) != len(keys):
             got = [False] * len(keys)
-        return [bool(hit) or has(entry) for hit, entry in zip(got, queued)]
+        return [bool(hit) or (entry is not None and has_array(entry.arrays, prefix)) for hit, entry in zip(got, queued)]
 
     def __contains__(self, key: object) -> bool:
         """True if ``key`` is in memory or the backend has it (no stats, no promotion)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-import pickle
 from typing import Annotated, Any
 
 from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr, field_serializer, model_validator
@@ -15,7 +14,7 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 from llama_index.postprocessor.semtoken import _support as sup
 
 from semtoken_rag import CompressionResult, SemToken, SemTokenConfig
-from semtoken_rag.config import MAX_TOKENS, NotBool, tokenizer_label
+from semtoken_rag.config import MAX_TOKENS, NotBool, picklable, tokenizer_label
 from semtoken_rag.registry import shared_engine
 
 logger = logging.getLogger(__name__)
@@ -165,11 +164,10 @@ class SemTokenNodePostprocessor(BaseNodePostprocessor):
         # with a warning and a silent change of settings: the engine is left out and, when it was
         # given, its config goes in its place; a field that cannot be pickled raises
         fields, fields_set = dict(self.__dict__), set(self.model_fields_set)
-        try:  # (LlamaIndex's callback manager, not a setting of ours: BaseComponent's way, dropped if it must)
-            pickle.dumps(fields.get("callback_manager"))
-        except Exception as e:  # noqa: BLE001 - whatever its handlers hold
+        # (LlamaIndex's callback manager, not a setting of ours: BaseComponent's way, dropped if it must)
+        if not picklable(fields.get("callback_manager")):
             logger.warning("pickling SemTokenNodePostprocessor without its callback_manager, which cannot be "
-                           "pickled (%s: %s); unpickled, it has the default one", type(e).__name__, e)
+                           "pickled; unpickled, it has the default one")
             del fields["callback_manager"]  # (BaseComponent.__setstate__ re-inits: the field's default)
             fields_set.discard("callback_manager")
         if self._given:  # (its tokenizer marked as set: unpickled, Settings.tokenizer does not replace it)
